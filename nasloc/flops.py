@@ -1,0 +1,44 @@
+"""MACs and parameters: the analytic counter (from the arch alone) and the fvcore reference.
+
+Convention of the seed papers and of fvcore: one multiply-add is one FLOP. ``--budget 0.7GFLOPs``
+means 0.7e9 multiply-adds per image at the arch's resolution. Counted: linear and conv layers,
+attention matmuls (fused SDPA included), LayerNorm (5 per element) and BatchNorm in eval (2 per
+element) as fvcore counts them. Not counted, as in fvcore: element-wise ops (activations, adds,
+softmax, gates), pooling, reshapes.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+from torch import nn
+
+
+def _sdpa_macs(inputs: list[Any], outputs: list[Any]) -> int:
+    """fvcore handle for aten::scaled_dot_product_attention: q.k and attn.v matmuls."""
+    from fvcore.nn.jit_handles import get_shape
+
+    q, k, v = (get_shape(t) for t in inputs[:3])
+    batch = 1
+    for d in q[:-2]:
+        batch *= d
+    return batch * q[-2] * k[-2] * (q[-1] + v[-1])
+
+
+def fvcore_macs(model: nn.Module, img_size: int, in_chans: int = 3) -> int:
+    """MACs of one image through ``model`` (eval mode) as fvcore counts them, attention included."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # fvcore.nn imports torch.jit.script, deprecated in torch 2.14
+        from fvcore.nn import FlopCountAnalysis
+
+    was_training = model.training
+    model.eval()
+    x = torch.zeros(1, in_chans, img_size, img_size, device=next(model.parameters()).device)
+    analysis = FlopCountAnalysis(model, x).set_op_handle("aten::scaled_dot_product_attention", _sdpa_macs)
+    analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        total = analysis.total()
+    model.train(was_training)
+    return int(total)

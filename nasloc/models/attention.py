@@ -1,0 +1,82 @@
+"""The token mixer: one set of q, k, v and output projections shared by the three mixers.
+
+* ``global``: full softmax attention over all tokens (fused SDPA).
+* ``dilated``: image tokens attend to their dilated neighbourhood (:mod:`.dilated`).
+* ``window``: image tokens attend inside their window (:mod:`.lightvit`) and, when there are global
+  tokens, also to the aggregated global tokens (broadcast).
+In both local mixers the auxiliary tokens (class, global) aggregate: their queries attend over all
+image tokens. With ``life`` the projections become LIFE's multi-scale qkv (:mod:`.life`).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..arch import Block
+from .dilated import dilated_attention
+from .elastic import ElasticLinear
+from .layout import Geometry
+from .life import MultiScaleQKV
+from .lightvit import RelPosBias, window_attention
+
+
+def split_heads(t: Tensor, heads: int) -> Tensor:
+    b, n, c = t.shape
+    return t.reshape(b, n, heads, c // heads).transpose(1, 2)
+
+
+def merge_heads(t: Tensor) -> Tensor:
+    b, h, n, d = t.shape
+    return t.transpose(1, 2).reshape(b, n, h * d)
+
+
+class TokenMixer(nn.Module):
+    """Built for every mixer a block can take: ``plain``/``life`` say which qkv forms it needs,
+    ``window`` (the window side, 0 = never) adds the relative position table and ``broadcast`` the
+    projection of the global tokens for the broadcast step."""
+
+    def __init__(
+        self, dim: int, heads: int, *, qkv_bias: bool, plain: bool, life: bool, window: int, broadcast: bool
+    ):
+        super().__init__()
+        bias = qkv_bias and plain
+        self.q = ElasticLinear(dim, dim, bias=bias or life)  # LIFE's first scale always has a bias
+        self.k = ElasticLinear(dim, dim, bias=bias)
+        self.v = ElasticLinear(dim, dim, bias=bias)
+        self.life = MultiScaleQKV(dim) if life else None
+        self.rel_pos = RelPosBias(window, heads) if window else None
+        self.global_kv = ElasticLinear(dim, dim, out_groups=2) if broadcast else None
+        self.proj = ElasticLinear(dim, dim)
+
+    def forward(self, x: Tensor, geo: Geometry, heads: int, block: Block, qkv_bias: bool, window: int, dilate_kernel: int) -> Tensor:
+        if block.life:
+            q, k, v = self.life(x, geo, self.q, self.k, self.v)
+        else:
+            q, k, v = (lin(x, use_bias=qkv_bias) for lin in (self.q, self.k, self.v))
+        q, k, v = (split_heads(t, heads) for t in (q, k, v))
+        if block.mixer == "global":
+            out = F.scaled_dot_product_attention(q, k, v)
+        else:
+            out = self._local(q, k, v, geo, heads, block, window, dilate_kernel)
+        return self.proj(merge_heads(out))
+
+    def _local(self, q: Tensor, k: Tensor, v: Tensor, geo: Geometry, heads: int, block: Block, window: int, dilate_kernel: int) -> Tensor:
+        n = geo.n_aux
+        q_img, k_img, v_img = q[:, :, n:], k[:, :, n:], v[:, :, n:]
+        if block.mixer == "dilated":
+            out_img = dilated_attention(q_img, k_img, v_img, geo, block.dilations, dilate_kernel)
+        else:
+            out_img = window_attention(q_img, k_img, v_img, geo, window, self.rel_pos(heads))
+        if not n:
+            return out_img
+        out_aux = F.scaled_dot_product_attention(q[:, :, :n], k_img, v_img)  # aggregate
+        if block.mixer == "window" and geo.n_global:
+            out_img = out_img + self._broadcast(q_img, out_aux[:, :, geo.n_cls :], heads)
+        return torch.cat([out_aux, out_img], dim=2)
+
+    def _broadcast(self, q_img: Tensor, aggregated: Tensor, heads: int) -> Tensor:
+        """Image queries attend over the aggregated global tokens (LightViT's broadcast)."""
+        glb = merge_heads(aggregated)
+        k_g, v_g = self.global_kv(glb, glb.shape[-1]).chunk(2, dim=-1)
+        return F.scaled_dot_product_attention(q_img, split_heads(k_g, heads), split_heads(v_g, heads))

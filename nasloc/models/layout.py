@@ -1,0 +1,53 @@
+"""Token layout shared by all blocks: ``(B, n_aux + H*W, C)``, auxiliary tokens first.
+
+Auxiliary tokens are the class token (if any) followed by the LightViT global tokens (if any).
+Convolutional parts of the locality mechanisms see only the image tokens, as a ``(B, C, H, W)`` map.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Where the tokens of a feature sequence come from."""
+
+    height: int
+    width: int
+    n_cls: int  # 0 or 1
+    n_global: int  # LightViT global tokens
+
+    @property
+    def n_aux(self) -> int:
+        return self.n_cls + self.n_global
+
+    def halved(self) -> "Geometry":
+        return Geometry(self.height // 2, self.width // 2, self.n_cls, self.n_global)
+
+
+def split_aux(x: Tensor, geo: Geometry) -> tuple[Tensor, Tensor]:
+    return x[:, : geo.n_aux], x[:, geo.n_aux :]
+
+
+def join_aux(aux: Tensor, img: Tensor) -> Tensor:
+    return torch.cat([aux, img], dim=1) if aux.shape[1] else img
+
+
+def to_map(tokens: Tensor, geo: Geometry) -> Tensor:
+    """Image tokens (B, H*W, C) -> map (B, C, H, W), row-major."""
+    b, _, c = tokens.shape
+    return tokens.transpose(1, 2).reshape(b, c, geo.height, geo.width)
+
+
+def to_tokens(feature_map: Tensor) -> Tensor:
+    """Map (B, C, H, W) -> tokens (B, H*W, C)."""
+    return feature_map.flatten(2).transpose(1, 2)
+
+
+def map_image_tokens(x: Tensor, geo: Geometry, fn) -> Tensor:
+    """Apply ``fn`` (map -> map with the same spatial size) to the image tokens; aux tokens pass as they are."""
+    aux, img = split_aux(x, geo)
+    return join_aux(aux, to_tokens(fn(to_map(img, geo))))

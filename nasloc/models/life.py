@@ -1,0 +1,41 @@
+"""LIFE multi-scale qkv projection (Akkaya et al., Pattern Recognition 2024).
+
+Replaces the qkv projection of an attention block. With C channels:
+    s1 = Linear(C, C) x                       (bias)
+    s2 = PW2(DW3x3(s1))                        (no bias; cascaded from s1)
+    s3 = PW3(DW5x5(s2))                        (no bias; cascaded from s2)
+Each s_i is [q_i | k_i | v_i] with C/3 channels each, and Q = [q1 q2 q3], K = [k1 k2 k3],
+V = [v1 v2 v3], so each scale owns a contiguous third of the heads. Receptive fields are 1, 3 and 7
+patches. Auxiliary tokens skip the depth-wise convs (only the pointwise parts act on them).
+
+Weight sharing: s1, PW2 and PW3 are the q, k and v linear layers of the plain projection (all C x C),
+so LIFE on/off switches only the two depth-wise convs in the supernet.
+
+Deviation from the official code, on purpose: there the class token's K is assembled as (k1, k1, k1),
+a bug; here it is (k1, k2, k3) like Q and V. Parameter and MAC counts are unaffected.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .elastic import ElasticConv2d, ElasticLinear
+from .layout import Geometry, map_image_tokens
+
+
+class MultiScaleQKV(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.dw3 = ElasticConv2d(dim, dim, 3, bias=False, depthwise=True)
+        self.dw5 = ElasticConv2d(dim, dim, 5, bias=False, depthwise=True)
+
+    def forward(
+        self, x: Tensor, geo: Geometry, s1: ElasticLinear, pw2: ElasticLinear, pw3: ElasticLinear
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        dim = x.shape[-1]
+        scale1 = s1(x, dim)
+        scale2 = pw2(map_image_tokens(scale1, geo, self.dw3), dim, use_bias=False)
+        scale3 = pw3(map_image_tokens(scale2, geo, self.dw5), dim, use_bias=False)
+        thirds = [s.split(dim // 3, dim=-1) for s in (scale1, scale2, scale3)]
+        q, k, v = (torch.cat([t[i] for t in thirds], dim=-1) for i in range(3))
+        return q, k, v

@@ -1,0 +1,341 @@
+"""LocalityViT: the one model family of nasloc, built from an :class:`~nasloc.arch.Arch`.
+
+The network is built from a :class:`Capacity` (the largest size and every option each layer must
+support) and run with an arch. A standalone model's capacity is its own arch, so it holds exactly
+the weights the arch needs; the supernet (:mod:`nasloc.supernet`) builds the same classes with the
+capacity of a whole search space and runs any arch of it as a slice.
+
+timm conventions: ``forward_features`` returns the normalised tokens (B, N, C), ``forward_head``
+pools and classifies, ``forward_intermediates`` serves ``features_only=True``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterable, Sequence
+
+import torch
+from timm.layers import DropPath, trunc_normal_
+from timm.models import checkpoint
+from torch import Tensor, nn
+
+from ..arch import Arch, Block, Stage
+from .attention import TokenMixer
+from .dilated import ConvDownsample, ConvPosEnc, OverlapStem
+from .dw_shortcut import DWShortcut
+from .elastic import ElasticConv2d, ElasticLayerNorm, ElasticLinear, ElasticParameter
+from .layout import Geometry, to_map, to_tokens
+from .lightvit import LightViTStem, MergeDownsample, Neck
+from .localvit import LocalityFFN, Mlp
+
+
+# ------------------------------------------------------------------------------------ capacity
+@dataclass(frozen=True)
+class BlockCapacity:
+    plain_qkv: bool = True
+    life: bool = False
+    window: bool = False  # the window mixer can be used (relative position table)
+    ffn_kernel: int = 0  # largest FFN depth-wise kernel (0 = never)
+    shortcut_kernels: tuple[int, ...] = ()  # kernels of a shortcut that may start at this block
+
+
+@dataclass(frozen=True)
+class StageCapacity:
+    dim: int
+    heads: int
+    hidden: int
+    blocks: tuple[BlockCapacity, ...]
+
+
+@dataclass(frozen=True)
+class Capacity:
+    """What a network must hold. ``skeleton`` is an arch whose skeleton fields (stem, head, ...) are
+    shared by every arch the network runs."""
+
+    skeleton: Arch
+    stages: tuple[StageCapacity, ...]
+    global_tokens: int
+
+    @classmethod
+    def of_arch(cls, arch: Arch) -> "Capacity":
+        starts = {sc.start: sc.kernels for sc in arch.shortcuts}
+        stages = []
+        for s, stage in enumerate(arch.stages):
+            offset = sum(st.depth for st in arch.stages[:s])
+            blocks = tuple(
+                BlockCapacity(
+                    plain_qkv=not b.life,
+                    life=b.life,
+                    window=b.mixer == "window",
+                    ffn_kernel=b.ffn_kernel,
+                    shortcut_kernels=starts.get(offset + i, ()),
+                )
+                for i, b in enumerate(stage.blocks)
+            )
+            stages.append(StageCapacity(stage.dim, stage.heads, stage.hidden, blocks))
+        return cls(arch, tuple(stages), arch.global_tokens)
+
+
+# ------------------------------------------------------------------------------------ blocks
+class LocalityBlock(nn.Module):
+    def __init__(self, arch: Arch, stage: StageCapacity, block: BlockCapacity, window: int, n_global: int, drop_path: float):
+        super().__init__()
+        dim, eps = stage.dim, arch.norm_eps
+        self.cpe = ConvPosEnc(dim) if arch.cpe else None
+        self.norm1 = ElasticLayerNorm(dim, eps)
+        self.attn = TokenMixer(
+            dim,
+            stage.heads,
+            qkv_bias=arch.qkv_bias,
+            plain=block.plain_qkv,
+            life=block.life,
+            window=window if block.window else 0,
+            broadcast=block.window and n_global > 0,
+        )
+        if arch.ffn == "localvit":
+            self.norm2, self.ffn = None, LocalityFFN(dim, stage.hidden, block.ffn_kernel)
+        else:
+            self.norm2 = ElasticLayerNorm(dim, eps)
+            self.ffn = Mlp(dim, stage.hidden, block.ffn_kernel, gate=arch.ffn == "bidim")
+        self.shortcut = DWShortcut(dim, block.shortcut_kernels) if block.shortcut_kernels else None
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, x: Tensor, geo: Geometry, arch: Arch, stage: Stage, block: Block, window: int) -> Tensor:
+        if self.cpe is not None:
+            x = self.cpe(x, geo)
+        mixed = self.attn(self.norm1(x), geo, stage.heads, block, arch.qkv_bias, window, arch.dilate_kernel)
+        x = x + self.drop_path(mixed)
+        if self.norm2 is None:  # LocalViT's FFN carries its own residual and no drop-path
+            return self.ffn(x, geo, stage.hidden, block.ffn_kernel)
+        return x + self.drop_path(self.ffn(self.norm2(x), geo, stage.hidden, block.ffn_kernel))
+
+
+class LocalityStage(nn.Module):
+    def __init__(self, downsample: nn.Module | None, blocks: Iterable[LocalityBlock]):
+        super().__init__()
+        self.downsample = downsample
+        self.blocks = nn.ModuleList(blocks)
+
+
+# ------------------------------------------------------------------------------------ model
+# Keyword arguments timm's train.py may pass that have no meaning for this family.
+_TIMM_IGNORED = {"drop_block_rate", "bn_momentum", "bn_eps", "attn_drop_rate", "proj_drop_rate", "pos_drop_rate"}
+
+
+def _init_weights(module: nn.Module) -> None:
+    if isinstance(module, nn.Linear):
+        trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+
+class PatchStem(nn.Module):
+    """Non-overlapping patch embedding (DeiT; the DW paper's linear patch embedding is the same map)."""
+
+    def __init__(self, in_chans: int, dim: int, patch_size: int):
+        super().__init__()
+        self.proj = ElasticConv2d(in_chans, dim, patch_size, stride=patch_size, same_padding=False)
+
+    def forward(self, x: Tensor, dim: int) -> Tensor:
+        return to_tokens(self.proj(x, dim))
+
+
+def _make_stem(arch: Arch, dim: int) -> nn.Module:
+    if arch.stem == "lightvit":
+        return LightViTStem(arch.in_chans, dim, arch.patch_size)
+    if arch.stem == "overlap":
+        return OverlapStem(arch.in_chans, dim, arch.patch_size)
+    return PatchStem(arch.in_chans, dim, arch.patch_size)
+
+
+def _make_downsample(arch: Arch, dim_in: int, dim_out: int, aux: bool) -> nn.Module:
+    kind = MergeDownsample if arch.downsample == "merge" else ConvDownsample
+    return kind(dim_in, dim_out, arch.norm_eps, aux)
+
+
+def _resolve_arch(arch: Arch | dict | None, overrides: dict[str, Any]) -> Arch:
+    """Apply timm-style keyword overrides (num_classes, img_size, in_chans, ...) to an arch."""
+    base = Arch.from_dict(arch) if arch is not None else None
+    if base is None:
+        raise ValueError("LocalityViT needs an arch (an nasloc.arch.Arch or its dict)")
+    if "img_size" in overrides and isinstance(overrides["img_size"], Sequence):
+        side = set(overrides["img_size"])
+        if len(side) != 1:
+            raise ValueError(f"img_size: nasloc models take square inputs, got {overrides['img_size']}")
+        overrides["img_size"] = side.pop()
+    pool = overrides.pop("global_pool", None)
+    if pool in ("token", "avg"):
+        overrides["head"] = pool
+    return Arch.from_dict({**base.to_dict(), **overrides}) if overrides else base
+
+
+class LocalityViT(nn.Module):
+    """A vision transformer whose every locality choice comes from its arch."""
+
+    def __init__(self, arch: Arch | dict | None = None, drop_rate: float = 0.0, drop_path_rate: float = 0.0, **kwargs: Any):
+        super().__init__()
+        kwargs = {k: v for k, v in kwargs.items() if k not in _TIMM_IGNORED}
+        self.arch = _resolve_arch(arch, kwargs)
+        self.drop_rate = drop_rate
+        self.grad_checkpointing = False
+        self._build(Capacity.of_arch(self.arch), drop_path_rate)
+
+    # -------------------------------------------------------------------------------- build
+    def _build(self, cap: Capacity, drop_path_rate: float = 0.0) -> None:
+        arch = cap.skeleton
+        first, last = cap.stages[0], cap.stages[-1]
+        self.num_classes = arch.num_classes
+        self.embed_dim = last.dim
+        self.num_features = self.head_hidden_size = arch.neck_dim if arch.head == "neck" else last.dim
+        self.stem = _make_stem(arch, first.dim)
+        grid = arch.grid(0)
+        self.cls_token = ElasticParameter(1, 1, first.dim) if arch.cls_token else None
+        self.pos_embed = ElasticParameter(1, int(arch.cls_token) + grid * grid, first.dim) if arch.pos_embed == "absolute" else None
+        self.global_tokens = ElasticParameter(1, cap.global_tokens, first.dim) if cap.global_tokens else None
+        has_aux = arch.cls_token or cap.global_tokens > 0
+        depth = sum(len(s.blocks) for s in cap.stages)
+        rates = torch.linspace(0, drop_path_rate, depth).tolist() if depth > 1 else [drop_path_rate]
+        stages, index = [], 0
+        for s, stage in enumerate(cap.stages):
+            down = _make_downsample(arch, cap.stages[s - 1].dim, stage.dim, has_aux) if s else None
+            window = arch.window_size(s)
+            blocks = []
+            for block in stage.blocks:
+                blocks.append(LocalityBlock(arch, stage, block, window, cap.global_tokens, rates[index]))
+                index += 1
+            stages.append(LocalityStage(down, blocks))
+        self.stages = nn.ModuleList(stages)
+        self.norm = ElasticLayerNorm(last.dim, arch.norm_eps)
+        self.neck = Neck(last.dim, arch.neck_dim) if arch.head == "neck" else None
+        self.head_drop = nn.Dropout(self.drop_rate)
+        self.head = ElasticLinear(self.num_features, arch.num_classes) if arch.num_classes else nn.Identity()
+        self.feature_info = self._feature_info(arch)
+        self.apply(_init_weights)
+
+    def _feature_info(self, arch: Arch) -> list[dict[str, Any]]:
+        return [
+            dict(module=f"stages.{s}.blocks.{b}", num_chs=arch.stages[s].dim, reduction=arch.patch_size * 2**s)
+            for _, s, b, _ in arch.iter_blocks()
+        ]
+
+    # -------------------------------------------------------------------------------- forward
+    def embed(self, x: Tensor, arch: Arch) -> tuple[Tensor, Geometry]:
+        dim = arch.stages[0].dim
+        tokens = self.stem(x, dim)
+        b = tokens.shape[0]
+        if self.cls_token is not None:
+            tokens = torch.cat([self.cls_token(1, 1, dim).expand(b, -1, -1), tokens], dim=1)
+        if self.pos_embed is not None:
+            tokens = tokens + self.pos_embed(1, tokens.shape[1], dim)
+        if arch.global_tokens:
+            tokens = torch.cat([tokens[:, : int(arch.cls_token)], self.global_tokens(1, arch.global_tokens, dim).expand(b, -1, -1), tokens[:, int(arch.cls_token) :]], dim=1)
+        grid = arch.grid(0)
+        return tokens, Geometry(grid, grid, int(arch.cls_token), arch.global_tokens)
+
+    def run_blocks(self, x: Tensor, arch: Arch):
+        """Run the network block by block; yields (global block index, stage index, tokens, geometry)."""
+        x, geo = self.embed(x, arch)
+        starts = {sc.start: sc for sc in arch.shortcuts}
+        pending = None  # (input of the first bypassed block, the block owning the shortcut, its arch)
+        for index, s, b, _ in arch.iter_blocks():
+            stage_arch, stage = arch.stages[s], self.stages[s]
+            if b == 0 and s > 0:
+                x = stage.downsample(x, geo, stage_arch.dim)
+                geo = geo.halved()
+            block = stage.blocks[b]
+            if index in starts:
+                pending = (x, block, starts[index])
+            args = (geo, arch, stage_arch, stage_arch.blocks[b], arch.window_size(s))
+            if self.grad_checkpointing and not torch.jit.is_scripting():
+                x = checkpoint(block, x, *args)
+            else:
+                x = block(x, *args)
+            if pending is not None and index == pending[2].start + pending[2].span - 1:
+                shortcut_input, owner, shortcut = pending
+                x = x + owner.shortcut(shortcut_input, geo, shortcut.kernels)
+                pending = None
+            yield index, s, x, geo
+
+    def features(self, x: Tensor, arch: Arch) -> Tensor:
+        for *_, x, _geo in self.run_blocks(x, arch):
+            pass
+        return self.norm(x)
+
+    def head_forward(self, x: Tensor, arch: Arch, pre_logits: bool = False) -> Tensor:
+        n_aux = arch.num_aux_tokens
+        if arch.head == "token":
+            x = x[:, 0]
+        elif arch.head == "avg":
+            x = x[:, n_aux:].mean(1)
+        else:  # LightViT: the neck acts per token, then all tokens (global ones too) are averaged
+            x = self.neck(x).mean(1)
+        x = self.head_drop(x)
+        return x if pre_logits else self.head(x)
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        return self.features(x, self.arch)
+
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        return self.head_forward(x, self.arch, pre_logits)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def forward_intermediates(
+        self,
+        x: Tensor,
+        indices: int | list[int] | None = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> list[Tensor] | tuple[Tensor, list[Tensor]]:
+        """Image-token maps (B, C, H, W) after the selected blocks (timm's features_only)."""
+        from timm.models._features import feature_take_indices
+
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"output_fmt: {output_fmt!r} is not NCHW or NLC")
+        take, max_index = feature_take_indices(self.arch.depth, indices)
+        intermediates = []
+        for index, _s, tokens, geo in self.run_blocks(x, self.arch):
+            if index in take:
+                img = tokens[:, geo.n_aux :]
+                img = self.norm(img) if norm else img
+                intermediates.append(to_map(img, geo) if output_fmt == "NCHW" else img)
+            if stop_early and index >= max_index:
+                break
+            last = tokens
+        if intermediates_only:
+            return intermediates
+        return self.norm(last), intermediates
+
+    # -------------------------------------------------------------------------------- timm API
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        return {
+            name
+            for name, _ in self.named_parameters()
+            if name.split(".")[0] in ("cls_token", "pos_embed", "global_tokens") or ".rel_pos.table" in name
+        }
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
+        return dict(
+            stem=r"^cls_token|^pos_embed|^global_tokens|^stem",
+            blocks=[(r"^stages\.(\d+)\.downsample", (0,)), (r"^stages\.(\d+)\.blocks\.(\d+)", None), (r"^norm", (99999,))],
+        )
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        changes: dict[str, Any] = {"num_classes": num_classes}
+        if global_pool in ("token", "avg"):
+            changes["head"] = global_pool
+        self.arch = self.arch.replace(**changes)
+        self.num_classes = num_classes
+        self.head = ElasticLinear(self.num_features, num_classes) if num_classes else nn.Identity()

@@ -1,0 +1,125 @@
+"""Presets: each seed paper's published model as one arch, registered with timm.
+
+``import nasloc`` registers every preset and the generic ``nasloc_vit`` entry point, which builds
+any arch passed as keyword arguments (that is how exported models reload: their ``config.json``
+carries ``architecture: nasloc_vit`` and ``model_args`` = the arch).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+
+from ..arch import Arch, Block, Shortcut, Stage
+from .locality_vit import LocalityViT
+
+
+def columnar(dim: int, heads: int, depth: int = 12, mlp_ratio: float = 4.0, block: Block = Block(), **skeleton: Any) -> Arch:
+    """DeiT-like: 16x16 patch embedding, class token, absolute position embedding, one stage."""
+    settings = dict(stem="patch", patch_size=16, cls_token=True, pos_embed="absolute", head="token")
+    return Arch(stages=(Stage(dim, heads, mlp_ratio, (block,) * depth),), **{**settings, **skeleton})
+
+
+def lightvit(dims: tuple[int, ...], heads: tuple[int, ...], depths: tuple[int, ...], tokens: int, **skeleton: Any) -> Arch:
+    """LightViT: conv stem (stride 8), window attention with global tokens, BiDim FFN, neck head."""
+    ratios = (8, 4, 4)
+    stages = tuple(Stage(d, h, r, (Block(mixer="window"),) * n) for d, h, r, n in zip(dims, heads, ratios, depths))
+    settings = dict(
+        stem="lightvit", patch_size=8, downsample="merge", pos_embed="none", cls_token=False,
+        global_tokens=tokens, window=7, head="neck", ffn="bidim",
+    )
+    return Arch(stages=stages, **{**settings, **skeleton})
+
+
+def dilateformer(dims: tuple[int, ...], heads: tuple[int, ...], depths: tuple[int, ...], **skeleton: Any) -> Arch:
+    """DilateFormer: overlapping stem, CPE, dilated attention (rates 1, 2, 3) in stages 1-2, global after."""
+    stages = []
+    for s, (d, h, n) in enumerate(zip(dims, heads, depths)):
+        rates = tuple(sorted([1, 2, 3] * (h // 3)))
+        block = Block(mixer="dilated", dilations=rates) if s < 2 else Block()
+        stages.append(Stage(d, h, 4.0, (block,) * n))
+    settings = dict(stem="overlap", patch_size=4, downsample="conv", pos_embed="none", cpe=True, cls_token=False, head="avg")
+    return Arch(stages=tuple(stages), **{**settings, **skeleton})
+
+
+def _dw_everywhere(depth: int) -> tuple[Shortcut, ...]:
+    return tuple(Shortcut(start=i, span=1, kernels=(3,)) for i in range(depth))
+
+
+PRESETS: dict[str, Arch] = {
+    "nasloc_deit_tiny": columnar(192, 3),
+    "nasloc_dw_vit_tiny": columnar(192, 3, num_classes=10, qkv_bias=False, norm_eps=1e-5, shortcuts=_dw_everywhere(12)),
+    "nasloc_localvit_tiny": columnar(192, 4, block=Block(ffn_kernel=3), ffn="localvit"),
+    "nasloc_localvit_small": columnar(384, 8, block=Block(ffn_kernel=3), ffn="localvit"),
+    "nasloc_life_deit_tiny": columnar(192, 3, block=Block(life=True), num_classes=100),
+    "nasloc_lightvit_tiny": lightvit((64, 128, 256), (2, 4, 8), (2, 6, 6), tokens=8),
+    "nasloc_lightvit_small": lightvit((96, 192, 384), (3, 6, 12), (2, 6, 6), tokens=16),
+    "nasloc_dilateformer_tiny": dilateformer((72, 144, 288, 576), (3, 6, 12, 24), (2, 2, 6, 2)),
+    "nasloc_dilateformer_small": dilateformer((72, 144, 288, 576), (3, 6, 12, 24), (3, 5, 8, 3)),
+}
+GENERIC = "nasloc_vit"  # builds the arch given as keyword arguments; defaults to DeiT-Ti
+
+
+def default_out_indices(arch: Arch) -> list[int]:
+    """features_only default: the last block of every stage, or the last three of a columnar net."""
+    if arch.family == "columnar":
+        return list(range(arch.depth - 3, arch.depth))
+    ends, total = [], 0
+    for stage in arch.stages:
+        total += stage.depth
+        ends.append(total - 1)
+    return ends
+
+
+def pretrained_cfg(arch: Arch, **extra: Any) -> dict[str, Any]:
+    """timm's pretrained cfg of an arch (input size, normalisation, crop, first conv, classifier)."""
+    first_conv = {"patch": "stem.proj", "lightvit": "stem.conv1", "overlap": "stem.convs.0"}[arch.stem]
+    return dict(
+        url="",
+        num_classes=arch.num_classes,
+        input_size=(arch.in_chans, arch.img_size, arch.img_size),
+        pool_size=None,
+        crop_pct=0.9,
+        interpolation="bicubic",
+        fixed_input_size=True,
+        mean=IMAGENET_DEFAULT_MEAN,
+        std=IMAGENET_DEFAULT_STD,
+        first_conv=first_conv,
+        classifier="head",
+        license="apache-2.0",
+        **extra,
+    )
+
+
+default_cfgs = generate_default_cfgs({name: pretrained_cfg(arch) for name, arch in {**PRESETS, GENERIC: PRESETS["nasloc_deit_tiny"]}.items()})
+
+
+def create(variant: str, pretrained: bool = False, **kwargs: Any) -> LocalityViT:
+    """Build a preset (or the generic entry) with timm's builder; arch fields in kwargs override."""
+    base = PRESETS.get(variant, PRESETS["nasloc_deit_tiny"])
+    arch_fields = {k: kwargs.pop(k) for k in list(kwargs) if k in Arch.__dataclass_fields__ and k not in ("num_classes", "img_size", "in_chans")}
+    arch = Arch.from_dict({**base.to_dict(), **arch_fields}) if arch_fields else base
+    out_indices = kwargs.pop("out_indices", default_out_indices(arch))
+    return build_model_with_cfg(
+        LocalityViT,
+        variant,
+        pretrained,
+        arch=arch,
+        feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
+        **kwargs,
+    )
+
+
+def _entry_point(variant: str):
+    def entry(pretrained: bool = False, **kwargs: Any) -> LocalityViT:
+        return create(variant, pretrained, **kwargs)
+
+    entry.__name__ = entry.__qualname__ = variant
+    entry.__module__ = __name__
+    entry.__doc__ = f"{variant}: a nasloc LocalityViT preset (see nasloc.models.zoo.PRESETS)."
+    return entry
+
+
+for _variant in (*PRESETS, GENERIC):
+    register_model(_entry_point(_variant))
