@@ -133,7 +133,12 @@ class Arch:
         return self.img_size // self.patch_size // (2**stage)
 
     def window_size(self, stage: int) -> int:
-        return min(self.window, self.grid(stage))
+        """Side of the attention windows in ``stage``: the largest divisor of the map side that is
+        at most ``window``, so windows always tile the map (a map smaller than the window is one
+        window). At the deploy resolution of a space the windows are exactly ``window``
+        (checked when the space is loaded); at a smaller proxy resolution they shrink with the map."""
+        grid = self.grid(stage)
+        return max(d for d in range(1, min(self.window, grid) + 1) if grid % d == 0)
 
     def iter_blocks(self) -> Iterator[tuple[int, int, int, Block]]:
         """(global index, stage index, index inside the stage, block) for every block."""
@@ -301,12 +306,11 @@ def _validate_stage(arch: Arch, s: int, stage: Stage) -> None:
         "must be > 0",
     )
     _check(len(stage.blocks) > 0, f"{where}.blocks", "a stage needs at least one block")
-    grid = arch.grid(s)
     for b, block in enumerate(stage.blocks):
-        _validate_block(arch, stage, grid, block, f"{where}.blocks[{b}]")
+        _validate_block(stage, block, f"{where}.blocks[{b}]")
 
 
-def _validate_block(arch: Arch, stage: Stage, grid: int, block: Block, where: str) -> None:
+def _validate_block(stage: Stage, block: Block, where: str) -> None:
     _check(isinstance(block, Block), where, "expected a block")
     _check_choice(block.mixer, MIXERS, f"{where}.mixer")
     _check(isinstance(block.life, bool), f"{where}.life", "must be true or false")
@@ -317,13 +321,8 @@ def _validate_block(arch: Arch, stage: Stage, grid: int, block: Block, where: st
         rates = block.dilations
         _check(len(rates) == stage.heads, f"{where}.dilations", f"needs one rate per head ({stage.heads}), got {len(rates)}")
         _check(all(_is_int(d) and d >= 1 for d in rates), f"{where}.dilations", "rates must be integers >= 1")
-        reach = (arch.dilate_kernel - 1) * max(rates) + 1
-        _check(reach <= grid, f"{where}.dilations", f"dilated neighbourhood {reach}x{reach} is larger than the {grid}x{grid} feature map")
     else:
         _check(block.dilations == (), f"{where}.dilations", "only the 'dilated' mixer takes dilation rates")
-    if block.mixer == "window":
-        window = min(arch.window, grid)
-        _check(grid % window == 0, "window", f"{arch.window} does not tile the {grid}x{grid} feature map")
 
 
 def _validate_shortcuts(arch: Arch) -> None:

@@ -50,16 +50,17 @@ class TokenMixer(nn.Module):
         self.proj = ElasticLinear(dim, dim)
 
     def forward(self, x: Tensor, geo: Geometry, heads: int, block: Block, qkv_bias: bool, window: int, dilate_kernel: int) -> Tensor:
+        dim = x.shape[-1]
         if block.life:
             q, k, v = self.life(x, geo, self.q, self.k, self.v)
         else:
-            q, k, v = (lin(x, use_bias=qkv_bias) for lin in (self.q, self.k, self.v))
+            q, k, v = (lin(x, dim, use_bias=qkv_bias) for lin in (self.q, self.k, self.v))
         q, k, v = (split_heads(t, heads) for t in (q, k, v))
         if block.mixer == "global":
             out = F.scaled_dot_product_attention(q, k, v)
         else:
             out = self._local(q, k, v, geo, heads, block, window, dilate_kernel)
-        return self.proj(merge_heads(out))
+        return self.proj(merge_heads(out), dim)
 
     def _local(self, q: Tensor, k: Tensor, v: Tensor, geo: Geometry, heads: int, block: Block, window: int, dilate_kernel: int) -> Tensor:
         n = geo.n_aux

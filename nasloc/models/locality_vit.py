@@ -53,7 +53,9 @@ class Capacity:
 
     skeleton: Arch
     stages: tuple[StageCapacity, ...]
-    global_tokens: int
+    global_tokens: int  # the most global tokens
+    cpe: bool = False  # some arch uses the conditional position encoding
+    ffn_gate: bool = False  # some arch uses the BiDim gate (ffn "bidim")
 
     @classmethod
     def of_arch(cls, arch: Arch) -> "Capacity":
@@ -72,15 +74,16 @@ class Capacity:
                 for i, b in enumerate(stage.blocks)
             )
             stages.append(StageCapacity(stage.dim, stage.heads, stage.hidden, blocks))
-        return cls(arch, tuple(stages), arch.global_tokens)
+        return cls(arch, tuple(stages), arch.global_tokens, arch.cpe, arch.ffn == "bidim")
 
 
 # ------------------------------------------------------------------------------------ blocks
 class LocalityBlock(nn.Module):
-    def __init__(self, arch: Arch, stage: StageCapacity, block: BlockCapacity, window: int, n_global: int, drop_path: float):
+    def __init__(self, cap: Capacity, stage: StageCapacity, block: BlockCapacity, window: int, drop_path: float):
         super().__init__()
-        dim, eps = stage.dim, arch.norm_eps
-        self.cpe = ConvPosEnc(dim) if arch.cpe else None
+        arch, dim = cap.skeleton, stage.dim
+        eps = arch.norm_eps
+        self.cpe = ConvPosEnc(dim) if cap.cpe else None
         self.norm1 = ElasticLayerNorm(dim, eps)
         self.attn = TokenMixer(
             dim,
@@ -89,24 +92,25 @@ class LocalityBlock(nn.Module):
             plain=block.plain_qkv,
             life=block.life,
             window=window if block.window else 0,
-            broadcast=block.window and n_global > 0,
+            broadcast=block.window and cap.global_tokens > 0,
         )
         if arch.ffn == "localvit":
             self.norm2, self.ffn = None, LocalityFFN(dim, stage.hidden, block.ffn_kernel)
         else:
             self.norm2 = ElasticLayerNorm(dim, eps)
-            self.ffn = Mlp(dim, stage.hidden, block.ffn_kernel, gate=arch.ffn == "bidim")
+            self.ffn = Mlp(dim, stage.hidden, block.ffn_kernel, gate=cap.ffn_gate)
         self.shortcut = DWShortcut(dim, block.shortcut_kernels) if block.shortcut_kernels else None
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(self, x: Tensor, geo: Geometry, arch: Arch, stage: Stage, block: Block, window: int) -> Tensor:
-        if self.cpe is not None:
+        if arch.cpe:
             x = self.cpe(x, geo)
         mixed = self.attn(self.norm1(x), geo, stage.heads, block, arch.qkv_bias, window, arch.dilate_kernel)
         x = x + self.drop_path(mixed)
         if self.norm2 is None:  # LocalViT's FFN carries its own residual and no drop-path
             return self.ffn(x, geo, stage.hidden, block.ffn_kernel)
-        return x + self.drop_path(self.ffn(self.norm2(x), geo, stage.hidden, block.ffn_kernel))
+        ffn = self.ffn(self.norm2(x), geo, stage.hidden, block.ffn_kernel, gate=arch.ffn == "bidim")
+        return x + self.drop_path(ffn)
 
 
 class LocalityStage(nn.Module):
@@ -200,7 +204,7 @@ class LocalityViT(nn.Module):
             window = arch.window_size(s)
             blocks = []
             for block in stage.blocks:
-                blocks.append(LocalityBlock(arch, stage, block, window, cap.global_tokens, rates[index]))
+                blocks.append(LocalityBlock(cap, stage, block, window, rates[index]))
                 index += 1
             stages.append(LocalityStage(down, blocks))
         self.stages = nn.ModuleList(stages)

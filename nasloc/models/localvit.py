@@ -34,12 +34,12 @@ class Mlp(nn.Module):
         self.fc2 = ElasticLinear(hidden, dim)
         self.gate = BiAttnGate(dim) if gate else None
 
-    def forward(self, x: Tensor, geo: Geometry, hidden: int, kernel: int) -> Tensor:
+    def forward(self, x: Tensor, geo: Geometry, hidden: int, kernel: int, gate: bool = False) -> Tensor:
         h = F.gelu(self.fc1(x, hidden))
         if kernel:
             h = map_image_tokens(h, geo, lambda m: F.gelu(self.conv(m, kernel=kernel)))
         y = self.fc2(h, x.shape[-1])
-        return self.gate(y) if self.gate is not None else y
+        return self.gate(y) if gate else y
 
 
 class SqueezeExcite(nn.Module):

@@ -1,0 +1,73 @@
+"""The weight-sharing supernet of a search space.
+
+One :class:`~nasloc.models.LocalityViT` built with the capacity of the whole space (the largest
+width, heads, MLP ratio and depth of every stage, every optional branch), so that every arch of the
+space runs as a slice of it (weight entanglement); see :mod:`nasloc.models.elastic`. The three
+mixers share the q, k, v and output projections; shortcuts, FFN convs, LIFE convs, the BiDim gate,
+CPE and the global tokens are branches switched on per arch.
+
+``supernet(x, arch)`` runs a subnet; ``supernet.extract(arch)`` returns the standalone model with
+copied weights, whose logits equal the subnet's.
+"""
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+from torch import Tensor, nn
+
+from .arch import Arch
+from .models import LocalityViT
+from .models.elastic import ElasticBatchNorm2d, load_slices_
+from .space import SearchSpace
+
+
+class Supernet(LocalityViT):
+    def __init__(self, space: SearchSpace, img_size: int | None = None):
+        nn.Module.__init__(self)
+        self.space = space
+        self.img_size = img_size or space.img_size
+        self.drop_rate = 0.0
+        self.grad_checkpointing = False
+        capacity = space.capacity(self.img_size)
+        self.arch = capacity.skeleton
+        self._build(capacity)
+
+    def at_resolution(self, arch: Arch) -> Arch:
+        """The arch as this supernet runs it (its own input resolution)."""
+        return arch if arch.img_size == self.img_size else arch.replace(img_size=self.img_size)
+
+    def forward(self, x: Tensor, arch: Arch | None = None) -> Tensor:
+        arch = self.at_resolution(arch or self.arch)
+        return self.head_forward(self.features(x, arch), arch)
+
+    def extract(self, arch: Arch) -> LocalityViT:
+        """The standalone model of ``arch`` (at the supernet's resolution) with the weights it uses here."""
+        model = LocalityViT(self.at_resolution(arch)).to(next(self.parameters()).device)
+        load_slices_(model, self)
+        return model.train(self.training)
+
+    def uses_batchnorm(self) -> bool:
+        return any(isinstance(m, ElasticBatchNorm2d) for m in self.modules())
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(model: nn.Module, run: "callable", batches: Iterable[Tensor]) -> None:
+    """Re-estimate BatchNorm statistics for one subnet (its statistics are shared with others).
+
+    Resets every BatchNorm's running statistics and accumulates a plain average over ``batches``
+    (momentum None), calling ``run(x)`` in train mode; the model is left in eval mode.
+    """
+    norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    if not norms:
+        return
+    saved = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None
+    model.train()
+    for x in batches:
+        run(x)
+    for m, momentum in zip(norms, saved):
+        m.momentum = momentum
+    model.eval()
