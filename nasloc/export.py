@@ -1,0 +1,633 @@
+"""Export a model as a timm model folder, in the Hugging Face hub layout timm reads.
+
+    results/<run>/export/<name>/
+    ├── config.json         architecture "nasloc_vit", num_classes, model_args (= the arch), pretrained_cfg,
+    │                       and a "nasloc" block (MACs, params, trial, accuracies, budget, ...)
+    ├── model.safetensors   the weights (never a pickle)
+    └── arch.yaml           the arch, for humans (``Arch.from_yaml`` reads it back)
+
+Reload anywhere (``import nasloc`` registers the family with timm)::
+
+    import nasloc, timm
+    model = timm.create_model("local-dir:results/<run>/export/<name>", pretrained=True)
+
+Everything is checked before anything is written, and the folder is written next to its target under a
+temporary name and renamed into place, so a failed export leaves nothing behind and never a half-written
+folder. Every failure is an :class:`ExportError` with a one-line message.
+
+MACs count one multiply-add as one FLOP (the fvcore and seed-paper convention), per image at the
+exported arch's ``img_size``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from .arch import Arch
+from .errors import NaslocError
+from .models import GENERIC, LocalityViT
+from .models.zoo import pretrained_cfg as _pretrained_cfg
+
+__all__ = [
+    "ExportError", "export_model", "export_arch", "export_trial", "open_storage",
+    "CONFIG_NAME", "WEIGHTS_NAME", "ARCH_NAME",
+]
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+ARCH_NAME = "arch.yaml"
+INTERPOLATIONS = ("bicubic", "bilinear", "nearest", "lanczos", "box", "hamming")
+MACS_UNIT = "multiply-adds per image at img_size x img_size (one multiply-add = one FLOP, as in fvcore)"
+
+# Where export_trial looks for the weights of trial N, relative to the run folder.
+RETRAINED_WEIGHTS = "retrain/trial_{trial}/best.safetensors"
+SUPERNET_CHECKPOINT = "supernet/last.pth"
+RETRAINED_ARCH = "arch.json"  # optional, beside the retrained weights: the arch as retrained
+RETRAIN_CHECKPOINT = "last.pth"  # nasloc.train.retrain's checkpoint: its cfg has the resolution
+
+
+class ExportError(NaslocError):
+    """An export that cannot be done; the message is one line. Nothing was written.
+
+    A :class:`~nasloc.errors.NaslocError`, hence a ``ValueError``."""
+
+
+# ================================================================================== public API
+def export_model(
+    model: LocalityViT,
+    out_dir: str | os.PathLike,
+    *,
+    info: Mapping[str, Any] | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    crop_pct: float | None = None,
+    interpolation: str | None = None,
+    label_names: Sequence[str] | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write ``model`` (a standalone :class:`LocalityViT`) as a timm model folder; returns the folder.
+
+    Args:
+        model: the model to export; a DDP/EMA wrapper holding one in ``.module`` is unwrapped. Its
+            ``arch`` becomes ``model_args``, so its state dict must be exactly that of
+            ``LocalityViT(model.arch)`` (a supernet must be ``extract``-ed first).
+        out_dir: the folder to create; its parents are created as needed.
+        info: extra facts for the ``nasloc`` block of config.json (trial number, proxy and retrained
+            accuracy, budget, ...). Must be JSON-serialisable; ``macs`` and ``params`` are always
+            replaced by :func:`nasloc.flops.count` of the arch.
+        mean, std: per-channel normalisation of the training data (default: ImageNet's).
+        crop_pct: centre-crop fraction for evaluation (default 0.9).
+        interpolation: resize interpolation (default ``bicubic``).
+        label_names: one name per class; stored where timm keeps them.
+        overwrite: replace ``out_dir`` if it is an earlier export (never any other folder).
+
+    Raises:
+        ExportError: the weights do not fit the arch, an argument is invalid, ``out_dir`` exists
+            (without ``overwrite``), or writing failed. No folder is left behind.
+    """
+    model = _unwrap(model)
+    arch = model.arch
+    state = _cpu_state_dict(model.state_dict())
+    _check_weights(arch, state, _reference_state(arch))
+    return _write_export(arch, state, out_dir, info=info, mean=mean, std=std, crop_pct=crop_pct,
+                         interpolation=interpolation, label_names=label_names, overwrite=overwrite)
+
+
+def export_arch(
+    arch: Arch | Mapping[str, Any],
+    state_dict: Mapping[str, torch.Tensor] | str | os.PathLike | None,
+    out_dir: str | os.PathLike,
+    **options: Any,
+) -> Path:
+    """Build ``LocalityViT(arch)``, load ``state_dict`` strictly and export it; returns the folder.
+
+    Args:
+        arch: an :class:`Arch` or its dict.
+        state_dict: the weights, or a file holding them (``.safetensors``, or a torch checkpoint read
+            with ``weights_only=True``: a bare state dict or one under ``"model"``/``"state_dict"``).
+            ``None`` exports the freshly initialised model (random weights).
+        out_dir: the folder to create.
+        **options: the keyword options of :func:`export_model` (``info``, ``mean``, ``std``,
+            ``crop_pct``, ``interpolation``, ``label_names``, ``overwrite``).
+
+    Raises:
+        ExportError: the arch is invalid, the weights are unreadable or do not match the arch (the
+            message names the first mismatching key or shape), or as :func:`export_model`.
+    """
+    arch = _as_arch(arch)
+    model = LocalityViT(arch)
+    if state_dict is None:
+        info = dict(options.pop("info", None) or {})
+        info.setdefault("weights", "initialised (untrained)")
+        options["info"] = info
+    else:
+        state = _read_weights(state_dict)
+        _check_weights(arch, state, model.state_dict())
+        try:
+            model.load_state_dict(state, strict=True)
+        except RuntimeError as e:  # e.g. a dtype that can't be copied; shapes and keys were checked
+            raise ExportError(f"weights do not load into the arch: {_first_line(e)}") from None
+    return export_model(model, out_dir, **options)
+
+
+def export_trial(
+    run_dir: str | os.PathLike | argparse.Namespace,
+    trial: int | None = None,
+    out_dir: str | os.PathLike | None = None,
+    *,
+    overwrite: bool = False,
+) -> Path:
+    """Export trial ``trial`` of the Optuna study of a run; returns the folder.
+
+    The run folder holds ``run.json`` with at least ``storage`` (an Optuna URL or a journal/SQLite file
+    path) and ``study_name``; optional keys used: ``budget``, ``dataset``, ``mean``, ``std``, ``space``,
+    ``img_size``, ``retrain_img_size``. The trial carries user attributes ``arch`` (the arch dict),
+    ``macs``, ``params`` and ``top1`` (proxy accuracy); any other scalar user attribute (e.g. a
+    retrained accuracy) is copied into the ``nasloc`` block too.
+
+    Weights, first found wins:
+      1. ``run_dir/retrain/trial_<N>/best.safetensors``, the retrained standalone model. Its arch is
+         ``arch.json`` beside it if present, else the trial's arch at the resolution it was retrained
+         at: ``cfg.img_size`` of the retrain checkpoint ``last.pth`` beside it (whose last
+         ``val_top1`` is also recorded as ``retrained_top1``), else run.json's ``retrain_img_size``,
+         else the search space's deploy resolution, else the arch's own;
+      2. ``run_dir/supernet/last.pth``: the subnet extracted from the supernet of ``run.json``'s
+         ``space`` (at the supernet's resolution).
+    With neither, the export fails: an untrained arch is not exported.
+
+    ``out_dir`` defaults to ``run_dir/export/trial-<N>``. ``export_trial(options)`` with the
+    ``argparse.Namespace`` of ``nasloc export`` (``run``, ``trial``, ``out``) also works.
+
+    Raises:
+        ExportError: no run.json or study, the trial does not exist, has no arch, no weights exist
+            for it, or as :func:`export_arch`.
+    """
+    if isinstance(run_dir, argparse.Namespace):  # from nasloc.cli
+        cli_options = run_dir
+        run_dir, trial, out_dir = cli_options.run, cli_options.trial, getattr(cli_options, "out", None)
+    if trial is None:
+        raise ExportError("export_trial: no trial number given")
+    run_dir = Path(run_dir)
+    run = _read_run(run_dir)
+    study = _load_study(run, run_dir)
+    frozen = _find_trial(study, int(trial))
+    attrs = frozen.user_attrs
+    if "arch" not in attrs:
+        raise ExportError(f"trial {frozen.number} of study {study.study_name} has no 'arch' user attribute "
+                          f"(state {frozen.state.name})")
+    arch = _as_arch(attrs["arch"], where=f"trial {frozen.number}: ")
+    info = _trial_info(run, study.study_name, frozen)
+    out_dir = Path(out_dir) if out_dir is not None else run_dir / "export" / f"trial-{frozen.number}"
+    options = dict(info=info, mean=_run_stat(run, attrs, "mean"), std=_run_stat(run, attrs, "std"),
+                   overwrite=overwrite)
+
+    retrained = run_dir / RETRAINED_WEIGHTS.format(trial=frozen.number)
+    supernet_ckpt = run_dir / SUPERNET_CHECKPOINT
+    if retrained.is_file():
+        saved_arch = retrained.with_name(RETRAINED_ARCH)
+        if saved_arch.is_file():  # the arch exactly as retrained, resolution included
+            try:
+                data = json.loads(saved_arch.read_text())
+            except (OSError, json.JSONDecodeError) as e:
+                raise ExportError(f"{saved_arch}: cannot read it ({_first_line(e)})") from None
+            arch = _as_arch(data, where=f"{saved_arch}: ")
+        else:
+            record = _retrain_record(retrained.with_name(RETRAIN_CHECKPOINT))
+            size = record.get("img_size") or run.get("retrain_img_size") or _space_img_size(run, run_dir)
+            arch = _at_img_size(arch, size or arch.img_size)
+            if record.get("val_top1") is not None:
+                info.setdefault("retrained_top1", record["val_top1"])
+        info["weights"] = f"retrained ({RETRAINED_WEIGHTS.format(trial=frozen.number)})"
+        return export_arch(arch, retrained, out_dir, **options)
+    if supernet_ckpt.is_file():
+        info["weights"] = f"supernet ({SUPERNET_CHECKPOINT})"
+        return export_model(_extract_from_supernet(run, run_dir, supernet_ckpt, arch), out_dir, **options)
+    raise ExportError(f"no weights exist for trial {frozen.number}: neither {retrained} nor {supernet_ckpt} "
+                      "is there (retrain it, or train the supernet, first)")
+
+
+def open_storage(url_or_path: str | os.PathLike, base: str | os.PathLike | None = None):
+    """The Optuna storage behind a URL (``sqlite:///…``, ``postgresql+psycopg2://…``) or a file path.
+
+    A path to an SQLite database (sniffed from its header) opens as ``sqlite:///<path>``; any other
+    existing file as a journal (``JournalStorage(JournalFileBackend(path))``). A relative path that
+    does not exist is looked up under ``base`` as well. Never creates a storage: a missing SQLite or
+    journal file is an :class:`ExportError`.
+    """
+    import optuna
+
+    text = os.fspath(url_or_path)
+    if "://" in text:
+        if text.startswith("sqlite:///"):
+            path = Path(text[len("sqlite:///"):])
+            if not path.is_file():
+                raise ExportError(f"storage {text}: no such SQLite file")
+        try:
+            return optuna.storages.RDBStorage(text)
+        except Exception as e:  # noqa: BLE001 - driver missing, server down, not a database, ...
+            raise ExportError(f"storage {text}: cannot open ({_first_line(e)})") from None
+    path = Path(text).expanduser()
+    if not path.is_file() and base is not None and not path.is_absolute():
+        path = Path(base) / path
+    if not path.is_file():
+        raise ExportError(f"storage {text}: no such file")
+    with open(path, "rb") as f:
+        is_sqlite = f.read(16) == b"SQLite format 3\x00"
+    if is_sqlite:
+        return open_storage(f"sqlite:///{path.resolve()}")
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    return JournalStorage(JournalFileBackend(str(path)))
+
+
+# ================================================================================== checks
+def _unwrap(model: nn.Module) -> LocalityViT:
+    from .supernet import Supernet
+
+    if not isinstance(model, LocalityViT) and isinstance(getattr(model, "module", None), LocalityViT):
+        model = model.module  # DistributedDataParallel, timm's ModelEma*
+    if isinstance(model, Supernet):
+        raise ExportError("a Supernet cannot be exported as such; export supernet.extract(arch) instead")
+    if not isinstance(model, LocalityViT):
+        raise ExportError(f"export_model needs a nasloc LocalityViT, got {type(model).__name__}")
+    return model
+
+
+def _as_arch(arch: Arch | Mapping[str, Any], where: str = "") -> Arch:
+    try:
+        return arch if isinstance(arch, Arch) else Arch.from_dict(dict(arch))
+    except (ValueError, TypeError) as e:
+        raise ExportError(f"{where}invalid arch: {_first_line(e)}") from None
+
+
+def _reference_state(arch: Arch) -> dict[str, torch.Tensor]:
+    return LocalityViT(arch).state_dict()
+
+
+def _cpu_state_dict(state: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """Detached, contiguous CPU tensors that share no memory (safetensors refuses shared storage)."""
+    out, seen = {}, set()
+    for key, value in state.items():
+        if not isinstance(value, torch.Tensor):
+            raise ExportError(f"weights: {key!r} is a {type(value).__name__}, not a tensor")
+        tensor = value.detach().to("cpu").contiguous()
+        ptr = (tensor.untyped_storage().data_ptr(), tensor.storage_offset()) if tensor.numel() else None
+        if ptr is not None and ptr in seen:
+            tensor = tensor.clone()
+        elif ptr is not None:
+            seen.add(ptr)
+        out[key] = tensor
+    return out
+
+
+def _check_weights(arch: Arch, state: Mapping[str, torch.Tensor], reference: Mapping[str, torch.Tensor]) -> None:
+    """ExportError naming the first missing key, unexpected key or wrong shape."""
+    problems = [f"missing key {k!r}" for k in reference if k not in state]
+    problems += [f"unexpected key {k!r}" for k in state if k not in reference]
+    problems += [
+        f"{k!r} has shape {tuple(state[k].shape)} but the arch needs {tuple(v.shape)}"
+        for k, v in reference.items()
+        if k in state and tuple(state[k].shape) != tuple(v.shape)
+    ]
+    if problems:
+        more = f" (and {len(problems) - 1} more mismatches)" if len(problems) > 1 else ""
+        raise ExportError(f"weights do not match the arch: {problems[0]}{more}")
+
+
+def _read_weights(source: Mapping[str, torch.Tensor] | str | os.PathLike) -> dict[str, torch.Tensor]:
+    if isinstance(source, Mapping):
+        state = dict(source)
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise ExportError(f"weights file {path} does not exist")
+        try:
+            if path.suffix == ".safetensors":
+                from safetensors.torch import load_file
+
+                state = load_file(str(path), device="cpu")
+            else:
+                state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - corrupt file, a pickle with objects, ...
+            raise ExportError(f"weights file {path}: cannot read it ({_first_line(e)})") from None
+    for key in ("model", "state_dict"):  # a training checkpoint
+        if isinstance(state.get(key), Mapping):
+            state = dict(state[key])
+            break
+    if state and all(k.startswith("module.") for k in state):  # saved from a DDP wrapper
+        state = {k[len("module."):]: v for k, v in state.items()}
+    return _cpu_state_dict(state)
+
+
+def _json_safe(value: Any, where: str) -> Any:
+    """A plain-JSON copy of ``value`` (numpy/torch scalars unwrapped, tuples as lists, NaN as null)."""
+    if value is None or isinstance(value, (bool, str)):
+        return value
+    if isinstance(value, int):
+        return int(value)
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if isinstance(value, Mapping):
+        out = {}
+        for k, v in value.items():
+            if not isinstance(k, str):
+                raise ExportError(f"{where}: key {k!r} is not a string")
+            out[k] = _json_safe(v, f"{where}[{k!r}]")
+        return out
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if callable(getattr(value, "item", None)) and getattr(value, "ndim", None) == 0:  # numpy / torch scalars
+        return _json_safe(value.item(), where)
+    raise ExportError(f"{where}: a {type(value).__name__} is not JSON-serialisable")
+
+
+def _channels(values: Sequence[float] | None, default: Sequence[float], name: str, arch: Arch) -> list[float]:
+    if values is None:
+        values = default if arch.in_chans == len(default) else [sum(default) / len(default)] * arch.in_chans
+    try:
+        values = [float(v) for v in values]
+    except (TypeError, ValueError):
+        raise ExportError(f"{name}: expected {arch.in_chans} numbers, got {values!r}") from None
+    if len(values) != arch.in_chans:
+        raise ExportError(f"{name}: expected one value per input channel ({arch.in_chans}), got {len(values)}")
+    if not all(math.isfinite(v) for v in values) or (name == "std" and min(values) <= 0):
+        raise ExportError(f"{name}: values must be finite{' and > 0' if name == 'std' else ''}, got {values}")
+    return values
+
+
+def _config(arch: Arch, info: Mapping[str, Any] | None, mean, std, crop_pct, interpolation, label_names) -> dict:
+    """The config.json of an export, in the layout of timm's save_config_for_hf."""
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+    from . import __version__
+    from .flops import count
+
+    cfg = _pretrained_cfg(arch)
+    cfg.pop("url", None)
+    cfg["mean"] = _channels(mean, IMAGENET_DEFAULT_MEAN, "mean", arch)
+    cfg["std"] = _channels(std, IMAGENET_DEFAULT_STD, "std", arch)
+    if crop_pct is not None:
+        if not isinstance(crop_pct, (int, float)) or not 0 < crop_pct <= 1:
+            raise ExportError(f"crop_pct: must be in (0, 1], got {crop_pct!r}")
+        cfg["crop_pct"] = float(crop_pct)
+    if interpolation is not None:
+        if interpolation not in INTERPOLATIONS:
+            raise ExportError(f"interpolation: {interpolation!r} is not one of {', '.join(INTERPOLATIONS)}")
+        cfg["interpolation"] = interpolation
+    cfg["crop_mode"] = "center"
+    cfg["custom_load"] = False
+    cost = count(arch)
+    block = _json_safe(dict(info or {}), "info")
+    block.update(macs=int(cost.macs), params=int(cost.params), macs_unit=MACS_UNIT, img_size=arch.img_size,
+                 nasloc_version=__version__)
+    config = {
+        "architecture": GENERIC,
+        "num_classes": arch.num_classes,
+        "num_features": arch.neck_dim if arch.head == "neck" else arch.stages[-1].dim,
+        "model_args": arch.to_dict(),
+        "pretrained_cfg": _json_safe(cfg, "pretrained_cfg"),
+        "nasloc": block,
+    }
+    if label_names is not None:
+        names = [str(n) for n in label_names]
+        if len(names) != arch.num_classes:
+            raise ExportError(f"label_names: {len(names)} names for {arch.num_classes} classes")
+        config["label_names"] = names
+    try:
+        json.dumps(config, allow_nan=False)
+    except (TypeError, ValueError) as e:  # cannot happen after _json_safe; kept as the last guard
+        raise ExportError(f"config.json: {_first_line(e)}") from None
+    return config
+
+
+# ================================================================================== writing
+def _write_export(arch: Arch, state: dict[str, torch.Tensor], out_dir: str | os.PathLike, *, info, mean, std,
+                  crop_pct, interpolation, label_names, overwrite: bool) -> Path:
+    from safetensors.torch import save_file
+
+    out_dir = Path(out_dir).expanduser().absolute()
+    config = _config(arch, info, mean, std, crop_pct, interpolation, label_names)
+    if out_dir.exists() or out_dir.is_symlink():
+        if not overwrite:
+            raise ExportError(f"{out_dir} already exists (pass overwrite=True to replace an earlier export)")
+        if not _is_export(out_dir):
+            raise ExportError(f"{out_dir} exists and is not a nasloc export; refusing to replace it")
+
+    created = _make_parents(out_dir.parent)
+    tmp, done = None, False
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=out_dir.parent))
+        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, allow_nan=False) + "\n")
+        save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        (tmp / ARCH_NAME).write_text(
+            "# nasloc arch of this export (Arch.from_yaml reads it; config.json's model_args is the same)\n"
+            + arch.to_yaml()
+        )
+        _move_into_place(tmp, out_dir, overwrite)
+        done = True
+    except ExportError:
+        raise
+    except Exception as e:  # noqa: BLE001 - disk full, permissions, safetensors refusal, ...
+        raise ExportError(f"writing {out_dir} failed: {_first_line(e)}") from None
+    finally:
+        if not done:
+            if tmp is not None:
+                shutil.rmtree(tmp, ignore_errors=True)
+            for folder in reversed(created):  # the parents this call made, if they stayed empty
+                try:
+                    folder.rmdir()
+                except OSError:
+                    break
+    return out_dir
+
+
+def _move_into_place(tmp: Path, out_dir: Path, overwrite: bool) -> None:
+    if not (out_dir.exists() or out_dir.is_symlink()):
+        try:
+            os.rename(tmp, out_dir)
+        except OSError as e:  # someone created it meanwhile (rename onto a non-empty folder fails)
+            raise ExportError(f"{out_dir} could not be created: {e.strerror or e}") from None
+        return
+    if not overwrite:
+        raise ExportError(f"{out_dir} already exists (pass overwrite=True to replace an earlier export)")
+    old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".old", dir=out_dir.parent))
+    os.rmdir(old)
+    os.rename(out_dir, old)
+    try:
+        os.rename(tmp, out_dir)
+    except OSError:
+        os.rename(old, out_dir)  # put the earlier export back
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _is_export(folder: Path) -> bool:
+    """An earlier export (config.json of nasloc_vit), or an empty folder."""
+    if not folder.is_dir() or folder.is_symlink():
+        return False
+    if not any(folder.iterdir()):
+        return True
+    try:
+        return json.loads((folder / CONFIG_NAME).read_text()).get("architecture") == GENERIC
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _make_parents(folder: Path) -> list[Path]:
+    """Create ``folder`` and its missing parents; returns those created, outermost first."""
+    missing = []
+    probe = folder
+    while not probe.exists():
+        missing.append(probe)
+        probe = probe.parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ExportError(f"cannot create {folder}: {e.strerror or e}") from None
+    return list(reversed(missing))
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip() or type(error).__name__
+    return text.splitlines()[0]
+
+
+# ================================================================================== runs and trials
+def _read_run(run_dir: Path) -> dict[str, Any]:
+    path = run_dir / "run.json"
+    if not path.is_file():
+        raise ExportError(f"{run_dir} is not a run folder: {path.name} is missing")
+    try:
+        run = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ExportError(f"{path}: cannot read it ({_first_line(e)})") from None
+    if not isinstance(run, dict):
+        raise ExportError(f"{path}: expected a JSON object")
+    for key in ("storage", "study_name"):
+        if not run.get(key):
+            raise ExportError(f"{path}: {key!r} is missing")
+    return run
+
+
+def _load_study(run: dict[str, Any], run_dir: Path):
+    import optuna
+
+    storage = open_storage(run["storage"], base=run_dir)
+    name = run["study_name"]
+    try:
+        return optuna.load_study(study_name=name, storage=storage)
+    except KeyError:
+        names = sorted(s.study_name for s in optuna.get_all_study_summaries(storage=storage))
+        raise ExportError(f"study {name} does not exist in {run['storage']} "
+                          f"(studies: {', '.join(names) or 'none'})") from None
+
+
+def _find_trial(study, number: int):
+    trials = study.get_trials(deepcopy=False)
+    for trial in trials:
+        if trial.number == number:
+            return trial
+    numbers = sorted(t.number for t in trials)
+    span = f"trials: {numbers[0]}-{numbers[-1]}" if numbers else "it has no trials"
+    raise ExportError(f"trial {number} does not exist in study {study.study_name} ({span})")
+
+
+def _trial_info(run: dict[str, Any], study_name: str, trial) -> dict[str, Any]:
+    attrs = trial.user_attrs
+    info: dict[str, Any] = {"trial": trial.number, "study": study_name, "state": trial.state.name}
+    if trial.values is not None:
+        info["values"] = list(trial.values)
+    for key, value in attrs.items():  # retrained accuracy and whatever else the pipeline recorded
+        if key != "arch" and (value is None or isinstance(value, (bool, int, float, str))):
+            info[key] = value
+    if "top1" in attrs:
+        info["proxy_top1"] = info.pop("top1")
+    for key in ("macs", "params"):  # export_model records count(arch) of the exported arch as macs/params
+        if key in info:
+            info[f"search_{key}"] = info.pop(key)
+    for key in ("budget", "dataset"):
+        if run.get(key) is not None:
+            info[key] = run[key]
+    return info
+
+
+def _run_stat(run: dict[str, Any], attrs: Mapping[str, Any], key: str) -> list[float] | None:
+    value = run.get(key, attrs.get(key))
+    return list(value) if isinstance(value, (list, tuple)) else None
+
+
+def _space_path(run: dict[str, Any], run_dir: Path) -> Path | None:
+    if not run.get("space"):
+        return None
+    path = Path(run["space"])
+    return path if path.is_absolute() or path.exists() else run_dir / path
+
+
+def _space_img_size(run: dict[str, Any], run_dir: Path) -> int | None:
+    from .space import SearchSpace
+
+    path = _space_path(run, run_dir)
+    if path is None:
+        return None
+    try:
+        return SearchSpace.load(path).img_size
+    except (OSError, ValueError):
+        return None
+
+
+def _retrain_record(checkpoint: Path) -> dict[str, Any]:
+    """Resolution and last validation top-1 from a ``nasloc.train.retrain`` checkpoint ({} if unreadable)."""
+    if not checkpoint.is_file():
+        return {}
+    try:
+        ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        history = ckpt.get("history") or [{}]
+        return {"img_size": (ckpt.get("cfg") or {}).get("img_size"), "val_top1": history[-1].get("val_top1")}
+    except Exception:  # noqa: BLE001 - only a hint; the fallbacks apply
+        return {}
+
+
+def _at_img_size(arch: Arch, img_size: int) -> Arch:
+    try:
+        return arch if arch.img_size == img_size else arch.replace(img_size=int(img_size))
+    except ValueError as e:
+        raise ExportError(f"arch at {img_size} px: {_first_line(e)}") from None
+
+
+def _extract_from_supernet(run: dict[str, Any], run_dir: Path, checkpoint: Path, arch: Arch) -> LocalityViT:
+    """The standalone subnet of ``arch`` with the weights it has in the run's trained supernet."""
+    from .space import SearchSpace
+    from .supernet import Supernet
+
+    path = _space_path(run, run_dir)
+    if path is None:
+        raise ExportError(f"{checkpoint} exists but run.json names no 'space' to rebuild the supernet with")
+    try:
+        space = SearchSpace.load(path)
+    except (OSError, ValueError) as e:
+        raise ExportError(f"search space {path}: {_first_line(e)}") from None
+    try:
+        ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001
+        raise ExportError(f"supernet checkpoint {checkpoint}: cannot read it ({_first_line(e)})") from None
+    img_size = (ckpt.get("img_size") if isinstance(ckpt, dict) else None) or run.get("img_size") or space.img_size
+    supernet = Supernet(space, int(img_size))
+    state = _read_weights(ckpt)
+    _check_weights(supernet.arch, state, supernet.state_dict())
+    supernet.load_state_dict(state, strict=True)
+    try:
+        return supernet.extract(arch).eval()
+    except (ValueError, RuntimeError, IndexError) as e:
+        raise ExportError(f"the trial's arch is not a subnet of the run's supernet: {_first_line(e)}") from None
