@@ -1,0 +1,423 @@
+"""Full-scale standalone retraining with timm's recipe components, on one device or under torchrun/DDP.
+
+The defaults follow the recipe the seed papers (DeiT, Efficient ViT with DW) train with: AdamW, lr 5e-4
+per 512 images scaled linearly with the global batch, weight decay 0.05 (not on norms, biases or the
+model's `no_weight_decay()`), cosine schedule with linear warm-up, label smoothing 0.1, mixup 0.8 /
+cutmix 1.0, RandAugment rand-m9-mstd0.5-inc1, gradient clipping at 5. That recipe is tuned for 300
+epochs; for short CPU runs lower `mixup`/`cutmix` (or set them to 0), which otherwise slow learning a lot.
+
+Augmentation: images that are decoded lazily (large, PIL) go through `timm.data.create_transform`'s
+ImageNet stages (RandomResizedCrop + flip, then RandAugment, then to-tensor + normalise; resize + centre
+crop 0.875 at eval). For the in-memory uint8 datasets (small images) each image goes through timm's
+RandAugment (`rand_augment_transform`, on a PIL view of the tensor), then the loader does the
+CIFAR-style padded random crop and flip batch-wise on the device: a random-resized crop at scale 0.08
+would leave ~9 px of a 32 px image. Both use one RandAugment guarded against a timm/Pillow 13 crash
+(see `_rand_augment`).
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from PIL import Image, ImageOps
+from timm.data import Mixup, create_transform, rand_augment_transform
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.optim import create_optimizer_v2
+from timm.scheduler import create_scheduler_v2
+from timm.utils import ModelEmaV3
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import Dataset
+from torchvision import transforms
+from tqdm import tqdm
+
+from nasloc.data import DataSplits, DeviceLoader, LazyImageDataset, make_loader
+
+log = logging.getLogger(__name__)
+
+EVAL_CROP_PCT = 0.875  # timm/DeiT eval crop for lazily decoded (large) images
+# Settings that may change between a run and its resume without making the checkpoint meaningless.
+RESUMABLE_CHANGES = ("epochs", "num_workers")
+
+
+@dataclass
+class RetrainConfig:
+    """Retraining recipe; defaults are the DeiT / DW recipe of the seed papers (see module docstring)."""
+
+    epochs: int = 300
+    batch_size: int = 128  # per process; the global batch is batch_size * world size
+    lr: float = 5e-4  # per 512 images: the lr used is lr * global_batch / 512 (DeiT's linear scaling)
+    weight_decay: float = 0.05
+    warmup_epochs: int = 5
+    warmup_lr: float = 1e-6
+    min_lr: float = 1e-5
+    label_smoothing: float = 0.1
+    mixup: float = 0.8  # mixup alpha, 0 = off
+    cutmix: float = 1.0  # cutmix alpha, 0 = off
+    randaugment: str = "rand-m9-mstd0.5-inc1"  # timm RandAugment spec, "" = off
+    ema_decay: float = 0.0  # 0 = no EMA of the weights
+    grad_clip: float = 5.0  # max gradient norm, 0 = off
+    amp: bool | None = None  # None = on exactly when training on CUDA
+    img_size: int | None = None  # None = the size the data was loaded at
+    num_workers: int = 2
+    seed: int = 0
+
+
+@dataclass
+class RetrainResult:
+    val_top1: float  # of the trained weights, in percent
+    test_top1: float | None  # None when the splits have no test set
+    epochs_run: int  # epochs trained by this call
+    start_epoch: int  # epochs already done in the checkpoint it resumed from (0 = fresh start)
+    checkpoint: Path
+    seconds: float
+    ema_val_top1: float | None = None  # of the EMA weights, when ema_decay > 0
+    history: list[dict] = field(default_factory=list)  # per epoch: epoch, train_loss, val_top1, lr, seconds
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed() -> DistInfo:
+    """Join the process group torchrun describes (env WORLD_SIZE > 1); a no-op for a single process.
+
+    nccl on CUDA, gloo on CPU. Safe to call again: an initialised group is reused.
+    """
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    if dist.is_initialized():
+        return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank)
+    return DistInfo()
+
+
+def cleanup_distributed() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """"auto": this process's CUDA device (LOCAL_RANK under torchrun) if there is one, else the CPU."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r} requested but CUDA is not available; use --device cpu")
+        if device == "cuda":
+            device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
+    return torch.device(device)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, device: str | torch.device) -> float:
+    """Top-1 accuracy in percent over everything `loader` yields.
+
+    In a process group the counts are summed over ranks, so every rank must call it; this is exact both
+    for sharded loaders and for loaders that give every rank the whole set.
+    """
+    was_training = model.training
+    model.eval()
+    correct = torch.zeros((), dtype=torch.long, device=device)
+    total = torch.zeros((), dtype=torch.long, device=device)
+    for x, y in loader:
+        x, y = x.to(device), y.to(device)
+        correct += (model(x).argmax(dim=1) == y).sum()
+        total += y.numel()
+    model.train(was_training)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        counts = torch.stack([correct, total])
+        dist.all_reduce(counts)
+        correct, total = counts
+    if total.item() == 0:
+        raise ValueError("evaluate: the loader yielded no images")
+    return 100.0 * correct.item() / total.item()
+
+
+def retrain(model: nn.Module, splits: DataSplits, cfg: RetrainConfig, out_dir: Path,
+            device: str = "auto", progress: bool = True) -> RetrainResult:
+    """Train `model` from its current weights on splits.train, checkpointing to out_dir/last.pth every epoch.
+
+    If out_dir/last.pth exists the run resumes from it (model, optimizer, scheduler, EMA, epoch);
+    a checkpoint with all cfg.epochs done is only evaluated. Under torchrun every rank calls this; only
+    rank 0 writes files and shows progress.
+    """
+    start_time = time.perf_counter()
+    info = setup_distributed()
+    dev = resolve_device(device)
+    _seed_everything(cfg.seed + info.rank)  # different augmentation per rank, reproducible per run
+    out_dir = Path(out_dir)
+    ckpt_path = out_dir / "last.pth"
+    if info.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    img_size = cfg.img_size or splits.img_size
+    train_loader, val_loader, test_loader = _loaders(splits, cfg, img_size, dev, info.world_size > 1)
+    mixup_fn, criterion = _mixup_and_loss(cfg, splits.num_classes)
+
+    model.to(dev)
+    ckpt = _read_checkpoint(ckpt_path, dev)
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+    train_model = _wrap_ddp(model, dev) if info.world_size > 1 else model  # DDP syncs rank 0's weights
+    opt = _Optimization(model, cfg, len(train_loader), info.world_size, dev)
+    start_epoch, history = 0, []
+    if ckpt is not None:
+        start_epoch, history = ckpt["epoch"], ckpt["history"]
+        opt.load_state_dict(ckpt, cfg)
+
+    bar = tqdm(total=cfg.epochs * len(train_loader), initial=start_epoch * len(train_loader), unit="step",
+               dynamic_ncols=True, disable=not (progress and info.is_main))
+    for epoch in range(start_epoch, cfg.epochs):
+        epoch_start = time.perf_counter()
+        train_loader.set_epoch(epoch)
+        loss = _train_one_epoch(train_model, train_loader, opt, mixup_fn, criterion, cfg, bar, epoch)
+        val_top1 = evaluate(model, val_loader, dev)
+        history.append(dict(epoch=epoch + 1, train_loss=loss, val_top1=val_top1,
+                            lr=opt.optimizer.param_groups[0]["lr"], seconds=time.perf_counter() - epoch_start))
+        bar.set_postfix_str(f"epoch {epoch + 1}/{cfg.epochs} loss {loss:.3f} val {val_top1:.2f}%")
+        log.info("epoch %d/%d train_loss %.4f val_top1 %.2f%%", epoch + 1, cfg.epochs, loss, val_top1)
+        if info.is_main:
+            _save_checkpoint(ckpt_path, dict(epoch=epoch + 1, model=model.state_dict(), history=history,
+                                              cfg=asdict(cfg), **opt.state_dict()))
+        if info.world_size > 1:
+            dist.barrier()  # no rank runs ahead of the checkpoint it may have to resume from
+    bar.close()
+
+    val_top1 = history[-1]["val_top1"] if history else evaluate(model, val_loader, dev)
+    return RetrainResult(
+        val_top1=val_top1,
+        test_top1=evaluate(model, test_loader, dev) if test_loader is not None else None,
+        epochs_run=max(0, cfg.epochs - start_epoch),
+        start_epoch=start_epoch,
+        checkpoint=ckpt_path,
+        seconds=time.perf_counter() - start_time,
+        ema_val_top1=evaluate(opt.ema.module, val_loader, dev) if opt.ema is not None else None,
+        history=history,
+    )
+
+
+# ------------------------------------------------------------------------------------------ helpers
+
+
+class _Optimization:
+    """Optimizer, lr schedule, EMA and AMP scaler: everything besides the weights that a resume needs."""
+
+    def __init__(self, model: nn.Module, cfg: RetrainConfig, steps_per_epoch: int, world_size: int,
+                 device: torch.device):
+        lr = cfg.lr * cfg.batch_size * world_size / 512
+        # timm skips weight decay for 1-d params (norms, biases) and model.no_weight_decay().
+        self.optimizer = create_optimizer_v2(model, "adamw", lr=lr, weight_decay=cfg.weight_decay)
+        # Stepped per update, not per epoch, so the warm-up is smooth even when it lasts one epoch.
+        self.scheduler, _ = create_scheduler_v2(
+            self.optimizer, "cosine", num_epochs=cfg.epochs, warmup_epochs=cfg.warmup_epochs,
+            warmup_lr=cfg.warmup_lr, min_lr=cfg.min_lr, step_on_epochs=False, updates_per_epoch=steps_per_epoch)
+        self.ema = ModelEmaV3(model, decay=cfg.ema_decay) if cfg.ema_decay > 0 else None
+        self.amp_dtype = _amp_dtype(cfg.amp, device)
+        # bfloat16 needs no loss scaling; float16 does.
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype == torch.float16)
+        self.num_updates = 0
+
+    def state_dict(self) -> dict:
+        return dict(optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict(),
+                    ema=self.ema.module.state_dict() if self.ema is not None else None,
+                    scaler=self.scaler.state_dict(), num_updates=self.num_updates)
+
+    def load_state_dict(self, ckpt: dict, cfg: RetrainConfig) -> None:
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scaler.load_state_dict(ckpt["scaler"])
+        self.num_updates = ckpt["num_updates"]
+        if self.ema is not None and ckpt["ema"] is not None:
+            self.ema.module.load_state_dict(ckpt["ema"])
+        changed = [k for k, v in ckpt["cfg"].items() if asdict(cfg).get(k) != v and k not in RESUMABLE_CHANGES]
+        if changed:
+            before = ", ".join(f"{k}={ckpt['cfg'][k]}" for k in changed)
+            warnings.warn(f"resuming with changed settings; the checkpoint was made with {before}", stacklevel=3)
+        # The saved scheduler carries its schedule length; with more epochs keep the new, longer one.
+        if ckpt["cfg"]["epochs"] == cfg.epochs:
+            self.scheduler.load_state_dict(ckpt["scheduler"])
+        self.scheduler.step_update(self.num_updates)
+
+
+def _train_one_epoch(model: nn.Module, loader: DeviceLoader, opt: _Optimization, mixup_fn: Mixup | None,
+                     criterion: nn.Module, cfg: RetrainConfig, bar: tqdm, epoch: int) -> float:
+    """Mean training loss of the epoch."""
+    model.train()
+    loss_sum = torch.zeros((), device=loader.device)
+    start, images = time.perf_counter(), 0
+    for step, (x, y) in enumerate(loader, 1):
+        if mixup_fn is not None:
+            x, y = mixup_fn(x, y)
+        with torch.autocast(loader.device.type, dtype=opt.amp_dtype, enabled=opt.amp_dtype is not None):
+            loss = criterion(model(x), y)
+        opt.optimizer.zero_grad(set_to_none=True)
+        opt.scaler.scale(loss).backward()
+        if cfg.grad_clip > 0:
+            opt.scaler.unscale_(opt.optimizer)  # clip the true gradients, not the scaled ones
+            nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.scaler.step(opt.optimizer)
+        opt.scaler.update()
+        opt.num_updates += 1
+        opt.scheduler.step_update(opt.num_updates)
+        if opt.ema is not None:
+            opt.ema.update(_unwrap(model), step=opt.num_updates)
+        loss_sum += loss.detach()
+        images += len(x)
+        bar.update()
+        if step % 10 == 0 or step == len(loader):  # .item() syncs the GPU: not on every step
+            mean_loss = loss_sum.item() / step
+            if not math.isfinite(mean_loss):
+                raise FloatingPointError(f"training loss is {mean_loss} in epoch {epoch + 1} step {step}; "
+                                         f"lower lr or keep grad_clip > 0")
+            rate = images * _world_size() / (time.perf_counter() - start)
+            bar.set_postfix_str(f"epoch {epoch + 1}/{cfg.epochs} loss {mean_loss:.3f} {rate:.0f} img/s")
+    if dist.is_initialized():  # report the mean over all ranks, so every rank's history agrees
+        dist.all_reduce(loss_sum)
+        loss_sum /= dist.get_world_size()
+    return loss_sum.item() / len(loader)
+
+
+def _loaders(splits: DataSplits, cfg: RetrainConfig, img_size: int, dev: torch.device,
+             distributed: bool) -> tuple[DeviceLoader, DeviceLoader, DeviceLoader | None]:
+    train, augment = _train_dataset(splits, cfg, img_size)
+    common = dict(img_size=img_size, mean=splits.mean, std=splits.std, num_workers=cfg.num_workers,
+                  seed=cfg.seed, distributed=distributed, device=dev)
+    train_loader = make_loader(train, cfg.batch_size, True, augment=augment, **common)
+    val_loader = make_loader(_eval_dataset(splits.val, splits, img_size), cfg.batch_size, False, **common)
+    test_loader = None
+    if splits.test is not None:
+        test_loader = make_loader(_eval_dataset(splits.test, splits, img_size), cfg.batch_size, False, **common)
+    return train_loader, val_loader, test_loader
+
+
+def _train_dataset(splits: DataSplits, cfg: RetrainConfig, img_size: int) -> tuple[Dataset, str]:
+    """The training set with the recipe's augmentation, and the loader's own augmentation to add."""
+    if isinstance(splits.train, LazyImageDataset):
+        # timm's ImageNet pipeline with our RandAugment in the middle (see _rand_augment for why ours).
+        crop_flip, _, to_tensor = create_transform(img_size, is_training=True, interpolation="bicubic",
+                                                   color_jitter=None, mean=splits.mean, std=splits.std,
+                                                   separate=True)
+        middle = [_rand_augment(cfg.randaugment, img_size, splits.mean)] if cfg.randaugment else []
+        return splits.train.with_transform(transforms.Compose([crop_flip, *middle, to_tensor])), "none"
+    if not cfg.randaugment:
+        return splits.train, "weak"
+    # The image is augmented at its stored size; the loader may resize it afterwards.
+    return _PilTransformed(splits.train, _rand_augment(cfg.randaugment, splits.img_size, splits.mean)), "weak"
+
+
+def _rand_augment(spec: str, img_size: int, mean: tuple[float, ...]) -> Callable[[Image.Image], Image.Image]:
+    """timm's RandAugment with the hyper-parameters create_transform would give it.
+
+    Its Posterize ops ask for 0 bits at the ends of their magnitude range (PosterizeIncreasing at
+    magnitude 10, which rand-m9-mstd0.5 draws ~2% of the time); Pillow >= 13 raises on that, killing a
+    run mid-epoch, so those ops keep at least 1 bit here.
+    """
+    hparams = dict(translate_const=int(img_size * 0.45), img_mean=tuple(round(255 * m) for m in mean),
+                   interpolation=Image.Resampling.BICUBIC)
+    augment = rand_augment_transform(spec, hparams)
+    for op in augment.ops:
+        if op.name.startswith("Posterize"):
+            op.aug_fn = _posterize_at_least_1_bit
+    return augment
+
+
+def _posterize_at_least_1_bit(img: Image.Image, bits_to_keep: int, **_) -> Image.Image:
+    return img if bits_to_keep >= 8 else ImageOps.posterize(img, max(1, bits_to_keep))
+
+
+def _eval_dataset(dataset: Dataset, splits: DataSplits, img_size: int) -> Dataset:
+    if isinstance(dataset, LazyImageDataset):
+        return dataset.with_transform(create_transform(img_size, is_training=False, interpolation="bicubic",
+                                                       crop_pct=EVAL_CROP_PCT, mean=splits.mean, std=splits.std))
+    return dataset
+
+
+class _PilTransformed(Dataset):
+    """Applies a PIL-image transform (timm's RandAugment) to a dataset of uint8 (3, H, W) tensors."""
+
+    def __init__(self, base: Dataset, transform: Callable[[Image.Image], Image.Image]):
+        self.base = base
+        self.transform = transform
+        self.hflip = getattr(base, "hflip", True)
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        img, label = self.base[i]
+        out = self.transform(Image.fromarray(img.permute(1, 2, 0).numpy()))
+        return torch.from_numpy(np.asarray(out).copy()).permute(2, 0, 1), label
+
+
+def _mixup_and_loss(cfg: RetrainConfig, num_classes: int) -> tuple[Mixup | None, nn.Module]:
+    if cfg.mixup > 0 or cfg.cutmix > 0:
+        if cfg.batch_size % 2:
+            raise ValueError(f"mixup/cutmix need an even batch_size, got {cfg.batch_size}")
+        # Mixup folds label smoothing into its soft targets.
+        mixup = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, label_smoothing=cfg.label_smoothing,
+                      num_classes=num_classes)
+        return mixup, SoftTargetCrossEntropy()
+    if cfg.label_smoothing > 0:
+        return None, LabelSmoothingCrossEntropy(smoothing=cfg.label_smoothing)
+    return None, nn.CrossEntropyLoss()
+
+
+def _amp_dtype(amp: bool | None, device: torch.device) -> torch.dtype | None:
+    if not (device.type == "cuda" if amp is None else amp):
+        return None
+    if device.type != "cuda":
+        raise ValueError(f"amp=True needs a CUDA device, got {device}; leave amp=None (auto) on CPU")
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def _wrap_ddp(model: nn.Module, dev: torch.device) -> nn.Module:
+    return DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+def _world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)  # timm's RandAugment
+    np.random.seed(seed)  # timm's Mixup
+    torch.manual_seed(seed)
+
+
+def _read_checkpoint(path: Path, device: torch.device) -> dict | None:
+    if not path.exists():
+        return None
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:  # a broken file must not be silently replaced by a fresh run
+        raise RuntimeError(f"{path}: cannot read checkpoint ({type(e).__name__}: {e}); "
+                           f"delete it to start afresh") from e
+
+
+def _save_checkpoint(path: Path, state: dict) -> None:
+    # Write then rename: a crash mid-write leaves the previous checkpoint intact.
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
