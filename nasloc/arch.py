@@ -21,6 +21,8 @@ from typing import Any, Iterator
 
 import yaml
 
+from .errors import NaslocError
+
 MIXERS = ("global", "dilated", "window")
 STEMS = ("patch", "lightvit", "overlap")
 DOWNSAMPLES = ("conv", "merge")
@@ -33,7 +35,7 @@ MAX_SHORTCUT_SPAN = 4
 STEM_STRIDES = {"lightvit": (2, 4, 8), "overlap": (2, 4)}
 
 
-class ArchError(ValueError):
+class ArchError(NaslocError):
     """An invalid architecture description; the message is one line naming the field."""
 
 

@@ -13,6 +13,7 @@ left in the stage is shortened to fit.
 """
 from __future__ import annotations
 
+import dataclasses
 import random
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -21,13 +22,14 @@ from typing import Any, Callable, Sequence
 import yaml
 
 from .arch import FFNS, MAX_SHORTCUT_SPAN, MIXERS, SHORTCUT_KERNELS, Arch, ArchError, Block, Shortcut, Stage
+from .errors import NaslocError
 from .flops import count
 
 Chooser = Callable[[str, tuple], Any]
 SPACES_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
 
 
-class SpaceError(ValueError):
+class SpaceError(NaslocError):
     """An invalid search space; the message is one line naming the file, the field and the reason."""
 
 
@@ -103,6 +105,10 @@ class SearchSpace:
         _validate_space(space, fail)
         return space
 
+    def for_classes(self, num_classes: int) -> "SearchSpace":
+        """The same space with archs for ``num_classes`` (the data set's, not the skeleton's)."""
+        return dataclasses.replace(self, skeleton={**self.skeleton, "num_classes": num_classes})
+
     # ------------------------------------------------------------------------ geometry
     @property
     def img_size(self) -> int:
@@ -172,22 +178,41 @@ class SearchSpace:
         """MACs of the smallest and of the largest arch at the deploy resolution."""
         return count(self.extreme(largest=False)).macs, count(self.extreme(largest=True)).macs
 
-    def extreme(self, largest: bool, lo: float = 0.0, hi: float = float("inf")) -> Arch:
-        """The largest (or smallest) arch with MACs in [lo, hi], by coordinate search.
+    def extreme(self, largest: bool, lo: float = 0.0, hi: float = float("inf"), fixed: "Fixed | None" = None) -> Arch:
+        """The largest arch with MACs <= hi (or the smallest with MACs >= lo), by coordinate search.
 
-        Starting from the opposite extreme, every gene in turn takes the option that moves MACs
-        furthest in the wanted direction while staying inside the band; two passes settle genes
-        whose options depend on others (depth, heads). Deterministic.
+        Starting from the opposite corner of the space, every gene in turn takes the option that
+        moves MACs furthest in the wanted direction without crossing the bound; two passes settle
+        genes whose options depend on others (depth, heads). ``fixed(name, options)`` may pin genes
+        (return :data:`FREE` for the others). Deterministic. Raises :class:`SpaceError` if the
+        result is not inside [lo, hi].
         """
-        decisions = _Decisions(self, start_largest=not largest)
+        decisions = _Decisions(self, start_largest=not largest, fixed=fixed)
         for _ in range(2):
-            for name in list(decisions.names()):
+            for name in decisions.free_names():
                 decisions.improve(name, largest, lo, hi)
         arch = decisions.arch()
         macs = count(arch).macs
         if not lo <= macs <= hi:
             raise SpaceError(f"{self.source}: no arch found with MACs in [{lo:.4g}, {hi:.4g}]")
         return arch
+
+    def reference_archs(self, budget: float) -> dict[str, Arch]:
+        """Each seed mechanism alone in this space's skeleton: the largest such arch within budget.
+
+        Micro genes are pinned (all blocks the same mechanism), macro genes (depth, width, heads,
+        MLP ratio) are grown up to the budget. Mechanisms the space cannot express are left out.
+        """
+        references = {}
+        for name, pins in _MECHANISMS.items():
+            fixed = _pinned(pins)
+            try:
+                references[name] = self.extreme(largest=True, hi=budget, fixed=fixed)
+            except SpaceError:
+                continue
+            if not _expresses(references[name], pins):
+                del references[name]
+        return references
 
     def sample_in_band(self, rng: random.Random, lo: float, hi: float, tries: int = 64) -> Arch:
         """A random arch with MACs in [lo, hi]; bounded work, never an endless loop.
@@ -285,20 +310,38 @@ class OptunaChooser:
         return options[labels.index(self.trial.suggest_categorical(name, labels))]
 
 
+Fixed = Callable[[str, tuple], Any]
+FREE = object()  # what a Fixed function returns for a gene it does not pin
+
+
 class _Decisions:
     """Decisions being tuned one gene at a time (for :meth:`SearchSpace.extreme`)."""
 
-    def __init__(self, space: SearchSpace, start_largest: bool):
+    def __init__(self, space: SearchSpace, start_largest: bool, fixed: Fixed | None):
         corner = -1 if start_largest else 0
-        chooser = RecordingChooser(lambda name, options: _by_cost(name, options)[corner])
-        space.build(chooser)
-        self.space, self.values = space, chooser.decisions
+        self.space, self.fixed = space, fixed or (lambda name, options: FREE)
+        self.values: dict[str, Any] = {}
+        self.arch(default=lambda name, options: _by_cost(name, options)[corner])
 
-    def names(self) -> list[str]:
-        return list(self.values)
+    def _pick(self, values: dict[str, Any], default: Chooser) -> Chooser:
+        def choose(name: str, options: tuple) -> Any:
+            pinned = self.fixed(name, options)
+            if pinned is not FREE:
+                return pinned
+            value = values.get(name, _MISSING)
+            return value if value in options else default(name, options)
 
-    def arch(self, values: dict[str, Any] | None = None) -> Arch:
-        chooser = RecordingChooser(ReplayChooser(values or self.values, lambda name, options: _by_cost(name, options)[0]))
+        return choose
+
+    def free_names(self) -> list[str]:
+        return [name for name in list(self.values) if name in self.values and not self._is_fixed(name)]
+
+    def _is_fixed(self, name: str) -> bool:
+        return self.fixed(name, (self.values[name],)) is not FREE
+
+    def arch(self, values: dict[str, Any] | None = None, default: Chooser | None = None) -> Arch:
+        """Build from ``values`` (default: the current ones, which are then refreshed)."""
+        chooser = RecordingChooser(self._pick(values if values is not None else self.values, default or (lambda name, options: _by_cost(name, options)[0])))
         arch = self.space.build(chooser)
         if values is None:
             self.values = chooser.decisions
@@ -307,16 +350,64 @@ class _Decisions:
     def improve(self, name: str, largest: bool, lo: float, hi: float) -> None:
         if name not in self.values:
             return
-        options = _options_of(self.space, name, self.values)
         best_value, best_macs = self.values[name], None
-        for option in options:
+        for option in _options_of(self.space, name, self.values):
             macs = count(self.arch({**self.values, name: option})).macs
-            inside = lo <= macs <= hi
+            allowed = macs <= hi if largest else macs >= lo
             better = best_macs is None or (macs > best_macs if largest else macs < best_macs)
-            if inside and better:
+            if allowed and better:
                 best_value, best_macs = option, macs
         self.values[name] = best_value
         self.arch()
+
+
+# The seed mechanisms as pins of micro genes (see SearchSpace.reference_archs).
+_MECHANISMS: dict[str, dict[str, Any]] = {
+    "plain ViT": {},
+    "DW shortcut": {"shortcut": 1, "shortcut_kernels": (3,)},
+    "LocalViT FFN": {"ffn_kernel": 3},
+    "LIFE": {"life": True},
+    "DilateFormer": {"mixer": "dilated", "dilation": "per-head 1,2,3", "cpe": True},
+    "LightViT": {"mixer": "window", "global_tokens": "most", "ffn": "bidim"},
+}
+_PLAIN = {"mixer": "global", "life": False, "ffn_kernel": 0, "shortcut": 0, "global_tokens": 0, "ffn": "mlp", "cpe": False}
+
+
+def _pinned(pins: dict[str, Any]) -> Fixed:
+    """A Fixed function pinning every micro gene to the plain ViT except the mechanism's own."""
+    wanted = {**_PLAIN, **pins}
+
+    def fixed(name: str, options: tuple) -> Any:
+        gene = name.rsplit(".", 1)[-1]
+        if gene not in wanted:
+            return FREE
+        value = wanted[gene]
+        if value == "most":
+            return max(options)
+        if value == "per-head 1,2,3":
+            # Head k takes rate k mod 3 + 1: with heads of equal rate grouped this is DilateFormer's
+            # [1, 2, 3] split up to a permutation of heads, which changes nothing (rates have no weights).
+            head = int(name.split(".")[-2][1:])
+            rates = sorted(options)
+            return rates[head % len(rates)]
+        return value if value in options else FREE  # not offered: _expresses drops the reference
+
+    return fixed
+
+
+def _expresses(arch: Arch, pins: dict[str, Any]) -> bool:
+    """Whether every pinned gene really took its value (the space offers it)."""
+    blocks = [b for _, _, _, b in arch.iter_blocks()]
+    checks = {
+        "mixer": lambda v: all(b.mixer == v for b in blocks),
+        "life": lambda v: all(b.life == v for b in blocks),
+        "ffn_kernel": lambda v: all(b.ffn_kernel == v for b in blocks),
+        "shortcut": lambda v: bool(arch.shortcuts),
+        "ffn": lambda v: arch.ffn == v,
+        "cpe": lambda v: arch.cpe == v,
+        "global_tokens": lambda v: arch.global_tokens > 0,
+    }
+    return all(checks[gene](value) for gene, value in pins.items() if gene in checks)
 
 
 def _options_of(space: SearchSpace, name: str, values: dict[str, Any]) -> tuple:

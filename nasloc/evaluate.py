@@ -1,0 +1,90 @@
+"""Proxy accuracy of an arch with supernet weights, and measured latency.
+
+The proxy evaluation extracts the arch's standalone model from the supernet (its logits equal the
+subnet's), re-estimates its BatchNorm statistics on a few training batches when it has BatchNorm
+(the supernet's statistics are shared by all subnets, so they fit none of them), and measures
+top-1 on the validation split.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .arch import Arch
+from .data import DeviceLoader, load_dataset, make_loader
+from .models import LocalityViT
+from .space import SearchSpace
+from .supernet import Supernet, recalibrate_batchnorm
+from .supernet_train import load_supernet
+from .train import evaluate, resolve_device
+
+
+class ProxyEvaluator:
+    def __init__(self, supernet: Supernet, val_loader: DeviceLoader, calib_loader: DeviceLoader, calib_batches: int = 4):
+        self.supernet = supernet.eval()
+        self.val_loader, self.calib_loader, self.calib_batches = val_loader, calib_loader, calib_batches
+        self.device = next(supernet.parameters()).device
+
+    def model(self, arch: Arch) -> LocalityViT:
+        """The arch's standalone model with supernet weights and its own BatchNorm statistics."""
+        model = self.supernet.extract(arch)
+        batches = (x for x, _ in islice(self.calib_loader, self.calib_batches))
+        recalibrate_batchnorm(model, model, batches)
+        return model.eval()
+
+    def __call__(self, arch: Arch) -> float:
+        return evaluate(self.model(arch), self.val_loader, self.device)
+
+
+@dataclass(frozen=True)
+class EvaluatorSpec:
+    """Everything a fresh process (a Ray worker) needs to rebuild the proxy evaluator."""
+
+    space: str
+    checkpoint: str
+    img_size: int
+    dataset: str
+    data_dir: str | None
+    seed: int
+    batch_size: int = 256
+    device: str = "auto"
+
+    def __call__(self) -> ProxyEvaluator:
+        device = resolve_device(self.device)
+        splits = load_dataset(self.dataset, self.data_dir, self.img_size, seed=self.seed)
+        space = SearchSpace.load(self.space).for_classes(splits.num_classes)
+        supernet = load_supernet(Path(self.checkpoint), Supernet(space, self.img_size), device)
+        return make_evaluator(supernet, splits, self.batch_size, self.seed)
+
+
+def make_evaluator(supernet: Supernet, splits: Any, batch_size: int = 256, seed: int = 0) -> ProxyEvaluator:
+    device = next(supernet.parameters()).device
+    common = dict(img_size=supernet.img_size, mean=splits.mean, std=splits.std, seed=seed, device=device)
+    val = make_loader(splits.val, batch_size, train=False, **common)
+    calib = make_loader(splits.train, min(batch_size, len(splits.train)), train=True, augment="none", **common)
+    return ProxyEvaluator(supernet, val, calib)
+
+
+@torch.no_grad()
+def measure_latency(arch: Arch, device: str | torch.device = "cpu", batch_size: int = 1, repeats: int = 10) -> float:
+    """Median forward time in milliseconds of the standalone model at the arch's resolution."""
+    device = torch.device(device)
+    model: nn.Module = LocalityViT(arch).to(device).eval()
+    x = torch.randn(batch_size, arch.in_chans, arch.img_size, arch.img_size, device=device)
+    model(x)  # warm-up: allocations and kernel selection
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        model(x)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - start)
+    return 1000 * sorted(times)[len(times) // 2]

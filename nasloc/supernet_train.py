@@ -1,0 +1,205 @@
+"""Supernet training: the sandwich rule with in-place distillation, inside the search's MACs band.
+
+Every step trains the largest arch of the band on the labels, then the smallest arch of the band and
+``random_subnets`` random archs of the band on the largest one's soft predictions (NASViT,
+ElasticViT): gradients of all of them are summed before one optimizer step. Sampling only inside the
+band the search will use keeps the supernet from spending capacity on archs the search never
+evaluates, which is the documented failure mode of ViT supernets (gradient conflict between very
+different subnets). AdamW with a per-step cosine schedule and warm-up (timm's components), weak
+augmentation, gradient clipping.
+
+Checkpoints ``last.pth`` every epoch (written to a temp file, then renamed) and resumes from it.
+Under ``torchrun`` every rank samples the same archs (seeded by epoch and step), sees its own shard
+of the data, and gradients are averaged over ranks before the step.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from timm.optim import create_optimizer_v2
+from timm.scheduler import CosineLRScheduler
+from tqdm import tqdm
+
+from .arch import Arch
+from .data import DataSplits, make_loader
+from .supernet import Supernet
+from .train import resolve_device, setup_distributed
+
+
+@dataclass
+class SupernetConfig:
+    epochs: int = 5
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    warmup_epochs: float = 1.0
+    min_lr: float = 1e-5
+    random_subnets: int = 1  # besides the largest and the smallest
+    label_smoothing: float = 0.1
+    grad_clip: float = 5.0
+    seed: int = 0
+    num_workers: int = 0
+
+
+@dataclass(frozen=True)
+class Band:
+    """MACs per image at the space's deploy resolution that the search will consider."""
+
+    lo: float
+    hi: float
+
+
+@dataclass
+class SupernetResult:
+    checkpoint: Path
+    epochs_run: int
+    seconds: float
+    last_loss: float
+
+
+class SandwichSampler:
+    """The archs of one training step: largest and smallest of the band, plus random ones in it."""
+
+    def __init__(self, supernet: Supernet, band: Band, random_subnets: int):
+        space = supernet.space
+        self.space, self.band, self.random_subnets = space, band, random_subnets
+        self.largest = space.extreme(largest=True, lo=band.lo, hi=band.hi)
+        self.smallest = space.extreme(largest=False, lo=band.lo, hi=band.hi)
+
+    def step(self, rng: random.Random) -> list[Arch]:
+        randoms = [self.space.sample_in_band(rng, self.band.lo, self.band.hi) for _ in range(self.random_subnets)]
+        return [self.largest, self.smallest, *randoms]
+
+
+def fingerprint(supernet: Supernet) -> str:
+    """Identifies what a checkpoint was trained for (space file content and resolution)."""
+    text = f"{dataclasses.replace(supernet.space, source='')}|{supernet.img_size}"
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def train_supernet(
+    supernet: Supernet,
+    splits: DataSplits,
+    band: Band,
+    cfg: SupernetConfig,
+    out_dir: Path,
+    device: str = "auto",
+    progress: bool = True,
+) -> SupernetResult:
+    """Train ``supernet`` in place (resuming from ``out_dir/last.pth``); returns where it was saved."""
+    dist_info = setup_distributed()
+    dev = resolve_device(device)
+    supernet.to(dev)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ckpt_path = out_dir / "last.pth"
+    loader = make_loader(
+        splits.train, cfg.batch_size, train=True, img_size=supernet.img_size, mean=splits.mean, std=splits.std,
+        augment="weak", num_workers=cfg.num_workers, seed=cfg.seed, distributed=dist_info.world_size > 1, device=dev,
+    )
+    optimizer = create_optimizer_v2(supernet, "adamw", lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps = cfg.epochs * len(loader)
+    scheduler = CosineLRScheduler(
+        optimizer, t_initial=max(steps, 1), lr_min=cfg.min_lr, warmup_t=int(cfg.warmup_epochs * len(loader)),
+        warmup_lr_init=cfg.lr * 0.01, t_in_epochs=False,
+    )
+    start_epoch = _resume(ckpt_path, supernet, optimizer, scheduler, band, dev)
+    sampler = SandwichSampler(supernet, band, cfg.random_subnets)
+    started, loss = time.time(), float("nan")
+    for epoch in range(start_epoch, cfg.epochs):
+        loader.set_epoch(epoch)
+        rng = random.Random(cfg.seed * 1_000_003 + epoch)  # the same archs on every rank
+        bar = tqdm(loader, desc=f"supernet epoch {epoch + 1}/{cfg.epochs}", unit="batch", disable=not (progress and dist_info.is_main), leave=False)
+        for step, (x, y) in enumerate(bar):
+            loss = _sandwich_step(supernet, sampler.step(rng), x, y, cfg)
+            if not torch.isfinite(torch.tensor(loss)):
+                raise FloatingPointError(f"supernet loss became {loss} at epoch {epoch + 1}; lower --supernet-lr or check the data")
+            _average_gradients(supernet, dist_info.world_size)
+            if cfg.grad_clip:
+                torch.nn.utils.clip_grad_norm_(supernet.parameters(), cfg.grad_clip)
+            optimizer.step()
+            scheduler.step_update(epoch * len(loader) + step + 1)
+            bar.set_postfix(loss=f"{loss:.3f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}", img_s=f"{bar.format_dict['rate'] or 0:.1f}b/s")
+        if dist_info.is_main:
+            _save(ckpt_path, supernet, optimizer, scheduler, band, epoch, cfg)
+    if dist.is_initialized():
+        dist.barrier()
+    return SupernetResult(ckpt_path, cfg.epochs - start_epoch, time.time() - started, loss)
+
+
+def _sandwich_step(supernet: Supernet, archs: list[Arch], x: torch.Tensor, y: torch.Tensor, cfg: SupernetConfig) -> float:
+    """One optimizer step's gradients: the largest learns the labels, the others its soft predictions."""
+    supernet.train()
+    for p in supernet.parameters():
+        p.grad = None
+    teacher_logits = supernet(x, archs[0])
+    loss = F.cross_entropy(teacher_logits, y, label_smoothing=cfg.label_smoothing)
+    loss.backward()
+    total = loss.item()
+    soft_targets = teacher_logits.detach().softmax(-1)
+    for arch in archs[1:]:
+        student = supernet(x, arch)
+        distill = torch.sum(-soft_targets * F.log_softmax(student, dim=-1), dim=-1).mean()
+        distill.backward()
+        total += distill.item()
+    return total / len(archs)
+
+
+def _average_gradients(model: torch.nn.Module, world_size: int) -> None:
+    """Average gradients over ranks. Each arch uses other weights, so a DDP wrapper (which expects
+    one forward per backward and the same used parameters) does not fit the sandwich rule."""
+    if world_size <= 1:
+        return
+    for p in model.parameters():
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        dist.all_reduce(p.grad)
+        p.grad.div_(world_size)
+
+
+def _save(path: Path, supernet: Supernet, optimizer, scheduler, band: Band, epoch: int, cfg: SupernetConfig) -> None:
+    state = {
+        "model": supernet.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "epoch": epoch,
+        "band": asdict(band),
+        "config": asdict(cfg),
+        "fingerprint": fingerprint(supernet),
+        "img_size": supernet.img_size,
+    }
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def _resume(path: Path, supernet: Supernet, optimizer, scheduler, band: Band, device: torch.device) -> int:
+    if not path.exists():
+        return 0
+    state = torch.load(path, map_location=device, weights_only=False)
+    if state["fingerprint"] != fingerprint(supernet):
+        raise ValueError(f"{path} was trained for another space or resolution; use a new --run-name or delete it")
+    if state["band"] != asdict(band):
+        raise ValueError(f"{path} was trained for the MACs band {state['band']}, not {asdict(band)}; use a new --run-name")
+    supernet.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    return state["epoch"] + 1
+
+
+def load_supernet(path: Path, supernet: Supernet, device: str | torch.device = "cpu") -> Supernet:
+    """Load trained weights into ``supernet`` (built for the same space and resolution)."""
+    state = torch.load(path, map_location=device, weights_only=False)
+    if state["fingerprint"] != fingerprint(supernet):
+        raise ValueError(f"{path} was trained for another space or resolution")
+    supernet.load_state_dict(state["model"])
+    return supernet.to(device)
