@@ -1,0 +1,27 @@
+"""Session-wide test settings."""
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+
+# `import fvcore.nn` calls torch.jit.script, which torch >= 2.14 deprecates. The warning is not ours and
+# can't be fixed here, so it must not fail tests even under `-W error` or `filterwarnings = error`.
+FVCORE_JIT_WARNING = "ignore:`torch.jit.script` is deprecated"
+
+# The test machines have 2 cores; subprocesses inherit this, torch reads it when first imported.
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Command-line filters outrank ini and marker-less filters, and the last one given wins, so append.
+    namespace = config.known_args_namespace
+    namespace.pythonwarnings = [*(namespace.pythonwarnings or []), FVCORE_JIT_WARNING]
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    # Only if a test module brought torch in anyway: importing it here would slow down every test run.
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.get_num_threads() != 2:
+        torch.set_num_threads(2)
