@@ -146,6 +146,10 @@ def add_search_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--run-name", metavar="NAME", type=_run_name,
                      help="run folder name; rerunning with the same name resumes the run "
                           "(default: <space>-<dataset>-<budget>, e.g. imagenet-digits-0.7G or tiny-digits-1.5M)")
+    run.add_argument("--phase", choices=("all", "supernet", "search"), default="all",
+                     help="all: every phase; supernet: only train the supernet; search: only add trials to the "
+                          "study with an already trained supernet (for extra workers on other machines sharing "
+                          "--storage and the run folder) (default: %(default)s)")
     run.add_argument("--results-dir", metavar="DIR", type=Path, default=Path("results"),
                      help="parent folder of the run folders (default: %(default)s)")
 

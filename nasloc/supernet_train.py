@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
 import os
 import random
 import time
@@ -31,6 +32,7 @@ from tqdm import tqdm
 
 from .arch import Arch
 from .data import DataSplits, make_loader
+from .errors import NaslocError
 from .supernet import Supernet
 from .train import resolve_device, setup_distributed
 
@@ -112,28 +114,34 @@ def train_supernet(
         optimizer, t_initial=max(steps, 1), lr_min=cfg.min_lr, warmup_t=int(cfg.warmup_epochs * len(loader)),
         warmup_lr_init=cfg.lr * 0.01, t_in_epochs=False,
     )
-    start_epoch = _resume(ckpt_path, supernet, optimizer, scheduler, band, dev)
+    start_epoch = _resume(ckpt_path, supernet, optimizer, band, dev)
+    # The schedule is a function of the step: rebuilt from this run's epochs, not the checkpoint's.
+    scheduler.step_update(start_epoch * len(loader))
+    _broadcast_state(supernet, dist_info.world_size)  # every rank starts from rank 0's weights
     sampler = SandwichSampler(supernet, band, cfg.random_subnets)
     started, loss = time.time(), float("nan")
     for epoch in range(start_epoch, cfg.epochs):
         loader.set_epoch(epoch)
         rng = random.Random(cfg.seed * 1_000_003 + epoch)  # the same archs on every rank
-        bar = tqdm(loader, desc=f"supernet epoch {epoch + 1}/{cfg.epochs}", unit="batch", disable=not (progress and dist_info.is_main), leave=False)
-        for step, (x, y) in enumerate(bar):
+        bar = tqdm(total=len(loader) * cfg.batch_size, desc=f"supernet epoch {epoch + 1}/{cfg.epochs}", unit="img",
+                   disable=not (progress and dist_info.is_main), leave=False)
+        for step, (x, y) in enumerate(loader):
             loss = _sandwich_step(supernet, sampler.step(rng), x, y, cfg)
-            if not torch.isfinite(torch.tensor(loss)):
-                raise FloatingPointError(f"supernet loss became {loss} at epoch {epoch + 1}; lower --supernet-lr or check the data")
+            if not math.isfinite(loss):
+                raise FloatingPointError(f"supernet loss became {loss} at epoch {epoch + 1}; lower the learning rate or check the data")
             _average_gradients(supernet, dist_info.world_size)
             if cfg.grad_clip:
                 torch.nn.utils.clip_grad_norm_(supernet.parameters(), cfg.grad_clip)
             optimizer.step()
             scheduler.step_update(epoch * len(loader) + step + 1)
-            bar.set_postfix(loss=f"{loss:.3f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}", img_s=f"{bar.format_dict['rate'] or 0:.1f}b/s")
+            bar.update(x.shape[0])
+            bar.set_postfix(loss=f"{loss:.3f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
+        bar.close()
         if dist_info.is_main:
             _save(ckpt_path, supernet, optimizer, scheduler, band, epoch, cfg)
     if dist.is_initialized():
         dist.barrier()
-    return SupernetResult(ckpt_path, cfg.epochs - start_epoch, time.time() - started, loss)
+    return SupernetResult(ckpt_path, max(0, cfg.epochs - start_epoch), time.time() - started, loss)
 
 
 def _sandwich_step(supernet: Supernet, archs: list[Arch], x: torch.Tensor, y: torch.Tensor, cfg: SupernetConfig) -> float:
@@ -166,6 +174,14 @@ def _average_gradients(model: torch.nn.Module, world_size: int) -> None:
         p.grad.div_(world_size)
 
 
+def _broadcast_state(model: torch.nn.Module, world_size: int) -> None:
+    """Give every rank rank 0's parameters and buffers."""
+    if world_size <= 1:
+        return
+    for tensor in model.state_dict().values():
+        dist.broadcast(tensor, 0)
+
+
 def _save(path: Path, supernet: Supernet, optimizer, scheduler, band: Band, epoch: int, cfg: SupernetConfig) -> None:
     state = {
         "model": supernet.state_dict(),
@@ -182,17 +198,16 @@ def _save(path: Path, supernet: Supernet, optimizer, scheduler, band: Band, epoc
     os.replace(tmp, path)
 
 
-def _resume(path: Path, supernet: Supernet, optimizer, scheduler, band: Band, device: torch.device) -> int:
+def _resume(path: Path, supernet: Supernet, optimizer, band: Band, device: torch.device) -> int:
     if not path.exists():
         return 0
     state = torch.load(path, map_location=device, weights_only=False)
     if state["fingerprint"] != fingerprint(supernet):
-        raise ValueError(f"{path} was trained for another space or resolution; use a new --run-name or delete it")
+        raise NaslocError(f"{path} was trained for another space or resolution; use a new --run-name or delete it")
     if state["band"] != asdict(band):
-        raise ValueError(f"{path} was trained for the MACs band {state['band']}, not {asdict(band)}; use a new --run-name")
+        raise NaslocError(f"{path} was trained for the MACs band {state['band']}, not {asdict(band)}; use a new --run-name")
     supernet.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
     return state["epoch"] + 1
 
 
@@ -200,6 +215,6 @@ def load_supernet(path: Path, supernet: Supernet, device: str | torch.device = "
     """Load trained weights into ``supernet`` (built for the same space and resolution)."""
     state = torch.load(path, map_location=device, weights_only=False)
     if state["fingerprint"] != fingerprint(supernet):
-        raise ValueError(f"{path} was trained for another space or resolution")
+        raise NaslocError(f"{path} was trained for another space or resolution")
     supernet.load_state_dict(state["model"])
     return supernet.to(device)

@@ -1,0 +1,244 @@
+"""Results of a search from its Optuna study: trial and Pareto tables (CSV) and an interactive Pareto plot.
+
+Everything is read back from the study (user attributes left by :class:`nasloc.search.Objective` or the Ray
+backend), so a report can be rebuilt at any time, while the search runs or long after, from the storage alone.
+Files are written atomically (temporary file + rename): a browser or a spreadsheet never sees half a file.
+
+MACs follow the seed papers and fvcore: one multiply-add is one FLOP, per image at the space's deploy
+resolution. Top-1 is the proxy accuracy with inherited supernet weights, not a retrained accuracy.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from .search import pareto_trials
+
+MACS_AXIS = "MACs (1 multiply-add = 1 FLOP)"
+COLUMNS = (
+    "number", "state", "top1", "macs", "gmacs", "params", "mparams", "latency", "feasible", "evaluated",
+    "pareto", "datetime_start", "datetime_complete", "duration_seconds", "eval_seconds", "fail_reason", "arch_json",
+)
+
+
+# ------------------------------------------------------------------------------------------- tables
+def trial_rows(study: optuna.Study, budget_macs: float) -> list[dict[str, Any]]:
+    """One row per trial (every state), by trial number; empty cells for what a trial doesn't have.
+
+    ``top1`` is empty for trials that were not evaluated (over budget, or failed): it was not measured,
+    whatever pessimistic value the sampler was told. ``feasible`` is against ``budget_macs``.
+    """
+    on_front = {t.number for t in pareto_trials(study, budget_macs)}
+    rows = []
+    for trial in sorted(study.get_trials(deepcopy=False), key=lambda t: t.number):
+        attrs = trial.user_attrs
+        macs, params = attrs.get("macs"), attrs.get("params")
+        start, end = trial.datetime_start, trial.datetime_complete
+        rows.append({
+            "number": trial.number,
+            "state": trial.state.name,
+            "top1": attrs.get("top1"),
+            "macs": macs,
+            "gmacs": None if macs is None else macs / 1e9,
+            "params": params,
+            "mparams": None if params is None else params / 1e6,
+            "latency": attrs.get("latency"),
+            "feasible": None if macs is None else macs <= budget_macs,
+            "evaluated": attrs.get("evaluated"),
+            "pareto": trial.number in on_front,
+            "datetime_start": None if start is None else start.isoformat(sep=" ", timespec="seconds"),
+            "datetime_complete": None if end is None else end.isoformat(sep=" ", timespec="seconds"),
+            "duration_seconds": None if start is None or end is None else (end - start).total_seconds(),
+            "eval_seconds": attrs.get("eval_seconds"),
+            "fail_reason": attrs.get("fail_reason"),
+            "arch_json": attrs.get("arch_json"),
+        })
+    return rows
+
+
+def write_tables(study: optuna.Study, budget_macs: float, out_dir: str | Path) -> tuple[Path, Path]:
+    """``trials.csv`` (every trial) and ``pareto.csv`` (the feasible Pareto front, by increasing MACs)."""
+    out_dir = Path(out_dir)
+    rows = trial_rows(study, budget_macs)
+    front = sorted((r for r in rows if r["pareto"]), key=lambda r: r["macs"])
+    trials_csv, pareto_csv = out_dir / "trials.csv", out_dir / "pareto.csv"
+    write_atomic(trials_csv, _csv_text(rows))
+    write_atomic(pareto_csv, _csv_text(front))
+    return trials_csv, pareto_csv
+
+
+def _csv_text(rows: list[dict[str, Any]]) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: _cell(v) for k, v in row.items()})
+    return buffer.getvalue()
+
+
+def _cell(value: Any) -> Any:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return "" if math.isnan(value) else f"{value:.10g}"
+    return value
+
+
+# ------------------------------------------------------------------------------------------- plot
+def format_macs(macs: float) -> str:
+    """``0.7 GMACs``, ``850 MMACs``, ``12.5 kMACs``: 4 significant digits in the unit that fits."""
+    for scale, unit in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(macs) >= scale:
+            return f"{macs / scale:.4g} {unit}MACs"
+    return f"{macs:.4g} MACs"
+
+
+def _axis_scale(budget_macs: float) -> tuple[float, str]:
+    for scale, unit in ((1e9, "billions"), (1e6, "millions"), (1e3, "thousands")):
+        if budget_macs >= scale / 10:
+            return scale, unit
+    return 1.0, "per image"
+
+
+def pareto_figure(study: optuna.Study, budget_macs: float,
+                  references: Mapping[str, tuple[float, float | None]] | None = None) -> Any:
+    """The plotly figure of :func:`write_pareto_html`."""
+    import plotly.graph_objects as go
+
+    scale, unit = _axis_scale(budget_macs)
+    trials = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if "macs" in t.user_attrs]
+    evaluated = [t for t in trials if t.user_attrs.get("top1") is not None]
+    feasible = [t for t in evaluated if t.user_attrs["macs"] <= budget_macs]
+    over = [t for t in evaluated if t.user_attrs["macs"] > budget_macs]  # only with a budget tighter than the search's
+    skipped = [t for t in trials if t.user_attrs.get("top1") is None]
+    front = pareto_trials(study, budget_macs)
+    references = dict(references or {})
+
+    tops = [t.user_attrs["top1"] for t in evaluated]
+    tops += [top1 for _, top1 in references.values() if top1 is not None and math.isfinite(top1)]
+    low, high = (min(tops), max(tops)) if tops else (0.0, 100.0)
+    pad = max((high - low) * 0.08, 0.5)
+    floor = low - pad  # where archs that were never evaluated are drawn
+
+    def scatter(group: list[FrozenTrial], name: str, color: str, symbol: str, y_floor: bool = False, **kw: Any) -> Any:
+        return go.Scatter(
+            x=[t.user_attrs["macs"] / scale for t in group],
+            y=[floor if y_floor else t.user_attrs["top1"] for t in group],
+            mode=kw.pop("mode", "markers"),
+            name=name,
+            marker=dict(color=color, symbol=symbol, size=kw.pop("size", 8), line=dict(width=0.5, color="#333")),
+            customdata=[[t.number, format_macs(t.user_attrs["macs"]), t.user_attrs.get("params", 0) / 1e6,
+                         "not evaluated" if y_floor else f"{t.user_attrs['top1']:.2f}%"] for t in group],
+            hovertemplate="trial %{customdata[0]}<br>top-1 %{customdata[3]}<br>%{customdata[1]}"
+                          "<br>%{customdata[2]:.3f} M params<extra>%{fullData.name}</extra>",
+            **kw,
+        )
+
+    fig = go.Figure()
+    if skipped:
+        fig.add_trace(scatter(skipped, f"over budget, not evaluated ({len(skipped)}; drawn at the bottom)",
+                              "#b0b0b0", "x-thin-open", y_floor=True))
+    if over:
+        fig.add_trace(scatter(over, f"over budget ({len(over)})", "#f28e2b", "circle"))
+    if feasible:
+        fig.add_trace(scatter(feasible, f"within budget ({len(feasible)})", "#4e79a7", "circle"))
+    if front:
+        fig.add_trace(scatter(front, f"Pareto front ({len(front)})", "#e15759", "circle", mode="lines+markers",
+                              size=10, line=dict(color="#e15759", width=2, shape="hv")))
+    for name, (macs, top1) in references.items():
+        if top1 is None or not math.isfinite(top1):
+            fig.add_vline(x=macs / scale, line=dict(color="#59a14f", dash="dot"),
+                          annotation_text=f"{name} (not evaluated)", annotation_position="bottom right")
+            continue
+        fig.add_trace(go.Scatter(
+            x=[macs / scale], y=[top1], mode="markers+text", name=name, text=[name], textposition="top center",
+            marker=dict(color="#59a14f", symbol="diamond", size=12, line=dict(width=1, color="#333")),
+            hovertemplate=f"{name}<br>top-1 %{{y:.2f}}%<br>{format_macs(macs)}<extra>reference</extra>",
+        ))
+    fig.add_vline(x=budget_macs / scale, line=dict(color="#333", dash="dash"),
+                  annotation_text=f"budget {format_macs(budget_macs)}", annotation_position="top left")
+    n_all = len(study.get_trials(deepcopy=False))
+    fig.update_layout(
+        title=f"{study.study_name}: {n_all} trials, {len(feasible)} evaluated within budget, "
+              f"{len(front)} on the Pareto front (budget {format_macs(budget_macs)})",
+        xaxis_title=f"{MACS_AXIS}, {unit} per image",
+        yaxis_title="proxy top-1 accuracy (%), supernet weights",
+        template="plotly_white",
+        legend=dict(orientation="h", yanchor="top", y=-0.15),
+        hovermode="closest",
+    )
+    fig.update_yaxes(range=[floor - pad / 2, high + pad])
+    return fig
+
+
+def write_pareto_html(
+    study: optuna.Study,
+    budget_macs: float,
+    out_dir: str | Path,
+    references: Mapping[str, tuple[float, float | None]] | None = None,
+    *,
+    filename: str = "pareto.html",
+    plotlyjs: str = "directory",
+) -> Path:
+    """An interactive Pareto plot: every trial (within / over budget), the feasible front as a staircase,
+    the budget as a vertical line and labelled reference points ``name -> (macs, top1)`` (e.g. the seed
+    presets evaluated by the caller; top1 None draws a vertical line only).
+
+    ``plotlyjs='directory'`` (default) writes a ~12 KB HTML file that loads ``plotly.min.js`` from the same
+    folder, where it is written once (4.8 MB) and shared by every plot there: rewriting the plot during a
+    search stays cheap, and it works offline (no CDN). The price: move the folder, not the HTML file alone.
+    ``plotlyjs='embed'`` writes one self-contained 4.8 MB file instead (to mail or attach it).
+    """
+    if plotlyjs not in ("directory", "embed"):
+        raise ValueError("plotlyjs must be 'directory' or 'embed'")
+    out_dir = Path(out_dir)
+    fig = pareto_figure(study, budget_macs, references)
+    if plotlyjs == "directory":
+        _ensure_plotlyjs(out_dir)
+    html = fig.to_html(include_plotlyjs="directory" if plotlyjs == "directory" else True, full_html=True)
+    path = out_dir / filename
+    write_atomic(path, html)
+    return path
+
+
+def _ensure_plotlyjs(out_dir: Path) -> None:
+    """Write plotly.min.js beside the plots unless the same version is already there."""
+    from plotly.offline import get_plotlyjs
+
+    bundle = get_plotlyjs()
+    path = out_dir / "plotly.min.js"
+    try:
+        with open(path, encoding="utf-8") as f:
+            if f.read(256) == bundle[:256]:  # the header names the plotly.js version
+                return
+    except OSError:
+        pass
+    write_atomic(path, bundle)
+
+
+# ------------------------------------------------------------------------------------------- files
+def write_atomic(path: str | Path, text: str) -> Path:
+    """Write ``text`` to ``path`` through a temporary file in the same folder and a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
+            f.write(text)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    return path

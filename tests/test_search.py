@@ -1,0 +1,372 @@
+"""The search engine on real Optuna storages (SQLite, journal file), real worker processes and a real local Ray.
+
+The evaluator is a cheap deterministic stand-in (50 + params / 1e4); the supernet evaluator is tested elsewhere.
+"""
+from __future__ import annotations
+
+import math
+import os
+import pickle
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.storages import RDBStorage
+from optuna.trial import TrialState
+
+from nasloc.arch import Arch
+from nasloc.flops import count
+from nasloc.search import (
+    CONSTRAINT,
+    EvaluationError,
+    HeartbeatJournalStorage,
+    Objective,
+    TrialSeededSampler,
+    _Budgeted,
+    make_sampler,
+    open_storage,
+    pareto_trials,
+    run_search,
+)
+from nasloc.space import SearchSpace
+
+SPACE = SearchSpace.load("tiny")
+LOW, HIGH = SPACE.macs_range()
+BUDGET = 900_000  # about half of the tiny space's archs are within it
+REPO = Path(__file__).resolve().parent.parent
+
+
+class CostProxy:
+    """Picklable stand-in evaluator that counts its calls; ``nan_at`` makes that call return NaN."""
+
+    def __init__(self, nan_at: int | None = None, interrupt_at: int | None = None):
+        self.calls, self.nan_at, self.interrupt_at = 0, nan_at, interrupt_at
+
+    def __call__(self, arch: Arch) -> float:
+        self.calls += 1
+        if self.calls == self.interrupt_at:
+            raise KeyboardInterrupt
+        if self.calls == self.nan_at:
+            return math.nan
+        return 50 + count(arch).params / 1e4
+
+
+def search(storage, n_trials: int, evaluate=None, **kw) -> optuna.Study:
+    kw.setdefault("budget_macs", BUDGET)
+    kw.setdefault("study_name", "s")
+    kw.setdefault("progress", False)
+    return run_search(SPACE, evaluate or CostProxy(), storage=storage, n_trials=n_trials, **kw)
+
+
+def states(study: optuna.Study) -> list[str]:
+    return [t.state.name for t in study.trials]
+
+
+# ------------------------------------------------------------------------------------------- storage, sampler
+def test_open_storage_picks_the_backend_and_creates_folders(tmp_path):
+    sqlite = open_storage(f"sqlite:///{tmp_path}/a/b/study.db")
+    assert isinstance(sqlite, RDBStorage) and (tmp_path / "a/b/study.db").is_file()
+    assert sqlite.get_heartbeat_interval() and sqlite.get_heartbeat_stale_trial_callback() is not None
+    assert isinstance(open_storage(tmp_path / "c/study.sqlite"), RDBStorage)
+    journal = open_storage(tmp_path / "d/study.log")
+    assert isinstance(journal, HeartbeatJournalStorage) and (tmp_path / "d").is_dir()
+    assert journal.get_heartbeat_interval() == 30
+    # an existing SQLite file is never mistaken for a journal, whatever its name
+    sqlite3.connect(tmp_path / "study.bin").execute("CREATE TABLE t (x)").connection.commit()
+    assert isinstance(open_storage(tmp_path / "study.bin"), RDBStorage)
+
+
+def test_make_sampler():
+    assert isinstance(make_sampler("nsga2", 0, population_size=6), optuna.samplers.NSGAIISampler)
+    assert isinstance(make_sampler("tpe", 0), optuna.samplers.TPESampler)
+    assert isinstance(make_sampler("random", 0), optuna.samplers.RandomSampler)
+    with pytest.raises(ValueError, match="nsga2, tpe, random"):
+        make_sampler("cmaes", 0)
+    with pytest.raises(ValueError, match="nsga2, tpe, random"):
+        TrialSeededSampler("grid", 0)
+
+
+# ------------------------------------------------------------------------------------------- constraint
+def test_constraint_is_set_and_infeasible_archs_are_not_evaluated(tmp_path):
+    evaluate = CostProxy()
+    study = search(f"sqlite:///{tmp_path}/study.db", 16, evaluate, sampler="random", seed=3)
+    trials = study.trials
+    assert states(study) == ["COMPLETE"] * 16
+    feasible = [t for t in trials if t.user_attrs["macs"] <= BUDGET]
+    assert 0 < len(feasible) < 16, "the budget should split the tiny space"
+    assert evaluate.calls == len(feasible)  # over-budget archs cost nothing
+    assert study.metric_names == ["top1", "macs"]
+    for t in trials:
+        arch = Arch.from_dict(t.user_attrs["arch"])
+        assert Arch.from_json(t.user_attrs["arch_json"]) == arch
+        assert t.user_attrs["macs"] == count(arch).macs and t.user_attrs["params"] == count(arch).params
+        assert t.constraints == {CONSTRAINT: t.user_attrs["macs"] - BUDGET}
+        if t in feasible:
+            assert t.user_attrs["evaluated"] is True and t.values[0] == t.user_attrs["top1"] > 50
+        else:
+            assert t.user_attrs["evaluated"] is False and "top1" not in t.user_attrs and t.values[0] == 0.0
+        assert t.values[1] == t.user_attrs["macs"]
+
+    front = pareto_trials(study, BUDGET)
+    assert front and all(t.user_attrs["macs"] <= BUDGET for t in front)
+    assert [t.user_attrs["macs"] for t in front] == sorted(t.user_attrs["macs"] for t in front)
+    for t in front:  # nothing feasible dominates a front member
+        assert not any(o.user_attrs["top1"] >= t.user_attrs["top1"] and o.user_attrs["macs"] <= t.user_attrs["macs"]
+                       and (o.user_attrs["top1"], o.user_attrs["macs"]) != (t.user_attrs["top1"], t.user_attrs["macs"])
+                       for o in feasible)
+    for o in feasible:  # and every feasible trial is dominated by (or equal to) a front member
+        assert any(t.user_attrs["top1"] >= o.user_attrs["top1"] and t.user_attrs["macs"] <= o.user_attrs["macs"]
+                   for t in front)
+    tighter = min(t.user_attrs["macs"] for t in front)
+    assert [t.number for t in pareto_trials(study, tighter)] == [front[0].number]
+
+
+def test_objective_orders_values_and_skips_latency_over_budget(tmp_path):
+    measured = []
+    objective = Objective(SPACE, CostProxy(), budget_macs=BUDGET, objectives=("macs", "top1", "params", "latency"),
+                          latency=lambda arch: measured.append(arch) or 1.5)
+    study = optuna.create_study(storage=open_storage(tmp_path / "j.log"), study_name="o",
+                                directions=["minimize", "maximize", "minimize", "minimize"],
+                                sampler=make_sampler("random", 0))
+    study.optimize(objective, n_trials=8)
+    for t in study.trials:
+        macs, top1, params, latency = t.values
+        assert macs == t.user_attrs["macs"] and params == t.user_attrs["params"]
+        if t.user_attrs["evaluated"]:
+            assert top1 == t.user_attrs["top1"] and latency == t.user_attrs["latency"] == 1.5
+        else:
+            assert top1 == 0.0 and latency == math.inf
+    assert len(measured) == sum(t.user_attrs["evaluated"] for t in study.trials)
+    clone = pickle.loads(pickle.dumps(Objective(SPACE, CostProxy(), budget_macs=BUDGET)))  # for other processes
+    assert clone.space == SPACE and clone.objectives == ("top1", "macs")
+    with pytest.raises(ValueError, match="latency"):
+        Objective(SPACE, CostProxy(), budget_macs=BUDGET, objectives=("top1", "latency"))
+    with pytest.raises(ValueError, match="choose distinct names"):
+        Objective(SPACE, CostProxy(), budget_macs=BUDGET, objectives=("top1", "flops"))
+
+
+# ------------------------------------------------------------------------------------------- resume, failures
+def test_resume_finished_and_interrupted_studies(tmp_path):
+    storage = str(tmp_path / "study.log")
+    study = search(storage, 6, sampler="random")
+    assert len(study.trials) == 6
+    first = [t.user_attrs["arch_json"] for t in study.trials]
+
+    again = CostProxy()
+    study = search(storage, 6, again, sampler="random")  # finished: nothing to do
+    assert len(study.trials) == 6 and again.calls == 0
+
+    with pytest.raises(KeyboardInterrupt):  # Ctrl-C during the 2nd evaluation of the resumed run
+        search(storage, 14, CostProxy(interrupt_at=2), sampler="random")
+    interrupted = optuna.load_study(study_name="s", storage=open_storage(storage))
+    assert 6 < len(interrupted.trials) < 14 and interrupted.trials[-1].state == TrialState.FAIL
+
+    study = search(storage, 14, sampler="random")
+    numbers = [t.number for t in study.trials]
+    assert numbers == list(range(14))
+    assert sum(t.state == TrialState.FAIL for t in study.trials) == 1
+    assert states(study).count("COMPLETE") == 13
+    resumed = [t.user_attrs["arch_json"] for t in study.trials[6:] if "arch_json" in t.user_attrs]
+    assert not set(resumed) & set(first), "a resumed study must not replay the suggestions of its first trials"
+
+
+def test_resume_refuses_another_budget_or_objectives(tmp_path):
+    storage = open_storage(tmp_path / "study.log")
+    search(storage, 2)
+    with pytest.raises(ValueError, match="budget"):
+        search(storage, 4, budget_macs=BUDGET + 1)
+    with pytest.raises(ValueError, match="objectives"):
+        search(storage, 4, objectives=("top1", "params"))
+
+
+def test_nan_accuracy_fails_the_trial_and_the_search_goes_on(tmp_path):
+    study = search(tmp_path / "study.log", 8, CostProxy(nan_at=2), budget_macs=HIGH)
+    assert [t.number for t in study.trials] == list(range(8))
+    failed = [t for t in study.trials if t.state == TrialState.FAIL]
+    assert len(failed) == 1 and failed[0].number == 1
+    assert "nan" in failed[0].user_attrs["fail_reason"] and failed[0].values is None
+    assert states(study).count("COMPLETE") == 7
+    assert issubclass(EvaluationError, RuntimeError)
+
+
+def test_a_worker_that_loses_the_race_for_the_last_trial_prunes_it(tmp_path):
+    # Two workers asked for trial 3 of 3 at once; the one given the higher number must not run it.
+    study = search(tmp_path / "study.log", 3)
+    study.optimize(_Budgeted(Objective(SPACE, CostProxy(), budget_macs=BUDGET), 3), n_trials=5)
+    assert states(study) == ["COMPLETE"] * 3 + ["PRUNED"]  # and the worker stopped at once
+    assert study.trials[3].user_attrs["surplus"] is True and not study.trials[3].params
+
+
+def test_threads_in_one_process(tmp_path):
+    study = search(tmp_path / "study.log", 8, workers=2)
+    assert sorted(t.number for t in study.trials) == list(range(8)) and states(study) == ["COMPLETE"] * 8
+
+
+# ------------------------------------------------------------------------------------------- determinism
+@pytest.mark.parametrize("sampler, n_trials", [("nsga2", 8), ("tpe", 12), ("random", 8)])
+def test_same_seed_same_archs(tmp_path, sampler, n_trials):
+    # NSGA-II with a population of 4 makes children from generation 1 on; TPE models after 10 random trials.
+    kw = dict(sampler=sampler, population_size=4 if sampler == "nsga2" else None)
+    runs = [search(storage, n_trials, seed=seed, **kw) for storage, seed in
+            ((f"sqlite:///{tmp_path}/a.db", 7), (f"sqlite:///{tmp_path}/b.db", 7), (tmp_path / "c.log", 8))]
+    archs = [[t.user_attrs["arch_json"] for t in study.trials] for study in runs]
+    assert archs[0] == archs[1]
+    assert archs[0] != archs[2]
+    assert [t.params for t in runs[0].trials] == [t.params for t in runs[1].trials]
+
+
+# ------------------------------------------------------------------------------------------- processes
+WORKER = textwrap.dedent("""
+    import sys, time
+    from pathlib import Path
+    from nasloc.flops import count
+    from nasloc.search import open_storage, run_search
+    from nasloc.space import SearchSpace
+
+    storage, mode, me = sys.argv[1], sys.argv[2], sys.argv[3]
+    space = SearchSpace.load("tiny")
+    done = Path(storage).parent / f"evaluated-{me}"
+
+    def evaluate(arch):
+        if mode == "hang":
+            time.sleep(3600)
+        with open(done, "a") as f:
+            f.write("x")
+        time.sleep(0.1)
+        return 50 + count(arch).params / 1e4
+
+    if mode == "pair":  # start together, so that both really share the work
+        Path(storage).parent.joinpath(f"ready-{me}").touch()
+        deadline = time.time() + 600
+        while len(list(Path(storage).parent.glob("ready-*"))) < 2 and time.time() < deadline:
+            time.sleep(0.05)
+    kw = dict(heartbeat_interval=1, grace_period=2) if mode == "hang" else {}
+    run_search(space, evaluate, budget_macs=space.macs_range()[1], storage=open_storage(storage, **kw),
+               study_name="s", n_trials=int(sys.argv[4]), sampler="random", seed=0, progress=False)
+""")
+
+
+def _start(tmp_path: Path, *args: object) -> subprocess.Popen:
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    return subprocess.Popen([sys.executable, str(script), *map(str, args)], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_two_worker_processes_share_one_journal_file(tmp_path):
+    storage = tmp_path / "study.log"
+    workers = [_start(tmp_path, storage, "pair", me, 16) for me in (1, 2)]
+    for worker in workers:
+        out, _ = worker.communicate(timeout=900)
+        assert worker.returncode == 0, out
+    study = optuna.load_study(study_name="s", storage=open_storage(storage))
+    counted = [t for t in study.trials if t.state != TrialState.PRUNED]  # PRUNED = a lost race, not counted
+    assert len(counted) == 16 and all(t.state == TrialState.COMPLETE for t in counted)
+    numbers = [t.number for t in study.trials]
+    assert len(set(numbers)) == len(numbers)
+    shares = [len((tmp_path / f"evaluated-{me}").read_text()) for me in (1, 2)]
+    assert sum(shares) == 16 and min(shares) > 0, shares
+    assert len({t.user_attrs["arch_json"] for t in counted}) > 12, "workers with one seed must not repeat archs"
+
+
+def test_a_killed_worker_s_trial_is_marked_fail_by_the_next_run(tmp_path):
+    # Both storages at once: the worker processes spend most of their time importing torch.
+    storages = {"sqlite": f"sqlite:///{tmp_path}/sqlite/study.db", "journal": str(tmp_path / "journal/study.log")}
+    for name in storages:
+        (tmp_path / name).mkdir()
+    workers = {name: _start(tmp_path, url, "hang", 0, 3) for name, url in storages.items()}
+    try:
+        for name, url in storages.items():
+            deadline = time.time() + 240
+            while True:  # wait until its first trial is running (and sending heartbeats)
+                assert workers[name].poll() is None, workers[name].communicate()[0]
+                try:
+                    study = optuna.load_study(study_name="s", storage=open_storage(url))
+                    if [t.state for t in study.trials] == [TrialState.RUNNING]:
+                        break
+                except KeyError:
+                    pass  # the study is not created yet
+                assert time.time() < deadline, "the worker never started a trial"
+                time.sleep(0.5)
+        time.sleep(1.5)
+    finally:
+        for worker in workers.values():
+            worker.send_signal(signal.SIGKILL)
+            worker.wait()
+    time.sleep(3.5)  # > the grace period since the last heartbeat (SQLite's clock has 1 s steps)
+    for name, url in storages.items():
+        study = search(open_storage(url, heartbeat_interval=1, grace_period=2), 3, budget_macs=HIGH)
+        assert states(study) == ["FAIL", "COMPLETE", "COMPLETE"], name
+
+
+# ------------------------------------------------------------------------------------------- Ray
+class NanAt:
+    """Stand-in evaluator that returns NaN for archs of exactly ``macs`` MACs."""
+
+    def __init__(self, macs: int):
+        self.macs = macs
+
+    def __call__(self, arch: Arch) -> float:
+        cost = count(arch)
+        return math.nan if cost.macs == self.macs else 50 + cost.params / 1e4
+
+
+class Factory:
+    """What a real factory does in a Ray worker: build the evaluator (load a checkpoint) there."""
+
+    def __init__(self, nan_macs: int):
+        self.nan_macs = nan_macs
+
+    def __call__(self):
+        return NanAt(self.nan_macs)
+
+
+def test_ray_backend_fills_the_same_study(tmp_path):
+    pytest.importorskip("ray")
+    import ray.cloudpickle
+
+    from nasloc.ray_search import run_ray_search
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray workers can't import tests/
+    # Trial k's arch depends only on (seed, k) with the random sampler, whatever the backend: a plain
+    # search previews the three archs, so the budget leaves the largest out and the smallest gets NaN.
+    preview = search(tmp_path / "preview.log", 3, sampler="random", seed=5, budget_macs=HIGH)
+    small, middle, large = sorted(t.user_attrs["macs"] for t in preview.trials)
+    assert small < middle < large
+    budget = (middle + large) / 2
+    url = f"sqlite:///{tmp_path}/study.db"
+
+    run_ray_search(SPACE, Factory(nan_macs=small), budget_macs=budget, storage=url, study_name="s", n_trials=3,
+                   sampler="random", seed=5, objectives=("top1", "macs"), max_concurrent=2,
+                   results_dir=tmp_path / "ray")
+    study = optuna.load_study(study_name="s", storage=open_storage(url))
+    trials = sorted(study.trials, key=lambda t: t.number)
+    assert [t.user_attrs["arch_json"] for t in trials] == [t.user_attrs["arch_json"] for t in preview.trials]
+    assert study.metric_names == ["top1", "macs"] and study.user_attrs["budget_macs"] == budget
+    by_macs = {t.user_attrs["macs"]: t for t in trials}
+    for t in trials:
+        arch = Arch.from_dict(t.user_attrs["arch"])
+        cost = count(arch)
+        assert t.user_attrs["macs"] == cost.macs and t.user_attrs["params"] == cost.params
+        assert t.constraints == {CONSTRAINT: cost.macs - budget}  # set in the driver, before evaluation
+        assert t.user_attrs["backend"] == "ray"
+    evaluated, over, nan = by_macs[middle], by_macs[large], by_macs[small]
+    assert evaluated.state == TrialState.COMPLETE and evaluated.user_attrs["evaluated"] is True
+    assert evaluated.user_attrs["top1"] == pytest.approx(50 + evaluated.user_attrs["params"] / 1e4)
+    assert evaluated.values == [evaluated.user_attrs["top1"], middle] and evaluated.user_attrs["eval_seconds"] >= 0
+    assert over.state == TrialState.COMPLETE and over.user_attrs["evaluated"] is False
+    assert "top1" not in over.user_attrs and over.values == [0.0, large]
+    assert nan.state == TrialState.FAIL and "nan" in nan.user_attrs["fail_reason"]
+    assert [t.number for t in pareto_trials(study, budget)] == [evaluated.number]
+
+    start = time.time()  # a finished study: nothing to do, and Ray is not even started
+    run_ray_search(SPACE, Factory(nan_macs=small), budget_macs=budget, storage=url, study_name="s", n_trials=3,
+                   sampler="random", seed=5, results_dir=tmp_path / "ray")
+    assert time.time() - start < 5
+    assert len(optuna.load_study(study_name="s", storage=open_storage(url)).trials) == 3
