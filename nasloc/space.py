@@ -221,7 +221,8 @@ class SearchSpace:
            band that holds a fair share of the space this is uniform over the band).
         2. Repair: otherwise the sample closest to the band is walked towards it, one gene
            re-drawn at a time, keeping a change only when it brings MACs closer, for at most
-           ``20 * tries`` steps.
+           ``20 * tries`` steps. A walk stuck in a local minimum (no progress in twice as many
+           steps as it has genes) restarts from a fresh uniform sample.
         A band that the walk cannot reach raises :class:`SpaceError`.
         """
         best, best_gap = None, float("inf")
@@ -233,17 +234,24 @@ class SearchSpace:
                 return arch
             if gap < best_gap:
                 best, best_gap = chooser.decisions, gap
+        current, current_gap, stale = best, best_gap, 0
         for _ in range(20 * tries):
-            name = rng.choice(sorted(best))
-            trial = dict(best)
+            if stale >= 2 * len(current):
+                chooser = RecordingChooser(RandomChooser(rng))
+                self.build(chooser)
+                current, current_gap, stale = chooser.decisions, float("inf"), 0
+            name = rng.choice(sorted(current))
+            trial = dict(current)
             del trial[name]
             chooser = RecordingChooser(ReplayChooser(trial, RandomChooser(rng)))
             arch = self.build(chooser)
             gap = _gap(count(arch).macs, lo, hi)
             if gap == 0:
                 return arch
-            if gap < best_gap:
-                best, best_gap = chooser.decisions, gap
+            stale += 1
+            if gap < current_gap:
+                current, current_gap, stale = chooser.decisions, gap, 0
+            best_gap = min(best_gap, gap)
         raise SpaceError(f"{self.source}: could not reach the MACs band [{lo:.4g}, {hi:.4g}] (closest arch is {best_gap:.4g} MACs away)")
 
     def capacity(self, img_size: int | None = None) -> "Capacity":
@@ -507,6 +515,15 @@ def _validate_stage(space: SearchSpace, i: int, stage: StageChoices, fail: Calla
             raise fail(f"{where}.life", f"LIFE splits channels in 3 but dim {dim} is not divisible by 3")
     if not set(stage.mixer) <= set(MIXERS):
         raise fail(f"{where}.mixer", f"choose among {', '.join(MIXERS)}")
+    # Choices between the two corners are never built by the corner check below: check them here.
+    if not all(type(k) is int and (k == 0 or (k >= 3 and k % 2 == 1)) for k in stage.ffn_kernel):
+        raise fail(f"{where}.ffn_kernel", "choices must be 0 (off) or odd sizes >= 3")
+    if not all(type(d) is int and d >= 1 for d in stage.dilation):
+        raise fail(f"{where}.dilation", "choices must be integers >= 1")
+    if not all(isinstance(v, bool) for v in stage.life):
+        raise fail(f"{where}.life", "choices must be true or false")
+    if not all(type(r) in (int, float) and r > 0 for r in stage.mlp_ratio):
+        raise fail(f"{where}.mlp_ratio", "choices must be numbers > 0")
     grid = space.grid(i)
     if "dilated" in stage.mixer:
         kernel = int(space.skeleton.get("dilate_kernel", 3))

@@ -102,18 +102,19 @@ class ElasticBatchNorm2d(nn.BatchNorm2d):
 
     def forward(self, x: Tensor) -> Tensor:
         c = x.shape[1]
-        training = self.training or self.running_mean is None
-        momentum = 0.0 if self.momentum is None else self.momentum
-        if self.training and self.num_batches_tracked is not None:
+        factor = 0.0
+        if self.training and self.track_running_stats:
             self.num_batches_tracked.add_(1)
+            # momentum None = cumulative average, as in nn.BatchNorm2d (used to recalibrate statistics)
+            factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
         return F.batch_norm(
             x,
-            None if self.running_mean is None else self.running_mean[:c],
-            None if self.running_var is None else self.running_var[:c],
+            self.running_mean[:c],
+            self.running_var[:c],
             self.weight[:c],
             self.bias[:c],
-            training,
-            momentum,
+            self.training,
+            factor,
             self.eps,
         )
 
