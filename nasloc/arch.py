@@ -165,7 +165,7 @@ class Arch:
             raise ArchError("arch.stages: missing (a list of stages is required)")
         stages = tuple(_stage_from_dict(s, f"stages[{i}]") for i, s in enumerate(_as_list(data.pop("stages"), "stages")))
         shortcuts = tuple(
-            _shortcut_from_dict(s, f"shortcuts[{i}]") for i, s in enumerate(_as_list(data.pop("shortcuts", []), "shortcuts"))
+            _leaf_from_dict(Shortcut, s, f"shortcuts[{i}]", "kernels") for i, s in enumerate(_as_list(data.pop("shortcuts", []), "shortcuts"))
         )
         try:
             return cls(stages=stages, shortcuts=shortcuts, **data)
@@ -217,13 +217,14 @@ def _check_keys(data: dict, cls: type, where: str) -> None:
         raise ArchError(f"{where}.{unknown[0]}: unknown field (known: {', '.join(sorted(known))})")
 
 
-def _block_from_dict(data: Any, where: str) -> Block:
+def _leaf_from_dict(cls: type, data: Any, where: str, list_field: str) -> Any:
+    """A Block or Shortcut from its dict; ``list_field`` (JSON has no tuples) becomes a tuple."""
     _require_mapping(data, where)
-    _check_keys(data, Block, where)
+    _check_keys(data, cls, where)
     data = dict(data)
-    if "dilations" in data:
-        data["dilations"] = tuple(_as_list(data["dilations"], f"{where}.dilations"))
-    return Block(**data)
+    if list_field in data:
+        data[list_field] = tuple(_as_list(data[list_field], f"{where}.{list_field}"))
+    return cls(**data)
 
 
 def _stage_from_dict(data: Any, where: str) -> Stage:
@@ -234,16 +235,7 @@ def _stage_from_dict(data: Any, where: str) -> Stage:
         if key not in data:
             raise ArchError(f"{where}.{key}: missing")
     blocks = _as_list(data.pop("blocks"), f"{where}.blocks")
-    return Stage(blocks=tuple(_block_from_dict(b, f"{where}.blocks[{i}]") for i, b in enumerate(blocks)), **data)
-
-
-def _shortcut_from_dict(data: Any, where: str) -> Shortcut:
-    _require_mapping(data, where)
-    _check_keys(data, Shortcut, where)
-    data = dict(data)
-    if "kernels" in data:
-        data["kernels"] = tuple(_as_list(data["kernels"], f"{where}.kernels"))
-    return Shortcut(**data)
+    return Stage(blocks=tuple(_leaf_from_dict(Block, b, f"{where}.blocks[{i}]", "dilations") for i, b in enumerate(blocks)), **data)
 
 
 # --------------------------------------------------------------------------- validation
