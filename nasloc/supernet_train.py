@@ -137,6 +137,7 @@ def train_supernet(
             bar.update(x.shape[0])
             bar.set_postfix(loss=f"{loss:.3f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
         bar.close()
+        _broadcast_state(supernet, dist_info.world_size)  # BatchNorm statistics were updated per rank
         if dist_info.is_main:
             _save(ckpt_path, supernet, optimizer, scheduler, band, epoch, cfg)
     if dist.is_initialized():

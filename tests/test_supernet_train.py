@@ -1,0 +1,257 @@
+"""nasloc.supernet_train on the tiny space and the embedded digits at 16 px: sandwich sampling inside the
+MACs band, learning, atomic checkpoints, exact resume, refusals, NaN guard and DDP on gloo."""
+from __future__ import annotations
+
+import math
+import os
+import random
+import shutil
+import socket
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import Dataset
+
+from nasloc.data import DataSplits, load_dataset
+from nasloc.errors import NaslocError
+from nasloc.flops import count
+from nasloc.space import SearchSpace
+from nasloc.supernet import Supernet
+from nasloc.supernet_train import Band, SandwichSampler, SupernetConfig, load_supernet, train_supernet
+from nasloc.train import cleanup_distributed
+
+SPACE = "tiny"  # MACs of its archs span 0.23M - 2.6M at 16 px
+BAND = Band(5e5, 1.2e6)
+# 64 training images in batches of 16: 4 sandwich steps (12 forwards) per epoch.
+FAST = dict(batch_size=16, lr=2e-3, warmup_epochs=0, random_subnets=1, num_workers=0)
+STEPS = 4
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Tiny models are all per-op overhead: a second thread buys nothing, and on a loaded 2-core machine
+    # two threads per process thrash (5-10x slower). Also keeps float reductions identical between runs.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def few_digits() -> DataSplits:
+    digits = load_dataset("digits", None, img_size=16)
+    return replace(digits, train=digits.train.subset(np.arange(64)), val=digits.val.subset(np.arange(50)))
+
+
+def _train(supernet: Supernet, splits: DataSplits, out: Path, band: Band = BAND, **cfg):
+    torch.set_num_threads(1)  # module fixtures run before the autouse fixture
+    config = SupernetConfig(**{**FAST, **cfg})
+    return train_supernet(supernet, splits, band, config, out, device="cpu", progress=False)
+
+
+def _state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def _assert_same_state(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+class Preempted(Exception):
+    pass
+
+
+class KilledSupernet(Supernet):
+    """The supernet of a job that is killed after `forwards` training forwards (mid-epoch)."""
+
+    def __init__(self, space: SearchSpace, forwards: int):
+        super().__init__(space)
+        self.forwards_left = forwards
+
+    def forward(self, x, arch=None):
+        if self.training:
+            self.forwards_left -= 1
+            if self.forwards_left < 0:
+                raise Preempted
+        return super().forward(x, arch)
+
+
+@pytest.fixture(scope="module")
+def straight(few_digits, tmp_path_factory):
+    """An uninterrupted 2-epoch run, watched at every torch.save."""
+    out = tmp_path_factory.mktemp("straight")
+    torch.manual_seed(0)
+    supernet = Supernet(SearchSpace.load(SPACE))
+    initial = _state(supernet)
+    saves = []
+    real_save = torch.save
+
+    def watching_save(obj, f, *args, **kwargs):
+        last = out / "last.pth"
+        # What a reader would find at last.pth while this file is being written.
+        previous = torch.load(last, weights_only=False)["epoch"] if last.exists() else None
+        saves.append((Path(f), previous))
+        return real_save(obj, f, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch, "save", watching_save)
+        result = _train(supernet, few_digits, out, epochs=2)
+    return dict(out=out, result=result, initial=initial, final=_state(supernet), saves=saves)
+
+
+# ---------------------------------------------------------------------------------------------- sampler
+def test_sandwich_sampler_gives_largest_smallest_and_random_archs_inside_the_band():
+    sampler = SandwichSampler(Supernet(SearchSpace.load(SPACE)), BAND, random_subnets=3)
+    largest, smallest = count(sampler.largest).macs, count(sampler.smallest).macs
+    width = BAND.hi - BAND.lo
+    assert BAND.hi - 0.05 * width <= largest <= BAND.hi  # at the edges of the band, not merely inside it
+    assert BAND.lo <= smallest <= BAND.lo + 0.05 * width
+    rng = random.Random(0)
+    randoms = []
+    for _ in range(8):
+        archs = sampler.step(rng)
+        assert len(archs) == 5 and archs[0] == sampler.largest and archs[1] == sampler.smallest
+        randoms += archs[2:]
+    macs = [count(a).macs for a in randoms]
+    assert all(BAND.lo <= m <= BAND.hi for m in macs), macs
+    assert len(set(randoms)) == len(randoms)  # really random, and spread over the band
+    assert max(macs) - min(macs) > width / 3
+    # The same seed gives the same archs: every DDP rank trains the same subnets at every step.
+    again = random.Random(0)
+    assert [a for _ in range(8) for a in sampler.step(again)[2:]] == randoms
+
+
+# ---------------------------------------------------------------------------------------------- training
+def test_training_is_finite_changes_weights_and_checkpoints_atomically(straight):
+    result, out = straight["result"], straight["out"]
+    assert math.isfinite(result.last_loss) and 0 < result.last_loss < 10
+    assert result.epochs_run == 2 and result.checkpoint == out / "last.pth"
+    changed = [k for k, v in straight["initial"].items() if not torch.equal(v, straight["final"][k])]
+    for name in ("stem.proj.weight", "head.weight", "stages.0.blocks.0.attn.q.weight"):
+        assert name in straight["initial"] and name in changed, name
+    assert len(changed) > len(straight["initial"]) // 2
+
+    # One save per epoch, each to a temporary file beside last.pth (a rename is atomic only within one
+    # file system); while it is written, last.pth still holds the previous complete epoch.
+    assert [(p.parent, p.name != "last.pth") for p, _ in straight["saves"]] == [(out, True)] * 2
+    assert [previous for _, previous in straight["saves"]] == [None, 0]
+    assert sorted(p.name for p in out.iterdir()) == ["last.pth"]  # nothing temporary left behind
+
+    saved = torch.load(out / "last.pth", weights_only=False)
+    assert saved["epoch"] == 1 and saved["band"] == {"lo": BAND.lo, "hi": BAND.hi} and saved["img_size"] == 16
+    _assert_same_state(saved["model"], straight["final"])
+
+
+def test_killed_run_resumes_to_the_same_weights(straight, few_digits, tmp_path):
+    space = SearchSpace.load(SPACE)
+    torch.manual_seed(0)
+    killed = KilledSupernet(space, forwards=3 * (STEPS + 1) + 1)  # dies inside epoch 2, step 2
+    with pytest.raises(Preempted):
+        _train(killed, few_digits, tmp_path, epochs=2)
+    assert torch.load(tmp_path / "last.pth", weights_only=False)["epoch"] == 0
+
+    torch.manual_seed(1)  # another init: everything must come from the checkpoint
+    supernet = Supernet(space)
+    result = _train(supernet, few_digits, tmp_path, epochs=2)
+    assert result.epochs_run == 1
+    # Weights, BatchNorm statistics, optimizer, lr schedule, shuffle, augmentation and sampled archs resumed.
+    _assert_same_state(_state(supernet), straight["final"])
+    assert result.last_loss == straight["result"].last_loss
+
+    again = _train(supernet, few_digits, tmp_path, epochs=2)  # nothing left to do
+    assert again.epochs_run == 0
+    _assert_same_state(_state(supernet), straight["final"])
+
+
+def test_more_epochs_resume_from_the_saved_epoch_on_the_longer_schedule(straight, few_digits, tmp_path):
+    shutil.copy(straight["out"] / "last.pth", tmp_path / "last.pth")
+    torch.manual_seed(5)
+    supernet = Supernet(SearchSpace.load(SPACE))
+    result = _train(supernet, few_digits, tmp_path, epochs=3)
+    assert result.epochs_run == 1 and math.isfinite(result.last_loss)
+    saved = torch.load(tmp_path / "last.pth", weights_only=False)
+    assert saved["epoch"] == 2 and saved["config"]["epochs"] == 3
+    # The cosine schedule of the resumed run spans 3 epochs; the checkpoint's 2-epoch schedule would
+    # have trained the whole third epoch at min_lr.
+    assert saved["scheduler"]["t_initial"] == 3 * STEPS
+
+
+def test_checkpoint_of_another_band_or_space_is_refused_in_one_line(straight, few_digits, tmp_path):
+    shutil.copy(straight["out"] / "last.pth", tmp_path / "last.pth")
+    before = (tmp_path / "last.pth").read_bytes()
+    supernet = Supernet(SearchSpace.load(SPACE))
+    with pytest.raises(NaslocError, match="MACs band") as band_error:
+        _train(supernet, few_digits, tmp_path, band=Band(6e5, 1.2e6), epochs=3)
+    other = Supernet(SearchSpace.load("tiny_columnar"))
+    with pytest.raises(NaslocError, match="another space or resolution") as space_error:
+        _train(other, few_digits, tmp_path, epochs=3)
+    with pytest.raises(NaslocError, match="another space or resolution") as load_error:
+        load_supernet(tmp_path / "last.pth", Supernet(SearchSpace.load(SPACE), img_size=32))
+    for error in (band_error, space_error, load_error):
+        message = str(error.value)
+        assert "\n" not in message and str(tmp_path / "last.pth") in message
+    assert (tmp_path / "last.pth").read_bytes() == before  # refused before touching anything
+
+    loaded = load_supernet(tmp_path / "last.pth", Supernet(SearchSpace.load(SPACE)))  # the right one loads
+    _assert_same_state(_state(loaded), straight["final"])
+
+
+class NaNImages(Dataset):
+    """Float images are taken as already normalised by the loader, so NaN reaches the model as is."""
+
+    hflip = False
+
+    def __len__(self) -> int:
+        return 32
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return torch.full((3, 16, 16), float("nan")), i % 10
+
+
+def test_nan_loss_raises_floating_point_error(few_digits, tmp_path):
+    supernet = Supernet(SearchSpace.load(SPACE))
+    with pytest.raises(FloatingPointError, match="loss became nan at epoch 1") as error:
+        _train(supernet, replace(few_digits, train=NaNImages()), tmp_path, epochs=1)
+    assert "\n" not in str(error.value)
+    assert not (tmp_path / "last.pth").exists()
+
+
+# ---------------------------------------------------------------------------------------------- DDP
+def _ddp_worker(rank: int, port: int, splits: DataSplits, out: Path) -> None:
+    # What torchrun would set; setup_distributed() inside train_supernet() reads it.
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)  # a forked child can't reuse the parent's OpenMP pool
+    torch.manual_seed(100 + rank)  # a different init per rank: rank 0's weights must reach rank 1
+    supernet = Supernet(SearchSpace.load(SPACE))
+    torch.save(_state(supernet), out / f"init{rank}.pt")
+    result = _train(supernet, splits, out, epochs=1)
+    assert result.epochs_run == 1 and math.isfinite(result.last_loss)
+    torch.save(_state(supernet), out / f"rank{rank}.pt")
+    cleanup_distributed()
+
+
+@pytest.mark.timeout(180)  # a rendezvous that never completes must fail the test, not hang CI
+def test_ddp_two_cpu_processes_end_with_identical_weights(few_digits, tmp_path):
+    # fork, not spawn: the children inherit the imported torch/timm/nasloc instead of paying ~10 s each.
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    torch.multiprocessing.start_processes(_ddp_worker, args=(port, few_digits, tmp_path), nprocs=2,
+                                          daemon=True, start_method="fork")
+    init = [torch.load(tmp_path / f"init{r}.pt", weights_only=True) for r in range(2)]
+    final = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    assert not torch.equal(init[0]["head.weight"], init[1]["head.weight"])
+    _assert_same_state(final[0], final[1])  # parameters and BatchNorm statistics
+    assert not torch.equal(final[0]["head.weight"], init[0]["head.weight"])
+    ckpt = torch.load(tmp_path / "last.pth", weights_only=False)
+    _assert_same_state(ckpt["model"], final[0])
+    # Each rank trained on its own half of the data: 64 images / 2 ranks / batch 16 = 2 steps.
+    assert ckpt["scheduler"]["t_initial"] == 2
+    steps = {int(s["step"]) for s in ckpt["optimizer"]["state"].values()}
+    assert steps == {2}
