@@ -1,8 +1,10 @@
 """Command line: ``nasloc search`` (also ``python run_search.py``) and ``nasloc export``.
 
-Everything is parsed and validated here, before the pipeline and its heavy dependencies load, so
-``--help`` and bad input answer quickly. The handlers receive the validated :class:`argparse.Namespace`
-(paths absolute, budget in multiply-adds) and import what they need themselves.
+Everything is parsed and validated here, before the pipeline and its dependencies (Optuna, the data sets,
+training) load. That does not make ``--help`` instant: importing this module runs ``nasloc/__init__.py``,
+which imports torch and timm to register the models with timm (several seconds). The handlers receive
+the validated :class:`argparse.Namespace` (paths absolute, budget in multiply-adds) and import what they
+need themselves.
 """
 from __future__ import annotations
 
@@ -222,7 +224,7 @@ def _resolve_search(options: argparse.Namespace) -> None:
 
 
 def _find_space(text: str) -> Path:
-    # The lookup of nasloc.space.resolve_space_path, which can't be imported here: it pulls in torch.
+    # nasloc.space.resolve_space_path's lookup, repeated so a bad --space fails before that module loads.
     path = Path(text).expanduser()
     for candidate in (path, SPACES_DIR / path.name, SPACES_DIR / f"{text}.yaml"):
         if candidate.is_file():
@@ -253,7 +255,7 @@ def _resolve_export(options: argparse.Namespace) -> None:
 
 
 def _search(options: argparse.Namespace) -> None:
-    from nasloc.pipeline import run_pipeline  # torch and friends load only once the input is known good
+    from nasloc.pipeline import run_pipeline  # Optuna, data and training load only once the input is known good
 
     run_pipeline(options)
 
