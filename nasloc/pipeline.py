@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,41 +44,63 @@ class PhaseError(NaslocError):
     """A phase was asked for before the one it needs."""
 
 
+class DashboardError(NaslocError):
+    """--dashboard could not be served."""
+
+
 def run_pipeline(options: argparse.Namespace) -> Path:
     """Run (or resume) every phase; returns the run folder."""
     started = time.time()
-    space = SearchSpace.load(options.space)
-    check_budget(space, options.budget)
+    space, splits, proxy_size = load_inputs(options)  # checks the budget before anything is written
     run_dir = Path(options.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(options.seed)
     device = resolve_device(options.device)
-    proxy_size = options.proxy_img_size or default_proxy_size(space)
-    splits = load_dataset(options.dataset, options.data_dir, proxy_size, seed=options.seed)
-    space = space.for_classes(splits.num_classes)
-    _write_json(run_dir / "run.json", {**_run_record(options), "mean": splits.mean, "std": splits.std, "proxy_img_size": proxy_size})
+    if options.phase != "search":  # extra search workers (--phase search) leave the run's record alone
+        _write_json(run_dir / "run.json", {**_run_record(options), "mean": splits.mean, "std": splits.std, "proxy_img_size": proxy_size})
     _say(f"[nasloc] run {run_dir} | budget {format_macs(options.budget)} at {space.img_size} px | "
          f"space {space.name} ({format_macs(space.macs_range()[0])} - {format_macs(space.macs_range()[1])}) | "
          f"proxy {proxy_size} px on {options.dataset} | device {device}")
-
-    supernet = Supernet(space, proxy_size).to(device)
-    band = Band(max(space.macs_range()[0], BAND_LOW * options.budget), options.budget)
-    if options.phase == "search":
-        checkpoint = trained_checkpoint(supernet, run_dir, options.supernet_epochs, device)
-    else:
-        checkpoint = train_phase(supernet, splits, band, options, run_dir, device)
-    if options.phase == "supernet":
-        return run_dir
-    study = search_phase(supernet, splits, space, checkpoint, options, run_dir, proxy_size)
-    if options.phase == "search":
-        return run_dir
-    references = reference_points(space, supernet, splits, options)
-    pareto = report_phase(study, options, run_dir, references)
-    retrained = retrain_phase(pareto, space, splits, options, run_dir, proxy_size)
-    export_dir = export_phase(retrained, options, run_dir, splits)
-    write_summary(run_dir, options, space, pareto, retrained, references, export_dir, time.time() - started)
+    # Up from the start: a busy port fails the run now, not after hours of supernet training.
+    dashboard = serve_dashboard(options.storage, options.dashboard_port) if options.dashboard else None
+    try:
+        torch.manual_seed(options.seed)
+        supernet = Supernet(space, proxy_size).to(device)
+        band = Band(max(space.macs_range()[0], BAND_LOW * options.budget), options.budget)
+        if options.phase == "search":
+            checkpoint = trained_checkpoint(supernet, run_dir, options.supernet_epochs, device)
+        else:
+            checkpoint = train_phase(supernet, splits, band, options, run_dir, device)
+        if options.phase == "supernet":
+            return run_dir
+        study = search_phase(supernet, splits, space, checkpoint, options, run_dir, proxy_size)
+        if options.phase == "search":
+            return run_dir
+        references = reference_points(space, supernet, splits, options)
+        pareto = report_phase(study, options, run_dir, references)
+        retrained = retrain_phase(pareto, space, splits, options, run_dir, proxy_size)
+        export_dir = export_phase(retrained, options, run_dir, splits)
+        write_summary(run_dir, options, space, study, pareto, retrained, references, export_dir, time.time() - started)
+    finally:
+        if dashboard is not None:
+            dashboard.shutdown()
+            dashboard.server_close()
     _say(f"[nasloc] done in {time.time() - started:.0f} s: {run_dir / 'summary.md'}")
     return run_dir
+
+
+def load_inputs(options: Any) -> tuple[SearchSpace, DataSplits, int]:
+    """The search space (for the data set's classes), the data splits and the proxy resolution.
+
+    The budget is checked against the space before the data is loaded (cheap, and the common
+    mistake) and again for the data set's number of classes (the classifier head counts too).
+    """
+    space = SearchSpace.load(options.space)
+    check_budget(space, options.budget)
+    proxy_size = options.proxy_img_size or default_proxy_size(space)
+    splits = load_dataset(options.dataset, options.data_dir, proxy_size, seed=options.seed)
+    space = space.for_classes(splits.num_classes)
+    check_budget(space, options.budget)
+    return space, splits, proxy_size
 
 
 # ------------------------------------------------------------------------------------ checks
@@ -102,6 +126,8 @@ def train_phase(supernet: Supernet, splits: DataSplits, band: Band, options: Any
     cfg = SupernetConfig(epochs=options.supernet_epochs, seed=options.seed)
     _say(f"[nasloc] 1/5 supernet: {cfg.epochs} epochs, sandwich rule in the band {format_macs(band.lo)} - {format_macs(band.hi)}")
     result = train_supernet(supernet, splits, band, cfg, run_dir / "supernet", device=str(device))
+    if cfg.epochs == 0 and not result.checkpoint.exists():
+        return save_untrained(supernet, run_dir)
     return result.checkpoint
 
 
@@ -111,33 +137,119 @@ def trained_checkpoint(supernet: Supernet, run_dir: Path, epochs: int, device: t
     done = torch.load(path, map_location="cpu", weights_only=False)["epoch"] + 1 if path.exists() else 0
     if done < epochs:
         raise PhaseError(f"the supernet of {run_dir} has {done}/{epochs} epochs; train it first with --phase supernet (same options)")
+    if not path.exists():  # --supernet-epochs 0: the seeded initial weights
+        path = run_dir / "supernet" / UNTRAINED
+        if not path.exists():
+            return save_untrained(supernet, run_dir)
     load_supernet(path, supernet, device)
     return path
 
 
+UNTRAINED = "untrained.pth"
+
+
+def save_untrained(supernet: Supernet, run_dir: Path) -> Path:
+    """With --supernet-epochs 0 nothing is trained and train_supernet saves nothing, but worker
+    processes (--workers, Ray) load the supernet from a file: save the initial weights in the format
+    :func:`load_supernet` reads. Not named last.pth, so it is never resumed or exported as trained."""
+    from .supernet_train import fingerprint
+
+    path = run_dir / "supernet" / UNTRAINED
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save({"model": supernet.state_dict(), "fingerprint": fingerprint(supernet), "img_size": supernet.img_size, "epoch": -1}, tmp)
+    os.replace(tmp, path)
+    return path
+
+
 def search_phase(supernet: Supernet, splits: DataSplits, space: SearchSpace, checkpoint: Path, options: Any, run_dir: Path, proxy_size: int):
-    _say(f"[nasloc] 2/5 search: {options.trials} trials, {options.sampler}, storage {options.storage}")
-    dashboard = serve_dashboard(options.storage, options.dashboard_port) if options.dashboard else None
-    latency = (lambda arch: measure_latency(arch, options.device if options.device != "auto" else "cpu")) if "latency" in options.objectives else None
-    common = dict(
-        budget_macs=options.budget, storage=options.storage, study_name=STUDY_NAME, n_trials=options.trials,
-        sampler=options.sampler, seed=options.seed, objectives=tuple(options.objectives),
-    )
+    """Add trials to the study until it holds ``--trials``.
+
+    ``--workers N``: with Ray, N concurrent Ray trials; with plain Optuna, N processes (this one and
+    N - 1 spawned ones, each loading the supernet checkpoint) sharing the study's storage, each with
+    its share of the CPU threads. Optuna's own ``n_jobs`` threads would only contend for the GIL and
+    for the same intra-op thread pool.
+    """
+    workers = options.workers
+    _say(f"[nasloc] 2/5 search: {options.trials} trials, {options.sampler}, storage {options.storage}"
+         + (f", {workers} {'Ray trials' if options.backend == 'ray' else 'processes'} at a time" if workers > 1 else ""))
+    device = next(supernet.parameters()).device
+    if options.backend == "ray":
+        from .ray_search import run_ray_search
+
+        factory = EvaluatorSpec(str(space.source), str(checkpoint), proxy_size, options.dataset,
+                                None if options.data_dir is None else str(options.data_dir), options.seed,
+                                device=str(device))
+        latency = LatencyFactory(str(device)) if "latency" in options.objectives else None
+        resources = {"cpu": 1, "gpu": 1} if device.type == "cuda" else {"cpu": 1}
+        return run_ray_search(space, factory, ray_address=options.ray_address, max_concurrent=workers,
+                              results_dir=str(run_dir / "ray"), latency_factory=latency,
+                              resources_per_trial=resources, **_search_kwargs(options))
+    if workers == 1:
+        return _search(supernet, splits, space, options)
+
+    from .search import open_study
+
+    # The study exists before the workers start, so that they do not race to create it.
+    open_study(options.storage, STUDY_NAME, objectives=tuple(options.objectives), budget_macs=options.budget,
+               meta={"space": space.name, "sampler": options.sampler, "seed": options.seed})
+    threads = max(1, torch.get_num_threads() // workers)
+    context = multiprocessing.get_context("spawn")  # fork would copy torch's thread pools mid-use
+    processes = [context.Process(target=_search_worker, args=(options, str(checkpoint), threads), daemon=True,
+                                 name=f"nasloc-search-{i}") for i in range(1, workers)]
+    for process in processes:
+        process.start()
+    saved_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
     try:
-        if options.backend == "ray":
-            from .ray_search import run_ray_search
-
-            factory = EvaluatorSpec(str(space.source), str(checkpoint), proxy_size, options.dataset,
-                                    None if options.data_dir is None else str(options.data_dir), options.seed)
-            return run_ray_search(space, factory, ray_address=options.ray_address, max_concurrent=options.workers,
-                                  results_dir=str(run_dir / "ray"), **common)
-        from .search import run_search
-
-        evaluate = make_evaluator(supernet, splits, seed=options.seed)
-        return run_search(space, evaluate, latency=latency, workers=options.workers, **common)
+        study = _search(supernet, splits, space, options)
+        for process in processes:
+            process.join()
     finally:
-        if dashboard is not None:
-            dashboard.shutdown()
+        torch.set_num_threads(saved_threads)
+        for process in processes:
+            if process.is_alive():  # this process failed or was interrupted
+                process.terminate()
+                process.join()
+    failed = [p.name for p in processes if p.exitcode != 0]
+    if failed:
+        _say(f"[nasloc] warning: search worker(s) {', '.join(failed)} exited with an error (see above); "
+             f"their running trials are FAIL; rerun the same command to add the missing trials")
+    return study
+
+
+def _search_kwargs(options: Any) -> dict[str, Any]:
+    return dict(budget_macs=options.budget, storage=options.storage, study_name=STUDY_NAME, n_trials=options.trials,
+                sampler=options.sampler, seed=options.seed, objectives=tuple(options.objectives))
+
+
+def _search(supernet: Supernet, splits: DataSplits, space: SearchSpace, options: Any, progress: bool = True):
+    """The plain Optuna search in this process (one trial at a time)."""
+    from .search import run_search
+
+    device = next(supernet.parameters()).device
+    latency = LatencyFactory(str(device))() if "latency" in options.objectives else None
+    evaluate = make_evaluator(supernet, splits, seed=options.seed)
+    return run_search(space, evaluate, latency=latency, workers=1, progress=progress, **_search_kwargs(options))
+
+
+def _search_worker(options: Any, checkpoint: str, threads: int) -> None:
+    """A spawned search process of ``--workers N``: the same study, evaluator and supernet weights."""
+    torch.set_num_threads(threads)
+    space, splits, proxy_size = load_inputs(options)
+    device = resolve_device(options.device)
+    supernet = load_supernet(Path(checkpoint), Supernet(space, proxy_size), device)
+    _search(supernet, splits, space, options, progress=False)
+
+
+@dataclass(frozen=True)
+class LatencyFactory:
+    """Picklable (for Ray workers): ``LatencyFactory(device)()`` is ``arch -> median forward ms`` on ``device``."""
+
+    device: str = "cpu"
+
+    def __call__(self):
+        return lambda arch: measure_latency(arch, self.device)
 
 
 def reference_points(space: SearchSpace, supernet: Supernet, splits: DataSplits, options: Any) -> dict[str, tuple[float, float]]:
@@ -173,9 +285,12 @@ def retrain_phase(pareto: list, space: SearchSpace, splits: DataSplits, options:
         out = run_dir / "retrain" / f"trial_{trial.number}"
         out.mkdir(parents=True, exist_ok=True)
         _write_text(out / "arch.json", arch.to_json(indent=2))
-        result = retrain(model, data, cfg, out, device=options.device)
+        result = retrain(model, data, cfg, out, device=options.device)  # resumes; all epochs done: only reads
         weights = out / "best.safetensors"
-        _save_weights(model, weights)
+        if result.epochs_run > 0 or not weights.exists():
+            _save_weights(model, weights)
+        if result.start_epoch:
+            _say(f"[nasloc]   trial {trial.number}: " + ("already retrained" if result.epochs_run == 0 else f"resumed after epoch {result.start_epoch}"))
         results.append(dict(trial=trial.number, arch=arch, proxy_top1=trial.user_attrs["top1"], macs=count(arch.replace(img_size=space.img_size)).macs,
                             params=count(arch).params, val_top1=result.val_top1, weights=weights, model=model))
     return results
@@ -197,17 +312,26 @@ def export_phase(retrained: list[dict[str, Any]], options: Any, run_dir: Path, s
     info = dict(trial=best["trial"], macs_at_deploy=best["macs"], params=best["params"], proxy_top1=best["proxy_top1"],
                 retrained_top1=best["val_top1"], budget_macs=options.budget, dataset=options.dataset)
     _say(f"[nasloc] 5/5 export: trial {best['trial']} -> {target}")
-    return export_model(best["model"], target, info=info, mean=splits.mean, std=splits.std, overwrite=True)
+    return export_model(best["model"], target, info=info, mean=splits.mean, std=splits.std,
+                        label_names=splits.class_names, overwrite=True)
 
 
 # ------------------------------------------------------------------------------------ outputs
-def write_summary(run_dir: Path, options: Any, space: SearchSpace, pareto: list, retrained: list[dict[str, Any]],
+def write_summary(run_dir: Path, options: Any, space: SearchSpace, study, pareto: list, retrained: list[dict[str, Any]],
                   references: dict[str, tuple[float, float]], export_dir: Path | None, seconds: float) -> None:
+    from optuna.trial import TrialState
+
+    from .search import evaluated_feasible_trials
+
+    trials = [t for t in study.get_trials(deepcopy=False) if not t.user_attrs.get("surplus")]  # not the race losers
+    complete = sum(t.state == TrialState.COMPLETE for t in trials)
     lines = [
         f"# nasloc run `{run_dir.name}`",
         "",
         f"Budget {format_macs(options.budget)} per image at {space.img_size} px (1 multiply-add = 1 FLOP); "
-        f"space `{space.name}`; data `{options.dataset}`; {options.trials} trials ({options.sampler}); {seconds:.0f} s.",
+        f"space `{space.name}`; data `{options.dataset}`; {len(trials)} trials ({complete} complete, "
+        f"{len(evaluated_feasible_trials(study, options.budget))} evaluated within budget; {options.sampler}); "
+        f"this run took {seconds:.0f} s.",
         "",
         "## Pareto front (proxy top-1 with supernet weights)",
         "",
@@ -255,8 +379,10 @@ def _say(message: str) -> None:
 
 
 def serve_dashboard(storage: str, port: int):
-    """optuna-dashboard on 127.0.0.1:port in a daemon thread; returns the server (call shutdown())."""
-    from wsgiref.simple_server import WSGIRequestHandler, make_server
+    """optuna-dashboard on 127.0.0.1:port in a daemon thread; returns the server (call shutdown(), then
+    server_close()). A port that is taken raises :class:`DashboardError` (exit status 2)."""
+    from socketserver import ThreadingMixIn
+    from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
     import optuna_dashboard
 
@@ -266,7 +392,15 @@ def serve_dashboard(storage: str, port: int):
         def log_message(self, *args: Any) -> None:  # keep request logs out of the progress bars
             pass
 
-    server = make_server("127.0.0.1", port, optuna_dashboard.wsgi(open_storage(storage)), handler_class=Quiet)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    class Server(ThreadingMixIn, WSGIServer):  # a slow API call must not hold up the page
+        daemon_threads = True
+
+    app = optuna_dashboard.wsgi(open_storage(storage))
+    try:
+        server = make_server("127.0.0.1", port, app, server_class=Server, handler_class=Quiet)
+    except OSError as err:
+        raise DashboardError(f"--dashboard-port {port}: cannot listen on 127.0.0.1:{port} ({err.strerror or err}); "
+                             "choose another port") from None
+    threading.Thread(target=server.serve_forever, daemon=True, name="optuna-dashboard").start()
     _say(f"[nasloc] dashboard: http://127.0.0.1:{port}/dashboard")
     return server

@@ -34,6 +34,8 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import os
+import socket
 import sqlite3
 import threading
 import time
@@ -353,7 +355,7 @@ class Objective:
 
     ``evaluate(arch) -> top-1 %`` (proxy accuracy; NaN allowed, the trial then fails) and the optional
     ``latency(arch) -> float`` run only for archs within budget. User attributes left on every trial:
-    ``arch`` (dict), ``arch_json``, ``macs``, ``params``, ``evaluated``; and, when evaluated,
+    ``arch`` (dict), ``arch_json``, ``macs``, ``params``, ``worker`` (host:pid), ``evaluated``; and, when evaluated,
     ``top1``, ``eval_seconds`` (and ``latency``); ``fail_reason`` for a failed evaluation.
     """
 
@@ -373,6 +375,7 @@ class Objective:
     def __call__(self, trial: optuna.Trial) -> list[float]:
         arch = self.space.suggest(trial)
         macs, params = record_arch(trial, arch, self.budget_macs)  # the constraint is set before evaluating
+        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")  # several processes may share a study
         if macs > self.budget_macs:
             trial.set_user_attr("evaluated", False)
             return pessimistic_values(self.objectives, macs, params)
