@@ -54,6 +54,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--out", default=str(ROOT / "results/evidence"))
     p.add_argument("--budget", type=float, default=0.06e9, help="MACs per image at 32 px")
     p.add_argument("--train-subset", type=int, default=10000, help="training images (class-balanced)")
+    p.add_argument("--val-subset", type=int, default=5000, help="validation images (class-balanced, of the 5k)")
     p.add_argument("--supernet-epochs", type=int, default=6)
     p.add_argument("--rank-archs", type=int, default=10)
     p.add_argument("--standalone-epochs", type=int, default=6)
@@ -91,13 +92,19 @@ def cifar(args: argparse.Namespace) -> tuple[DataSplits, DataSplits]:
         root.mkdir(parents=True, exist_ok=True)
         subprocess.run(["tar", "-xzf", args.cifar_tar, "-C", str(root)], check=True)
     splits = load_dataset("imagefolder", root / "train", 32, split="tail", val_fraction=0.1)
-    labels = splits.train.labels.numpy()
-    per_class = args.train_subset // splits.num_classes
+    train = _balanced(splits.train, args.train_subset, splits.num_classes)
+    val = _balanced(splits.val, args.val_subset, splits.num_classes)
+    return splits, DataSplits(train, val, splits.num_classes, splits.mean, splits.std, splits.class_names, splits.img_size)
+
+
+def _balanced(dataset, size: int, num_classes: int):
+    """A fixed class-balanced subset (seeded), or the whole set when ``size`` covers it."""
+    if size >= len(dataset):
+        return dataset
+    labels = dataset.labels.numpy()
     rng = np.random.default_rng(0)
-    keep = np.concatenate([rng.permutation(np.flatnonzero(labels == c))[:per_class] for c in range(splits.num_classes)])
-    subset = DataSplits(splits.train.subset(np.sort(keep)), splits.val, splits.num_classes, splits.mean, splits.std,
-                        splits.class_names, splits.img_size)
-    return splits, subset
+    keep = np.concatenate([rng.permutation(np.flatnonzero(labels == c))[: size // num_classes] for c in range(num_classes)])
+    return dataset.subset(np.sort(keep))
 
 
 # ------------------------------------------------------------------------------ steps
@@ -210,7 +217,7 @@ def main() -> None:
     rec = Record(out / "evidence.json")
     rec.put("config", vars(args))
     full, data = cifar(args)
-    log(f"data: {len(data.train)} training images (of {len(full.train)}), {len(data.val)} validation images")
+    log(f"data: {len(data.train)} training images (of {len(full.train)}), {len(data.val)} validation images (of {len(full.val)})")
     space = SearchSpace.load("cifar").for_classes(data.num_classes)
     steps = args.steps.split(",")
     supernet = step_supernet(space, data, args, out, rec)

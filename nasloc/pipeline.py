@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
-import os
 import threading
 import time
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ from .arch import Arch
 from .data import DataSplits, load_dataset
 from .errors import NaslocError
 from .evaluate import EvaluatorSpec, make_evaluator, measure_latency
+from .fileio import atomic_path, write_atomic
 from .flops import count
 from .space import SearchSpace
 from .supernet import Supernet
@@ -53,6 +53,8 @@ def run_pipeline(options: argparse.Namespace) -> Path:
     started = time.time()
     space, splits, proxy_size = load_inputs(options)  # checks the budget before anything is written
     run_dir = Path(options.run_dir)
+    if options.phase == "search":
+        require_trained_supernet(run_dir, options.supernet_epochs)
     run_dir.mkdir(parents=True, exist_ok=True)
     device = resolve_device(options.device)
     if options.phase != "search":  # extra search workers (--phase search) leave the run's record alone
@@ -131,12 +133,18 @@ def train_phase(supernet: Supernet, splits: DataSplits, band: Band, options: Any
     return result.checkpoint
 
 
-def trained_checkpoint(supernet: Supernet, run_dir: Path, epochs: int, device: torch.device) -> Path:
-    """The finished supernet checkpoint of the run, loaded into ``supernet`` (for --phase search)."""
+def require_trained_supernet(run_dir: Path, epochs: int) -> None:
+    """For --phase search: refuse (before anything is written) a run whose supernet is not trained."""
     path = run_dir / "supernet" / "last.pth"
     done = torch.load(path, map_location="cpu", weights_only=False)["epoch"] + 1 if path.exists() else 0
     if done < epochs:
         raise PhaseError(f"the supernet of {run_dir} has {done}/{epochs} epochs; train it first with --phase supernet (same options)")
+
+
+def trained_checkpoint(supernet: Supernet, run_dir: Path, epochs: int, device: torch.device) -> Path:
+    """The finished supernet checkpoint of the run, loaded into ``supernet`` (for --phase search)."""
+    require_trained_supernet(run_dir, epochs)
+    path = run_dir / "supernet" / "last.pth"
     if not path.exists():  # --supernet-epochs 0: the seeded initial weights
         path = run_dir / "supernet" / UNTRAINED
         if not path.exists():
@@ -155,10 +163,8 @@ def save_untrained(supernet: Supernet, run_dir: Path) -> Path:
     from .supernet_train import fingerprint
 
     path = run_dir / "supernet" / UNTRAINED
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save({"model": supernet.state_dict(), "fingerprint": fingerprint(supernet), "img_size": supernet.img_size, "epoch": -1}, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save({"model": supernet.state_dict(), "fingerprint": fingerprint(supernet), "img_size": supernet.img_size, "epoch": -1}, tmp)
     return path
 
 
@@ -284,7 +290,7 @@ def retrain_phase(pareto: list, space: SearchSpace, splits: DataSplits, options:
         cfg = RetrainConfig(epochs=options.retrain_epochs, img_size=size, seed=options.seed, mixup=0.0, cutmix=0.0, ema_decay=0.0)
         out = run_dir / "retrain" / f"trial_{trial.number}"
         out.mkdir(parents=True, exist_ok=True)
-        _write_text(out / "arch.json", arch.to_json(indent=2))
+        write_atomic(out / "arch.json", arch.to_json(indent=2))
         result = retrain(model, data, cfg, out, device=options.device)  # resumes; all epochs done: only reads
         weights = out / "best.safetensors"
         if result.epochs_run > 0 or not weights.exists():
@@ -347,7 +353,7 @@ def write_summary(run_dir: Path, options: Any, space: SearchSpace, study, pareto
     if export_dir is not None:
         lines += ["", f"Best model exported to `{export_dir}`:", "",
                   f"    import nasloc, timm; timm.create_model(\"local-dir:{export_dir}\", pretrained=True)"]
-    _write_text(run_dir / "summary.md", "\n".join(lines) + "\n")
+    write_atomic(run_dir / "summary.md", "\n".join(lines) + "\n")
 
 
 def _run_record(options: argparse.Namespace) -> dict[str, Any]:
@@ -356,22 +362,15 @@ def _run_record(options: argparse.Namespace) -> dict[str, Any]:
     return record
 
 
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def _write_json(path: Path, data: Any) -> None:
-    _write_text(path, json.dumps(data, indent=2, default=str))
+    write_atomic(path, json.dumps(data, indent=2, default=str))
 
 
 def _save_weights(model: torch.nn.Module, path: Path) -> None:
     from safetensors.torch import save_file
 
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp))
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp))
 
 
 def _say(message: str) -> None:

@@ -12,14 +12,13 @@ from __future__ import annotations
 import csv
 import io
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from .fileio import write_atomic
 from .search import pareto_trials
 
 MACS_AXIS = "MACs (1 multiply-add = 1 FLOP)"
@@ -225,20 +224,3 @@ def _ensure_plotlyjs(out_dir: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------------- files
-def write_atomic(path: str | Path, text: str) -> Path:
-    """Write ``text`` to ``path`` through a temporary file in the same folder and a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    return path

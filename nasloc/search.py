@@ -35,6 +35,7 @@ import functools
 import logging
 import math
 import os
+import random
 import socket
 import sqlite3
 import threading
@@ -118,15 +119,31 @@ def open_storage(
             engine_kwargs = {"creator": functools.partial(_connect_sqlite, str(Path(database).expanduser()))}
     if heartbeat_interval is None:
         grace_period = None  # RDBStorage accepts a grace period only with a heartbeat
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ExperimentalWarning)  # heartbeat_interval is "experimental" since 2.x
-        return RDBStorage(
-            text,
-            engine_kwargs=engine_kwargs,
-            heartbeat_interval=heartbeat_interval,
-            grace_period=grace_period,
-            heartbeat_stale_trial_callback=log_stale_trial,  # Optuna 5's name; failed_trial_callback is deprecated
-        )
+    return _rdb_storage(text, engine_kwargs, heartbeat_interval, grace_period)
+
+
+def _rdb_storage(url: str, engine_kwargs: dict[str, Any], heartbeat_interval: int | None, grace_period: int | None,
+                 attempts: int = 8) -> RDBStorage:
+    """RDBStorage, retried: workers that open an empty PostgreSQL database at the same moment all try
+    to create Optuna's tables, and all but one fail with a duplicate-key error; a retry finds them."""
+    import sqlalchemy.exc
+
+    for attempt in range(attempts):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", ExperimentalWarning)  # heartbeat_interval is "experimental"
+                return RDBStorage(
+                    url,
+                    engine_kwargs=engine_kwargs,
+                    heartbeat_interval=heartbeat_interval,
+                    grace_period=grace_period,
+                    heartbeat_stale_trial_callback=log_stale_trial,  # Optuna 5's name for failed_trial_callback
+                )
+        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError):
+            if attempt == attempts - 1:
+                raise
+            time.sleep(random.uniform(0.2, 1.0) * (attempt + 1))
+    raise AssertionError("unreachable")
 
 
 def _connect_sqlite(database: str) -> sqlite3.Connection:
@@ -211,10 +228,38 @@ class HeartbeatJournalStorage(JournalStorage, BaseHeartbeat):
 
 
 def fail_stale_trials(study: optuna.Study) -> None:
-    """Mark FAIL the RUNNING trials whose worker stopped sending heartbeats (no-op without heartbeat)."""
+    """Mark FAIL the RUNNING trials whose worker is gone: a process of this host that no longer
+    exists (at once), or any worker that stopped sending heartbeats (after the grace period)."""
+    fail_orphaned_trials(study)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ExperimentalWarning)
         optuna.storages.fail_stale_trials(study)
+
+
+def this_worker() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def fail_orphaned_trials(study: optuna.Study) -> None:
+    """RUNNING trials started on this host by a process that has died (e.g. killed with SIGKILL) are
+    marked FAIL right away, so an immediate rerun neither waits for the heartbeat grace period nor
+    counts them as live. Other hosts' trials are left to the heartbeat."""
+    host = socket.gethostname()
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        worker_host, _, pid = str(trial.user_attrs.get("worker", "")).rpartition(":")
+        if worker_host == host and pid.isdigit() and not _process_alive(int(pid)):
+            study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
+            _logger.warning("trial %d was left RUNNING by process %s, which has exited; marked FAIL", trial.number, pid)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
 
 
 # ------------------------------------------------------------------------------------------- samplers
@@ -375,7 +420,6 @@ class Objective:
     def __call__(self, trial: optuna.Trial) -> list[float]:
         arch = self.space.suggest(trial)
         macs, params = record_arch(trial, arch, self.budget_macs)  # the constraint is set before evaluating
-        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")  # several processes may share a study
         if macs > self.budget_macs:
             trial.set_user_attr("evaluated", False)
             return pessimistic_values(self.objectives, macs, params)
@@ -467,6 +511,8 @@ class _Budgeted:
         self.objective, self.n_trials = objective, n_trials
 
     def __call__(self, trial: optuna.Trial) -> Any:
+        # First of all, so that a rerun can tell this trial's process died (see fail_orphaned_trials).
+        trial.set_user_attr("worker", this_worker())
         before = sum(1 for t in trial.study.get_trials(deepcopy=False, states=COUNTED_STATES) if t.number < trial.number)
         if before >= self.n_trials:
             trial.set_user_attr("surplus", True)

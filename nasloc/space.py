@@ -17,13 +17,16 @@ import dataclasses
 import random
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable
 
 import yaml
 
 from .arch import FFNS, MAX_SHORTCUT_SPAN, MIXERS, SHORTCUT_KERNELS, Arch, ArchError, Block, Shortcut, Stage
 from .errors import NaslocError
 from .flops import count
+
+if TYPE_CHECKING:
+    from .models.locality_vit import Capacity
 
 Chooser = Callable[[str, tuple], Any]
 SPACES_DIR = Path(__file__).resolve().parent.parent / "search_spaces"

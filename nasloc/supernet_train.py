@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import math
-import os
 import random
 import time
 from dataclasses import asdict, dataclass
@@ -33,6 +32,7 @@ from tqdm import tqdm
 from .arch import Arch
 from .data import DataSplits, make_loader
 from .errors import NaslocError
+from .fileio import atomic_path
 from .supernet import Supernet
 from .train import resolve_device, setup_distributed
 
@@ -194,9 +194,8 @@ def _save(path: Path, supernet: Supernet, optimizer, scheduler, band: Band, epoc
         "fingerprint": fingerprint(supernet),
         "img_size": supernet.img_size,
     }
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
 
 
 def _resume(path: Path, supernet: Supernet, optimizer, band: Band, device: torch.device) -> int:

@@ -269,11 +269,6 @@ def test_killed_search_keeps_every_completed_trial(crash: Crash) -> None:
                                                               sorted(crash.study.trials, key=lambda t: t.number)]
 
 
-@pytest.mark.xfail(reason=(
-    "known bug, nasloc/search.py: an immediate rerun counts the killed trial as a live RUNNING trial "
-    "(COUNTED_STATES) until its heartbeat is older than open_storage's 120 s grace period; "
-    "so the killed trial stays RUNNING in the final study and tables, and the study ends one finished trial short"),
-    strict=False)
 def test_the_trial_killed_mid_search_is_failed_not_lost(crash: Crash) -> None:
     killed = [n for n, state in crash.at_second_kill.items() if state == "RUNNING"]
     assert killed
@@ -368,10 +363,6 @@ def test_two_workers_share_postgresql_then_one_run_finishes(data: Path, results:
     assert (shared / "summary.md").is_file()
 
 
-@pytest.mark.xfail(reason=(
-    "known bug, nasloc/search.py open_storage: RDBStorage creates Optuna's tables and enum types in an empty "
-    "database, and PostgreSQL fails all but one of the sessions that do so at the same moment "
-    "(IntegrityError: duplicate key ... pg_type_typname_nsp_index); workers started together crash"), strict=True)
 def test_workers_starting_together_on_an_empty_postgresql_database(postgres_url: str) -> None:  # noqa: F811
     url = create_database(postgres_url, "empty")
     barrier, errors = threading.Barrier(6), []
@@ -446,11 +437,6 @@ BAD_INPUT = {
 # importing everything prints nothing else on stderr.
 IN_PROCESS = {"unknown space", "missing data folder", "no data folder", "invalid space file", "empty data folder",
               "class folder without images", "search before supernet"}
-KNOWN_BUGS = {
-    "search before supernet": "known bug, nasloc/pipeline.py run_pipeline: the run folder is created and the run header "
-                              "printed before trained_checkpoint refuses the missing supernet, "
-                              "so an empty results/<run>/ is left behind",
-}
 
 
 @pytest.fixture(scope="module")
@@ -475,8 +461,7 @@ def run_search_main(args: list, capfd: pytest.CaptureFixture) -> Run:
     return Run(status, out, err)
 
 
-@pytest.mark.parametrize("case", [pytest.param(case, marks=pytest.mark.xfail(reason=KNOWN_BUGS[case], strict=False))
-                                  if case in KNOWN_BUGS else case for case in BAD_INPUT])
+@pytest.mark.parametrize("case", list(BAD_INPUT))
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(case: str, request: pytest.FixtureRequest, tmp_path: Path,
                                                          data: Path, capfd: pytest.CaptureFixture) -> None:
     if case in IN_PROCESS:

@@ -5,7 +5,6 @@ The evaluator is a cheap deterministic stand-in (50 + params / 1e4); the superne
 from __future__ import annotations
 
 import math
-import os
 import pickle
 import signal
 import sqlite3
