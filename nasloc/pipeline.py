@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import multiprocessing
 import threading
 import time
@@ -51,6 +52,10 @@ class DashboardError(NaslocError):
 def run_pipeline(options: argparse.Namespace) -> Path:
     """Run (or resume) every phase; returns the run folder."""
     started = time.time()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and options.phase != "supernet":
+        # The search, retraining and export run in one process; DDP serves supernet training.
+        raise PhaseError("under torchrun only --phase supernet runs (DDP supernet training); "
+                         "then run the search without torchrun (same options)")
     space, splits, proxy_size = load_inputs(options)  # checks the budget before anything is written
     run_dir = Path(options.run_dir)
     if options.phase == "search":
