@@ -10,8 +10,10 @@ import pytest
 # can't be fixed here, so it must not fail tests even under `-W error` or `filterwarnings = error`.
 FVCORE_JIT_WARNING = "ignore:`torch.jit.script` is deprecated"
 
-# The test machines have 2 cores; subprocesses inherit this, torch reads it when first imported.
-os.environ.setdefault("OMP_NUM_THREADS", "2")
+# One thread: the tests run tiny models, where a second thread costs more than it gives (up to 10x slower
+# on a busy 2-core machine), and several test processes may run at once. Subprocesses inherit this.
+THREADS = 1
+os.environ.setdefault("OMP_NUM_THREADS", str(THREADS))
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -23,5 +25,5 @@ def pytest_configure(config: pytest.Config) -> None:
 def pytest_runtest_setup(item: pytest.Item) -> None:
     # Only if a test module brought torch in anyway: importing it here would slow down every test run.
     torch = sys.modules.get("torch")
-    if torch is not None and torch.get_num_threads() != 2:
-        torch.set_num_threads(2)
+    if torch is not None and torch.get_num_threads() != THREADS:
+        torch.set_num_threads(THREADS)
