@@ -29,15 +29,6 @@ BRIEF = SupernetConfig(epochs=2, batch_size=32, lr=1e-2, warmup_epochs=0, num_wo
 BRIEF_IMAGES = 256
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny models are all per-op overhead; two threads per process thrash on a loaded 2-core machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def digits() -> DataSplits:
     return load_dataset("digits", None, img_size=16)  # what EvaluatorSpec loads too (seed 0)
@@ -45,7 +36,7 @@ def digits() -> DataSplits:
 
 def _briefly_trained(space: SearchSpace, band: Band, splits: DataSplits, out: Path) -> Supernet:
     """A supernet after 16 sandwich steps."""
-    torch.set_num_threads(1)  # module fixtures run before the autouse fixture
+    torch.set_num_threads(1)  # module fixtures may run before conftest's per-test setting
     torch.manual_seed(0)
     supernet = Supernet(space)
     few = replace(splits, train=splits.train.subset(np.arange(BRIEF_IMAGES)))

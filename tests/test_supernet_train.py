@@ -30,16 +30,6 @@ FAST = dict(batch_size=16, lr=2e-3, warmup_epochs=0, random_subnets=1, num_worke
 STEPS = 4
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny models are all per-op overhead: a second thread buys nothing, and on a loaded 2-core machine
-    # two threads per process thrash (5-10x slower). Also keeps float reductions identical between runs.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def few_digits() -> DataSplits:
     digits = load_dataset("digits", None, img_size=16)
@@ -47,7 +37,7 @@ def few_digits() -> DataSplits:
 
 
 def _train(supernet: Supernet, splits: DataSplits, out: Path, band: Band = BAND, **cfg):
-    torch.set_num_threads(1)  # module fixtures run before the autouse fixture
+    torch.set_num_threads(1)  # module fixtures may run before conftest's per-test setting
     config = SupernetConfig(**{**FAST, **cfg})
     return train_supernet(supernet, splits, band, config, out, device="cpu", progress=False)
 
