@@ -70,10 +70,6 @@ class Stage:
         return len(self.blocks)
 
     @property
-    def head_dim(self) -> int:
-        return self.dim // self.heads
-
-    @property
     def hidden(self) -> int:
         return int(round(self.dim * self.mlp_ratio))
 
