@@ -212,7 +212,7 @@ def run_ray_search(
             space=DefineByRun(space, budget_macs),
             metric=list(objectives),
             mode=["max" if OBJECTIVES[o] == "maximize" else "min" for o in objectives],
-            sampler=TrialSeededSampler(sampler, seed, population_size),
+            sampler=TrialSeededSampler(sampler, seed, population_size, space=space, budget_macs=budget_macs),
             storage=storage,
             study_name=study_name,
         )

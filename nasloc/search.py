@@ -4,7 +4,9 @@ One trial = one arch. The objective suggests the arch gene by gene (define-by-ru
 counts its MACs and parameters analytically, stores the arch on the trial and sets the budget constraint
 ``macs_budget = macs - budget_macs`` (feasible when <= 0) *before* anything is evaluated. An arch over
 budget is not evaluated at all: it gets pessimistic values (top-1 0, its real MACs and params, infinite
-latency) and costs only its storage writes.
+latency) and costs only its storage writes. The sampler's random phase (all of random search, TPE's first
+trials, NSGA-II's first population) is drawn within the budget (:class:`TrialSeededSampler`), so under a
+tight budget random search evaluates every trial and the model-based samplers start from feasible archs.
 
 Storage (:func:`open_storage`) is what makes a search persistent, resumable and shareable:
 
@@ -65,6 +67,7 @@ _logger = logging.getLogger(__name__)
 #: Objective names and their directions. top1 is the proxy top-1 accuracy (%) with supernet weights.
 OBJECTIVES: dict[str, str] = {"top1": "maximize", "macs": "minimize", "params": "minimize", "latency": "minimize"}
 SAMPLERS = ("nsga2", "tpe", "random")
+TPE_STARTUP_TRIALS = 10  # Optuna's default, set explicitly: the feasible start covers exactly these trials
 CONSTRAINT = "macs_budget"
 #: States that count towards ``n_trials``: done, or being run by some worker (or queued).
 COUNTED_STATES = (TrialState.COMPLETE, TrialState.FAIL, TrialState.RUNNING, TrialState.WAITING)
@@ -272,7 +275,7 @@ def make_sampler(name: str, seed: int, population_size: int | None = None) -> Ba
         kwargs = {} if population_size is None else {"population_size": population_size}
         return optuna.samplers.NSGAIISampler(seed=seed, **kwargs)
     if name == "tpe":
-        return optuna.samplers.TPESampler(seed=seed)  # keyword-only in Optuna 5
+        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=TPE_STARTUP_TRIALS)  # keyword-only in Optuna 5
     if name == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     raise ValueError(f"unknown sampler {name!r}; choose from {', '.join(SAMPLERS)}")
@@ -306,25 +309,36 @@ def trial_seed(seed: int, number: int) -> int:
 
 
 class TrialSeededSampler(BaseSampler):
-    """A sampler whose randomness depends only on (seed, trial number).
+    """A sampler whose randomness depends only on (seed, trial number), with an optional feasible start.
 
     Optuna samplers keep no state between trials but their random generator (populations, TPE
     models and NSGA-II generations are rebuilt from the storage). Each trial therefore gets a fresh
     ``make_sampler(name, trial_seed(seed, trial.number))``: a sequential search is reproducible, a
     resumed one does not replay its first suggestions (a plain ``RandomSampler(seed)`` would) and
     concurrent workers do not suggest the same archs.
+
+    Feasible start (when ``space`` and ``budget_macs`` are given): the trials a sampler would draw
+    uniformly at random (all of random search, TPE's first :data:`TPE_STARTUP_TRIALS`, NSGA-II's first
+    population) are drawn at random *within budget* (:meth:`SearchSpace.decisions_in_band`). Under a
+    tight budget most uniform archs are over it and are never evaluated; this way random search
+    evaluates every trial and TPE and NSGA-II start from a feasible population.
     """
 
-    def __init__(self, name: str, seed: int, population_size: int | None = None):
+    def __init__(self, name: str, seed: int, population_size: int | None = None, *,
+                 space: SearchSpace | None = None, budget_macs: float | None = None):
         make_sampler(name, seed, population_size)  # unknown names fail here
+        if (space is None) != (budget_macs is None):
+            raise ValueError("a feasible start needs both space and budget_macs")
         self.name, self.seed, self.population_size = name, int(seed), population_size
+        self.space, self.budget_macs = space, budget_macs
         self._lock = threading.Lock()
         self._samplers: dict[int, BaseSampler] = {}
+        self._starts: dict[int, dict[str, Any]] = {}
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         del state["_lock"]
-        state["_samplers"] = {}
+        state["_samplers"], state["_starts"] = {}, {}
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -345,19 +359,54 @@ class TrialSeededSampler(BaseSampler):
                         del self._samplers[next(iter(self._samplers))]
             return sampler
 
+    def startup_trials(self) -> float:
+        """How many first trials the wrapped sampler draws at random (all of them for random search)."""
+        if self.name == "tpe":
+            return TPE_STARTUP_TRIALS
+        if self.name == "nsga2":
+            return self.population_size or 50  # NSGAIISampler's default population
+        return math.inf
+
+    def _start(self, trial: FrozenTrial) -> dict[str, Any] | None:
+        """The in-budget decisions (as Optuna choice labels) of a feasible-start trial, else None."""
+        if self.space is None or trial.number >= self.startup_trials():
+            return None
+        with self._lock:
+            start = self._starts.get(trial.number)
+        if start is None:
+            from .space import option_label
+
+            rng = random.Random(trial_seed(self.seed, trial.number))
+            decisions = self.space.decisions_in_band(rng, 0.0, float(self.budget_macs))
+            start = {name: option_label(value) for name, value in decisions.items()}
+            with self._lock:
+                self._starts[trial.number] = start
+                while len(self._starts) > 1024:  # trials that never finished (killed)
+                    del self._starts[next(iter(self._starts))]
+        return start
+
     def infer_relative_search_space(self, study: optuna.Study, trial: FrozenTrial) -> dict[str, Any]:
+        if self._start(trial) is not None:
+            return {}  # every gene comes from the feasible start, through sample_independent
         return self._for(trial).infer_relative_search_space(study, trial)
 
     def sample_relative(self, study: optuna.Study, trial: FrozenTrial, search_space: dict[str, Any]) -> dict[str, Any]:
+        if self._start(trial) is not None:
+            return {}
         return self._for(trial).sample_relative(study, trial, search_space)
 
     def sample_independent(self, study: optuna.Study, trial: FrozenTrial, param_name: str, param_distribution: Any) -> Any:
+        start = self._start(trial)
+        if start is not None and start.get(param_name) in getattr(param_distribution, "choices", ()):
+            return start[param_name]
         return self._for(trial).sample_independent(study, trial, param_name, param_distribution)
 
     def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
         self._for(trial).before_trial(study, trial)
 
     def after_trial(self, study: optuna.Study, trial: FrozenTrial, state: TrialState, values: Sequence[float] | None) -> None:
+        with self._lock:
+            self._starts.pop(trial.number, None)
         self._for(trial, release=True).after_trial(study, trial, state, values)
 
     def reseed_rng(self) -> None:
@@ -604,7 +653,8 @@ def run_search(
     objective = Objective(space, evaluate, budget_macs=budget_macs, objectives=objectives, latency=latency)
     study = open_study(storage, study_name, objectives=objective.objectives, budget_macs=budget_macs,
                        meta={"space": space.name, "sampler": sampler, "seed": seed})
-    study.sampler = TrialSeededSampler(sampler, seed, resolve_population_size(study, sampler, population_size, n_trials))
+    study.sampler = TrialSeededSampler(sampler, seed, resolve_population_size(study, sampler, population_size, n_trials),
+                                       space=space, budget_macs=budget_macs)
     fail_stale_trials(study)
     remaining = n_trials - counted_trials(study)
     if remaining <= 0:

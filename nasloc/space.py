@@ -218,7 +218,11 @@ class SearchSpace:
         return references
 
     def sample_in_band(self, rng: random.Random, lo: float, hi: float, tries: int = 64) -> Arch:
-        """A random arch with MACs in [lo, hi]; bounded work, never an endless loop.
+        """A random arch with MACs in [lo, hi] (see :meth:`decisions_in_band`)."""
+        return self.build(ReplayChooser(self.decisions_in_band(rng, lo, hi, tries), RandomChooser(rng)))  # complete: no fallback
+
+    def decisions_in_band(self, rng: random.Random, lo: float, hi: float, tries: int = 64) -> dict[str, Any]:
+        """The gene decisions (name -> option) of a random arch with MACs in [lo, hi]; bounded work.
 
         1. Rejection: up to ``tries`` uniform samples; the first inside the band is returned (for a
            band that holds a fair share of the space this is uniform over the band).
@@ -234,7 +238,7 @@ class SearchSpace:
             arch = self.build(chooser)
             gap = _gap(count(arch).macs, lo, hi)
             if gap == 0:
-                return arch
+                return chooser.decisions
             if gap < best_gap:
                 best, best_gap = chooser.decisions, gap
         current, current_gap, stale = best, best_gap, 0
@@ -250,7 +254,7 @@ class SearchSpace:
             arch = self.build(chooser)
             gap = _gap(count(arch).macs, lo, hi)
             if gap == 0:
-                return arch
+                return chooser.decisions
             stale += 1
             if gap < current_gap:
                 current, current_gap, stale = chooser.decisions, gap, 0

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import pickle
+import random
 import signal
 import sqlite3
 import subprocess
@@ -30,6 +31,7 @@ from nasloc.search import (
     _Budgeted,
     make_sampler,
     open_storage,
+    open_study,
     pareto_trials,
     run_search,
 )
@@ -93,8 +95,11 @@ def test_make_sampler():
 
 # ------------------------------------------------------------------------------------------- constraint
 def test_constraint_is_set_and_infeasible_archs_are_not_evaluated(tmp_path):
+    # A plain uniform sampler (run_search's feasible start would keep every trial within budget).
     evaluate = CostProxy()
-    study = search(f"sqlite:///{tmp_path}/study.db", 16, evaluate, sampler="random", seed=3)
+    study = open_study(f"sqlite:///{tmp_path}/study.db", "s", objectives=("top1", "macs"), budget_macs=BUDGET,
+                       sampler=make_sampler("random", 3))
+    study.optimize(Objective(SPACE, evaluate, budget_macs=BUDGET), n_trials=16)
     trials = study.trials
     assert states(study) == ["COMPLETE"] * 16
     feasible = [t for t in trials if t.user_attrs["macs"] <= BUDGET]
@@ -124,6 +129,24 @@ def test_constraint_is_set_and_infeasible_archs_are_not_evaluated(tmp_path):
                    for t in front)
     tighter = min(t.user_attrs["macs"] for t in front)
     assert [t.number for t in pareto_trials(study, tighter)] == [front[0].number]
+
+
+@pytest.mark.parametrize("sampler, n_trials", [("random", 12), ("tpe", 10), ("nsga2", 6)])
+def test_feasible_start_keeps_the_random_phase_within_budget(tmp_path, sampler, n_trials):
+    tight = LOW + 0.1 * (HIGH - LOW)
+    rng = random.Random(0)
+    uniform = [count(SPACE.sample(rng)).macs <= tight for _ in range(200)]
+    assert sum(uniform) < 0.5 * len(uniform), "the budget should reject most uniform archs"
+    evaluate = CostProxy()
+    # n_trials covers all of TPE's random phase and NSGA-II's first population (of 6)
+    study = search(f"sqlite:///{tmp_path}/study.db", n_trials, evaluate, budget_macs=tight, sampler=sampler,
+                   population_size=6 if sampler == "nsga2" else None)
+    assert states(study) == ["COMPLETE"] * n_trials and evaluate.calls == n_trials
+    for t in study.trials:
+        arch = Arch.from_dict(t.user_attrs["arch"])
+        assert t.user_attrs["macs"] <= tight and t.user_attrs["evaluated"] is True
+        assert SPACE.suggest(optuna.trial.FixedTrial(t.params)) == arch  # the stored genes are the evaluated arch
+    assert len({t.user_attrs["arch_json"] for t in study.trials}) > n_trials // 2
 
 
 def test_objective_orders_values_and_skips_latency_over_budget(tmp_path):
