@@ -3,24 +3,31 @@
 Runs on 2 CPU cores in a few hours by working on subsets (sizes below, all recorded in the output):
 the CIFAR-10 JPEG set of ../shared/data/cifar10 with its split (validation = images 4500-4999 of
 each class), a class-balanced subset of the 45k training images, and the full 5k validation images.
-Every unit of work (supernet, each standalone training, each search) is saved to
+Every unit of work (supernet, each search, each standalone training) is saved to
 ``results/evidence/evidence.json`` as it finishes, so the script can be stopped and rerun.
 
-    nohup .venv/bin/python bench/evidence_cifar.py > results/evidence/log.txt 2>&1 &
+Steps (``--steps``, comma-separated):
+- ``supernet``: the supernet on search_spaces/cifar.yaml at 32 px, sandwich rule inside [budget/2, budget].
+- ``search``: NSGA-II, TPE and random search (same number of trials each) on that supernet;
+  hypervolume of the (top-1, MACs) front within budget after every trial. Then the supernet-inherited
+  top-1 of every arch trained in ``train``.
+- ``train``: every standalone training, one recipe: the ``--rank-archs`` ranking archs (sampled in
+  [0.75 budget, budget]) and, with every seed, each seed mechanism alone in the same skeleton at or
+  under the budget (SearchSpace.reference_archs), the NSGA-II best and the random-search best.
+  Trainings are claimed one by one, so two processes can share them (one thread each on 2 cores);
+  ``--wait-search`` makes a process wait for another one's search to train the searched archs too.
+- ``summary``: waits until every training is recorded, then Kendall tau and top-3 precision of
+  supernet-inherited vs standalone top-1, and the table of the seed designs vs the searched archs.
 
-Steps:
-1. Supernet on search_spaces/cifar.yaml at 32 px, sandwich rule inside [budget/2, budget].
-2. Ranking: ``--rank-archs`` archs sampled in the band [0.75 budget, budget]; each trained standalone
-   with one short recipe; Kendall tau and top-3 precision of supernet-inherited vs standalone top-1.
-3. Search efficiency: NSGA-II, TPE and random search (same trials each) on the same supernet;
-   hypervolume of the (top-1, MACs) front within budget after every trial.
-4. Search vs seeds: every seed mechanism alone in the same skeleton at or under the budget
-   (SearchSpace.reference_archs), the NSGA-II best and the random-search best, retrained with the
-   same recipe and ``--seeds`` seeds.
+Two processes on 2 cores:
+
+    nohup .venv/bin/python bench/evidence_cifar.py --threads 1 > results/evidence/log_a.txt 2>&1 &
+    nohup .venv/bin/python bench/evidence_cifar.py --threads 1 --steps train --wait-search > results/evidence/log_b.txt 2>&1 &
 """
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import os
 import random
@@ -52,32 +59,71 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--cifar-tar", default=str(ROOT.parent / "shared/data/cifar10/train.tar.gz"))
     p.add_argument("--data-root", default="/tmp/nasloc-cifar10")
     p.add_argument("--out", default=str(ROOT / "results/evidence"))
-    p.add_argument("--budget", type=float, default=0.06e9, help="MACs per image at 32 px")
-    p.add_argument("--train-subset", type=int, default=10000, help="training images (class-balanced)")
-    p.add_argument("--val-subset", type=int, default=5000, help="validation images (class-balanced, of the 5k)")
-    p.add_argument("--supernet-epochs", type=int, default=6)
+    p.add_argument("--budget", type=float, default=0.03e9, help="MACs per image at 32 px")
+    p.add_argument("--train-subset", type=int, default=5000, help="training images (class-balanced)")
+    p.add_argument("--val-subset", type=int, default=2000, help="validation images (class-balanced, of the 5k)")
+    p.add_argument("--supernet-epochs", type=int, default=10)
     p.add_argument("--rank-archs", type=int, default=10)
-    p.add_argument("--standalone-epochs", type=int, default=6)
-    p.add_argument("--trials", type=int, default=60)
+    p.add_argument("--standalone-epochs", type=int, default=5)
+    p.add_argument("--trials", type=int, default=50)
     p.add_argument("--seeds", type=int, default=2)
-    p.add_argument("--steps", default="supernet,rank,search,seeds")
+    p.add_argument("--batch-size", type=int, default=64, help="of the supernet and of every standalone training")
+    p.add_argument("--steps", default="supernet,search,train,summary")
+    p.add_argument("--wait-search", action="store_true",
+                   help="train step: wait for another process's search results, then train the searched archs too")
+    p.add_argument("--threads", type=int, default=2, help="torch threads of this process")
     return p.parse_args()
 
 
 # ------------------------------------------------------------------------------ bookkeeping
 class Record:
+    """evidence.json, shared by the processes of one study: every write merges into the file on disk."""
+
     def __init__(self, path: Path):
         self.path = path
-        self.data = json.loads(path.read_text()) if path.exists() else {}
+        self.claims = path.parent / "claims"
+
+    def load(self) -> dict:
+        return json.loads(self.path.read_text()) if self.path.exists() else {}
 
     def get(self, key: str):
-        return self.data.get(key)
+        return self.load().get(key)
 
     def put(self, key: str, value) -> None:
-        self.data[key] = value
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.data, indent=1, default=str))
-        os.replace(tmp, self.path)
+        with open(self.path.with_suffix(".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # another process may be merging its own key
+            data = self.load()
+            data[key] = value
+            tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(data, indent=1, default=str))
+            os.replace(tmp, self.path)
+
+    def claim(self, unit: str) -> bool:
+        """True when this process may run ``unit``: nobody else holds it (a dead holder's claim is taken over)."""
+        self.claims.mkdir(exist_ok=True)
+        path = self.claims / unit.replace("/", "_").replace(" ", "_")
+        if path.exists():
+            holder = int(path.read_text() or 0)
+            if holder != os.getpid() and _alive(holder):
+                return False
+            path.unlink(missing_ok=True)
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:  # another process claimed it just now
+            return False
+        os.write(fd, str(os.getpid()).encode())
+        os.close(fd)
+        return True
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return pid > 0
 
 
 def log(message: str) -> None:
@@ -110,7 +156,7 @@ def _balanced(dataset, size: int, num_classes: int):
 # ------------------------------------------------------------------------------ steps
 def recipe(args: argparse.Namespace, seed: int) -> RetrainConfig:
     """One short recipe for every standalone training (weak regularisation suits a few epochs)."""
-    return RetrainConfig(epochs=args.standalone_epochs, batch_size=128, lr=1e-3, warmup_epochs=1, min_lr=1e-5,
+    return RetrainConfig(epochs=args.standalone_epochs, batch_size=args.batch_size, lr=1e-3, warmup_epochs=1, min_lr=1e-5,
                          mixup=0.0, cutmix=0.0, randaugment="", label_smoothing=0.1, img_size=32, num_workers=0, seed=seed)
 
 
@@ -124,32 +170,17 @@ def step_supernet(space: SearchSpace, data: DataSplits, args: argparse.Namespace
     supernet = Supernet(space, 32)
     band = Band(args.budget / 2, args.budget)
     started = time.time()
-    cfg = SupernetConfig(epochs=args.supernet_epochs, batch_size=128, seed=0)
+    cfg = SupernetConfig(epochs=args.supernet_epochs, batch_size=args.batch_size, seed=0)
     train_supernet(supernet, data, band, cfg, out / "supernet", device="cpu", progress=False)
     if rec.get("supernet") is None:
         rec.put("supernet", dict(epochs=args.supernet_epochs, band=[band.lo, band.hi], train_images=len(data.train), seconds=time.time() - started))
     return supernet.eval()
 
 
-def step_rank(space, supernet, data, args, out, rec) -> None:
+def rank_archs(space: SearchSpace, args: argparse.Namespace) -> list[Arch]:
+    """The ranking study's archs: sampled (fixed seed) in the band [0.75 budget, budget]."""
     rng = random.Random(123)
-    archs = [space.sample_in_band(rng, 0.75 * args.budget, args.budget) for _ in range(args.rank_archs)]
-    evaluate = make_evaluator(supernet, data)
-    rows = rec.get("rank") or []
-    for i, arch in enumerate(archs[len(rows):], start=len(rows)):
-        proxy = evaluate(arch)
-        t = time.time()
-        top1 = standalone(arch, data, args, out / "rank" / f"arch_{i}", seed=0)
-        rows.append(dict(i=i, macs=count(arch).macs, params=count(arch).params, proxy_top1=proxy, standalone_top1=top1,
-                         seconds=time.time() - t, arch=arch.to_dict()))
-        rec.put("rank", rows)
-        log(f"rank {i}: proxy {proxy:.2f} standalone {top1:.2f}")
-    proxy, real = [r["proxy_top1"] for r in rows], [r["standalone_top1"] for r in rows]
-    tau = kendalltau(proxy, real).statistic
-    top3_proxy = set(np.argsort(proxy)[-3:])
-    top3_real = set(np.argsort(real)[-3:])
-    rec.put("rank_summary", dict(kendall_tau=tau, top3_precision=len(top3_proxy & top3_real) / 3, n=len(rows)))
-    log(f"rank: tau {tau:.3f}, top-3 precision {len(top3_proxy & top3_real)}/3")
+    return [space.sample_in_band(rng, 0.75 * args.budget, args.budget) for _ in range(args.rank_archs)]
 
 
 def hypervolume(points: list[tuple[float, float]], budget: float) -> float:
@@ -184,50 +215,97 @@ def step_search(space, supernet, data, args, out, rec) -> None:
         log(f"search {sampler}: final hypervolume {curve[-1]:.4f}, best proxy {best.user_attrs['top1']:.2f}")
 
 
-def step_seeds(space, supernet, data, args, out, rec) -> None:
-    candidates = {name: arch for name, arch in space.reference_archs(args.budget).items()}
+SEARCHED = (("nsga2", "searched (NSGA-II)"), ("random", "random search best"))
+
+
+def seed_candidates(space: SearchSpace, args: argparse.Namespace, rec: Record) -> dict[str, Arch]:
+    """The seed designs at the budget, plus the searched archs that have been recorded so far."""
+    candidates = dict(space.reference_archs(args.budget))
     search = rec.get("search") or {}
-    for sampler, label in (("nsga2", "searched (NSGA-II)"), ("random", "random search best")):
+    for sampler, label in SEARCHED:
         if sampler in search:
             candidates[label] = Arch.from_dict(search[sampler]["best"]["arch"])
-    rows = rec.get("seeds") or {}
+    return candidates
+
+
+def training_units(space: SearchSpace, args: argparse.Namespace, rec: Record) -> list[tuple[str, Arch, int]]:
+    """Every standalone training known so far as (record key, arch, seed), in the order to run them."""
+    candidates = seed_candidates(space, args, rec)
+    units = [(f"seeds/{name}|0", arch, 0) for name, arch in candidates.items()]
+    units += [(f"rank/{i}", arch, 0) for i, arch in enumerate(rank_archs(space, args))]
+    units += [(f"seeds/{name}|{seed}", arch, seed) for seed in range(1, args.seeds) for name, arch in candidates.items()]
+    return units
+
+
+def step_train(space, data, args, out, rec) -> None:
+    """Run every standalone training not yet done; units are claimed, so two processes can share them."""
+    while True:
+        units = training_units(space, args, rec)
+        if any(run_unit(key, arch, seed, data, args, out, rec) for key, arch, seed in units):
+            continue  # the search may have finished meanwhile: look for new units
+        if args.wait_search and rec.get("search") is None:
+            time.sleep(30)  # the search runs in another process
+            continue
+        return
+
+
+def run_unit(key: str, arch: Arch, seed: int, data, args, out: Path, rec: Record) -> bool:
+    """Train ``arch`` standalone with ``seed`` unless done or claimed by another process; True when it ran."""
+    if rec.get(key) is not None or not rec.claim(key):
+        return False
+    t = time.time()
+    top1 = standalone(arch, data, args, out / key.replace("|", "_seed").replace(" ", "_"), seed)
+    cost = count(arch)
+    rec.put(key, dict(seed=seed, top1=top1, macs=cost.macs, params=cost.params, seconds=time.time() - t, arch=arch.to_dict()))
+    log(f"{key}: {top1:.2f}")
+    return True
+
+
+def step_proxy(space, supernet, data, args, rec) -> None:
+    """Supernet-inherited top-1 of the ranking archs, the seed designs and the searched archs."""
     evaluate = make_evaluator(supernet, data)
-    for seed in range(args.seeds):
-        for name, arch in candidates.items():
-            key = f"{name}|{seed}"
-            if key in rows:
-                continue
-            t = time.time()
-            top1 = standalone(arch, data, args, out / "seeds" / f"{name.replace(' ', '_')}_{seed}", seed)
-            rows[key] = dict(name=name, seed=seed, top1=top1, proxy_top1=evaluate(arch), macs=count(arch).macs,
-                             params=count(arch).params, seconds=time.time() - t, arch=arch.to_dict())
-            rec.put("seeds", rows)
-            log(f"seeds {key}: {top1:.2f}")
-    table = {}
-    for row in rows.values():
-        table.setdefault(row["name"], []).append(row["top1"])
+    rec.put("proxy/rank", [evaluate(arch) for arch in rank_archs(space, args)])
+    rec.put("proxy/seeds", {name: evaluate(arch) for name, arch in seed_candidates(space, args, rec).items()})
+
+
+def step_summary(space, args, rec) -> None:
+    """Kendall tau / top-3 precision and the seeds table, once every unit (of any process) is recorded."""
+    while any(rec.get(key) is None for key, _, _ in training_units(space, args, rec)):
+        time.sleep(30)
+    proxy = rec.get("proxy/rank")
+    real = [rec.get(f"rank/{i}")["top1"] for i in range(args.rank_archs)]
+    tau = kendalltau(proxy, real).statistic
+    top3 = len(set(np.argsort(proxy)[-3:]) & set(np.argsort(real)[-3:]))
+    rec.put("rank_summary", dict(kendall_tau=tau, top3_precision=top3 / 3, n=len(real)))
+    log(f"rank: tau {tau:.3f}, top-3 precision {top3}/3")
+    table: dict[str, list[float]] = {}
+    for key, value in sorted(rec.load().items()):
+        if key.startswith("seeds/"):
+            table.setdefault(key[len("seeds/"):].rsplit("|", 1)[0], []).append(value["top1"])
     rec.put("seeds_summary", {name: dict(mean=statistics.mean(v), spread=(max(v) - min(v)) / 2, n=len(v)) for name, v in table.items()})
 
 
 def main() -> None:
     args = parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rec = Record(out / "evidence.json")
-    rec.put("config", vars(args))
+    steps = args.steps.split(",")
+    rec.put(f"config/{args.steps}", vars(args))
     full, data = cifar(args)
     log(f"data: {len(data.train)} training images (of {len(full.train)}), {len(data.val)} validation images (of {len(full.val)})")
     space = SearchSpace.load("cifar").for_classes(data.num_classes)
-    steps = args.steps.split(",")
-    supernet = step_supernet(space, data, args, out, rec)
-    log("supernet ready")
-    if "rank" in steps:
-        step_rank(space, supernet, data, args, out, rec)
+    if {"supernet", "search"} & set(steps):
+        supernet = step_supernet(space, data, args, out, rec)
+        log("supernet ready")
     if "search" in steps:
         step_search(space, supernet, data, args, out, rec)
-    if "seeds" in steps:
-        step_seeds(space, supernet, data, args, out, rec)
+        step_proxy(space, supernet, data, args, rec)
+    if "train" in steps:
+        step_train(space, data, args, out, rec)
+    if "summary" in steps:
+        step_summary(space, args, rec)
     log("done")
 
 
