@@ -7,3 +7,10 @@ keeps its traceback.
 
 class NaslocError(ValueError):
     """Bad input; the message is one line naming what is wrong and how to fix it."""
+
+
+class TrainingDiverged(NaslocError, FloatingPointError):
+    """The training loss became NaN or infinite (too high a learning rate, or broken data).
+
+    A NaslocError, so the command line prints it as one line; the last completed epoch's checkpoint is kept.
+    """

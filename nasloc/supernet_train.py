@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from .arch import Arch
 from .data import DataSplits, make_loader
-from .errors import NaslocError
+from .errors import NaslocError, TrainingDiverged
 from .fileio import atomic_path
 from .supernet import Supernet
 from .train import resolve_device, setup_distributed
@@ -128,7 +128,8 @@ def train_supernet(
         for step, (x, y) in enumerate(loader):
             loss = _sandwich_step(supernet, sampler.step(rng), x, y, cfg)
             if not math.isfinite(loss):
-                raise FloatingPointError(f"supernet loss became {loss} at epoch {epoch + 1}; lower the learning rate or check the data")
+                raise TrainingDiverged(f"supernet loss became {loss} at epoch {epoch + 1}; lower the learning rate "
+                                       "(SupernetConfig.lr) or check the data; completed epochs stay in " + str(ckpt_path))
             _average_gradients(supernet, dist_info.world_size)
             if cfg.grad_clip:
                 torch.nn.utils.clip_grad_norm_(supernet.parameters(), cfg.grad_clip)

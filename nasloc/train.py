@@ -42,6 +42,7 @@ from torchvision import transforms
 from tqdm import tqdm
 
 from nasloc.data import DataSplits, DeviceLoader, LazyImageDataset, make_loader
+from nasloc.errors import TrainingDiverged
 
 log = logging.getLogger(__name__)
 
@@ -285,8 +286,8 @@ def _train_one_epoch(model: nn.Module, loader: DeviceLoader, opt: _Optimization,
         if step % 10 == 0 or step == len(loader):  # .item() syncs the GPU: not on every step
             mean_loss = loss_sum.item() / step
             if not math.isfinite(mean_loss):
-                raise FloatingPointError(f"training loss is {mean_loss} in epoch {epoch + 1} step {step}; "
-                                         f"lower lr or keep grad_clip > 0")
+                raise TrainingDiverged(f"training loss is {mean_loss} in epoch {epoch + 1} step {step}; "
+                                       f"lower lr or keep grad_clip > 0")
             rate = images * _world_size() / (time.perf_counter() - start)
             bar.set_postfix_str(f"epoch {epoch + 1}/{cfg.epochs} loss {mean_loss:.3f} {rate:.0f} img/s")
     if dist.is_initialized():  # report the mean over all ranks, so every rank's history agrees

@@ -16,7 +16,7 @@ import torch
 from torch.utils.data import Dataset
 
 from nasloc.data import DataSplits, load_dataset
-from nasloc.errors import NaslocError
+from nasloc.errors import NaslocError, TrainingDiverged
 from nasloc.flops import count
 from nasloc.space import SearchSpace
 from nasloc.supernet import Supernet
@@ -203,10 +203,11 @@ class NaNImages(Dataset):
         return torch.full((3, 16, 16), float("nan")), i % 10
 
 
-def test_nan_loss_raises_floating_point_error(few_digits, tmp_path):
+def test_nan_loss_raises_a_one_line_error(few_digits, tmp_path):
     supernet = Supernet(SearchSpace.load(SPACE))
-    with pytest.raises(FloatingPointError, match="loss became nan at epoch 1") as error:
+    with pytest.raises(TrainingDiverged, match="loss became nan at epoch 1") as error:
         _train(supernet, replace(few_digits, train=NaNImages()), tmp_path, epochs=1)
+    assert isinstance(error.value, NaslocError) and isinstance(error.value, FloatingPointError)  # the CLI prints one line
     assert "\n" not in str(error.value)
     assert not (tmp_path / "last.pth").exists()
 

@@ -15,6 +15,7 @@ from PIL import Image
 from torch import nn
 
 from nasloc.data import DataSplits, load_dataset, make_loader
+from nasloc.errors import NaslocError, TrainingDiverged
 from nasloc.train import RetrainConfig, cleanup_distributed, evaluate, resolve_device, retrain
 
 # The short-run setting: no mixup/RandAugment (they slow learning over 2 epochs), no warm-up.
@@ -122,6 +123,15 @@ def test_randaugment_survives_posterize_at_full_magnitude(few_digits, tmp_path):
     cfg = RetrainConfig(epochs=1, **dict(PLAIN, randaugment="rand-m10-n15-inc1"))
     result = retrain(_mlp(), few_digits, cfg, tmp_path, progress=False)
     assert np.isfinite(result.history[0]["train_loss"])
+
+
+def test_nan_loss_raises_a_one_line_error(few_digits, tmp_path):
+    broken = _mlp()
+    nn.init.constant_(broken[1].weight, float("nan"))
+    with pytest.raises(TrainingDiverged, match="training loss is nan in epoch 1") as error:
+        retrain(broken, few_digits, RetrainConfig(epochs=1, **PLAIN), tmp_path, progress=False)
+    assert isinstance(error.value, NaslocError) and "\n" not in str(error.value)  # the CLI prints one line
+    assert not (tmp_path / "last.pth").exists()
 
 
 def test_evaluate_counts_top1(digits):
