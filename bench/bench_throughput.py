@@ -113,15 +113,6 @@ def race(models: dict[str, nn.Module], batch: int, steps: int, warmup: int, img_
     return rates
 
 
-def describe(arch: Arch) -> str:
-    stage = arch.stages[0]
-    mixers = "/".join(f"{sum(b.mixer == m for b in stage.blocks)} {m}" for m in ("global", "dilated", "window"))
-    extras = [f"{sum(b.life for b in stage.blocks)} LIFE", f"{sum(bool(b.ffn_kernel) for b in stage.blocks)} FFN-conv",
-              f"{len(arch.shortcuts)} shortcuts", f"{arch.global_tokens} global tokens", f"ffn {arch.ffn}",
-              f"cpe {'on' if arch.cpe else 'off'}"]
-    return f"dim {stage.dim}, depth {stage.depth}, heads {stage.heads}, mlp {stage.mlp_ratio}; {mixers}; " + ", ".join(extras)
-
-
 def main() -> int:
     args = parse_args()
     torch.set_num_threads(args.threads)
@@ -145,7 +136,7 @@ def main() -> int:
         theirs = timm_twin(twin)
         macs = {"nasloc": fvcore_macs(ours, arch.img_size), "timm": fvcore_macs(theirs, arch.img_size)}
         params = {"nasloc": sum(p.numel() for p in ours.parameters()), "timm": sum(p.numel() for p in theirs.parameters())}
-        print(f"\n{label}: nasloc {describe(arch)}", flush=True)
+        print(f"\n{label}: nasloc {arch.describe()}", flush=True)
         print(f"  timm VisionTransformer(embed_dim={twin.stages[0].dim}, depth={twin.depth}, "
               f"num_heads={twin.stages[0].heads}, mlp_ratio={twin.stages[0].mlp_ratio})", flush=True)
         started = time.time()
@@ -156,7 +147,7 @@ def main() -> int:
             print(f"  {k:6s} {median[k]:7.1f} img/s (median; min {min(rates[k]):.1f}, max {max(rates[k]):.1f})  "
                   f"{macs[k] / 1e6:7.2f} MMACs  {params[k] / 1e6:.2f} M params", flush=True)
         print(f"  ratio nasloc/timm = {ratio:.3f}   ({time.time() - started:.0f} s)", flush=True)
-        rows.append((label, describe(arch), twin, macs, params, median, rates, ratio))
+        rows.append((label, arch.describe(), twin, macs, params, median, rates, ratio))
 
     if args.append:
         append_markdown(args, header, rows)

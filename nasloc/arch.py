@@ -147,6 +147,17 @@ class Arch:
                 index += 1
 
     # ----------------------------------------------------------------- serialisation
+    def describe(self) -> str:
+        """One line saying which locality the arch uses, e.g. for tables of searched archs."""
+        stages = []
+        for stage in self.stages:
+            mixers = "/".join(f"{sum(b.mixer == m for b in stage.blocks)} {m}" for m in MIXERS)
+            stages.append(f"dim {stage.dim}, depth {stage.depth}, heads {stage.heads}, mlp {stage.mlp_ratio:g}: {mixers}, "
+                          f"{sum(b.life for b in stage.blocks)} LIFE, {sum(bool(b.ffn_kernel) for b in stage.blocks)} FFN-conv")
+        shortcuts = ", ".join(f"{s.start}+{s.span}:{'/'.join(map(str, s.kernels))}" for s in self.shortcuts) or "none"
+        return (" | ".join(stages) + f"; shortcuts (start+span:kernels) {shortcuts}; {self.global_tokens} global tokens, "
+                f"ffn {self.ffn}, cpe {'on' if self.cpe else 'off'}")
+
     def to_dict(self) -> dict[str, Any]:
         return _to_plain(dataclasses.asdict(self))
 

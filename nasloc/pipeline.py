@@ -346,11 +346,12 @@ def write_summary(run_dir: Path, options: Any, space: SearchSpace, study, pareto
         "",
         "## Pareto front (proxy top-1 with supernet weights)",
         "",
-        "| trial | proxy top-1 (%) | GMACs | params (M) |",
-        "|---|---|---|---|",
+        "| trial | proxy top-1 (%) | GMACs | params (M) | locality |",
+        "|---|---|---|---|---|",
     ]
     for t in sorted(pareto, key=lambda t: t.user_attrs["macs"]):
-        lines.append(f"| {t.number} | {t.user_attrs['top1']:.2f} | {t.user_attrs['macs'] / 1e9:.4f} | {t.user_attrs['params'] / 1e6:.3f} |")
+        lines.append(f"| {t.number} | {t.user_attrs['top1']:.2f} | {t.user_attrs['macs'] / 1e9:.4f} | "
+                     f"{t.user_attrs['params'] / 1e6:.3f} | {Arch.from_dict(t.user_attrs['arch']).describe()} |")
     lines += ["", "## Seed mechanisms alone in this space (largest within budget)", "", "| design | proxy top-1 (%) | GMACs |", "|---|---|---|"]
     lines += [f"| {name} | {top1:.2f} | {macs / 1e9:.4f} |" for name, (macs, top1) in references.items()]
     lines += ["", "## Retrained from scratch", "", "| trial | val top-1 (%) | proxy top-1 (%) | GMACs at deploy | params (M) |", "|---|---|---|---|---|"]

@@ -65,6 +65,14 @@ def test_models_from_round_tripped_archs_are_identical(name):
     assert list(reference) == list(shapes(LocalityViT(arch.to_dict())))  # same order, same names
 
 
+def test_describe_names_every_locality_choice():
+    assert SMALL.describe() == (
+        "dim 24, depth 2, heads 3, mlp 2: 0 global/1 dilated/1 window, 1 LIFE, 1 FFN-conv | "
+        "dim 64, depth 3, heads 4, mlp 3: 2 global/1 dilated/0 window, 0 LIFE, 1 FFN-conv; "
+        "shortcuts (start+span:kernels) 0+2:3/5/7, 3+2:5; 2 global tokens, ffn bidim, cpe on")
+    assert "shortcuts (start+span:kernels) none; 0 global tokens, ffn mlp, cpe off" in PRESETS["nasloc_deit_tiny"].describe()
+
+
 def test_yaml_written_by_hand():
     text = """
     img_size: 32

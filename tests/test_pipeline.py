@@ -27,6 +27,7 @@ from optuna.trial import TrialState
 
 import nasloc
 import nasloc.pipeline
+from nasloc.arch import Arch
 from nasloc.cli import SPACES_DIR, search_main
 from nasloc.flops import fvcore_macs
 from nasloc.search import open_storage, pareto_trials
@@ -182,6 +183,7 @@ def test_a_run_writes_every_output_consistently(finished):
     assert f"| {best.number} | {val_top1:.2f} | {best.user_attrs['top1']:.2f} |" in retrained_table
     for t in front:
         assert f"| {t.number} | {t.user_attrs['top1']:.2f} |" in summary
+        assert Arch.from_dict(t.user_attrs["arch"]).describe() in summary  # which locality each Pareto arch uses
     assert f'timm.create_model("local-dir:{run_dir / "export" / "best"}", pretrained=True)' in summary
 
 
