@@ -2,12 +2,14 @@
 
 Convention of the seed papers and of fvcore: one multiply-add is one FLOP. ``--budget 0.7GFLOPs``
 means 0.7e9 multiply-adds per image at the arch's resolution. Counted: linear and conv layers,
-attention matmuls (fused SDPA included), LayerNorm (5 per element) and BatchNorm in eval (2 per
-element) as fvcore counts them. Not counted, as in fvcore: element-wise ops (activations, adds,
+attention matmuls (fused SDPA included) and dilated attention's two products (element-wise ops:
+``linalg_vecdot``, ``addcmul_``), LayerNorm (5 per element) and BatchNorm in eval (2 per element)
+as fvcore counts them. Not counted, as in fvcore: element-wise ops (activations, adds,
 softmax, gates), pooling, reshapes.
 """
 from __future__ import annotations
 
+import math
 import warnings
 from collections import Counter
 from typing import Any, NamedTuple
@@ -31,6 +33,20 @@ def _sdpa_macs(inputs: list[Any], outputs: list[Any]) -> int:
     return batch * q[-2] * k[-2] * (q[-1] + v[-1])
 
 
+def _vecdot_macs(inputs: list[Any], outputs: list[Any]) -> int:
+    """fvcore handle for aten::linalg_vecdot (dilated attention's logits): one MAC per product summed."""
+    from fvcore.nn.jit_handles import get_shape
+
+    return math.prod(torch.broadcast_shapes(tuple(get_shape(inputs[0])), tuple(get_shape(inputs[1]))))
+
+
+def _addcmul_macs(inputs: list[Any], outputs: list[Any]) -> int:
+    """fvcore handle for aten::addcmul_ (dilated attention's weighted values): one MAC per element."""
+    from fvcore.nn.jit_handles import get_shape
+
+    return math.prod(get_shape(outputs[0]))
+
+
 def fvcore_macs(model: nn.Module, img_size: int, in_chans: int = 3) -> int:
     """MACs of one image through ``model`` (eval mode) as fvcore counts them, attention included."""
     with warnings.catch_warnings():
@@ -40,7 +56,11 @@ def fvcore_macs(model: nn.Module, img_size: int, in_chans: int = 3) -> int:
     was_training = model.training
     model.eval()
     x = torch.zeros(1, in_chans, img_size, img_size, device=next(model.parameters()).device)
-    analysis = FlopCountAnalysis(model, x).set_op_handle("aten::scaled_dot_product_attention", _sdpa_macs)
+    analysis = FlopCountAnalysis(model, x).set_op_handle(
+        "aten::scaled_dot_product_attention", _sdpa_macs,
+        "aten::linalg_vecdot", _vecdot_macs,
+        "aten::addcmul_", _addcmul_macs,
+    )
     analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -6,7 +6,7 @@ full digits set would take minutes per run on the loaded 2-core test machines; a
 the same way by the main process, spawned search workers and Ray workers, so no monkeypatching is needed.
 
 torch runs with one intra-op thread here: on a loaded 2-core machine two OpenMP threads make small
-kernels (the ``unfold`` of dilated attention) up to 50x slower.
+kernels (such as those of dilated attention) up to 50x slower.
 """
 from __future__ import annotations
 

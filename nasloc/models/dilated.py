@@ -2,8 +2,13 @@
 
 * :func:`dilated_attention`: sliding-window dilated attention (SWDA). Every image query attends to
   its kxk neighbourhood sampled with the dilation rate of its head; heads with equal rates are
-  computed together. The neighbourhood is gathered with ``unfold`` (real neighbourhoods, so MACs are
-  H*W*k*k*C per matmul, not (H*W)^2*C).
+  computed together. Shift and multiply: the key and value maps are zero-padded once, and for each
+  of the k*k offsets the shifted view gives one logit per query (``linalg.vecdot``) and one term of
+  the output (``addcmul_``). Real neighbourhoods, so MACs are H*W*k*k*C per product, not
+  (H*W)^2*C; ``nasloc.flops.fvcore_macs`` counts these two ops. Element-wise products beat the
+  gathered (1 x d) @ (d x k*k) matmuls by far (``results/benchmarks.md``). Training goes through a
+  hand-written backward (no double backward) that accumulates into in-map slices, instead of
+  autograd's full-size zero gradient for every shifted view.
   Border handling differs from the official code on purpose: there, zero-padded keys outside the
   map enter the softmax with logit 0 and value 0 (a corner query at rate 2 gets 4/9 of its mass
   from padding); here padded keys are masked out of the softmax.
@@ -16,48 +21,159 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 from .elastic import ElasticBatchNorm2d, ElasticConv2d
 from .layout import Geometry, join_aux, split_aux, to_map, to_tokens
 from .lightvit import AuxProjection
 
 
-def _neighbourhoods(t: Tensor, geo: Geometry, kernel: int, rate: int) -> Tensor:
-    """(B, g, H*W, d) -> (B, g, H*W, k*k, d): the dilated kxk neighbourhood of every position."""
-    b, g, n, d = t.shape
-    feature_map = t.transpose(2, 3).reshape(b, g * d, geo.height, geo.width)
-    cols = F.unfold(feature_map, kernel, dilation=rate, padding=rate * (kernel // 2))
-    return cols.reshape(b, g, d, kernel * kernel, n).permute(0, 1, 4, 3, 2)
+Heads = slice | list[int]  # the heads of one rate: a slice (a view) when they are adjacent
+
+
+def _head_groups(dilations: tuple[int, ...]) -> list[tuple[int, Heads]]:
+    """(rate, heads) for every distinct rate: heads of equal rate share every op."""
+    groups = []
+    for rate in sorted(set(dilations)):
+        heads = [h for h, r in enumerate(dilations) if r == rate]
+        adjacent = heads == list(range(heads[0], heads[-1] + 1))
+        groups.append((rate, slice(heads[0], heads[-1] + 1) if adjacent else heads))
+    return groups
+
+
+def _shifts(kernel: int, rate: int) -> list[tuple[int, int]]:
+    """(dy, dx) of the k*k keys of a query, row-major (unfold's order)."""
+    reach = kernel // 2
+    return [((i - reach) * rate, (j - reach) * rate) for i in range(kernel) for j in range(kernel)]
+
+
+def _clip(shift: int, size: int) -> tuple[slice, slice]:
+    """Along one axis: the queries whose key at ``shift`` lies in the map, and those keys (maybe empty)."""
+    lo, hi = max(0, -shift), min(size, size - shift)
+    hi = max(lo, hi)  # a shift beyond the map leaves no query, not a negative slice
+    return slice(lo, hi), slice(lo + shift, hi + shift)
+
+
+Region = tuple[slice, slice, slice, slice]  # (all batch, all heads, rows, cols) of a (B, g, H, W, ...) tensor
+
+
+def _regions(geo: Geometry, kernel: int, rate: int) -> list[tuple[Region, Region]]:
+    """Per offset: (the queries whose key is in the map, those keys); the rest is padding."""
+    regions = []
+    for dy, dx in _shifts(kernel, rate):
+        (q_rows, k_rows), (q_cols, k_cols) = _clip(dy, geo.height), _clip(dx, geo.width)
+        every = slice(None)
+        regions.append(((every, every, q_rows, q_cols), (every, every, k_rows, k_cols)))
+    return regions
 
 
 def _inside_mask(geo: Geometry, kernel: int, rate: int, device: torch.device) -> Tensor:
-    """(H*W, k*k) bool: which neighbourhood positions fall inside the map."""
-    ones = torch.ones(1, 1, geo.height, geo.width, device=device)
-    cols = F.unfold(ones, kernel, dilation=rate, padding=rate * (kernel // 2))
-    return cols[0].transpose(0, 1) > 0
+    """(k*k, 1, 1, H, W) bool: which keys of each query fall inside the map."""
+    inside = torch.zeros(kernel * kernel, geo.height, geo.width, dtype=torch.bool, device=device)
+    for o, (at_q, _) in enumerate(_regions(geo, kernel, rate)):
+        inside[o][at_q[2:]] = True
+    return inside[:, None, None]
 
 
-def _dilated_group(q: Tensor, k: Tensor, v: Tensor, geo: Geometry, kernel: int, rate: int) -> Tensor:
-    scale = q.shape[-1] ** -0.5
-    keys = _neighbourhoods(k, geo, kernel, rate)  # B, g, N, kk, d
-    values = _neighbourhoods(v, geo, kernel, rate)
-    logits = (q.unsqueeze(-2) * scale) @ keys.transpose(-1, -2)  # B, g, N, 1, kk
-    logits = logits.masked_fill(~_inside_mask(geo, kernel, rate, q.device)[:, None, :], float("-inf"))
-    return (logits.softmax(-1) @ values).squeeze(-2)
+def _group_forward(
+    q: Tensor, k: Tensor, v: Tensor, geo: Geometry, kernel: int, rate: int
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """q (contiguous), k, v: (B, g, H, W, d) of heads with one rate.
+
+    Returns the output (B, g, H, W, d), the attention (k*k, B, g, H, W) and the zero-padded k and v.
+    Every product runs over the whole map, padding included: H*W*k*k*d MACs each, as counted.
+    """
+    pad = rate * (kernel // 2)
+    k, v = (F.pad(t, (0, 0, pad, pad, pad, pad)) for t in (k, v))
+    views = [(slice(pad + dy, pad + dy + geo.height), slice(pad + dx, pad + dx + geo.width))
+             for dy, dx in _shifts(kernel, rate)]
+    logits = torch.stack([torch.linalg.vecdot(q, k[:, :, rows, cols]) for rows, cols in views])
+    logits = logits * q.shape[-1] ** -0.5  # scaling the k*k logits is cheaper than scaling the d channels of q
+    inside = _inside_mask(geo, kernel, rate, q.device)
+    # under autocast softmax may return float32; the products stay in the dtype of q, as matmuls would
+    attn = logits.masked_fill_(~inside, float("-inf")).softmax(0).to(q.dtype)
+    out = torch.zeros_like(q)
+    for a, (rows, cols) in zip(attn.unbind(0), views):
+        out.addcmul_(a.unsqueeze(-1), v[:, :, rows, cols])
+    return out, attn, k, v
+
+
+def _group_backward(
+    grad: Tensor, q: Tensor, k: Tensor, v: Tensor, attn: Tensor, geo: Geometry, kernel: int, rate: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients of q, k, v of one rate group; ``k``, ``v`` padded as :func:`_group_forward` returns them.
+
+    Only in-map keys are visited: padded keys have attention 0, so they pass no gradient on.
+    """
+    pad = rate * (kernel // 2)
+    k, v = (t[:, :, pad : pad + geo.height, pad : pad + geo.width] for t in (k, v))
+    regions = _regions(geo, kernel, rate)
+    grad_attn = torch.zeros_like(attn)  # zeros, not empty: 0 * garbage could be NaN
+    grad_v = torch.zeros_like(q)
+    for o, (at_q, at_k) in enumerate(regions):
+        grad_attn[o][at_q] = torch.linalg.vecdot(grad[at_q], v[at_k])
+        grad_v[at_k].addcmul_(attn[o][at_q].unsqueeze(-1), grad[at_q])
+    # softmax backward over the offsets, then the logit scale
+    grad_logits = attn * (grad_attn - (attn * grad_attn).sum(0)) * q.shape[-1] ** -0.5
+    grad_q, grad_k = torch.zeros_like(q), torch.zeros_like(q)
+    for g, (at_q, at_k) in zip(grad_logits.unbind(0), regions):
+        g = g[at_q].unsqueeze(-1)
+        grad_q[at_q].addcmul_(g, k[at_k])
+        grad_k[at_k].addcmul_(g, q[at_q])
+    return grad_q, grad_k, grad_v
+
+
+def _as_maps(t: Tensor, geo: Geometry) -> Tensor:
+    """(B, heads, H*W, d) -> (B, heads, H, W, d), a view if the layout allows (as split_heads makes it)."""
+    b, h, _, d = t.shape
+    return t.reshape(b, h, geo.height, geo.width, d)
+
+
+def _forward(
+    q: Tensor, k: Tensor, v: Tensor, geo: Geometry, dilations: tuple[int, ...], kernel: int
+) -> tuple[Tensor, list[Tensor]]:
+    """The output (B, heads, H*W, d) and, per rate group, (q, padded k, padded v, attention) for the backward."""
+    q, k, v = (_as_maps(t, geo) for t in (q, k, v))
+    out = torch.empty_like(q)  # keeps the head-interleaved layout of q: merging the heads is then a view
+    saved = []
+    for rate, heads in _head_groups(dilations):
+        # contiguous q: vecdot over rows of d channels strided by the heads is twice as slow
+        group_q = q[:, heads].contiguous()
+        group_out, attn, padded_k, padded_v = _group_forward(group_q, k[:, heads], v[:, heads], geo, kernel, rate)
+        out[:, heads] = group_out
+        saved += [group_q, padded_k, padded_v, attn]
+    return out.flatten(2, 3), saved
+
+
+class _DilatedAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, geo: Geometry, dilations: tuple[int, ...], kernel: int) -> Tensor:
+        out, saved = _forward(q, k, v, geo, dilations, kernel)
+        ctx.save_for_backward(*saved)
+        ctx.geo, ctx.dilations, ctx.kernel = geo, dilations, kernel
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, ...]:
+        grad_out = _as_maps(grad_out, ctx.geo)
+        grads = [torch.empty_like(grad_out) for _ in range(3)]  # every head is written below
+        saved = ctx.saved_tensors
+        for i, (rate, heads) in enumerate(_head_groups(ctx.dilations)):
+            group_saved = saved[4 * i : 4 * i + 4]
+            group_grads = _group_backward(grad_out[:, heads].contiguous(), *group_saved, ctx.geo, ctx.kernel, rate)
+            for full, part in zip(grads, group_grads):
+                full[:, heads] = part
+        return *(g.flatten(2, 3) for g in grads), None, None, None
 
 
 def dilated_attention(q: Tensor, k: Tensor, v: Tensor, geo: Geometry, dilations: tuple[int, ...], kernel: int) -> Tensor:
     """q, k, v: (B, heads, H*W, d) image tokens; ``dilations`` has one rate per head."""
-    outputs, order = [], []
-    for rate in sorted(set(dilations)):
-        heads = [h for h, r in enumerate(dilations) if r == rate]
-        index = slice(heads[0], heads[-1] + 1) if heads == list(range(heads[0], heads[-1] + 1)) else heads
-        outputs.append(_dilated_group(q[:, index], k[:, index], v[:, index], geo, kernel, rate))
-        order += heads
-    out = torch.cat(outputs, dim=1) if len(outputs) > 1 else outputs[0]
-    if order != sorted(order):
-        out = out[:, torch.tensor(order).argsort()]
-    return out
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return _DilatedAttention.apply(q, k, v, geo, dilations, kernel)
+    # No gradient (inference, and fvcore's trace, which would see the Function as one opaque op):
+    # the same forward, plain, keeping nothing for a backward.
+    return _forward(q, k, v, geo, dilations, kernel)[0]
 
 
 class ConvPosEnc(nn.Module):
