@@ -12,7 +12,7 @@ Steps (``--steps``, comma-separated):
   hypervolume of the (top-1, MACs) front within budget after every trial. Then the supernet-inherited
   top-1 of every arch trained in ``train``.
 - ``train``: every standalone training, one recipe: the ``--rank-archs`` ranking archs (sampled in
-  [0.75 budget, budget]) and, with every seed, each seed mechanism alone in the same skeleton at or
+  [0.75 budget, budget], ``--rank-seeds`` trainings each) and, with every seed, each seed mechanism alone in the same skeleton at or
   under the budget (SearchSpace.reference_archs), the NSGA-II best and the random-search best.
   Trainings are claimed one by one, so two processes can share them (one thread each on 2 cores);
   ``--wait-search`` makes a process wait for another one's search to train the searched archs too.
@@ -64,6 +64,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--val-subset", type=int, default=2000, help="validation images (class-balanced, of the 5k)")
     p.add_argument("--supernet-epochs", type=int, default=10)
     p.add_argument("--rank-archs", type=int, default=10)
+    p.add_argument("--rank-seeds", type=int, default=1,
+                   help="standalone trainings per ranking arch; with 2 or more the summary also gives the tau between "
+                        "two trainings of the same archs (the noise ceiling of the short recipe)")
     p.add_argument("--standalone-epochs", type=int, default=5)
     p.add_argument("--trials", type=int, default=50)
     p.add_argument("--seeds", type=int, default=2)
@@ -218,6 +221,10 @@ def step_search(space, supernet, data, args, out, rec) -> None:
 SEARCHED = (("nsga2", "searched (NSGA-II)"), ("random", "random search best"))
 
 
+def rank_key(i: int, seed: int) -> str:
+    return f"rank/{i}" if seed == 0 else f"rank/{i}|{seed}"  # seed 0 keeps the key of single-seed runs
+
+
 def seed_candidates(space: SearchSpace, args: argparse.Namespace, rec: Record) -> dict[str, Arch]:
     """The seed designs at the budget, plus the searched archs that have been recorded so far."""
     candidates = dict(space.reference_archs(args.budget))
@@ -232,7 +239,7 @@ def training_units(space: SearchSpace, args: argparse.Namespace, rec: Record) ->
     """Every standalone training known so far as (record key, arch, seed), in the order to run them."""
     candidates = seed_candidates(space, args, rec)
     units = [(f"seeds/{name}|0", arch, 0) for name, arch in candidates.items()]
-    units += [(f"rank/{i}", arch, 0) for i, arch in enumerate(rank_archs(space, args))]
+    units += [(rank_key(i, seed), arch, seed) for seed in range(args.rank_seeds) for i, arch in enumerate(rank_archs(space, args))]
     units += [(f"seeds/{name}|{seed}", arch, seed) for seed in range(1, args.seeds) for name, arch in candidates.items()]
     return units
 
@@ -273,11 +280,15 @@ def step_summary(space, args, rec) -> None:
     while any(rec.get(key) is None for key, _, _ in training_units(space, args, rec)):
         time.sleep(30)
     proxy = rec.get("proxy/rank")
-    real = [rec.get(f"rank/{i}")["top1"] for i in range(args.rank_archs)]
+    runs = [[rec.get(rank_key(i, seed))["top1"] for i in range(args.rank_archs)] for seed in range(args.rank_seeds)]
+    real = [statistics.mean(r) for r in zip(*runs)]  # mean over the trainings of each arch
     tau = kendalltau(proxy, real).statistic
     top3 = len(set(np.argsort(proxy)[-3:]) & set(np.argsort(real)[-3:]))
-    rec.put("rank_summary", dict(kendall_tau=tau, top3_precision=top3 / 3, n=len(real)))
-    log(f"rank: tau {tau:.3f}, top-3 precision {top3}/3")
+    summary = dict(kendall_tau=tau, top3_precision=top3 / 3, n=len(real), standalone_seeds=args.rank_seeds)
+    if args.rank_seeds > 1:  # how well one short training ranks the archs of another: the ceiling for any proxy
+        summary["standalone_seed_tau"] = kendalltau(runs[0], runs[1]).statistic
+    rec.put("rank_summary", summary)
+    log(f"rank: {summary}")
     table: dict[str, list[float]] = {}
     for key, value in sorted(rec.load().items()):
         if key.startswith("seeds/"):

@@ -20,14 +20,19 @@ from nasloc.arch import Arch
 
 def ranking(data: dict) -> list[str]:
     proxy = data["proxy/rank"]
-    rows = [data[f"rank/{i}"] for i in range(len(proxy))]
     summary = data["rank_summary"]
-    lines = [f"Kendall tau = **{summary['kendall_tau']:.2f}**, top-3 precision = **{round(3 * summary['top3_precision'])}/3** "
-             f"({summary['n']} archs).", "", "| arch | GMACs | params (M) | proxy top-1 (%) | standalone top-1 (%) | locality |",
-             "|---|---|---|---|---|---|"]
-    for i, (row, p) in enumerate(zip(rows, proxy)):
-        lines.append(f"| {i} | {row['macs'] / 1e9:.4f} | {row['params'] / 1e6:.3f} | {p:.1f} | {row['top1']:.1f} | "
-                     f"{Arch.from_dict(row['arch']).describe()} |")
+    seeds = summary.get("standalone_seeds", 1)
+    runs = [[data[f"rank/{i}" if seed == 0 else f"rank/{i}|{seed}"] for seed in range(seeds)] for i in range(len(proxy))]
+    lines = [f"Kendall tau (proxy vs mean standalone top-1) = **{summary['kendall_tau']:.2f}**, top-3 precision = "
+             f"**{round(3 * summary['top3_precision'])}/3** ({summary['n']} archs, {seeds} standalone training(s) each)."]
+    if "standalone_seed_tau" in summary:
+        lines.append(f"Kendall tau between two standalone trainings (seeds 0 and 1) of the same archs: "
+                     f"**{summary['standalone_seed_tau']:.2f}**.")
+    lines += ["", "| arch | GMACs | params (M) | proxy top-1 (%) | standalone top-1 per seed (%) | locality |", "|---|---|---|---|---|---|"]
+    for i, (rows, p) in enumerate(zip(runs, proxy)):
+        per_seed = ", ".join(f"{r['top1']:.1f}" for r in rows)
+        lines.append(f"| {i} | {rows[0]['macs'] / 1e9:.4f} | {rows[0]['params'] / 1e6:.3f} | {p:.1f} | {per_seed} | "
+                     f"{Arch.from_dict(rows[0]['arch']).describe()} |")
     return lines
 
 
