@@ -317,11 +317,17 @@ class TrialSeededSampler(BaseSampler):
     resumed one does not replay its first suggestions (a plain ``RandomSampler(seed)`` would) and
     concurrent workers do not suggest the same archs.
 
-    Feasible start (when ``space`` and ``budget_macs`` are given): the trials a sampler would draw
-    uniformly at random (all of random search, TPE's first :data:`TPE_STARTUP_TRIALS`, NSGA-II's first
-    population) are drawn at random *within budget* (:meth:`SearchSpace.decisions_in_band`). Under a
-    tight budget most uniform archs are over it and are never evaluated; this way random search
-    evaluates every trial and TPE and NSGA-II start from a feasible population.
+    Budget-aware proposals (when ``space`` and ``budget_macs`` are given):
+
+    - feasible start: the trials a sampler would draw uniformly at random (all of random search, TPE's
+      first :data:`TPE_STARTUP_TRIALS`, NSGA-II's first population) are drawn at random *within budget*
+      (:meth:`SearchSpace.decisions_in_band`);
+    - repaired children: a joint proposal (an NSGA-II child) over budget is walked into the budget,
+      one gene re-drawn at a time, the fewest changes that get there (the repair of constrained
+      evolutionary NAS). TPE proposes gene by gene, so it is left to learn the constraint.
+
+    Under a tight budget most uniform archs and most children are over it and would never be
+    evaluated; this way every random-search and NSGA-II trial is evaluated.
     """
 
     def __init__(self, name: str, seed: int, population_size: int | None = None, *,
@@ -333,12 +339,12 @@ class TrialSeededSampler(BaseSampler):
         self.space, self.budget_macs = space, budget_macs
         self._lock = threading.Lock()
         self._samplers: dict[int, BaseSampler] = {}
-        self._starts: dict[int, dict[str, Any]] = {}
+        self._plans: dict[int, dict[str, Any]] = {}  # in-budget decisions (Optuna labels) per trial number
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         del state["_lock"]
-        state["_samplers"], state["_starts"] = {}, {}
+        state["_samplers"], state["_plans"] = {}, {}
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -367,38 +373,44 @@ class TrialSeededSampler(BaseSampler):
             return self.population_size or 50  # NSGAIISampler's default population
         return math.inf
 
-    def _start(self, trial: FrozenTrial) -> dict[str, Any] | None:
-        """The in-budget decisions (as Optuna choice labels) of a feasible-start trial, else None."""
-        if self.space is None or trial.number >= self.startup_trials():
-            return None
+    def _plan(self, trial: FrozenTrial, proposal: dict[str, Any] | None = None) -> dict[str, Any] | None:
+        """The trial's in-budget decisions (Optuna labels), planned once: a feasible start, or ``proposal``
+        (labels of some genes) completed at random and repaired into the budget. None: nothing planned."""
         with self._lock:
-            start = self._starts.get(trial.number)
-        if start is None:
-            from .space import option_label
+            plan = self._plans.get(trial.number)
+        if plan is not None or self.space is None:
+            return plan
+        if proposal is None and trial.number >= self.startup_trials():
+            return None
+        from .space import RandomChooser, ReplayChooser, option_label
 
-            rng = random.Random(trial_seed(self.seed, trial.number))
-            decisions = self.space.decisions_in_band(rng, 0.0, float(self.budget_macs))
-            start = {name: option_label(value) for name, value in decisions.items()}
-            with self._lock:
-                self._starts[trial.number] = start
-                while len(self._starts) > 1024:  # trials that never finished (killed)
-                    del self._starts[next(iter(self._starts))]
-        return start
+        rng = random.Random(trial_seed(self.seed, trial.number))
+        start = None if proposal is None else ReplayChooser(proposal, RandomChooser(rng), labels=True)
+        decisions = self.space.decisions_in_band(rng, 0.0, float(self.budget_macs), start=start)
+        plan = {name: option_label(value) for name, value in decisions.items()}
+        with self._lock:
+            self._plans[trial.number] = plan
+            while len(self._plans) > 1024:  # trials that never finished (killed)
+                del self._plans[next(iter(self._plans))]
+        return plan
 
     def infer_relative_search_space(self, study: optuna.Study, trial: FrozenTrial) -> dict[str, Any]:
-        if self._start(trial) is not None:
-            return {}  # every gene comes from the feasible start, through sample_independent
         return self._for(trial).infer_relative_search_space(study, trial)
 
     def sample_relative(self, study: optuna.Study, trial: FrozenTrial, search_space: dict[str, Any]) -> dict[str, Any]:
-        if self._start(trial) is not None:
-            return {}
-        return self._for(trial).sample_relative(study, trial, search_space)
+        # Always asked, even when the proposal is not used: NSGA-II records the trial's generation here.
+        proposal = self._for(trial).sample_relative(study, trial, search_space)
+        if self._plan(trial) is not None:
+            return {}  # a feasible start: every gene comes from the plan, through sample_independent
+        if self.space is None or not proposal:
+            return proposal
+        plan = self._plan(trial, proposal)
+        return {name: plan.get(name, label) for name, label in proposal.items()}
 
     def sample_independent(self, study: optuna.Study, trial: FrozenTrial, param_name: str, param_distribution: Any) -> Any:
-        start = self._start(trial)
-        if start is not None and start.get(param_name) in getattr(param_distribution, "choices", ()):
-            return start[param_name]
+        plan = self._plan(trial)
+        if plan is not None and plan.get(param_name) in getattr(param_distribution, "choices", ()):
+            return plan[param_name]
         return self._for(trial).sample_independent(study, trial, param_name, param_distribution)
 
     def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
@@ -406,7 +418,7 @@ class TrialSeededSampler(BaseSampler):
 
     def after_trial(self, study: optuna.Study, trial: FrozenTrial, state: TrialState, values: Sequence[float] | None) -> None:
         with self._lock:
-            self._starts.pop(trial.number, None)
+            self._plans.pop(trial.number, None)
         self._for(trial, release=True).after_trial(study, trial, state, values)
 
     def reseed_rng(self) -> None:

@@ -221,11 +221,13 @@ class SearchSpace:
         """A random arch with MACs in [lo, hi] (see :meth:`decisions_in_band`)."""
         return self.build(ReplayChooser(self.decisions_in_band(rng, lo, hi, tries), RandomChooser(rng)))  # complete: no fallback
 
-    def decisions_in_band(self, rng: random.Random, lo: float, hi: float, tries: int = 64) -> dict[str, Any]:
+    def decisions_in_band(self, rng: random.Random, lo: float, hi: float, tries: int = 64,
+                          start: Chooser | None = None) -> dict[str, Any]:
         """The gene decisions (name -> option) of a random arch with MACs in [lo, hi]; bounded work.
 
         1. Rejection: up to ``tries`` uniform samples; the first inside the band is returned (for a
-           band that holds a fair share of the space this is uniform over the band).
+           band that holds a fair share of the space this is uniform over the band). With ``start``
+           (e.g. an evolutionary child to repair) the one arch it chooses replaces these samples.
         2. Repair: otherwise the sample closest to the band is walked towards it, one gene
            re-drawn at a time, keeping a change only when it brings MACs closer, for at most
            ``20 * tries`` steps. A walk stuck in a local minimum (no progress in twice as many
@@ -233,8 +235,8 @@ class SearchSpace:
         A band that the walk cannot reach raises :class:`SpaceError`.
         """
         best, best_gap = None, float("inf")
-        for _ in range(tries):
-            chooser = RecordingChooser(RandomChooser(rng))
+        starts = [start] if start is not None else (RandomChooser(rng) for _ in range(tries))
+        for chooser in map(RecordingChooser, starts):
             arch = self.build(chooser)
             gap = _gap(count(arch).macs, lo, hi)
             if gap == 0:
@@ -291,14 +293,18 @@ class RandomChooser:
 
 
 class ReplayChooser:
-    """Replays recorded decisions; genes without one (or with an invalid one) go to ``fallback``."""
+    """Replays recorded decisions; genes without one (or with an invalid one) go to ``fallback``.
 
-    def __init__(self, decisions: dict[str, Any], fallback: Chooser):
-        self.decisions, self.fallback = decisions, fallback
+    ``labels=True``: the decisions are Optuna choice labels (:func:`option_label`), as in trial params.
+    """
+
+    def __init__(self, decisions: dict[str, Any], fallback: Chooser, labels: bool = False):
+        self.decisions, self.fallback, self.labels = decisions, fallback, labels
 
     def __call__(self, name: str, options: tuple) -> Any:
         value = self.decisions.get(name, _MISSING)
-        return value if value in options else self.fallback(name, options)
+        keys = [option_label(o) for o in options] if self.labels else options
+        return options[keys.index(value)] if value in keys else self.fallback(name, options)
 
 
 class RecordingChooser:
