@@ -5,8 +5,9 @@ counts its MACs and parameters analytically, stores the arch on the trial and se
 ``macs_budget = macs - budget_macs`` (feasible when <= 0) *before* anything is evaluated. An arch over
 budget is not evaluated at all: it gets pessimistic values (top-1 0, its real MACs and params, infinite
 latency) and costs only its storage writes. The sampler's random phase (all of random search, TPE's first
-trials, NSGA-II's first population) is drawn within the budget (:class:`TrialSeededSampler`), so under a
-tight budget random search evaluates every trial and the model-based samplers start from feasible archs.
+trials, NSGA-II's first population) is drawn within the budget and NSGA-II children over budget are
+repaired into it (:class:`TrialSeededSampler`), so under a tight budget every random-search and NSGA-II
+trial is evaluated.
 
 Storage (:func:`open_storage`) is what makes a search persistent, resumable and shareable:
 
