@@ -77,7 +77,7 @@ def main() -> None:
     p.add_argument("evidence", type=Path, help="evidence.json of bench/evidence_cifar.py")
     data = json.loads(p.parse_args().evidence.read_text())
     sections = [("Ranking quality", ranking, "rank_summary"), ("Search efficiency", search_efficiency, "search"),
-                ("Search vs seeds", seeds, "seeds_summary")]
+                ("Search vs seeds", seeds, "proxy/seeds")]
     for title, table, needs in sections:
         print(f"### {title}\n")
         print("\n".join(table(data)) if needs in data else f"(not recorded yet: `{needs}` is missing)")
