@@ -40,13 +40,13 @@ from .search import (
     OBJECTIVES,
     TrialSeededSampler,
     check_objectives,
-    counted_trials,
     fail_stale_trials,
     open_storage,
     open_study,
     pessimistic_values,
     record_arch,
     resolve_population_size,
+    trials_to_start,
 )
 
 if TYPE_CHECKING:
@@ -196,7 +196,7 @@ def run_ray_search(
     population_size = resolve_population_size(study, sampler, population_size, n_trials)
     fail_stale_trials(study)
     _fail_orphans(study)
-    remaining = n_trials - counted_trials(study)
+    remaining = trials_to_start(study, n_trials)
     if remaining <= 0:
         return study
 

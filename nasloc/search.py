@@ -556,6 +556,12 @@ def counted_trials(study: optuna.Study) -> int:
     return len(study.get_trials(deepcopy=False, states=COUNTED_STATES))
 
 
+def trials_to_start(study: optuna.Study, n_trials: int) -> int:
+    """How many trials a worker should start so that the study holds ``n_trials``: queued (WAITING) trials
+    are not subtracted, since starting a trial runs a queued one first."""
+    return n_trials - len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.FAIL, TrialState.RUNNING)))
+
+
 def finished_trials(study: optuna.Study) -> int:
     return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.FAIL)))
 
@@ -669,7 +675,7 @@ def run_search(
     study.sampler = TrialSeededSampler(sampler, seed, resolve_population_size(study, sampler, population_size, n_trials),
                                        space=space, budget_macs=budget_macs)
     fail_stale_trials(study)
-    remaining = n_trials - counted_trials(study)
+    remaining = trials_to_start(study, n_trials)
     if remaining <= 0:
         return study
     after = _AfterTrial(study, n_trials, progress)

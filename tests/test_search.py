@@ -356,13 +356,24 @@ def test_ray_backend_fills_the_same_study(tmp_path):
     from nasloc.ray_search import run_ray_search
 
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray workers can't import tests/
-    # Trial k's arch depends only on (seed, k) with the random sampler, whatever the backend: a plain
-    # search previews the three archs, so the budget leaves the largest out and the smallest gets NaN.
-    preview = search(tmp_path / "preview.log", 3, sampler="random", seed=5, budget_macs=HIGH)
-    small, middle, large = sorted(t.user_attrs["macs"] for t in preview.trials)
-    assert small < middle < large
-    budget = (middle + large) / 2
+    # Trial k's arch depends only on (seed, k, budget) with the random sampler, whatever the backend. Random
+    # search stays within budget, so trial 0 is queued: the largest of three archs, over the budget.
+    first = sorted(search(tmp_path / "first.log", 3, sampler="random", seed=5, budget_macs=HIGH).trials,
+                   key=lambda t: t.user_attrs["macs"])
+    large, budget = first[-1].user_attrs["macs"], (first[1].user_attrs["macs"] + first[-1].user_attrs["macs"]) / 2
+
+    def queued(storage) -> optuna.Study:
+        study = open_study(storage, "s", objectives=("top1", "macs"), budget_macs=budget)
+        study.enqueue_trial(first[-1].params)
+        return study
+
+    queued(tmp_path / "preview.log")
+    preview = search(tmp_path / "preview.log", 3, sampler="random", seed=5, budget_macs=budget)
+    assert preview.trials[0].user_attrs["macs"] == large and len(preview.trials) == 3
+    small, middle = sorted(t.user_attrs["macs"] for t in preview.trials[1:])
+    assert small < middle <= budget < large
     url = f"sqlite:///{tmp_path}/study.db"
+    queued(url)
 
     run_ray_search(SPACE, Factory(nan_macs=small), budget_macs=budget, storage=url, study_name="s", n_trials=3,
                    sampler="random", seed=5, objectives=("top1", "macs"), max_concurrent=2,
