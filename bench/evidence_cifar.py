@@ -238,9 +238,11 @@ def seed_candidates(space: SearchSpace, args: argparse.Namespace, rec: Record) -
 def training_units(space: SearchSpace, args: argparse.Namespace, rec: Record) -> list[tuple[str, Arch, int]]:
     """Every standalone training known so far as (record key, arch, seed), in the order to run them."""
     candidates = seed_candidates(space, args, rec)
-    units = [(f"seeds/{name}|0", arch, 0) for name, arch in candidates.items()]
-    units += [(rank_key(i, seed), arch, seed) for seed in range(args.rank_seeds) for i, arch in enumerate(rank_archs(space, args))]
-    units += [(f"seeds/{name}|{seed}", arch, seed) for seed in range(1, args.seeds) for name, arch in candidates.items()]
+    archs = rank_archs(space, args)
+    units = []
+    for seed in range(max(args.seeds, args.rank_seeds)):  # every design's seed s before any seed s + 1
+        units += [(f"seeds/{name}|{seed}", arch, seed) for name, arch in candidates.items() if seed < args.seeds]
+        units += [(rank_key(i, seed), arch, seed) for i, arch in enumerate(archs) if seed < args.rank_seeds]
     return units
 
 
@@ -250,7 +252,7 @@ def step_train(space, data, args, out, rec) -> None:
         units = training_units(space, args, rec)
         if any(run_unit(key, arch, seed, data, args, out, rec) for key, arch, seed in units):
             continue  # the search may have finished meanwhile: look for new units
-        if args.wait_search and rec.get("search") is None:
+        if args.wait_search and any(sampler not in (rec.get("search") or {}) for sampler, _ in SEARCHED):
             time.sleep(30)  # the search runs in another process
             continue
         return
