@@ -17,7 +17,7 @@ Steps (``--steps``, comma-separated):
   Trainings are claimed one by one, so two processes can share them (one thread each on 2 cores);
   ``--wait-search`` makes a process wait for another one's search to train the searched archs too.
 - ``summary``: waits until every training is recorded, then Kendall tau and top-3 precision of
-  supernet-inherited vs standalone top-1, and the table of the seed designs vs the searched archs.
+  supernet-inherited vs standalone top-1. ``bench/evidence_report.py`` prints every table from the record.
 
 Two processes on 2 cores:
 
@@ -43,9 +43,10 @@ from scipy.stats import kendalltau
 from nasloc.arch import Arch
 from nasloc.data import DataSplits, load_dataset
 from nasloc.evaluate import make_evaluator
+from nasloc.fileio import write_atomic
 from nasloc.flops import count
 from nasloc.models import LocalityViT
-from nasloc.search import pareto_trials, run_search
+from nasloc.search import pareto_trials, process_alive, run_search
 from nasloc.space import SearchSpace
 from nasloc.supernet import Supernet
 from nasloc.supernet_train import Band, SupernetConfig, train_supernet
@@ -97,17 +98,15 @@ class Record:
             fcntl.flock(lock, fcntl.LOCK_EX)  # another process may be merging its own key
             data = self.load()
             data[key] = value
-            tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(data, indent=1, default=str))
-            os.replace(tmp, self.path)
+            write_atomic(self.path, json.dumps(data, indent=1, default=str))
 
     def claim(self, unit: str) -> bool:
         """True when this process may run ``unit``: nobody else holds it (a dead holder's claim is taken over)."""
         self.claims.mkdir(exist_ok=True)
         path = self.claims / unit.replace("/", "_").replace(" ", "_")
         if path.exists():
-            holder = int(path.read_text() or 0)
-            if holder != os.getpid() and _alive(holder):
+            holder = int(path.read_text() or 0)  # 0: the claimer died before writing its pid
+            if holder and holder != os.getpid() and process_alive(holder):
                 return False
             path.unlink(missing_ok=True)
         try:
@@ -117,16 +116,6 @@ class Record:
         os.write(fd, str(os.getpid()).encode())
         os.close(fd)
         return True
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return pid > 0
 
 
 def log(message: str) -> None:
@@ -278,7 +267,7 @@ def step_proxy(space, supernet, data, args, rec) -> None:
 
 
 def step_summary(space, args, rec) -> None:
-    """Kendall tau / top-3 precision and the seeds table, once every unit (of any process) is recorded."""
+    """Kendall tau and top-3 precision, once every unit (of any process) is recorded (tables: evidence_report.py)."""
     while any(rec.get(key) is None for key, _, _ in training_units(space, args, rec)):
         time.sleep(30)
     proxy = rec.get("proxy/rank")
@@ -291,11 +280,6 @@ def step_summary(space, args, rec) -> None:
         summary["standalone_seed_tau"] = kendalltau(runs[0], runs[1]).statistic
     rec.put("rank_summary", summary)
     log(f"rank: {summary}")
-    table: dict[str, list[float]] = {}
-    for key, value in sorted(rec.load().items()):
-        if key.startswith("seeds/"):
-            table.setdefault(key[len("seeds/"):].rsplit("|", 1)[0], []).append(value["top1"])
-    rec.put("seeds_summary", {name: dict(mean=statistics.mean(v), spread=(max(v) - min(v)) / 2, n=len(v)) for name, v in table.items()})
 
 
 def main() -> None:

@@ -146,7 +146,6 @@ class Arch:
                 yield index, s, b, block
                 index += 1
 
-    # ----------------------------------------------------------------- serialisation
     def describe(self) -> str:
         """One line saying which locality the arch uses, e.g. for tables of searched archs."""
         stages = []
@@ -158,6 +157,7 @@ class Arch:
         return (" | ".join(stages) + f"; shortcuts (start+span:kernels) {shortcuts}; {self.global_tokens} global tokens, "
                 f"ffn {self.ffn}, cpe {'on' if self.cpe else 'off'}")
 
+    # ----------------------------------------------------------------- serialisation
     def to_dict(self) -> dict[str, Any]:
         return _to_plain(dataclasses.asdict(self))
 

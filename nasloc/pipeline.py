@@ -74,7 +74,7 @@ def run_pipeline(options: argparse.Namespace) -> Path:
         supernet = Supernet(space, proxy_size).to(device)
         band = Band(max(space.macs_range()[0], BAND_LOW * options.budget), options.budget)
         if options.phase == "search":
-            checkpoint = trained_checkpoint(supernet, run_dir, options.supernet_epochs, device)
+            checkpoint = trained_checkpoint(supernet, run_dir, device)
         else:
             checkpoint = train_phase(supernet, splits, band, options, run_dir, device)
         if options.phase == "supernet":
@@ -146,9 +146,9 @@ def require_trained_supernet(run_dir: Path, epochs: int) -> None:
         raise PhaseError(f"the supernet of {run_dir} has {done}/{epochs} epochs; train it first with --phase supernet (same options)")
 
 
-def trained_checkpoint(supernet: Supernet, run_dir: Path, epochs: int, device: torch.device) -> Path:
-    """The finished supernet checkpoint of the run, loaded into ``supernet`` (for --phase search)."""
-    require_trained_supernet(run_dir, epochs)
+def trained_checkpoint(supernet: Supernet, run_dir: Path, device: torch.device) -> Path:
+    """The finished supernet checkpoint of the run, loaded into ``supernet`` (for --phase search, after
+    :func:`require_trained_supernet` has checked it)."""
     path = run_dir / "supernet" / "last.pth"
     if not path.exists():  # --supernet-epochs 0: the seeded initial weights
         path = run_dir / "supernet" / UNTRAINED

@@ -46,7 +46,7 @@ import time
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import optuna
@@ -59,9 +59,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from .arch import Arch
 from .flops import count
-
-if TYPE_CHECKING:
-    from .space import SearchSpace
+from .space import RandomChooser, ReplayChooser, SearchSpace, option_label
 
 _logger = logging.getLogger(__name__)
 
@@ -251,12 +249,12 @@ def fail_orphaned_trials(study: optuna.Study) -> None:
     host = socket.gethostname()
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         worker_host, _, pid = str(trial.user_attrs.get("worker", "")).rpartition(":")
-        if worker_host == host and pid.isdigit() and not _process_alive(int(pid)):
+        if worker_host == host and pid.isdigit() and not process_alive(int(pid)):
             study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
             _logger.warning("trial %d was left RUNNING by process %s, which has exited; marked FAIL", trial.number, pid)
 
 
-def _process_alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -383,8 +381,6 @@ class TrialSeededSampler(BaseSampler):
             return plan
         if proposal is None and trial.number >= self.startup_trials():
             return None
-        from .space import RandomChooser, ReplayChooser, option_label
-
         rng = random.Random(trial_seed(self.seed, trial.number))
         start = None if proposal is None else ReplayChooser(proposal, RandomChooser(rng), labels=True)
         decisions = self.space.decisions_in_band(rng, 0.0, float(self.budget_macs), start=start)

@@ -43,6 +43,7 @@ from tqdm import tqdm
 
 from nasloc.data import DataSplits, DeviceLoader, LazyImageDataset, make_loader
 from nasloc.errors import TrainingDiverged
+from nasloc.fileio import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -419,6 +420,5 @@ def _read_checkpoint(path: Path, device: torch.device) -> dict | None:
 
 def _save_checkpoint(path: Path, state: dict) -> None:
     # Write then rename: a crash mid-write leaves the previous checkpoint intact.
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
