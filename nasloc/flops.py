@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .arch import Arch, Block, Shortcut, Stage
-from .models.dilated import OverlapStem
+from .models.stems import OverlapStem
 from .models.localvit import se_channels
 
 

@@ -3,7 +3,7 @@
 * ``global``: full softmax attention over all tokens (fused SDPA).
 * ``dilated``: image tokens attend to their dilated neighbourhood (:mod:`.dilated`).
 * ``window``: image tokens attend inside their window (:mod:`.lightvit`) and, when there are global
-  tokens, also to the aggregated global tokens (broadcast).
+  tokens, also to the aggregated global tokens (:func:`.lightvit.broadcast`).
 In both local mixers the auxiliary tokens (class, global) aggregate: their queries attend over all
 image tokens. With ``life`` the projections become LIFE's multi-scale qkv (:mod:`.life`).
 """
@@ -16,19 +16,9 @@ from torch import Tensor, nn
 from ..arch import Block
 from .dilated import dilated_attention
 from .elastic import ElasticLinear
-from .layout import Geometry
+from .layout import Geometry, merge_heads, split_heads
 from .life import MultiScaleQKV
-from .lightvit import RelPosBias, window_attention
-
-
-def split_heads(t: Tensor, heads: int) -> Tensor:
-    b, n, c = t.shape
-    return t.reshape(b, n, heads, c // heads).transpose(1, 2)
-
-
-def merge_heads(t: Tensor) -> Tensor:
-    b, h, n, d = t.shape
-    return t.transpose(1, 2).reshape(b, n, h * d)
+from .lightvit import RelPosBias, broadcast, window_attention
 
 
 class TokenMixer(nn.Module):
@@ -73,11 +63,5 @@ class TokenMixer(nn.Module):
             return out_img
         out_aux = F.scaled_dot_product_attention(q[:, :, :n], k_img, v_img)  # aggregate
         if block.mixer == "window" and geo.n_global:
-            out_img = out_img + self._broadcast(q_img, out_aux[:, :, geo.n_cls :], heads)
+            out_img = out_img + broadcast(q_img, out_aux[:, :, geo.n_cls :], self.global_kv, heads)
         return torch.cat([out_aux, out_img], dim=2)
-
-    def _broadcast(self, q_img: Tensor, aggregated: Tensor, heads: int) -> Tensor:
-        """Image queries attend over the aggregated global tokens (LightViT's broadcast)."""
-        glb = merge_heads(aggregated)
-        k_g, v_g = self.global_kv(glb, glb.shape[-1]).chunk(2, dim=-1)
-        return F.scaled_dot_product_attention(q_img, split_heads(k_g, heads), split_heads(v_g, heads))

@@ -1,31 +1,30 @@
-"""DilateFormer (Jiao et al., IEEE TMM 2023): multi-scale dilated attention and its skeleton.
+"""DilateFormer (Jiao et al., IEEE TMM 2023): multi-scale dilated attention.
 
-* :func:`dilated_attention`: sliding-window dilated attention (SWDA). Every image query attends to
-  its kxk neighbourhood sampled with the dilation rate of its head; heads with equal rates are
-  computed together. Shift and multiply: the key and value maps are zero-padded once, and for each
-  of the k*k offsets the shifted view gives one logit per query (``linalg.vecdot``) and one term of
-  the output (``addcmul_``). Real neighbourhoods, so MACs are H*W*k*k*C per product, not
-  (H*W)^2*C; ``nasloc.flops.fvcore_macs`` counts these two ops. Element-wise products beat the
-  gathered (1 x d) @ (d x k*k) matmuls by far (``results/benchmarks.md``). Training goes through a
-  hand-written backward (no double backward) that accumulates into in-map slices, instead of
-  autograd's full-size zero gradient for every shifted view.
-  Border handling differs from the official code on purpose: there, zero-padded keys outside the
-  map enter the softmax with logit 0 and value 0 (a corner query at rate 2 gets 4/9 of its mass
-  from padding); here padded keys are masked out of the softmax.
-* :class:`ConvPosEnc`: conditional position encoding, x + DWConv3x3(x), before every block.
-* :class:`OverlapStem`: four 3x3 convs (3->16->32->64->C, BN + GELU between), stride 4.
-* :class:`ConvDownsample`: 3x3 stride-2 conv (bias) + BatchNorm between stages.
+:func:`dilated_attention` is sliding-window dilated attention (SWDA). Every image query attends to
+its kxk neighbourhood sampled with the dilation rate of its head; heads with equal rates are
+computed together. Shift and multiply: the key and value maps are zero-padded once, and for each
+of the k*k offsets the shifted view gives one logit per query (``linalg.vecdot``) and one term of
+the output (``addcmul_``). Real neighbourhoods, so MACs are H*W*k*k*C per product, not
+(H*W)^2*C; ``nasloc.flops.fvcore_macs`` counts these two ops. Element-wise products beat the
+gathered (1 x d) @ (d x k*k) matmuls by far (``results/benchmarks.md``). Training goes through a
+hand-written backward (no double backward) that accumulates into in-map slices, instead of
+autograd's full-size zero gradient for every shifted view.
+
+Border handling differs from the official code on purpose: there, zero-padded keys outside the
+map enter the softmax with logit 0 and value 0 (a corner query at rate 2 gets 4/9 of its mass
+from padding); here padded keys are masked out of the softmax.
+
+DilateFormer's skeleton parts live with their kind: the overlapping stem in :mod:`.stems`, the conv
+downsampling in :mod:`.downsample`, the conditional position encoding in :mod:`.pos_embed`.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from .elastic import ElasticBatchNorm2d, ElasticConv2d
-from .layout import Geometry, join_aux, split_aux, to_map, to_tokens
-from .lightvit import AuxProjection
+from .layout import Geometry
 
 
 Heads = slice | list[int]  # the heads of one rate: a slice (a view) when they are adjacent
@@ -174,50 +173,3 @@ def dilated_attention(q: Tensor, k: Tensor, v: Tensor, geo: Geometry, dilations:
     # No gradient (inference, and fvcore's trace, which would see the Function as one opaque op):
     # the same forward, plain, keeping nothing for a backward.
     return _forward(q, k, v, geo, dilations, kernel)[0]
-
-
-class ConvPosEnc(nn.Module):
-    def __init__(self, dim: int):
-        super().__init__()
-        self.conv = ElasticConv2d(dim, dim, 3, bias=True, depthwise=True)
-
-    def forward(self, x: Tensor, geo: Geometry) -> Tensor:
-        aux, img = split_aux(x, geo)
-        return join_aux(aux, img + to_tokens(self.conv(to_map(img, geo))))
-
-
-class OverlapStem(nn.Module):
-    """Stride 4 as published; stride 2 drops the stride of the last conv."""
-
-    widths = (16, 32, 64)
-
-    def __init__(self, in_chans: int, dim: int, stride: int = 4):
-        super().__init__()
-        c1, c2, c3 = self.widths
-        self.convs = nn.ModuleList(
-            [
-                ElasticConv2d(in_chans, c1, 3, bias=False),
-                ElasticConv2d(c1, c2, 3, stride=2, bias=False),
-                ElasticConv2d(c2, c3, 3, bias=False),
-                ElasticConv2d(c3, dim, 3, stride=2 if stride >= 4 else 1, bias=False),
-            ]
-        )
-        self.norms = nn.ModuleList([ElasticBatchNorm2d(c) for c in self.widths])
-
-    def forward(self, x: Tensor, dim: int) -> Tensor:
-        for conv, norm in zip(self.convs, self.norms):
-            x = F.gelu(norm(conv(x)))
-        return to_tokens(self.convs[-1](x, dim))
-
-
-class ConvDownsample(nn.Module):
-    def __init__(self, dim_in: int, dim_out: int, eps: float, aux: bool):
-        super().__init__()
-        self.conv = ElasticConv2d(dim_in, dim_out, 3, stride=2, bias=True)
-        self.norm = ElasticBatchNorm2d(dim_out)
-        self.aux = AuxProjection(dim_in, dim_out, eps) if aux else None
-
-    def forward(self, x: Tensor, geo: Geometry, dim_out: int) -> Tensor:
-        aux, img = split_aux(x, geo)
-        img = to_tokens(self.norm(self.conv(to_map(img, geo), dim_out)))
-        return join_aux(self.aux(aux, dim_out), img) if self.aux is not None else img

@@ -1,7 +1,8 @@
 """Token layout shared by all blocks: ``(B, n_aux + H*W, C)``, auxiliary tokens first.
 
 Auxiliary tokens are the class token (if any) followed by the LightViT global tokens (if any).
-Convolutional parts of the locality mechanisms see only the image tokens, as a ``(B, C, H, W)`` map.
+Convolutional parts of the locality mechanisms see only the image tokens, as a ``(B, C, H, W)`` map;
+attention sees the tokens split into heads, ``(B, heads, N, C / heads)``.
 """
 from __future__ import annotations
 
@@ -51,3 +52,15 @@ def map_image_tokens(x: Tensor, geo: Geometry, fn) -> Tensor:
     """Apply ``fn`` (map -> map with the same spatial size) to the image tokens; aux tokens pass as they are."""
     aux, img = split_aux(x, geo)
     return join_aux(aux, to_tokens(fn(to_map(img, geo))))
+
+
+def split_heads(t: Tensor, heads: int) -> Tensor:
+    """(B, N, C) -> (B, heads, N, C / heads)."""
+    b, n, c = t.shape
+    return t.reshape(b, n, heads, c // heads).transpose(1, 2)
+
+
+def merge_heads(t: Tensor) -> Tensor:
+    """(B, heads, N, d) -> (B, N, heads * d)."""
+    b, h, n, d = t.shape
+    return t.transpose(1, 2).reshape(b, n, h * d)

@@ -1,14 +1,17 @@
-"""LightViT (Huang et al., arXiv 2207.05557): convolution-free blocks around global tokens.
+"""LightViT (Huang et al., arXiv 2207.05557): global tokens and window attention.
 
-* :class:`LightViTStem`: conv stem (3x3 s2, three depth-wise 3x3, 3x3 projection), LayerNorm.
-* :func:`window_attention`: non-overlapping window attention with a relative position bias; in the
-  ``window`` mixer the global tokens first *aggregate* (their queries attend over all image tokens)
-  and then *broadcast* (image queries attend over the aggregated global tokens, added to the local
-  result). See :class:`nasloc.models.attention.TokenMixer`.
-* :class:`BiAttnGate`: the BiDim attention of the FFN (channel gate x spatial gate on its output).
-* :class:`MergeDownsample`: space-to-depth + LN + linear, plus a max-pool + linear residual.
-* :class:`Neck`: LightViT's head neck (linear to 1280, LN, GELU) applied per token before pooling.
-* :class:`AuxProjection`: LN + linear that re-projects auxiliary tokens at every downsampling.
+* Global tokens: ``global_tokens`` learned tokens join the class token as auxiliary tokens
+  (:meth:`~nasloc.models.LocalityViT.embed`). In the ``window`` mixer they first *aggregate* (their
+  queries attend over all image tokens, in :class:`~nasloc.models.attention.TokenMixer`) and then
+  :func:`broadcast` (image queries attend over the aggregated global tokens, added to the local
+  result).
+* :func:`window_attention`: non-overlapping window attention with a relative position bias
+  (:class:`RelPosBias`).
+* :class:`BiAttnGate`: the BiDim attention of the FFN (``ffn: bidim``; channel gate x spatial gate
+  on the MLP's output).
+
+LightViT's skeleton parts live with their kind: the conv stem in :mod:`.stems`, the merging
+downsampling in :mod:`.downsample`, the neck head in :mod:`.heads`.
 """
 from __future__ import annotations
 
@@ -16,29 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .elastic import ElasticBatchNorm2d, ElasticConv2d, ElasticLayerNorm, ElasticLinear, ElasticParameter
-from .layout import Geometry, join_aux, split_aux, to_map, to_tokens
-
-
-class LightViTStem(nn.Module):
-    """Stride 8 as published; stride 4 or 2 drops the stride of the last (two) stride-2 layers."""
-
-    def __init__(self, in_chans: int, dim: int, stride: int = 8):
-        super().__init__()
-        mid = dim // 2
-        self.conv1 = ElasticConv2d(in_chans, mid, 3, stride=2, bias=False)
-        self.dw1 = ElasticConv2d(mid, mid, 3, bias=False, depthwise=True)
-        self.dw2 = ElasticConv2d(mid, mid, 3, bias=False, depthwise=True)
-        self.dw3 = ElasticConv2d(mid, mid, 3, stride=2 if stride >= 4 else 1, bias=False, depthwise=True)
-        self.norms = nn.ModuleList([ElasticBatchNorm2d(mid) for _ in range(4)])
-        self.proj = ElasticConv2d(mid, dim, 3, stride=2 if stride >= 8 else 1, bias=True)
-        self.norm = ElasticLayerNorm(dim, eps=1e-5)
-
-    def forward(self, x: Tensor, dim: int) -> Tensor:
-        x = F.gelu(self.norms[0](self.conv1(x, dim // 2)))
-        for conv, norm in zip((self.dw1, self.dw2, self.dw3), self.norms[1:]):
-            x = F.gelu(norm(conv(x)))
-        return self.norm(to_tokens(self.proj(x, dim)))
+from .elastic import ElasticLayerNorm, ElasticLinear, ElasticParameter
+from .layout import Geometry, merge_heads, split_heads
 
 
 class RelPosBias(nn.Module):
@@ -71,6 +53,14 @@ def window_attention(q: Tensor, k: Tensor, v: Tensor, geo: Geometry, window: int
     return out.reshape(b, heads, n, d)
 
 
+def broadcast(q_img: Tensor, aggregated: Tensor, global_kv: ElasticLinear, heads: int) -> Tensor:
+    """Image queries (B, heads, H*W, d) attend over the aggregated global tokens (B, heads, G, d);
+    ``global_kv`` projects those to their keys and values."""
+    glb = merge_heads(aggregated)
+    k_g, v_g = global_kv(glb, glb.shape[-1]).chunk(2, dim=-1)
+    return F.scaled_dot_product_attention(q_img, split_heads(k_g, heads), split_heads(v_g, heads))
+
+
 class BiAttnGate(nn.Module):
     """y * sigmoid(channel gate from the mean token) * sigmoid(spatial gate per token)."""
 
@@ -91,42 +81,3 @@ class BiAttnGate(nn.Module):
         channel = torch.sigmoid(self.channel_select(glb, dim))
         spatial = torch.sigmoid(self.spatial_select(torch.cat([loc, glb.expand_as(loc)], dim=-1), 1))
         return y * channel * spatial
-
-
-class AuxProjection(nn.Module):
-    def __init__(self, dim_in: int, dim_out: int, eps: float):
-        super().__init__()
-        self.norm = ElasticLayerNorm(dim_in, eps=eps)
-        self.proj = ElasticLinear(dim_in, dim_out, bias=False)
-
-    def forward(self, aux: Tensor, dim_out: int) -> Tensor:
-        return self.proj(self.norm(aux), dim_out)
-
-
-class MergeDownsample(nn.Module):
-    def __init__(self, dim_in: int, dim_out: int, eps: float, aux: bool):
-        super().__init__()
-        self.norm = ElasticLayerNorm(dim_in, eps=eps, groups=4)
-        self.reduction = ElasticLinear(dim_in, dim_out, bias=False, in_groups=4)
-        self.residual = ElasticLinear(dim_in, dim_out, bias=False)
-        self.aux = AuxProjection(dim_in, dim_out, eps) if aux else None
-
-    def forward(self, x: Tensor, geo: Geometry, dim_out: int) -> Tensor:
-        aux, img = split_aux(x, geo)
-        b, _, c = img.shape
-        grid = img.reshape(b, geo.height, geo.width, c)
-        quads = [grid[:, 0::2, 0::2], grid[:, 1::2, 0::2], grid[:, 0::2, 1::2], grid[:, 1::2, 1::2]]
-        main = self.reduction(self.norm(torch.cat(quads, dim=-1)), dim_out).flatten(1, 2)
-        pooled = to_tokens(F.max_pool2d(to_map(img, geo), 2))
-        img = main + self.residual(pooled, dim_out)
-        return join_aux(self.aux(aux, dim_out), img) if self.aux is not None else img
-
-
-class Neck(nn.Module):
-    def __init__(self, dim: int, neck_dim: int):
-        super().__init__()
-        self.fc = ElasticLinear(dim, neck_dim)
-        self.norm = ElasticLayerNorm(neck_dim, eps=1e-5)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return F.gelu(self.norm(self.fc(x)))

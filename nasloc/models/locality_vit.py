@@ -20,12 +20,15 @@ from torch import Tensor, nn
 
 from ..arch import Arch, Block, Stage
 from .attention import TokenMixer
-from .dilated import ConvDownsample, ConvPosEnc, OverlapStem
+from .downsample import make_downsample
 from .dw_shortcut import DWShortcut
-from .elastic import ElasticConv2d, ElasticLayerNorm, ElasticLinear, ElasticParameter
-from .layout import Geometry, to_map, to_tokens
-from .lightvit import LightViTStem, MergeDownsample, Neck
-from .localvit import LocalityFFN, Mlp
+from .elastic import ElasticLayerNorm, ElasticLinear, ElasticParameter
+from .heads import Neck, pool
+from .layout import Geometry, to_map
+from .localvit import LocalityFFN
+from .mlp import Mlp
+from .pos_embed import ConvPosEnc
+from .stems import make_stem
 
 
 # ------------------------------------------------------------------------------------ capacity
@@ -132,30 +135,6 @@ def _init_weights(module: nn.Module) -> None:
             nn.init.zeros_(module.bias)
 
 
-class PatchStem(nn.Module):
-    """Non-overlapping patch embedding (DeiT; the DW paper's linear patch embedding is the same map)."""
-
-    def __init__(self, in_chans: int, dim: int, patch_size: int):
-        super().__init__()
-        self.proj = ElasticConv2d(in_chans, dim, patch_size, stride=patch_size, same_padding=False)
-
-    def forward(self, x: Tensor, dim: int) -> Tensor:
-        return to_tokens(self.proj(x, dim))
-
-
-def _make_stem(arch: Arch, dim: int) -> nn.Module:
-    if arch.stem == "lightvit":
-        return LightViTStem(arch.in_chans, dim, arch.patch_size)
-    if arch.stem == "overlap":
-        return OverlapStem(arch.in_chans, dim, arch.patch_size)
-    return PatchStem(arch.in_chans, dim, arch.patch_size)
-
-
-def _make_downsample(arch: Arch, dim_in: int, dim_out: int, aux: bool) -> nn.Module:
-    kind = MergeDownsample if arch.downsample == "merge" else ConvDownsample
-    return kind(dim_in, dim_out, arch.norm_eps, aux)
-
-
 def _resolve_arch(arch: Arch | dict | None, overrides: dict[str, Any]) -> Arch:
     """Apply timm-style keyword overrides (num_classes, img_size, in_chans, ...) to an arch."""
     base = Arch.from_dict(arch) if arch is not None else None
@@ -190,7 +169,7 @@ class LocalityViT(nn.Module):
         self.num_classes = arch.num_classes
         self.embed_dim = last.dim
         self.num_features = self.head_hidden_size = arch.neck_dim if arch.head == "neck" else last.dim
-        self.stem = _make_stem(arch, first.dim)
+        self.stem = make_stem(arch, first.dim)
         grid = arch.grid(0)
         self.cls_token = ElasticParameter(1, 1, first.dim) if arch.cls_token else None
         self.pos_embed = ElasticParameter(1, int(arch.cls_token) + grid * grid, first.dim) if arch.pos_embed == "absolute" else None
@@ -200,7 +179,7 @@ class LocalityViT(nn.Module):
         rates = torch.linspace(0, drop_path_rate, depth).tolist() if depth > 1 else [drop_path_rate]
         stages, index = [], 0
         for s, stage in enumerate(cap.stages):
-            down = _make_downsample(arch, cap.stages[s - 1].dim, stage.dim, has_aux) if s else None
+            down = make_downsample(arch, cap.stages[s - 1].dim, stage.dim, has_aux) if s else None
             window = arch.window_size(s)
             blocks = []
             for block in stage.blocks:
@@ -265,14 +244,7 @@ class LocalityViT(nn.Module):
         return self.norm(x)
 
     def head_forward(self, x: Tensor, arch: Arch, pre_logits: bool = False) -> Tensor:
-        n_aux = arch.num_aux_tokens
-        if arch.head == "token":
-            x = x[:, 0]
-        elif arch.head == "avg":
-            x = x[:, n_aux:].mean(1)
-        else:  # LightViT: the neck acts per token, then all tokens (global ones too) are averaged
-            x = self.neck(x).mean(1)
-        x = self.head_drop(x)
+        x = self.head_drop(pool(x, arch, self.neck))
         return x if pre_logits else self.head(x)
 
     def forward_features(self, x: Tensor) -> Tensor:

@@ -1,14 +1,11 @@
 """Depth-wise convolution in the feed-forward network (LocalViT, Li et al., IROS 2023).
 
-Two FFN flavours carry the locality gene ``ffn_kernel`` (0 = off):
-
-* :class:`LocalityFFN` is LocalViT's own FFN, used by ``ffn: localvit``: it replaces LN2 + MLP and
-  carries its own residual; the class token (all auxiliary tokens) bypasses it.
-  1x1 (no bias) -> BN -> h-swish -> depth-wise kxk (no bias) -> BN -> h-swish -> SE -> 1x1 -> BN.
-  The SE bottleneck has hidden/dim channels (LocalViT's reduction = dim: 4 channels at ratio 4).
-* :class:`Mlp` is the ViT MLP used by ``ffn: mlp`` and ``ffn: bidim``; with a kernel, a depth-wise
-  conv (bias) and GELU act on the hidden image tokens between fc1 and fc2. It has no BatchNorm, so
-  a subnet needs no statistics recalibration. ``bidim`` adds LightViT's BiDim attention gate.
+The locality gene ``ffn_kernel`` (0 = off) puts a depth-wise kxk conv on the hidden image tokens of
+the FFN. With ``ffn: localvit`` the FFN is LocalViT's own, :class:`LocalityFFN`: it replaces
+LN2 + MLP and carries its own residual; the class token (all auxiliary tokens) bypasses it.
+1x1 (no bias) -> BN -> h-swish -> depth-wise kxk (no bias) -> BN -> h-swish -> SE -> 1x1 -> BN.
+The SE bottleneck has hidden/dim channels (LocalViT's reduction = dim: 4 channels at ratio 4).
+With ``ffn: mlp`` or ``bidim`` the same gene acts inside the ViT MLP (:class:`~nasloc.models.mlp.Mlp`).
 
 Pointwise convs are linear layers on tokens: the same weights and the same MACs.
 """
@@ -18,28 +15,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .elastic import ElasticBatchNorm2d, ElasticConv2d, ElasticLinear
-from .layout import Geometry, join_aux, map_image_tokens, split_aux, to_map, to_tokens
-from .lightvit import BiAttnGate
+from .layout import Geometry, join_aux, split_aux, to_map, to_tokens
 
 
 def se_channels(dim: int, hidden: int) -> int:
     return max(1, hidden // dim)
-
-
-class Mlp(nn.Module):
-    def __init__(self, dim: int, hidden: int, kernel: int = 0, gate: bool = False):
-        super().__init__()
-        self.fc1 = ElasticLinear(dim, hidden)
-        self.conv = ElasticConv2d(hidden, hidden, kernel, bias=True, depthwise=True) if kernel else None
-        self.fc2 = ElasticLinear(hidden, dim)
-        self.gate = BiAttnGate(dim) if gate else None
-
-    def forward(self, x: Tensor, geo: Geometry, hidden: int, kernel: int, gate: bool = False) -> Tensor:
-        h = F.gelu(self.fc1(x, hidden))
-        if kernel:
-            h = map_image_tokens(h, geo, lambda m: F.gelu(self.conv(m, kernel=kernel)))
-        y = self.fc2(h, x.shape[-1])
-        return self.gate(y) if gate else y
 
 
 class SqueezeExcite(nn.Module):
