@@ -15,7 +15,7 @@ import os
 import pickle
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -153,6 +153,15 @@ def stratified_split(labels: Sequence[int], val_fraction: float, split: str = "r
     val = np.sort(np.concatenate(val_parts)) if val_parts else np.zeros(0, dtype=np.int64)
     train = np.setdiff1d(np.arange(len(labels)), val)
     return train, val
+
+
+def halve_val(splits: DataSplits, seed: int = 0) -> tuple[DataSplits, DataSplits]:
+    """The splits twice, each with one half of the validation set (per class, random with ``seed``):
+    (search half, selection half). The search scores its proxy on the first; the selection phase
+    chooses among the search's best on the second, so it is not fooled by the search's own noise."""
+    labels = np.asarray(splits.val.labels)
+    search_idx, select_idx = stratified_split(labels, 0.5, "random", seed)
+    return (replace(splits, val=splits.val.subset(search_idx)), replace(splits, val=splits.val.subset(select_idx)))
 
 
 # ------------------------------------------------------------------------------------------- loading

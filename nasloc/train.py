@@ -156,12 +156,13 @@ def evaluate(model: nn.Module, loader, device: str | torch.device) -> float:
 
 
 def retrain(model: nn.Module, splits: DataSplits, cfg: RetrainConfig, out_dir: Path,
-            device: str = "auto", progress: bool = True) -> RetrainResult:
+            device: str = "auto", progress: bool = True, stop_epoch: int | None = None) -> RetrainResult:
     """Train `model` from its current weights on splits.train, checkpointing to out_dir/last.pth every epoch.
 
     If out_dir/last.pth exists the run resumes from it (model, optimizer, scheduler, EMA, epoch);
-    a checkpoint with all cfg.epochs done is only evaluated. Under torchrun every rank calls this; only
-    rank 0 writes files and shows progress.
+    a checkpoint with all cfg.epochs done is only evaluated. `stop_epoch` ends the call after that many
+    epochs in all, on the schedule of cfg.epochs (a rung of successive halving); a later call resumes.
+    Under torchrun every rank calls this; only rank 0 writes files and shows progress.
     """
     start_time = time.perf_counter()
     info = setup_distributed()
@@ -188,7 +189,7 @@ def retrain(model: nn.Module, splits: DataSplits, cfg: RetrainConfig, out_dir: P
 
     bar = tqdm(total=cfg.epochs * len(train_loader), initial=start_epoch * len(train_loader), unit="step",
                dynamic_ncols=True, disable=not (progress and info.is_main))
-    for epoch in range(start_epoch, cfg.epochs):
+    for epoch in range(start_epoch, min(cfg.epochs, stop_epoch or cfg.epochs)):
         epoch_start = time.perf_counter()
         train_loader.set_epoch(epoch)
         loss = _train_one_epoch(train_model, train_loader, opt, mixup_fn, criterion, cfg, bar, epoch)
@@ -208,7 +209,7 @@ def retrain(model: nn.Module, splits: DataSplits, cfg: RetrainConfig, out_dir: P
     return RetrainResult(
         val_top1=val_top1,
         test_top1=evaluate(model, test_loader, dev) if test_loader is not None else None,
-        epochs_run=max(0, cfg.epochs - start_epoch),
+        epochs_run=len(history) - start_epoch,
         start_epoch=start_epoch,
         checkpoint=ckpt_path,
         seconds=time.perf_counter() - start_time,

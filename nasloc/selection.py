@@ -1,0 +1,257 @@
+"""The selection phase: short trainings decide among the search's best candidates and the seed designs.
+
+The proxy score of a weight-sharing supernet is noisy and overrates some archs (small ones); taking the
+single highest of many noisy proxies picks the most overrated one (the winner's curse). So the final arch
+is chosen the way NSGANetV2 and Hyperband-style systems do it: every candidate (the ``top_k`` best of the
+search, spread over the upper MACs band, plus every seed design at the budget) is trained for a few epochs,
+starting from its supernet weights (or from scratch), in rungs of 1, 2, 4, ... epochs, and only the better
+half goes on to the next rung (successive halving). Scores come from data the search did not select on
+(the other half of the validation split, see :func:`nasloc.data.halve_val`).
+
+The rungs live in an Optuna study (``selection``) in the run's storage: one trial per candidate, one
+intermediate value per rung (``trial.report``), so the dashboard shows every candidate's learning curve,
+and a rerun resumes where it stopped (a candidate's epochs are checkpointed by its trainer).
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import optuna
+from optuna.pruners import BasePruner
+from optuna.storages import BaseStorage
+from optuna.trial import FrozenTrial, TrialState
+
+from .arch import Arch
+from .flops import count
+from .search import evaluated_feasible_trials
+
+STUDY_NAME = "selection"
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """An arch competing in the selection; ``source`` is a search trial's number (``"12"``) or the name
+    of a seed design (``"DW shortcut"``)."""
+
+    source: str
+    arch: Arch
+
+
+# ------------------------------------------------------------------------------------- candidates
+def search_candidates(study: optuna.Study, budget_macs: float, top_k: int, band_low: float) -> list[Candidate]:
+    """The ``top_k`` best evaluated trials within budget, spread over the MACs band.
+
+    The band [band_low, budget] is cut into ``ceil(top_k / 2)`` equal sub-bands and each trial competes
+    only with the trials of its own sub-band (those below ``band_low`` join the lowest): the supernet
+    overrates small archs, so a plain top-k by proxy would hold only the small end. The picks are taken
+    round-robin, best first in each sub-band, starting from the sub-band next to the budget.
+    """
+    bins = max(1, math.ceil(top_k / 2))
+    width = max(budget_macs - band_low, 1.0) / bins
+    by_bin: list[list[FrozenTrial]] = [[] for _ in range(bins)]
+    seen: set[str] = set()
+    for trial in sorted(evaluated_feasible_trials(study, budget_macs), key=lambda t: (-t.user_attrs["top1"], t.number)):
+        if trial.user_attrs["arch_json"] in seen:  # the same arch proposed twice
+            continue
+        seen.add(trial.user_attrs["arch_json"])
+        index = min(bins - 1, max(0, int((trial.user_attrs["macs"] - band_low) // width)))
+        by_bin[index].append(trial)
+    picked: list[FrozenTrial] = []
+    while len(picked) < top_k and any(by_bin):
+        for group in reversed(by_bin):  # next to the budget first
+            if group and len(picked) < top_k:
+                picked.append(group.pop(0))
+    return [Candidate(str(t.number), Arch.from_dict(t.user_attrs["arch"])) for t in picked]
+
+
+def seed_candidates(references: dict[str, Arch], taken: Sequence[Candidate] = ()) -> list[Candidate]:
+    """The seed designs at the budget (name -> arch), less any arch the search candidates already hold."""
+    archs = {c.arch.to_json() for c in taken}
+    return [Candidate(name, arch) for name, arch in references.items() if arch.to_json() not in archs]
+
+
+# ------------------------------------------------------------------------------------------- rungs
+def rung_epochs(max_epochs: int, reduction_factor: int = 2) -> list[int]:
+    """Cumulative epochs at which candidates are scored: 1, eta, eta^2, ... and ``max_epochs`` last."""
+    if max_epochs < 1:
+        raise ValueError(f"select epochs must be >= 1, got {max_epochs}")
+    rungs = [1]
+    while rungs[-1] * reduction_factor < max_epochs:
+        rungs.append(rungs[-1] * reduction_factor)
+    if rungs[-1] != max_epochs:
+        rungs.append(max_epochs)
+    return rungs
+
+
+class SynchronousHalvingPruner(BasePruner):
+    """Successive halving over a cohort that reports each rung before any is judged.
+
+    Optuna's ``SuccessiveHalvingPruner`` is asynchronous (ASHA): it judges a trial against the trials that
+    reached the rung before it, so with one worker the first candidate always goes through. Here a
+    trial's value at a rung step is ranked among every trial that has a value at that step (pruned ones
+    included, so the decision does not depend on the order of the calls nor change on resume): it goes on
+    when it is among the best ``ceil(n / reduction_factor)``; ties go to the older trial.
+    """
+
+    def __init__(self, rungs: Sequence[int], reduction_factor: int = 2):
+        self.rungs, self.reduction_factor = tuple(rungs), reduction_factor
+
+    def prune(self, study: optuna.Study, trial: FrozenTrial) -> bool:
+        step = trial.last_step
+        if step is None or step not in self.rungs[:-1]:  # the last rung completes, it does not prune
+            return False
+        value = trial.intermediate_values[step]
+        if math.isnan(value):
+            return True
+        cohort = [(t.intermediate_values[step], t.number) for t in study.get_trials(deepcopy=False)
+                  if step in t.intermediate_values and not math.isnan(t.intermediate_values[step])]
+        keep = math.ceil(len(cohort) / self.reduction_factor)
+        better = sum(1 for v, n in cohort if v > value or (v == value and n < trial.number))
+        return better >= keep
+
+
+# ------------------------------------------------------------------------------------------- study
+@dataclass
+class SelectionResult:
+    study: optuna.Study
+    ranking: list[FrozenTrial]  # best first: the furthest rung reached, then the score there
+
+
+Advance = Callable[[int, Candidate, int], float]
+"""``advance(trial_number, candidate, epochs) -> top-1 %`` trains the candidate up to ``epochs`` epochs in all
+(resuming from what it trained before) and scores it on the selection split."""
+
+
+def run_selection(candidates: Sequence[Candidate], advance: Advance, storage: BaseStorage, *, max_epochs: int,
+                  reduction_factor: int = 2, say: Callable[[str], None] = print) -> SelectionResult:
+    """Run (or resume) successive halving of ``candidates``; returns the study and its ranking.
+
+    The candidates of a study are fixed when it is created: a rerun resumes them (trials keep their
+    numbers and reported rungs) and ignores ``candidates``.
+    """
+    rungs = rung_epochs(max_epochs, reduction_factor)
+    study = optuna.create_study(storage=storage, study_name=STUDY_NAME, direction="maximize", load_if_exists=True,
+                                pruner=SynchronousHalvingPruner(rungs, reduction_factor))
+    _check_rungs(study, rungs)
+    _add_candidates(study, candidates, rungs)
+    for epochs in rungs:
+        alive = _alive(study)
+        if not alive:
+            break
+        say(f"[nasloc]   rung {epochs} epoch{'s' * (epochs > 1)}: {len(alive)} candidate{'s' * (len(alive) > 1)}")
+        for frozen in alive:
+            if epochs not in frozen.intermediate_values:
+                value = advance(frozen.number, candidate_of(frozen), epochs)
+                optuna.trial.Trial(study, frozen._trial_id).report(value, epochs)
+        _close_rung(study, epochs, rungs)
+    return SelectionResult(study, ranking(study))
+
+
+def _check_rungs(study: optuna.Study, rungs: list[int]) -> None:
+    stored = study.user_attrs.get("rungs")
+    if stored is None:
+        study.set_user_attr("rungs", rungs)
+    elif list(stored) != rungs:
+        raise ValueError(f"the selection of this run was started with rungs {stored} (epochs), not {rungs}; "
+                         "use the same --select-epochs, or another --run-name")
+
+
+def _add_candidates(study: optuna.Study, candidates: Sequence[Candidate], rungs: list[int]) -> None:
+    """One trial per candidate, made once: a trial cut off before it got its arch (a crash) is failed."""
+    trials = study.get_trials(deepcopy=False)
+    for orphan in (t for t in trials if t.state == TrialState.RUNNING and "arch" not in t.user_attrs):
+        study.tell(orphan.number, state=TrialState.FAIL)
+    if study.user_attrs.get("candidates_added"):
+        return
+    have = {t.user_attrs.get("source") for t in trials if "arch" in t.user_attrs}
+    for candidate in candidates:
+        if candidate.source in have:
+            continue
+        trial = study.ask()
+        cost = count(candidate.arch)
+        trial.set_user_attr("source", candidate.source)
+        trial.set_user_attr("macs", int(cost.macs))
+        trial.set_user_attr("params", int(cost.params))
+        trial.set_user_attr("arch", candidate.arch.to_dict())
+    study.set_user_attr("candidates_added", True)
+
+
+def candidate_of(trial: FrozenTrial) -> Candidate:
+    return Candidate(trial.user_attrs["source"], Arch.from_dict(trial.user_attrs["arch"]))
+
+
+def _alive(study: optuna.Study) -> list[FrozenTrial]:
+    return [t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)) if "arch" in t.user_attrs]
+
+
+def _close_rung(study: optuna.Study, epochs: int, rungs: list[int]) -> None:
+    """After every alive candidate has reported ``epochs``: prune the worse ones, or complete the last rung."""
+    for frozen in _alive(study):
+        if epochs == rungs[-1]:
+            study.tell(frozen.number, frozen.intermediate_values[epochs])
+        elif optuna.trial.Trial(study, frozen._trial_id).should_prune():
+            study.tell(frozen.number, state=TrialState.PRUNED)
+
+
+def ranking(study: optuna.Study) -> list[FrozenTrial]:
+    """Selection trials, best first: those that reached a later rung before the others, then by their score
+    at their last rung."""
+    scored = [t for t in study.get_trials(deepcopy=False) if t.intermediate_values and "arch" in t.user_attrs]
+    return sorted(scored, key=lambda t: (-t.last_step, -t.intermediate_values[t.last_step], t.number))
+
+
+def selection_rows(study: optuna.Study) -> list[dict[str, Any]]:
+    """One row per candidate for ``selection.csv``: its rank, source, cost, state and score at every rung."""
+    rungs = study.user_attrs.get("rungs", [])
+    rows = []
+    for rank, trial in enumerate(ranking(study), 1):
+        arch = Arch.from_dict(trial.user_attrs["arch"])
+        row = dict(rank=rank, trial=trial.number, source=trial.user_attrs["source"], state=trial.state.name,
+                   macs=trial.user_attrs["macs"], params=trial.user_attrs["params"], locality=arch.describe())
+        row.update({f"top1@{e}ep": trial.intermediate_values.get(e) for e in rungs})
+        rows.append(row)
+    return rows
+
+
+# ----------------------------------------------------------------------------------------- training
+@dataclass(frozen=True)
+class SelectionConfig:
+    """How candidates are trained in the rungs (``--select-*``)."""
+
+    epochs: int = 4  # the last rung; rungs are 1, 2, 4, ... up to it
+    top_k: int = 8  # search candidates; the seed designs come on top
+    init: str = "supernet"  # "supernet": fine-tune from the inherited weights; "scratch": fresh weights
+    reduction_factor: int = 2
+    batch_size: int = 128
+    seed: int = 0
+
+
+class RungTrainer:
+    """``advance`` for :func:`run_selection`: trains a candidate at the supernet's resolution with the
+    retraining code (checkpoint every epoch, one folder per selection trial), on the cosine schedule of
+    the last rung, with weak augmentation (crop and flip), and scores it on ``splits.val``."""
+
+    def __init__(self, supernet: Any, splits: Any, config: SelectionConfig, folder: Callable[[int], Any],
+                 device: str = "auto"):
+        if config.init not in INITS:
+            raise ValueError(f"selection init must be one of {INITS}, got {config.init!r}")
+        self.supernet, self.splits, self.config, self.folder, self.device = supernet, splits, config, folder, device
+
+    def __call__(self, number: int, candidate: Candidate, epochs: int) -> float:
+        from .models import LocalityViT
+        from .train import RetrainConfig, retrain
+
+        arch = self.supernet.at_resolution(candidate.arch)
+        model = self.supernet.extract(arch) if self.config.init == "supernet" else LocalityViT(arch)
+        cfg = RetrainConfig(epochs=self.config.epochs, batch_size=self.config.batch_size, seed=self.config.seed,
+                            warmup_epochs=0 if self.config.init == "supernet" else 1, mixup=0.0, cutmix=0.0,
+                            randaugment="", ema_decay=0.0, img_size=self.supernet.img_size)
+        result = retrain(model, self.splits, cfg, self.folder(number), device=self.device, progress=False,
+                         stop_epoch=epochs)
+        return result.history[epochs - 1]["val_top1"]
+
+
+INITS = ("supernet", "scratch")

@@ -1,0 +1,140 @@
+"""The selection phase's logic: candidates, rungs, halving, resume (fast: a deterministic trainer).
+
+The end-to-end selection with real training on digits, and its SIGKILL resume, are in test_pipeline.py
+and test_robustness.py.
+"""
+import math
+import random
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from nasloc.arch import Arch
+from nasloc.selection import (Candidate, SynchronousHalvingPruner, rung_epochs, ranking, run_selection,
+                              search_candidates, seed_candidates, selection_rows)
+from nasloc.space import SearchSpace
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+@pytest.fixture(scope="module")
+def space():
+    return SearchSpace.load("tiny")
+
+
+def archs(space, n, seed=0):
+    rng = random.Random(seed)
+    out, seen = [], set()
+    while len(out) < n:
+        arch = space.sample(rng)
+        if arch.to_json() not in seen:
+            seen.add(arch.to_json())
+            out.append(arch)
+    return out
+
+
+class Trainer:
+    """A deterministic stand-in for training: candidate i scores quality[i] * epochs; records every call."""
+
+    def __init__(self, quality):
+        self.quality, self.calls = quality, []
+
+    def __call__(self, number, candidate, epochs):
+        self.calls.append((candidate.source, epochs))
+        return self.quality[candidate.source] * epochs
+
+
+def test_rungs_double_up_to_the_last():
+    assert rung_epochs(1) == [1]
+    assert rung_epochs(4) == [1, 2, 4]
+    assert rung_epochs(5) == [1, 2, 4, 5]
+    assert rung_epochs(9, 3) == [1, 3, 9]
+    with pytest.raises(ValueError, match="select epochs"):
+        rung_epochs(0)
+
+
+def test_successive_halving_keeps_the_better_half_at_each_rung(space):
+    cands = [Candidate(f"c{i}", a) for i, a in enumerate(archs(space, 8))]
+    quality = {f"c{i}": q for i, q in enumerate([5, 1, 7, 3, 8, 2, 6, 4])}
+    trainer = Trainer(quality)
+    result = run_selection(cands, trainer, optuna.storages.InMemoryStorage(), max_epochs=4, say=lambda m: None)
+    trials = result.study.get_trials()
+    states = {t.user_attrs["source"]: t.state for t in trials}
+    assert [s for s, st in states.items() if st == TrialState.COMPLETE] == ["c2", "c4"]  # the best two of 8
+    assert sum(st == TrialState.PRUNED for st in states.values()) == 6
+    # rung 1: all 8; rung 2: best 4 (c4, c2, c6, c0); rung 4: best 2
+    assert [e for _, e in trainer.calls].count(1) == 8
+    assert sorted(s for s, e in trainer.calls if e == 2) == ["c0", "c2", "c4", "c6"]
+    assert sorted(s for s, e in trainer.calls if e == 4) == ["c2", "c4"]
+    best = ranking(result.study)
+    assert [t.user_attrs["source"] for t in best[:3]] == ["c4", "c2", "c6"]
+    assert best[0].intermediate_values == {1: 8, 2: 16, 4: 32}
+    rows = selection_rows(result.study)
+    assert rows[0]["source"] == "c4" and rows[0]["top1@4ep"] == 32 and rows[-1]["top1@2ep"] is None
+
+
+def test_halving_decision_does_not_depend_on_the_order_of_calls(space):
+    """Optuna's own SuccessiveHalvingPruner (ASHA) lets the first reporter through; this one ranks the cohort."""
+    study = optuna.create_study(direction="maximize", pruner=SynchronousHalvingPruner([1, 2]))
+    trials = [study.ask() for _ in range(4)]
+    for trial, value in zip(trials, [1.0, 4.0, 3.0, 2.0]):
+        trial.report(value, 1)
+    assert [t.should_prune() for t in trials] == [True, False, False, True]
+    assert [t.should_prune() for t in reversed(trials)] == [True, False, False, True]
+
+
+def test_a_rerun_resumes_without_training_a_reported_rung_again(space, tmp_path):
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    cands = [Candidate(f"c{i}", a) for i, a in enumerate(archs(space, 4))]
+    quality = {"c0": 1, "c1": 2, "c2": 3, "c3": 4}
+
+    class Crash(Exception):
+        pass
+
+    def crashing(number, candidate, epochs):
+        if epochs == 2:
+            raise Crash
+        return Trainer(quality)(number, candidate, epochs)
+
+    with pytest.raises(Crash):
+        run_selection(cands, crashing, storage, max_epochs=2, say=lambda m: None)
+    trainer = Trainer(quality)
+    result = run_selection(cands[:1], trainer, storage, max_epochs=2, say=lambda m: None)  # candidates are fixed
+    assert sorted(trainer.calls) == [("c2", 2), ("c3", 2)]  # rung 1 is not trained again
+    assert len(result.study.trials) == 4
+    assert [t.user_attrs["source"] for t in ranking(result.study)][:2] == ["c3", "c2"]
+    with pytest.raises(ValueError, match="rungs"):
+        run_selection(cands, trainer, storage, max_epochs=4, say=lambda m: None)
+
+
+def test_search_candidates_cover_the_upper_budget_and_skip_duplicates(space):
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    pool = archs(space, 30, seed=1)
+    from nasloc.flops import count
+
+    budget = sorted(count(a).macs for a in pool)[-3]  # a few over budget
+    for i, arch in enumerate(pool + pool[:2]):  # two archs proposed twice
+        macs = count(arch).macs
+        study.add_trial(optuna.trial.create_trial(
+            values=[float(i % 7), float(macs)],
+            user_attrs=dict(arch=arch.to_dict(), arch_json=arch.to_json(), macs=macs, params=0, top1=float(i % 7))))
+    low = count(min(pool, key=lambda a: count(a).macs)).macs
+    picked = search_candidates(study, budget, 6, low)
+    assert len(picked) == 6
+    assert len({c.arch.to_json() for c in picked}) == 6
+    assert all(count(c.arch).macs <= budget for c in picked)
+    top_third = [c for c in picked if count(c.arch).macs >= low + 2 * (budget - low) / 3]
+    in_top_third = [a for a in pool if low + 2 * (budget - low) / 3 <= count(a).macs <= budget]
+    assert len(top_third) >= min(2, len(in_top_third))
+    # the plain top-6 by proxy would ignore MACs
+    assert all(isinstance(c.source, str) and c.source.isdigit() for c in picked)
+
+
+def test_seed_candidates_leave_out_archs_the_search_already_holds(space):
+    refs = space.reference_archs(space.macs_range()[1])
+    taken = [Candidate("3", refs["plain ViT"])]
+    seeds = seed_candidates(refs, taken)
+    assert "plain ViT" not in {c.source for c in seeds}
+    assert {c.source for c in seeds} == set(refs) - {"plain ViT"}
+    assert all(isinstance(c.arch, Arch) for c in seeds)
