@@ -60,7 +60,7 @@ class RetrainConfig:
     batch_size: int = 128  # per process; the global batch is batch_size * world size
     lr: float = 5e-4  # per 512 images: the lr used is lr * global_batch / 512 (DeiT's linear scaling)
     weight_decay: float = 0.05
-    warmup_epochs: int = 5
+    warmup_epochs: float = 5  # at most a tenth of the run is warm-up (see _Optimization)
     warmup_lr: float = 1e-6
     min_lr: float = 1e-5
     label_smoothing: float = 0.1
@@ -229,9 +229,10 @@ class _Optimization:
         lr = cfg.lr * cfg.batch_size * world_size / 512
         # timm skips weight decay for 1-d params (norms, biases) and model.no_weight_decay().
         self.optimizer = create_optimizer_v2(model, "adamw", lr=lr, weight_decay=cfg.weight_decay)
-        # Stepped per update, not per epoch, so the warm-up is smooth even when it lasts one epoch.
+        # Stepped per update, not per epoch, so the warm-up is smooth even when it lasts one epoch. A short
+        # run keeps at most a tenth of itself for warm-up: 5 warm-up epochs of a 5-epoch run never decay.
         self.scheduler, _ = create_scheduler_v2(
-            self.optimizer, "cosine", num_epochs=cfg.epochs, warmup_epochs=cfg.warmup_epochs,
+            self.optimizer, "cosine", num_epochs=cfg.epochs, warmup_epochs=min(cfg.warmup_epochs, cfg.epochs / 10),
             warmup_lr=cfg.warmup_lr, min_lr=cfg.min_lr, step_on_epochs=False, updates_per_epoch=steps_per_epoch)
         self.ema = ModelEmaV3(model, decay=cfg.ema_decay) if cfg.ema_decay > 0 else None
         self.amp_dtype = _amp_dtype(cfg.amp, device)

@@ -199,3 +199,19 @@ def test_ddp_two_cpu_processes_agree(digits, tmp_path):
     ckpt = torch.load(tmp_path / "last.pth", weights_only=True)
     assert ckpt["num_updates"] == len(digits.train) // 64  # each rank saw half of every global batch
     assert all(torch.equal(ckpt["model"][k], v) for k, v in weights[0].items())
+
+
+def test_a_short_run_warms_up_then_decays():
+    """5 warm-up epochs of a 5-epoch run would leave the lr rising to the end: warm-up is at most a tenth."""
+    from nasloc.train import _Optimization
+
+    cfg = RetrainConfig(epochs=5, batch_size=512, lr=1e-3, warmup_epochs=5)
+    opt = _Optimization(nn.Linear(4, 2), cfg, steps_per_epoch=20, world_size=1, device=torch.device("cpu"))
+    lrs = []
+    for update in range(1, 5 * 20 + 1):
+        opt.scheduler.step_update(update)
+        lrs.append(opt.optimizer.param_groups[0]["lr"])
+    peak = max(lrs)
+    assert lrs.index(peak) < 20  # within the first epoch
+    assert peak == pytest.approx(1e-3, rel=0.05)
+    assert lrs[-1] < 0.1 * peak and all(a >= b for a, b in zip(lrs[lrs.index(peak):], lrs[lrs.index(peak) + 1:]))
