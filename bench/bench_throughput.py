@@ -2,7 +2,7 @@
 
 Two pairs from ``search_spaces/cifar.yaml`` at its deploy resolution (32 px, 4x4 patches, class token):
 
-1. ``plain ViT``: ``SearchSpace.reference_archs(budget)["plain ViT"]`` (global attention only, no locality
+1. ``plain ViT``: ``reference_archs(space, budget)["plain ViT"]`` (global attention only, no locality
    branch) built as ``nasloc.LocalityViT`` vs a timm ``VisionTransformer`` with the same width, depth, heads
    and MLP ratio: the same network, so the ratio is the cost of nasloc's implementation (elastic layers).
 2. ``searched``: a seeded random arch with MACs in [band_lo, budget] (mixed global/dilated/window mixers,
@@ -38,6 +38,7 @@ from torch import nn
 from nasloc import LocalityViT
 from nasloc.arch import Arch, Block, Stage
 from nasloc.flops import count, fvcore_macs
+from nasloc.seeds import reference_archs
 from nasloc.space import SearchSpace
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -119,7 +120,7 @@ def main() -> int:
     space = SearchSpace.load(args.space)
     pairs: list[tuple[str, Arch, Arch]] = []
     if "plain" in args.pairs:
-        ref = space.reference_archs(args.budget)["plain ViT"]
+        ref = reference_archs(space, args.budget)["plain ViT"]
         pairs.append(("plain ViT (reference)", ref, ref))
     if "searched" in args.pairs:
         arch = space.sample_in_band(random.Random(args.seed), args.band_lo, args.budget)

@@ -13,7 +13,7 @@ Steps (``--steps``, comma-separated):
   top-1 of every arch trained in ``train``.
 - ``train``: every standalone training, one recipe: the ``--rank-archs`` ranking archs (sampled in
   [0.75 budget, budget], ``--rank-seeds`` trainings each) and, with every seed, each seed mechanism alone in the same skeleton at or
-  under the budget (SearchSpace.reference_archs), the NSGA-II best and the random-search best.
+  under the budget (nasloc.seeds.reference_archs), the NSGA-II best and the random-search best.
   Trainings are claimed one by one, so two processes can share them (one thread each on 2 cores);
   ``--wait-search`` makes a process wait for another one's search to train the searched archs too.
 - ``summary``: waits until every training is recorded, then Kendall tau and top-3 precision of
@@ -47,6 +47,7 @@ from nasloc.fileio import write_atomic
 from nasloc.flops import count
 from nasloc.models import LocalityViT
 from nasloc.search import pareto_trials, process_alive, run_search
+from nasloc.seeds import reference_archs
 from nasloc.space import SearchSpace
 from nasloc.supernet import Supernet
 from nasloc.supernet_train import Band, SupernetConfig, train_supernet
@@ -216,7 +217,7 @@ def rank_key(i: int, seed: int) -> str:
 
 def seed_candidates(space: SearchSpace, args: argparse.Namespace, rec: Record) -> dict[str, Arch]:
     """The seed designs at the budget, plus the searched archs that have been recorded so far."""
-    candidates = dict(space.reference_archs(args.budget))
+    candidates = dict(reference_archs(space, args.budget))
     search = rec.get("search") or {}
     for sampler, label in SEARCHED:
         if sampler in search:

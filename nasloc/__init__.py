@@ -4,7 +4,7 @@
 ``nasloc_vit`` entry that rebuilds exported archs).
 """
 from .arch import Arch, ArchError, Block, Shortcut, Stage
-from . import models  # noqa: F401  (registers the timm entry points)
+from . import seeds  # noqa: F401  (registers the timm entry points)
 from .models import LocalityViT
 
 __version__ = "0.1.0"

@@ -34,8 +34,9 @@ from torch import nn
 
 from .arch import Arch
 from .errors import NaslocError
-from .models import GENERIC, LocalityViT
-from .models.zoo import pretrained_cfg as _pretrained_cfg
+from .models import LocalityViT
+from .models.locality_vit import pretrained_cfg as _pretrained_cfg
+from .seeds import GENERIC
 
 __all__ = [
     "ExportError", "export_model", "export_arch", "export_trial", "open_storage",

@@ -25,6 +25,7 @@ from .errors import NaslocError
 from .evaluate import EvaluatorSpec, make_evaluator, measure_latency
 from .fileio import atomic_path, write_atomic
 from .flops import count
+from .seeds import reference_archs
 from .space import SearchSpace
 from .supernet import Supernet
 from .supernet_train import Band, SupernetConfig, load_supernet, train_supernet
@@ -266,7 +267,7 @@ class LatencyFactory:
 def reference_points(space: SearchSpace, supernet: Supernet, splits: DataSplits, options: Any) -> dict[str, tuple[float, float]]:
     """Each seed mechanism alone in the space, within budget, with its proxy top-1 (supernet weights)."""
     evaluate = make_evaluator(supernet, splits, seed=options.seed)
-    return {name: (count(arch).macs, evaluate(arch)) for name, arch in space.reference_archs(options.budget).items()}
+    return {name: (count(arch).macs, evaluate(arch)) for name, arch in reference_archs(space, options.budget).items()}
 
 
 def report_phase(study, options: Any, run_dir: Path, references: dict[str, tuple[float, float]]) -> list:

@@ -187,7 +187,8 @@ class SearchSpace:
         Starting from the opposite corner of the space, every gene in turn takes the option that
         moves MACs furthest in the wanted direction without crossing the bound; two passes settle
         genes whose options depend on others (depth, heads). ``fixed(name, options)`` may pin genes
-        (return :data:`FREE` for the others). Deterministic. Raises :class:`SpaceError` if the
+        (return :data:`FREE` for the others), as :func:`nasloc.seeds.reference_archs` pins each seed
+        mechanism. Deterministic. Raises :class:`SpaceError` if the
         result is not inside [lo, hi].
         """
         decisions = _Decisions(self, start_largest=not largest, fixed=fixed)
@@ -199,23 +200,6 @@ class SearchSpace:
         if not lo <= macs <= hi:
             raise SpaceError(f"{self.source}: no arch found with MACs in [{lo:.4g}, {hi:.4g}]")
         return arch
-
-    def reference_archs(self, budget: float) -> dict[str, Arch]:
-        """Each seed mechanism alone in this space's skeleton: the largest such arch within budget.
-
-        Micro genes are pinned (all blocks the same mechanism), macro genes (depth, width, heads,
-        MLP ratio) are grown up to the budget. Mechanisms the space cannot express are left out.
-        """
-        references = {}
-        for name, pins in _MECHANISMS.items():
-            fixed = _pinned(pins)
-            try:
-                references[name] = self.extreme(largest=True, hi=budget, fixed=fixed)
-            except SpaceError:
-                continue
-            if not _expresses(references[name], pins):
-                del references[name]
-        return references
 
     def sample_in_band(self, rng: random.Random, lo: float, hi: float, tries: int = 64) -> Arch:
         """A random arch with MACs in [lo, hi] (see :meth:`decisions_in_band`)."""
@@ -380,55 +364,6 @@ class _Decisions:
                 best_value, best_macs = option, macs
         self.values[name] = best_value
         self.arch()
-
-
-# The seed mechanisms as pins of micro genes (see SearchSpace.reference_archs).
-_MECHANISMS: dict[str, dict[str, Any]] = {
-    "plain ViT": {},
-    "DW shortcut": {"shortcut": 1, "shortcut_kernels": (3,)},
-    "LocalViT FFN": {"ffn_kernel": 3},
-    "LIFE": {"life": True},
-    "DilateFormer": {"mixer": "dilated", "dilation": "per-head 1,2,3", "cpe": True},
-    "LightViT": {"mixer": "window", "global_tokens": "most", "ffn": "bidim"},
-}
-_PLAIN = {"mixer": "global", "life": False, "ffn_kernel": 0, "shortcut": 0, "global_tokens": 0, "ffn": "mlp", "cpe": False}
-
-
-def _pinned(pins: dict[str, Any]) -> Fixed:
-    """A Fixed function pinning every micro gene to the plain ViT except the mechanism's own."""
-    wanted = {**_PLAIN, **pins}
-
-    def fixed(name: str, options: tuple) -> Any:
-        gene = name.rsplit(".", 1)[-1]
-        if gene not in wanted:
-            return FREE
-        value = wanted[gene]
-        if value == "most":
-            return max(options)
-        if value == "per-head 1,2,3":
-            # Head k takes rate k mod 3 + 1: with heads of equal rate grouped this is DilateFormer's
-            # [1, 2, 3] split up to a permutation of heads, which changes nothing (rates have no weights).
-            head = int(name.split(".")[-2][1:])
-            rates = sorted(options)
-            return rates[head % len(rates)]
-        return value if value in options else FREE  # not offered: _expresses drops the reference
-
-    return fixed
-
-
-def _expresses(arch: Arch, pins: dict[str, Any]) -> bool:
-    """Whether every pinned gene really took its value (the space offers it)."""
-    blocks = [b for _, _, _, b in arch.iter_blocks()]
-    checks = {
-        "mixer": lambda v: all(b.mixer == v for b in blocks),
-        "life": lambda v: all(b.life == v for b in blocks),
-        "ffn_kernel": lambda v: all(b.ffn_kernel == v for b in blocks),
-        "shortcut": lambda v: bool(arch.shortcuts),
-        "ffn": lambda v: arch.ffn == v,
-        "cpe": lambda v: arch.cpe == v,
-        "global_tokens": lambda v: arch.global_tokens > 0,
-    }
-    return all(checks[gene](value) for gene, value in pins.items() if gene in checks)
 
 
 def _options_of(space: SearchSpace, name: str, values: dict[str, Any]) -> tuple:

@@ -8,7 +8,8 @@ import pytest
 import yaml
 
 from nasloc.arch import Arch, ArchError, Block, Shortcut, Stage
-from nasloc.models import PRESETS, LocalityViT
+from nasloc.models import LocalityViT
+from nasloc.seeds import PRESETS
 from nasloc.space import SearchSpace
 
 SMALL = Arch(

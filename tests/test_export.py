@@ -25,7 +25,7 @@ from nasloc.arch import Arch, Block, Shortcut, Stage
 from nasloc.export import ExportError, export_arch, export_model, export_trial, open_storage
 from nasloc.flops import count
 from nasloc.models import LocalityViT
-from nasloc.models.zoo import default_out_indices
+from nasloc.models.locality_vit import default_out_indices
 from nasloc.space import SearchSpace, resolve_space_path
 from nasloc.supernet import Supernet
 

@@ -17,9 +17,10 @@ import torch
 import nasloc
 from nasloc.arch import Arch, Block, Shortcut, Stage
 from nasloc.flops import count, fvcore_macs
-from nasloc.models import GENERIC, PRESETS, LocalityViT
+from nasloc.models import LocalityViT
 from nasloc.models.dilated import dilated_attention
 from nasloc.models.layout import Geometry
+from nasloc.seeds import GENERIC, PRESETS
 from nasloc.space import SearchSpace
 
 # name -> (params in M, GMACs at 224) from the issue; params exact to 0.2 %, GMACs within 2 %.

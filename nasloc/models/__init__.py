@@ -1,4 +1,4 @@
-"""The nasloc model family; importing it registers every preset with timm.
+"""The nasloc model family (its named presets and timm entry points are in :mod:`nasloc.seeds`).
 
 One file per locality mechanism: :mod:`.dw_shortcut` (depth-wise conv shortcuts), :mod:`.lightvit`
 (global tokens, window attention, BiDim gate), :mod:`.life` (multi-scale qkv), :mod:`.localvit`
@@ -8,6 +8,5 @@ mixer), :mod:`.mlp`, :mod:`.heads`; :mod:`.layout` says how tokens are laid out 
 :mod:`.elastic` is the only place where weights are sliced. :mod:`.locality_vit` assembles them.
 """
 from .locality_vit import Capacity, LocalityViT
-from .zoo import GENERIC, PRESETS, create
 
-__all__ = ["Capacity", "GENERIC", "LocalityViT", "PRESETS", "create"]
+__all__ = ["Capacity", "LocalityViT"]

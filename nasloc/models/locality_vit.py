@@ -6,7 +6,9 @@ the weights the arch needs; the supernet (:mod:`nasloc.supernet`) builds the sam
 capacity of a whole search space and runs any arch of it as a slice.
 
 timm conventions: ``forward_features`` returns the normalised tokens (B, N, C), ``forward_head``
-pools and classifies, ``forward_intermediates`` serves ``features_only=True``.
+pools and classifies, ``forward_intermediates`` serves ``features_only=True``; :func:`pretrained_cfg`
+and :func:`default_out_indices` describe any arch to timm. The named presets and their timm entry
+points are in :mod:`nasloc.seeds`.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
 import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, trunc_normal_
 from timm.models import checkpoint
 from torch import Tensor, nn
@@ -315,3 +318,34 @@ class LocalityViT(nn.Module):
         self.arch = self.arch.replace(**changes)
         self.num_classes = num_classes
         self.head = ElasticLinear(self.num_features, num_classes) if num_classes else nn.Identity()
+
+
+def default_out_indices(arch: Arch) -> list[int]:
+    """features_only default: the last block of every stage, or the last three of a columnar net."""
+    if arch.family == "columnar":
+        return list(range(arch.depth - 3, arch.depth))
+    ends, total = [], 0
+    for stage in arch.stages:
+        total += stage.depth
+        ends.append(total - 1)
+    return ends
+
+
+def pretrained_cfg(arch: Arch, **extra: Any) -> dict[str, Any]:
+    """timm's pretrained cfg of an arch (input size, normalisation, crop, first conv, classifier)."""
+    first_conv = {"patch": "stem.proj", "lightvit": "stem.conv1", "overlap": "stem.convs.0"}[arch.stem]
+    return dict(
+        url="",
+        num_classes=arch.num_classes,
+        input_size=(arch.in_chans, arch.img_size, arch.img_size),
+        pool_size=None,
+        crop_pct=0.9,
+        interpolation="bicubic",
+        fixed_input_size=True,
+        mean=IMAGENET_DEFAULT_MEAN,
+        std=IMAGENET_DEFAULT_STD,
+        first_conv=first_conv,
+        classifier="head",
+        license="apache-2.0",
+        **extra,
+    )

@@ -1,20 +1,26 @@
-"""Presets: each seed paper's published model as one arch, registered with timm.
+"""The five seed designs in one place, each in its two forms.
 
-``import nasloc`` registers every preset and the generic ``nasloc_vit`` entry point, which builds
-any arch passed as keyword arguments (that is how exported models reload: their ``config.json``
-carries ``architecture: nasloc_vit`` and ``model_args`` = the arch).
+* As a *preset*: the paper's published model as one arch (:data:`PRESETS`), registered with timm.
+  ``import nasloc`` registers every preset and the generic ``nasloc_vit`` entry point, which builds
+  any arch passed as keyword arguments (that is how exported models reload: their ``config.json``
+  carries ``architecture: nasloc_vit`` and ``model_args`` = the arch).
+* As a *mechanism*: pins of the micro genes (:data:`MECHANISMS`), from which
+  :func:`reference_archs` builds, in any search space, the largest arch within a MACs budget that
+  uses that mechanism alone (the seeds a search result is compared with).
 """
 from __future__ import annotations
 
 from typing import Any
 
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
-from ..arch import Arch, Block, Shortcut, Stage
-from .locality_vit import LocalityViT
+from .arch import Arch, Block, Shortcut, Stage
+from .models import LocalityViT
+from .models.locality_vit import default_out_indices, pretrained_cfg
+from .space import FREE, Fixed, SearchSpace, SpaceError
 
 
+# ---------------------------------------------------------------------------- presets
 def columnar(dim: int, heads: int, depth: int = 12, mlp_ratio: float = 4.0, block: Block = Block(), **skeleton: Any) -> Arch:
     """DeiT-like: 16x16 patch embedding, class token, absolute position embedding, one stage."""
     settings = dict(stem="patch", patch_size=16, cls_token=True, pos_embed="absolute", head="token")
@@ -61,37 +67,74 @@ PRESETS: dict[str, Arch] = {
 GENERIC = "nasloc_vit"  # builds the arch given as keyword arguments; defaults to DeiT-Ti
 
 
-def default_out_indices(arch: Arch) -> list[int]:
-    """features_only default: the last block of every stage, or the last three of a columnar net."""
-    if arch.family == "columnar":
-        return list(range(arch.depth - 3, arch.depth))
-    ends, total = [], 0
-    for stage in arch.stages:
-        total += stage.depth
-        ends.append(total - 1)
-    return ends
+# ---------------------------------------------------------------------------- mechanisms
+# Each seed mechanism as pins of micro genes; every other micro gene is pinned to the plain ViT.
+MECHANISMS: dict[str, dict[str, Any]] = {
+    "plain ViT": {},
+    "DW shortcut": {"shortcut": 1, "shortcut_kernels": (3,)},
+    "LocalViT FFN": {"ffn_kernel": 3},
+    "LIFE": {"life": True},
+    "DilateFormer": {"mixer": "dilated", "dilation": "per-head 1,2,3", "cpe": True},
+    "LightViT": {"mixer": "window", "global_tokens": "most", "ffn": "bidim"},
+}
+_PLAIN = {"mixer": "global", "life": False, "ffn_kernel": 0, "shortcut": 0, "global_tokens": 0, "ffn": "mlp", "cpe": False}
 
 
-def pretrained_cfg(arch: Arch, **extra: Any) -> dict[str, Any]:
-    """timm's pretrained cfg of an arch (input size, normalisation, crop, first conv, classifier)."""
-    first_conv = {"patch": "stem.proj", "lightvit": "stem.conv1", "overlap": "stem.convs.0"}[arch.stem]
-    return dict(
-        url="",
-        num_classes=arch.num_classes,
-        input_size=(arch.in_chans, arch.img_size, arch.img_size),
-        pool_size=None,
-        crop_pct=0.9,
-        interpolation="bicubic",
-        fixed_input_size=True,
-        mean=IMAGENET_DEFAULT_MEAN,
-        std=IMAGENET_DEFAULT_STD,
-        first_conv=first_conv,
-        classifier="head",
-        license="apache-2.0",
-        **extra,
-    )
+def reference_archs(space: SearchSpace, budget: float) -> dict[str, Arch]:
+    """Each seed mechanism alone in the space's skeleton: the largest such arch within budget.
+
+    Micro genes are pinned (all blocks the same mechanism), macro genes (depth, width, heads,
+    MLP ratio) are grown up to the budget. Mechanisms the space cannot express are left out.
+    """
+    references = {}
+    for name, pins in MECHANISMS.items():
+        try:
+            arch = space.extreme(largest=True, hi=budget, fixed=_pinned(pins))
+        except SpaceError:
+            continue
+        if _expresses(arch, pins):
+            references[name] = arch
+    return references
 
 
+def _pinned(pins: dict[str, Any]) -> Fixed:
+    """A Fixed function pinning every micro gene to the plain ViT except the mechanism's own."""
+    wanted = {**_PLAIN, **pins}
+
+    def fixed(name: str, options: tuple) -> Any:
+        gene = name.rsplit(".", 1)[-1]
+        if gene not in wanted:
+            return FREE
+        value = wanted[gene]
+        if value == "most":
+            return max(options)
+        if value == "per-head 1,2,3":
+            # Head k takes rate k mod 3 + 1: with heads of equal rate grouped this is DilateFormer's
+            # [1, 2, 3] split up to a permutation of heads, which changes nothing (rates have no weights).
+            head = int(name.split(".")[-2][1:])
+            rates = sorted(options)
+            return rates[head % len(rates)]
+        return value if value in options else FREE  # not offered: _expresses drops the reference
+
+    return fixed
+
+
+def _expresses(arch: Arch, pins: dict[str, Any]) -> bool:
+    """Whether every pinned gene really took its value (the space offers it)."""
+    blocks = [b for _, _, _, b in arch.iter_blocks()]
+    checks = {
+        "mixer": lambda v: all(b.mixer == v for b in blocks),
+        "life": lambda v: all(b.life == v for b in blocks),
+        "ffn_kernel": lambda v: all(b.ffn_kernel == v for b in blocks),
+        "shortcut": lambda v: bool(arch.shortcuts),
+        "ffn": lambda v: arch.ffn == v,
+        "cpe": lambda v: arch.cpe == v,
+        "global_tokens": lambda v: arch.global_tokens > 0,
+    }
+    return all(checks[gene](value) for gene, value in pins.items() if gene in checks)
+
+
+# ---------------------------------------------------------------------------- timm entry points
 default_cfgs = generate_default_cfgs({name: pretrained_cfg(arch) for name, arch in {**PRESETS, GENERIC: PRESETS["nasloc_deit_tiny"]}.items()})
 
 
@@ -117,7 +160,7 @@ def _entry_point(variant: str):
 
     entry.__name__ = entry.__qualname__ = variant
     entry.__module__ = __name__
-    entry.__doc__ = f"{variant}: a nasloc LocalityViT preset (see nasloc.models.zoo.PRESETS)."
+    entry.__doc__ = f"{variant}: a nasloc LocalityViT preset (see nasloc.seeds.PRESETS)."
     return entry
 
 
