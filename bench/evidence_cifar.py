@@ -46,9 +46,10 @@ from nasloc.evaluate import make_evaluator
 from nasloc.fileio import write_atomic
 from nasloc.flops import count
 from nasloc.models import LocalityViT
-from nasloc.search import pareto_trials, process_alive, run_search
+from nasloc.search import pareto_trials, run_search
 from nasloc.seeds import reference_archs
 from nasloc.space import SearchSpace
+from nasloc.storage import process_alive
 from nasloc.supernet import Supernet
 from nasloc.supernet_train import Band, SupernetConfig, train_supernet
 from nasloc.train import RetrainConfig, retrain

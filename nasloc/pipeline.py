@@ -392,7 +392,7 @@ def serve_dashboard(storage: str, port: int):
 
     import optuna_dashboard
 
-    from .search import open_storage
+    from .storage import open_storage
 
     class Quiet(WSGIRequestHandler):
         def log_message(self, *args: Any) -> None:  # keep request logs out of the progress bars

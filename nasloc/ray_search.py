@@ -36,18 +36,9 @@ from optuna.trial import TrialState
 
 from .arch import Arch
 from .flops import count
-from .search import (
-    OBJECTIVES,
-    TrialSeededSampler,
-    check_objectives,
-    fail_stale_trials,
-    open_storage,
-    open_study,
-    pessimistic_values,
-    record_arch,
-    resolve_population_size,
-    trials_to_start,
-)
+from .sampler import TrialSeededSampler, resolve_population_size
+from .search import OBJECTIVES, check_objectives, open_study, pessimistic_values, record_arch, trials_to_start
+from .storage import fail_stale_trials, open_storage
 
 if TYPE_CHECKING:
     from .space import SearchSpace

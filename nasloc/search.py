@@ -6,18 +6,11 @@ counts its MACs and parameters analytically, stores the arch on the trial and se
 budget is not evaluated at all: it gets pessimistic values (top-1 0, its real MACs and params, infinite
 latency) and costs only its storage writes. The sampler's random phase (all of random search, TPE's first
 trials, NSGA-II's first population) is drawn within the budget and NSGA-II children over budget are
-repaired into it (:class:`TrialSeededSampler`), so under a tight budget every random-search and NSGA-II
-trial is evaluated.
+repaired into it (:class:`nasloc.sampler.TrialSeededSampler`), so under a tight budget every random-search
+and NSGA-II trial is evaluated.
 
-Storage (:func:`open_storage`) is what makes a search persistent, resumable and shareable:
-
-- ``sqlite:///results/run/study.db`` (the default of the command), ``postgresql://...`` or any SQLAlchemy URL
-  → an RDB storage with a heartbeat: a worker killed with SIGKILL leaves its trial RUNNING, and the next
-  worker (or rerun) marks it FAIL once it has missed its heartbeats for ``grace_period`` seconds.
-- a plain file path (``study.log``, ``trials.jsonl``) → an Optuna journal file, the storage for several
-  processes on one machine or on NFS. Optuna 5's ``JournalStorage`` has no heartbeat (only ``RDBStorage``
-  and its cache implement ``BaseHeartbeat``), so :class:`HeartbeatJournalStorage` adds one: the heartbeat is
-  a trial system attribute, rewritten every ``heartbeat_interval`` seconds while the trial runs.
+The study lives in an Optuna storage (:func:`nasloc.storage.open_storage`: SQLite, PostgreSQL or a journal
+file, with heartbeats), which makes a search persistent, resumable and shareable.
 
 Resume: ``n_trials`` is the total number of trials the study should hold, finished (COMPLETE or FAIL) or
 running in some worker. Rerunning a finished search does nothing; an interrupted one continues to the total
@@ -26,21 +19,11 @@ running in some worker. Rerunning a finished search does nothing; an interrupted
 Several workers: start the same command several times (on one machine or many) against one journal file
 or PostgreSQL database; together they stop at ``n_trials``, with unique trial numbers. ``workers=N`` in one
 process is Optuna's ``n_jobs`` (threads): only worth it when ``evaluate`` releases the GIL and is
-thread-safe. SQLite is fine for one process, not for several writers.
-
-Seeds: the sampler of trial *k* is seeded with ``(seed, k)`` (:class:`TrialSeededSampler`), so one process
-with a given seed always suggests the same archs, a resumed study does not replay the suggestions of its
-first trials, and concurrent workers with the same seed do not suggest the same archs.
+thread-safe.
 """
 from __future__ import annotations
 
-import functools
-import logging
 import math
-import os
-import random
-import socket
-import sqlite3
 import threading
 import time
 import warnings
@@ -48,378 +31,27 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
-import numpy as np
 import optuna
-from optuna.exceptions import ExperimentalWarning, UpdateFinishedTrialError
+from optuna.exceptions import ExperimentalWarning
 from optuna.samplers import BaseSampler
-from optuna.storages import BaseStorage, JournalStorage, RDBStorage
-from optuna.storages._heartbeat import BaseHeartbeat
-from optuna.storages.journal import JournalFileBackend
+from optuna.storages import BaseStorage
 from optuna.trial import FrozenTrial, TrialState
 
 from .arch import Arch
 from .flops import count
-from .space import RandomChooser, ReplayChooser, SearchSpace, option_label
-
-_logger = logging.getLogger(__name__)
+from .sampler import TrialSeededSampler, resolve_population_size
+from .space import SearchSpace
+from .storage import fail_stale_trials, open_storage, this_worker
 
 #: Objective names and their directions. top1 is the proxy top-1 accuracy (%) with supernet weights.
 OBJECTIVES: dict[str, str] = {"top1": "maximize", "macs": "minimize", "params": "minimize", "latency": "minimize"}
-SAMPLERS = ("nsga2", "tpe", "random")
-TPE_STARTUP_TRIALS = 10  # Optuna's default, set explicitly: the feasible start covers exactly these trials
 CONSTRAINT = "macs_budget"
 #: States that count towards ``n_trials``: done, or being run by some worker (or queued).
 COUNTED_STATES = (TrialState.COMPLETE, TrialState.FAIL, TrialState.RUNNING, TrialState.WAITING)
-HEARTBEAT_ATTR = "nasloc:heartbeat"
-SQLITE_SUFFIXES = (".db", ".sqlite", ".sqlite3")
 
 
 class EvaluationError(RuntimeError):
     """``evaluate`` gave no usable accuracy (NaN or infinite): the trial fails, the search goes on."""
-
-
-# ------------------------------------------------------------------------------------------- storage
-def open_storage(
-    url_or_path: str | Path,
-    *,
-    heartbeat_interval: int | None = 30,
-    grace_period: int | None = 120,
-) -> BaseStorage:
-    """An Optuna storage from a URL or a file path, with a heartbeat either way.
-
-    - Anything with ``://`` is an SQLAlchemy URL (``sqlite:///...``, ``postgresql://...``,
-      ``mysql+pymysql://...``) → ``RDBStorage``; for SQLite the parent folder is created.
-    - A file ending in .db/.sqlite/.sqlite3, or an existing file with an SQLite header, is SQLite.
-    - Any other path (``study.log``, ``trials.jsonl``) is an Optuna journal file
-      (``JournalStorage(JournalFileBackend(path))``, with the heartbeat of :class:`HeartbeatJournalStorage`).
-
-    A trial whose worker died is marked FAIL by the next worker, or rerun, once it has missed its
-    heartbeat for ``grace_period`` seconds (default 2 x interval when None). The grace period is
-    generous because a loaded 2-core machine can starve the heartbeat thread.
-    ``heartbeat_interval=None`` turns the heartbeat off (for ask/tell users such as Ray).
-    """
-    text = str(url_or_path)
-    if "://" not in text:
-        path = Path(text).expanduser().resolve()
-        if path.suffix.lower() in SQLITE_SUFFIXES or _is_sqlite_file(path):
-            text = f"sqlite:///{path}"
-        else:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            return HeartbeatJournalStorage(
-                JournalFileBackend(str(path)),
-                heartbeat_interval=heartbeat_interval,
-                grace_period=grace_period,
-                heartbeat_stale_trial_callback=log_stale_trial,
-            )
-    engine_kwargs: dict[str, Any] = {}
-    if text.startswith("sqlite"):
-        import sqlalchemy
-
-        database = sqlalchemy.engine.make_url(text).database
-        if database and database != ":memory:":
-            Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
-            engine_kwargs = {"creator": functools.partial(_connect_sqlite, str(Path(database).expanduser()))}
-    if heartbeat_interval is None:
-        grace_period = None  # RDBStorage accepts a grace period only with a heartbeat
-    return _rdb_storage(text, engine_kwargs, heartbeat_interval, grace_period)
-
-
-def _rdb_storage(url: str, engine_kwargs: dict[str, Any], heartbeat_interval: int | None, grace_period: int | None,
-                 attempts: int = 8) -> RDBStorage:
-    """RDBStorage, retried: workers that open an empty PostgreSQL database at the same moment all try
-    to create Optuna's tables, and all but one fail with a duplicate-key error; a retry finds them."""
-    import sqlalchemy.exc
-
-    for attempt in range(attempts):
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", ExperimentalWarning)  # heartbeat_interval is "experimental"
-                return RDBStorage(
-                    url,
-                    engine_kwargs=engine_kwargs,
-                    heartbeat_interval=heartbeat_interval,
-                    grace_period=grace_period,
-                    heartbeat_stale_trial_callback=log_stale_trial,  # Optuna 5's name for failed_trial_callback
-                )
-        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError):
-            if attempt == attempts - 1:
-                raise
-            time.sleep(random.uniform(0.2, 1.0) * (attempt + 1))
-    raise AssertionError("unreachable")
-
-
-def _connect_sqlite(database: str) -> sqlite3.Connection:
-    """An SQLite connection for Optuna: write-ahead log, no fsync per commit, patient with locks.
-
-    Optuna commits every suggestion and attribute separately (about 40 commits per trial here), and
-    with SQLite's defaults each commit is an fsync: 16 ms on these machines, 0.6 s per trial. In WAL
-    mode with synchronous=NORMAL a commit is durable against a crash of the process (not of the OS)
-    and readers (optuna-dashboard) never block the writer. WAL needs a local disk, as SQLite itself
-    does for several processes: use a journal file or PostgreSQL on NFS. The timeout covers the
-    heartbeat thread writing while the main thread does.
-    """
-    connection = sqlite3.connect(database, timeout=60, check_same_thread=False)
-    connection.execute("PRAGMA journal_mode=WAL")
-    connection.execute("PRAGMA synchronous=NORMAL")
-    return connection
-
-
-def _is_sqlite_file(path: Path) -> bool:
-    try:
-        with open(path, "rb") as f:
-            return f.read(16) == b"SQLite format 3\x00"
-    except OSError:
-        return False
-
-
-def log_stale_trial(study: optuna.Study, trial: FrozenTrial) -> None:
-    """Heartbeat-stale callback: the trial is already FAIL (it counts as finished); say so."""
-    _logger.warning("trial %d of study %r was left RUNNING by a worker that stopped sending heartbeats; "
-                    "marked FAIL", trial.number, study.study_name)
-
-
-class HeartbeatJournalStorage(JournalStorage, BaseHeartbeat):
-    """A journal storage with Optuna's heartbeat protocol (Optuna 5 only gives it to ``RDBStorage``).
-
-    ``study.optimize`` runs a thread that calls :meth:`record_heartbeat` every ``heartbeat_interval``
-    seconds while a trial runs; here that writes the wall-clock time into the trial's system attribute
-    ``nasloc:heartbeat`` (one short journal line per interval). Before each trial, Optuna asks for
-    :meth:`_get_stale_trial_ids` and marks those FAIL. Workers on several machines need roughly
-    synchronised clocks (the grace period absorbs small skews). Trials that never recorded a
-    heartbeat (created by ask/tell, e.g. by Ray) are never considered stale, as in ``RDBStorage``.
-    """
-
-    def __init__(
-        self,
-        backend: Any,
-        *,
-        heartbeat_interval: int | None = 30,
-        grace_period: int | None = None,
-        heartbeat_stale_trial_callback: Callable[[optuna.Study, FrozenTrial], None] | None = None,
-    ) -> None:
-        if heartbeat_interval is not None and heartbeat_interval <= 0:
-            raise ValueError("heartbeat_interval must be a positive number of seconds")
-        if grace_period is not None and grace_period <= 0:
-            raise ValueError("grace_period must be a positive number of seconds")
-        super().__init__(backend)
-        self.heartbeat_interval = heartbeat_interval
-        self.grace_period = grace_period
-        self.heartbeat_stale_trial_callback = heartbeat_stale_trial_callback
-
-    def record_heartbeat(self, trial_id: int) -> None:
-        try:
-            self.set_trial_system_attr(trial_id, HEARTBEAT_ATTR, time.time())
-        except UpdateFinishedTrialError:
-            pass  # another worker already declared this trial stale; the result will be rejected
-
-    def _get_stale_trial_ids(self, study_id: int) -> list[int]:
-        assert self.heartbeat_interval is not None
-        grace = self.grace_period if self.grace_period is not None else 2 * self.heartbeat_interval
-        now = time.time()
-        return [
-            trial._trial_id
-            for trial in self.get_all_trials(study_id, deepcopy=False, states=(TrialState.RUNNING,))
-            if HEARTBEAT_ATTR in trial.system_attrs and now - trial.system_attrs[HEARTBEAT_ATTR] > grace
-        ]
-
-    def get_heartbeat_interval(self) -> int | None:
-        return self.heartbeat_interval
-
-    def get_heartbeat_stale_trial_callback(self) -> Callable[[optuna.Study, FrozenTrial], None] | None:
-        return self.heartbeat_stale_trial_callback
-
-
-def fail_stale_trials(study: optuna.Study) -> None:
-    """Mark FAIL the RUNNING trials whose worker is gone: a process of this host that no longer
-    exists (at once), or any worker that stopped sending heartbeats (after the grace period)."""
-    fail_orphaned_trials(study)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ExperimentalWarning)
-        optuna.storages.fail_stale_trials(study)
-
-
-def this_worker() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
-
-
-def fail_orphaned_trials(study: optuna.Study) -> None:
-    """RUNNING trials started on this host by a process that has died (e.g. killed with SIGKILL) are
-    marked FAIL right away, so an immediate rerun neither waits for the heartbeat grace period nor
-    counts them as live. Other hosts' trials are left to the heartbeat."""
-    host = socket.gethostname()
-    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        worker_host, _, pid = str(trial.user_attrs.get("worker", "")).rpartition(":")
-        if worker_host == host and pid.isdigit() and not process_alive(int(pid)):
-            study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
-            _logger.warning("trial %d was left RUNNING by process %s, which has exited; marked FAIL", trial.number, pid)
-
-
-def process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    return True
-
-
-# ------------------------------------------------------------------------------------------- samplers
-def make_sampler(name: str, seed: int, population_size: int | None = None) -> BaseSampler:
-    """``nsga2`` (NSGAIISampler), ``tpe`` (TPESampler) or ``random`` (RandomSampler), seeded.
-
-    ``population_size`` is NSGA-II's (Optuna's default, 50, when None); the others ignore it.
-    """
-    if name == "nsga2":
-        kwargs = {} if population_size is None else {"population_size": population_size}
-        return optuna.samplers.NSGAIISampler(seed=seed, **kwargs)
-    if name == "tpe":
-        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=TPE_STARTUP_TRIALS)  # keyword-only in Optuna 5
-    if name == "random":
-        return optuna.samplers.RandomSampler(seed=seed)
-    raise ValueError(f"unknown sampler {name!r}; choose from {', '.join(SAMPLERS)}")
-
-
-def default_population_size(n_trials: int) -> int:
-    """NSGA-II population for a search of ``n_trials``: about four generations, 8 to 50 archs.
-
-    Optuna's default of 50 would make a 60-trial search a random search with 10 children.
-    """
-    return max(8, min(50, n_trials // 4))
-
-
-def resolve_population_size(study: optuna.Study, sampler: str, population_size: int | None, n_trials: int) -> int | None:
-    """NSGA-II's population: as asked, else as the study was started with, else the default for ``n_trials``.
-
-    Kept in the study (user attribute ``nsga2_population_size``) so that a resumed search keeps its
-    generations even when it is resumed with another ``n_trials``.
-    """
-    if sampler != "nsga2":
-        return population_size
-    size = population_size or study.user_attrs.get("nsga2_population_size") or default_population_size(n_trials)
-    if "nsga2_population_size" not in study.user_attrs:
-        study.set_user_attr("nsga2_population_size", int(size))
-    return int(size)
-
-
-def trial_seed(seed: int, number: int) -> int:
-    """The sampler seed of trial ``number`` (independent streams for different trials)."""
-    return int(np.random.SeedSequence([seed, number]).generate_state(1)[0])
-
-
-class TrialSeededSampler(BaseSampler):
-    """A sampler whose randomness depends only on (seed, trial number), with an optional feasible start.
-
-    Optuna samplers keep no state between trials but their random generator (populations, TPE
-    models and NSGA-II generations are rebuilt from the storage). Each trial therefore gets a fresh
-    ``make_sampler(name, trial_seed(seed, trial.number))``: a sequential search is reproducible, a
-    resumed one does not replay its first suggestions (a plain ``RandomSampler(seed)`` would) and
-    concurrent workers do not suggest the same archs.
-
-    Budget-aware proposals (when ``space`` and ``budget_macs`` are given):
-
-    - feasible start: the trials a sampler would draw uniformly at random (all of random search, TPE's
-      first :data:`TPE_STARTUP_TRIALS`, NSGA-II's first population) are drawn at random *within budget*
-      (:meth:`SearchSpace.decisions_in_band`);
-    - repaired children: a joint proposal (an NSGA-II child) over budget is walked into the budget,
-      one gene re-drawn at a time, the fewest changes that get there (the repair of constrained
-      evolutionary NAS). TPE proposes gene by gene, so it is left to learn the constraint.
-
-    Under a tight budget most uniform archs and most children are over it and would never be
-    evaluated; this way every random-search and NSGA-II trial is evaluated.
-    """
-
-    def __init__(self, name: str, seed: int, population_size: int | None = None, *,
-                 space: SearchSpace | None = None, budget_macs: float | None = None):
-        make_sampler(name, seed, population_size)  # unknown names fail here
-        if (space is None) != (budget_macs is None):
-            raise ValueError("a feasible start needs both space and budget_macs")
-        self.name, self.seed, self.population_size = name, int(seed), population_size
-        self.space, self.budget_macs = space, budget_macs
-        self._lock = threading.Lock()
-        self._samplers: dict[int, BaseSampler] = {}
-        self._plans: dict[int, dict[str, Any]] = {}  # in-budget decisions (Optuna labels) per trial number
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = self.__dict__.copy()
-        del state["_lock"]
-        state["_samplers"], state["_plans"] = {}, {}
-        return state
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-        self._lock = threading.Lock()
-
-    def __repr__(self) -> str:
-        return f"TrialSeededSampler({self.name!r}, seed={self.seed}, population_size={self.population_size})"
-
-    def _for(self, trial: FrozenTrial, release: bool = False) -> BaseSampler:
-        with self._lock:
-            sampler = self._samplers.pop(trial.number, None) if release else self._samplers.get(trial.number)
-            if sampler is None:
-                sampler = make_sampler(self.name, trial_seed(self.seed, trial.number), self.population_size)
-                if not release:
-                    self._samplers[trial.number] = sampler
-                    while len(self._samplers) > 1024:  # trials that never finished (killed)
-                        del self._samplers[next(iter(self._samplers))]
-            return sampler
-
-    def startup_trials(self) -> float:
-        """How many first trials the wrapped sampler draws at random (all of them for random search)."""
-        if self.name == "tpe":
-            return TPE_STARTUP_TRIALS
-        if self.name == "nsga2":
-            return self.population_size or 50  # NSGAIISampler's default population
-        return math.inf
-
-    def _plan(self, trial: FrozenTrial, proposal: dict[str, Any] | None = None) -> dict[str, Any] | None:
-        """The trial's in-budget decisions (Optuna labels), planned once: a feasible start, or ``proposal``
-        (labels of some genes) completed at random and repaired into the budget. None: nothing planned."""
-        with self._lock:
-            plan = self._plans.get(trial.number)
-        if plan is not None or self.space is None:
-            return plan
-        if proposal is None and trial.number >= self.startup_trials():
-            return None
-        rng = random.Random(trial_seed(self.seed, trial.number))
-        start = None if proposal is None else ReplayChooser(proposal, RandomChooser(rng), labels=True)
-        decisions = self.space.decisions_in_band(rng, 0.0, float(self.budget_macs), start=start)
-        plan = {name: option_label(value) for name, value in decisions.items()}
-        with self._lock:
-            self._plans[trial.number] = plan
-            while len(self._plans) > 1024:  # trials that never finished (killed)
-                del self._plans[next(iter(self._plans))]
-        return plan
-
-    def infer_relative_search_space(self, study: optuna.Study, trial: FrozenTrial) -> dict[str, Any]:
-        return self._for(trial).infer_relative_search_space(study, trial)
-
-    def sample_relative(self, study: optuna.Study, trial: FrozenTrial, search_space: dict[str, Any]) -> dict[str, Any]:
-        # Always asked, even when the proposal is not used: NSGA-II records the trial's generation here.
-        proposal = self._for(trial).sample_relative(study, trial, search_space)
-        if self._plan(trial) is not None:
-            return {}  # a feasible start: every gene comes from the plan, through sample_independent
-        if self.space is None or not proposal:
-            return proposal
-        plan = self._plan(trial, proposal)
-        return {name: plan.get(name, label) for name, label in proposal.items()}
-
-    def sample_independent(self, study: optuna.Study, trial: FrozenTrial, param_name: str, param_distribution: Any) -> Any:
-        plan = self._plan(trial)
-        if plan is not None and plan.get(param_name) in getattr(param_distribution, "choices", ()):
-            return plan[param_name]
-        return self._for(trial).sample_independent(study, trial, param_name, param_distribution)
-
-    def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
-        self._for(trial).before_trial(study, trial)
-
-    def after_trial(self, study: optuna.Study, trial: FrozenTrial, state: TrialState, values: Sequence[float] | None) -> None:
-        with self._lock:
-            self._plans.pop(trial.number, None)
-        self._for(trial, release=True).after_trial(study, trial, state, values)
-
-    def reseed_rng(self) -> None:
-        pass  # Optuna calls this per thread with n_jobs > 1; the seed is already per trial
 
 
 # ------------------------------------------------------------------------------------------- objective

@@ -30,8 +30,9 @@ import nasloc.pipeline
 from nasloc.arch import Arch
 from nasloc.cli import SPACES_DIR, search_main
 from nasloc.flops import fvcore_macs
-from nasloc.search import open_storage, pareto_trials
+from nasloc.search import pareto_trials
 from nasloc.space import SearchSpace
+from nasloc.storage import open_storage
 from nasloc.units import format_macs
 
 BUDGET = 1e6

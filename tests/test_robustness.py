@@ -38,8 +38,9 @@ import torch
 from optuna.trial import TrialState
 from PIL import Image
 
-from nasloc.search import open_storage, run_search
+from nasloc.search import run_search
 from nasloc.space import SearchSpace
+from nasloc.storage import open_storage
 from postgres import create_database, postgres_url  # noqa: F401 (postgres_url is a fixture)
 
 REPO = Path(__file__).resolve().parent.parent

@@ -8,7 +8,6 @@ import math
 import pickle
 import random
 import signal
-import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -17,25 +16,14 @@ from pathlib import Path
 
 import optuna
 import pytest
-from optuna.storages import RDBStorage
 from optuna.trial import TrialState
 
 from nasloc.arch import Arch
 from nasloc.flops import count
-from nasloc.search import (
-    CONSTRAINT,
-    EvaluationError,
-    HeartbeatJournalStorage,
-    Objective,
-    TrialSeededSampler,
-    _Budgeted,
-    make_sampler,
-    open_storage,
-    open_study,
-    pareto_trials,
-    run_search,
-)
+from nasloc.sampler import TrialSeededSampler, make_sampler
+from nasloc.search import CONSTRAINT, EvaluationError, Objective, _Budgeted, open_study, pareto_trials, run_search
 from nasloc.space import SearchSpace
+from nasloc.storage import open_storage
 
 SPACE = SearchSpace.load("tiny")
 LOW, HIGH = SPACE.macs_range()
@@ -69,20 +57,7 @@ def states(study: optuna.Study) -> list[str]:
     return [t.state.name for t in study.trials]
 
 
-# ------------------------------------------------------------------------------------------- storage, sampler
-def test_open_storage_picks_the_backend_and_creates_folders(tmp_path):
-    sqlite = open_storage(f"sqlite:///{tmp_path}/a/b/study.db")
-    assert isinstance(sqlite, RDBStorage) and (tmp_path / "a/b/study.db").is_file()
-    assert sqlite.get_heartbeat_interval() and sqlite.get_heartbeat_stale_trial_callback() is not None
-    assert isinstance(open_storage(tmp_path / "c/study.sqlite"), RDBStorage)
-    journal = open_storage(tmp_path / "d/study.log")
-    assert isinstance(journal, HeartbeatJournalStorage) and (tmp_path / "d").is_dir()
-    assert journal.get_heartbeat_interval() == 30
-    # an existing SQLite file is never mistaken for a journal, whatever its name
-    sqlite3.connect(tmp_path / "study.bin").execute("CREATE TABLE t (x)").connection.commit()
-    assert isinstance(open_storage(tmp_path / "study.bin"), RDBStorage)
-
-
+# ------------------------------------------------------------------------------------------- sampler
 def test_make_sampler():
     assert isinstance(make_sampler("nsga2", 0, population_size=6), optuna.samplers.NSGAIISampler)
     assert isinstance(make_sampler("tpe", 0), optuna.samplers.TPESampler)
@@ -248,8 +223,9 @@ WORKER = textwrap.dedent("""
     import sys, time
     from pathlib import Path
     from nasloc.flops import count
-    from nasloc.search import open_storage, run_search
+    from nasloc.search import run_search
     from nasloc.space import SearchSpace
+    from nasloc.storage import open_storage
 
     storage, mode, me = sys.argv[1], sys.argv[2], sys.argv[3]
     space = SearchSpace.load("tiny")

@@ -1,0 +1,290 @@
+"""Optuna storages: what makes a search persistent, resumable and shareable.
+
+:func:`open_storage` turns a URL or a file path into a storage:
+
+- ``sqlite:///results/run/study.db`` (the default of the command), ``postgresql://...`` or any SQLAlchemy URL
+  → an RDB storage with a heartbeat: a worker killed with SIGKILL leaves its trial RUNNING, and the next
+  worker (or rerun) marks it FAIL once it has missed its heartbeats for ``grace_period`` seconds.
+- a plain file path (``study.log``, ``trials.jsonl``) → an Optuna journal file, the storage for several
+  processes on one machine or on NFS. Optuna 5's ``JournalStorage`` has no heartbeat (only ``RDBStorage``
+  and its cache implement ``BaseHeartbeat``), so :class:`HeartbeatJournalStorage` adds one: the heartbeat is
+  a trial system attribute, rewritten every ``heartbeat_interval`` seconds while the trial runs.
+
+:func:`fail_stale_trials` marks FAIL the trials whose worker is gone. SQLite is fine for one process, not
+for several writers.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import random
+import re
+import socket
+import sqlite3
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Callable
+
+import optuna
+import sqlalchemy
+from optuna.exceptions import ExperimentalWarning, UpdateFinishedTrialError
+from optuna.storages import BaseStorage, JournalStorage, RDBStorage
+from optuna.storages._heartbeat import BaseHeartbeat
+from optuna.storages.journal import JournalFileBackend
+from optuna.trial import FrozenTrial, TrialState
+from sqlalchemy.engine import URL
+
+from .errors import NaslocError
+
+_logger = logging.getLogger(__name__)
+
+HEARTBEAT_ATTR = "nasloc:heartbeat"
+SQLITE_SUFFIXES = (".db", ".sqlite", ".sqlite3")
+
+
+class StorageError(NaslocError):
+    """A storage that cannot be opened: malformed URL, unknown database driver, server unreachable, no such file."""
+
+
+# ------------------------------------------------------------------------------------------- opening
+def open_storage(
+    url_or_path: str | os.PathLike,
+    *,
+    create: bool = True,
+    base: str | os.PathLike | None = None,
+    heartbeat_interval: int | None = 30,
+    grace_period: int | None = 120,
+) -> BaseStorage:
+    """An Optuna storage from a URL or a file path, with a heartbeat unless ``heartbeat_interval`` is None.
+
+    - Anything with ``://`` is an SQLAlchemy URL (``sqlite:///...``, ``postgresql://...``,
+      ``mysql+pymysql://...``) → ``RDBStorage``.
+    - A file ending in .db/.sqlite/.sqlite3, or an existing file with an SQLite header, is SQLite.
+    - Any other path (``study.log``, ``trials.jsonl``) is an Optuna journal file
+      (:class:`HeartbeatJournalStorage`, or Optuna's plain ``JournalStorage`` without a heartbeat).
+
+    ``create=True`` (a search) creates the folders of an SQLite or journal file. ``create=False`` (code
+    that reads an existing run) never creates a file: a missing SQLite or journal file is a
+    :class:`StorageError`, and a relative path that does not exist is looked up under ``base`` as well.
+
+    A trial whose worker died is marked FAIL by the next worker, or rerun, once it has missed its
+    heartbeat for ``grace_period`` seconds (default 2 x interval when None). The grace period is
+    generous because a loaded 2-core machine can starve the heartbeat thread.
+    ``heartbeat_interval=None`` turns the heartbeat off (readers, and ask/tell users such as Ray).
+
+    Raises:
+        StorageError: no such file (``create=False``), or the database cannot be opened (one line).
+    """
+    text = os.fspath(url_or_path)
+    if "://" not in text:
+        path = _file_path(text, create, base)
+        if path.suffix.lower() not in SQLITE_SUFFIXES and not _is_sqlite_file(path):
+            return _journal_storage(path, create, heartbeat_interval, grace_period)
+        text = f"sqlite:///{path}"
+    url = _parse_url(text)
+    engine_kwargs: dict[str, Any] = {}
+    database = _sqlite_database(url)
+    if database is not None:
+        if create:
+            database.parent.mkdir(parents=True, exist_ok=True)
+        elif not database.is_file():
+            raise StorageError(f"storage {text}: no such SQLite file")
+        engine_kwargs = {"creator": functools.partial(_connect_sqlite, str(database))}
+    if heartbeat_interval is None:
+        grace_period = None  # RDBStorage accepts a grace period only with a heartbeat
+    try:
+        return _rdb_storage(text, engine_kwargs, heartbeat_interval, grace_period)
+    except Exception as e:  # noqa: BLE001 - driver missing, server down, not a database, ...
+        raise StorageError(f"storage {_shown(url)}: cannot open ({_first_line(e)})") from None
+
+
+def _file_path(text: str, create: bool, base: str | os.PathLike | None) -> Path:
+    """The absolute path of a storage file; open-only, it must exist (here or under ``base``)."""
+    path = Path(text).expanduser()
+    if not create:
+        if not path.is_file() and base is not None and not path.is_absolute():
+            path = Path(base) / path
+        if not path.is_file():
+            raise StorageError(f"storage {text}: no such file")
+    return path.resolve()
+
+
+def _journal_storage(path: Path, create: bool, heartbeat_interval: int | None,
+                     grace_period: int | None) -> JournalStorage:
+    if create:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    backend = JournalFileBackend(str(path))
+    if heartbeat_interval is None:
+        return JournalStorage(backend)
+    return HeartbeatJournalStorage(backend, heartbeat_interval=heartbeat_interval, grace_period=grace_period,
+                                   heartbeat_stale_trial_callback=log_stale_trial)
+
+
+def _sqlite_database(url: URL) -> Path | None:
+    """The database file of an SQLite URL; None for any other database and for an in-memory one."""
+    if url.get_backend_name() != "sqlite":
+        return None
+    database = url.database
+    return Path(database).expanduser() if database and database != ":memory:" else None
+
+
+def _parse_url(text: str) -> URL:
+    """The SQLAlchemy URL of ``text``."""
+    try:
+        return sqlalchemy.engine.make_url(text)
+    except (sqlalchemy.exc.ArgumentError, ValueError) as e:  # ValueError: a port that is not a number
+        shown = re.sub(r"(://[^:/@]*:)[^@/]*@", r"\1***@", text)  # the password, as SQLAlchemy hides it
+        raise StorageError(f"storage {shown}: not a database URL ({_first_line(e)}); give an SQLAlchemy URL "
+                           "such as postgresql+psycopg2://user@host/db, or a file path") from None
+
+
+def _rdb_storage(url: str, engine_kwargs: dict[str, Any], heartbeat_interval: int | None, grace_period: int | None,
+                 attempts: int = 8) -> RDBStorage:
+    """RDBStorage, retried: workers that open an empty PostgreSQL database at the same moment all try
+    to create Optuna's tables, and all but one fail with a duplicate-key error; a retry finds them."""
+    for attempt in range(attempts):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", ExperimentalWarning)  # heartbeat_interval is "experimental"
+                return RDBStorage(
+                    url,
+                    engine_kwargs=engine_kwargs,
+                    heartbeat_interval=heartbeat_interval,
+                    grace_period=grace_period,
+                    heartbeat_stale_trial_callback=log_stale_trial,  # Optuna 5's name for failed_trial_callback
+                )
+        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError):
+            if attempt == attempts - 1:
+                raise
+            time.sleep(random.uniform(0.2, 1.0) * (attempt + 1))
+    raise AssertionError("unreachable")
+
+
+def _connect_sqlite(database: str) -> sqlite3.Connection:
+    """An SQLite connection for Optuna: write-ahead log, no fsync per commit, patient with locks.
+
+    Optuna commits every suggestion and attribute separately (about 40 commits per trial here), and
+    with SQLite's defaults each commit is an fsync: 16 ms on these machines, 0.6 s per trial. In WAL
+    mode with synchronous=NORMAL a commit is durable against a crash of the process (not of the OS)
+    and readers (optuna-dashboard) never block the writer. WAL needs a local disk, as SQLite itself
+    does for several processes: use a journal file or PostgreSQL on NFS. The timeout covers the
+    heartbeat thread writing while the main thread does.
+    """
+    connection = sqlite3.connect(database, timeout=60, check_same_thread=False)
+    connection.execute("PRAGMA journal_mode=WAL")
+    connection.execute("PRAGMA synchronous=NORMAL")
+    return connection
+
+
+def _is_sqlite_file(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(16) == b"SQLite format 3\x00"
+    except OSError:
+        return False
+
+
+def _shown(url: URL) -> str:
+    """``url`` with its password hidden, for messages."""
+    return url.render_as_string(hide_password=True)
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip() or type(error).__name__
+    return text.splitlines()[0]
+
+
+# ------------------------------------------------------------------------------------------- heartbeats
+def log_stale_trial(study: optuna.Study, trial: FrozenTrial) -> None:
+    """Heartbeat-stale callback: the trial is already FAIL (it counts as finished); say so."""
+    _logger.warning("trial %d of study %r was left RUNNING by a worker that stopped sending heartbeats; "
+                    "marked FAIL", trial.number, study.study_name)
+
+
+class HeartbeatJournalStorage(JournalStorage, BaseHeartbeat):
+    """A journal storage with Optuna's heartbeat protocol (Optuna 5 only gives it to ``RDBStorage``).
+
+    ``study.optimize`` runs a thread that calls :meth:`record_heartbeat` every ``heartbeat_interval``
+    seconds while a trial runs; here that writes the wall-clock time into the trial's system attribute
+    ``nasloc:heartbeat`` (one short journal line per interval). Before each trial, Optuna asks for
+    :meth:`_get_stale_trial_ids` and marks those FAIL. Workers on several machines need roughly
+    synchronised clocks (the grace period absorbs small skews). Trials that never recorded a
+    heartbeat (created by ask/tell, e.g. by Ray) are never considered stale, as in ``RDBStorage``.
+    """
+
+    def __init__(
+        self,
+        backend: Any,
+        *,
+        heartbeat_interval: int = 30,
+        grace_period: int | None = None,
+        heartbeat_stale_trial_callback: Callable[[optuna.Study, FrozenTrial], None] | None = None,
+    ) -> None:
+        if heartbeat_interval <= 0:
+            raise ValueError("heartbeat_interval must be a positive number of seconds")
+        if grace_period is not None and grace_period <= 0:
+            raise ValueError("grace_period must be a positive number of seconds")
+        super().__init__(backend)
+        self.heartbeat_interval = heartbeat_interval
+        self.grace_period = grace_period
+        self.heartbeat_stale_trial_callback = heartbeat_stale_trial_callback
+
+    def record_heartbeat(self, trial_id: int) -> None:
+        try:
+            self.set_trial_system_attr(trial_id, HEARTBEAT_ATTR, time.time())
+        except UpdateFinishedTrialError:
+            pass  # another worker already declared this trial stale; the result will be rejected
+
+    def _get_stale_trial_ids(self, study_id: int) -> list[int]:
+        grace = self.grace_period if self.grace_period is not None else 2 * self.heartbeat_interval
+        now = time.time()
+        return [
+            trial._trial_id
+            for trial in self.get_all_trials(study_id, deepcopy=False, states=(TrialState.RUNNING,))
+            if HEARTBEAT_ATTR in trial.system_attrs and now - trial.system_attrs[HEARTBEAT_ATTR] > grace
+        ]
+
+    def get_heartbeat_interval(self) -> int:
+        return self.heartbeat_interval
+
+    def get_heartbeat_stale_trial_callback(self) -> Callable[[optuna.Study, FrozenTrial], None] | None:
+        return self.heartbeat_stale_trial_callback
+
+
+# ------------------------------------------------------------------------------------------- stale trials
+def fail_stale_trials(study: optuna.Study) -> None:
+    """Mark FAIL the RUNNING trials whose worker is gone: a process of this host that no longer
+    exists (at once), or any worker that stopped sending heartbeats (after the grace period)."""
+    fail_orphaned_trials(study)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
+
+
+def this_worker() -> str:
+    """This process as ``host:pid``, the ``worker`` user attribute of the trials it runs."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def fail_orphaned_trials(study: optuna.Study) -> None:
+    """RUNNING trials started on this host by a process that has died (e.g. killed with SIGKILL) are
+    marked FAIL right away, so an immediate rerun neither waits for the heartbeat grace period nor
+    counts them as live. Other hosts' trials are left to the heartbeat."""
+    host = socket.gethostname()
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        worker_host, _, pid = str(trial.user_attrs.get("worker", "")).rpartition(":")
+        if worker_host == host and pid.isdigit() and not process_alive(int(pid)):
+            study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
+            _logger.warning("trial %d was left RUNNING by process %s, which has exited; marked FAIL", trial.number, pid)
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
