@@ -10,8 +10,9 @@
   and its cache implement ``BaseHeartbeat``), so :class:`HeartbeatJournalStorage` adds one: the heartbeat is
   a trial system attribute, rewritten every ``heartbeat_interval`` seconds while the trial runs.
 
-:func:`fail_stale_trials` marks FAIL the trials whose worker is gone. SQLite is fine for one process, not
-for several writers.
+:func:`check_storage` fails at once on a storage that cannot work (a misspelled URL, an unreachable
+server), before hours of training end in :func:`open_storage`. :func:`fail_stale_trials` marks FAIL the
+trials whose worker is gone. SQLite is fine for one process, not for several writers.
 """
 from __future__ import annotations
 
@@ -35,6 +36,7 @@ from optuna.storages._heartbeat import BaseHeartbeat
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy.engine import URL
+from sqlalchemy.pool import NullPool
 
 from .errors import NaslocError
 
@@ -42,6 +44,11 @@ _logger = logging.getLogger(__name__)
 
 HEARTBEAT_ATTR = "nasloc:heartbeat"
 SQLITE_SUFFIXES = (".db", ".sqlite", ".sqlite3")
+CONNECT_TIMEOUT_S = 5
+#: The connect-timeout argument of each database driver that has one (SQLAlchemy driver names).
+_CONNECT_TIMEOUT_ARGS = {"psycopg2": "connect_timeout", "psycopg": "connect_timeout", "pg8000": "timeout",
+                         "pymysql": "connect_timeout", "mysqldb": "connect_timeout",
+                         "mysqlconnector": "connection_timeout"}
 
 
 class StorageError(NaslocError):
@@ -184,6 +191,58 @@ def _is_sqlite_file(path: Path) -> bool:
             return f.read(16) == b"SQLite format 3\x00"
     except OSError:
         return False
+
+
+# ------------------------------------------------------------------------------------------- checking
+def check_storage(url_or_path: str | os.PathLike) -> None:
+    """Fail at once, with one line, on a storage that :func:`open_storage` could not open; create nothing.
+
+    Call it before any long work (training the supernet) that ends in :func:`open_storage`:
+
+    - a URL must parse and name an SQLAlchemy dialect whose driver imports (``postgres://...``, a
+      misspelled scheme or a driver that is not installed fail here);
+    - a server URL (PostgreSQL, MySQL, ...) is connected to once, with a connect timeout of
+      :data:`CONNECT_TIMEOUT_S` seconds where the driver has one: an unreachable server, an unknown
+      user or a missing database fail here;
+    - an SQLite URL or a file path is not opened, so a new file in a run folder that does not exist yet
+      passes (:func:`open_storage` creates it); only a path that is a folder fails.
+
+    Raises:
+        StorageError: one line naming the storage (password hidden) and what is wrong.
+    """
+    text = os.fspath(url_or_path)
+    if "://" not in text:
+        if Path(text).expanduser().is_dir():
+            raise StorageError(f"storage {text}: is a folder; give a file in it, such as {Path(text) / 'study.log'}")
+        return
+    url = _parse_url(text)
+    shown = _shown(url)
+    try:  # loads the dialect and imports its driver, connects to nothing
+        timeout_arg = _CONNECT_TIMEOUT_ARGS.get(url.get_driver_name())
+        engine = sqlalchemy.create_engine(url, poolclass=NullPool,
+                                          connect_args={timeout_arg: CONNECT_TIMEOUT_S} if timeout_arg else {})
+    except sqlalchemy.exc.NoSuchModuleError:
+        raise StorageError(f"storage {shown}: unknown database or driver {url.drivername!r}; use an SQLAlchemy URL "
+                           "such as sqlite:///study.db or postgresql+psycopg2://user@host/db") from None
+    except ImportError as e:
+        raise StorageError(f"storage {shown}: its database driver is not installed ({_first_line(e)}); install it "
+                           "or name an installed one, e.g. postgresql+psycopg2://user@host/db") from None
+    try:
+        database = _sqlite_database(url)
+        if database is not None and database.is_dir():
+            raise StorageError(f"storage {shown}: is a folder; give a file in it, such as {database / 'study.db'}")
+        if url.get_backend_name() != "sqlite":
+            _check_connects(engine, shown)
+    finally:
+        engine.dispose()
+
+
+def _check_connects(engine: sqlalchemy.engine.Engine, shown: str) -> None:
+    try:
+        with engine.connect():
+            pass
+    except Exception as e:  # noqa: BLE001 - every driver has its own errors
+        raise StorageError(f"storage {shown}: cannot connect ({_first_line(getattr(e, 'orig', None) or e)})") from None
 
 
 def _shown(url: URL) -> str:

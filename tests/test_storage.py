@@ -1,13 +1,17 @@
-"""Opening Optuna storages: SQLite and journal files."""
+"""Opening and checking Optuna storages: SQLite, journal files and a real PostgreSQL server on localhost."""
 from __future__ import annotations
 
+import re
 import sqlite3
+import time
 
 import optuna
 import pytest
 from optuna.storages import JournalStorage, RDBStorage
 
-from nasloc.storage import HeartbeatJournalStorage, StorageError, open_storage
+from nasloc.errors import NaslocError
+from nasloc.storage import HeartbeatJournalStorage, StorageError, check_storage, open_storage
+from postgres import postgres_url  # noqa: F401 (a fixture)
 
 
 # ------------------------------------------------------------------------------------------- open_storage
@@ -45,3 +49,42 @@ def test_open_only_finds_a_relative_path_under_base(tmp_path, monkeypatch):
     assert [s.study_name for s in sqlite.get_all_studies()] == ["db"]
     with pytest.raises(StorageError, match="no such file"):
         open_storage("study.log", create=False)  # without base, relative to the working folder only
+
+
+# ------------------------------------------------------------------------------------------- check_storage
+@pytest.mark.parametrize("url, message", [
+    ("postgres://user@localhost/x", "unknown database or driver 'postgres'"),
+    ("sqlit:///study.db", "unknown database or driver 'sqlit'"),
+    ("postgresql+nodriver://user@localhost/x", "unknown database or driver 'postgresql+nodriver'"),
+    ("postgresql://user:secret@localhost:port/x", "not a database URL"),
+])
+def test_check_storage_refuses_a_malformed_url(url, message):
+    with pytest.raises(StorageError, match=re.escape(message)) as error:
+        check_storage(url)
+    assert isinstance(error.value, NaslocError) and "\n" not in str(error.value)
+    assert "secret" not in str(error.value)
+
+
+def test_check_storage_fails_fast_on_an_unreachable_server():
+    started = time.monotonic()
+    with pytest.raises(StorageError, match=r"storage postgresql\+psycopg2://nouser:\*\*\*@127.0.0.1:1/x: cannot connect"
+                                           r" \(.*Connection refused") as error:
+        check_storage("postgresql+psycopg2://nouser:secret@127.0.0.1:1/x")
+    assert time.monotonic() - started < 10
+    assert "\n" not in str(error.value)
+
+
+def test_check_storage_creates_no_file(tmp_path):
+    check_storage(f"sqlite:///{tmp_path}/new-run/study.db")
+    check_storage(tmp_path / "new-run" / "study.log")
+    check_storage(tmp_path / "new-run" / "study.db")
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(StorageError, match="is a folder"):
+        check_storage(tmp_path)
+
+
+def test_check_storage_connects_to_a_real_server(postgres_url: str) -> None:  # noqa: F811
+    check_storage(postgres_url)
+    missing = postgres_url.rsplit("/", 1)[0] + "/no_such_database"
+    with pytest.raises(StorageError, match='cannot connect .*"no_such_database" does not exist'):
+        check_storage(missing)
