@@ -17,16 +17,13 @@ import dataclasses
 import random
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 import yaml
 
 from .arch import FFNS, MAX_SHORTCUT_SPAN, MIXERS, SHORTCUT_KERNELS, Arch, ArchError, Block, Shortcut, Stage
 from .errors import NaslocError
 from .flops import count
-
-if TYPE_CHECKING:
-    from .models.locality_vit import Capacity
 
 Chooser = Callable[[str, tuple], Any]
 SPACES_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
@@ -246,25 +243,6 @@ class SearchSpace:
                 current, current_gap, stale = chooser.decisions, gap, 0
             best_gap = min(best_gap, gap)
         raise SpaceError(f"{self.source}: could not reach the MACs band [{lo:.4g}, {hi:.4g}] (closest arch is {best_gap:.4g} MACs away)")
-
-    def capacity(self, img_size: int | None = None) -> "Capacity":
-        """What a supernet must hold to run every arch of the space at ``img_size``."""
-        from .models.locality_vit import BlockCapacity, Capacity, StageCapacity
-
-        skeleton = self.extreme(largest=False).replace(img_size=img_size or self.img_size)
-        kernels = tuple(sorted({k for ks in self.shortcut_kernels for k in ks})) if any(self.shortcut_span) else ()
-        stages = []
-        for choices in self.stages:
-            block = BlockCapacity(
-                plain_qkv=True,
-                life=True in choices.life,
-                window="window" in choices.mixer,
-                ffn_kernel=max(choices.ffn_kernel),
-                shortcut_kernels=kernels,
-            )
-            hidden = max(int(round(d * r)) for d in choices.dim for r in choices.mlp_ratio)
-            stages.append(StageCapacity(max(choices.dim), max(choices.heads), hidden, (block,) * max(choices.depth)))
-        return Capacity(skeleton, tuple(stages), max(self.global_tokens), True in self.cpe, "bidim" in self.ffn)
 
 
 # ---------------------------------------------------------------------------- choosers

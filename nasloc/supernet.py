@@ -1,10 +1,10 @@
 """The weight-sharing supernet of a search space.
 
-One :class:`~nasloc.models.LocalityViT` built with the capacity of the whole space (the largest
-width, heads, MLP ratio and depth of every stage, every optional branch), so that every arch of the
-space runs as a slice of it (weight entanglement); see :mod:`nasloc.models.elastic`. The three
-mixers share the q, k, v and output projections; shortcuts, FFN convs, LIFE convs, the BiDim gate,
-CPE and the global tokens are branches switched on per arch.
+One :class:`~nasloc.models.LocalityViT` built with the capacity of the whole space
+(:func:`space_capacity`: the largest width, heads, MLP ratio and depth of every stage, every
+optional branch), so that every arch of the space runs as a slice of it (weight entanglement); see
+:mod:`nasloc.models.elastic`. The three mixers share the q, k, v and output projections; shortcuts,
+FFN convs, LIFE convs, the BiDim gate, CPE and the global tokens are branches switched on per arch.
 
 ``supernet(x, arch)`` runs a subnet; ``supernet.extract(arch)`` returns the standalone model with
 copied weights, whose logits equal the subnet's.
@@ -19,19 +19,34 @@ from torch import Tensor, nn
 from .arch import Arch
 from .models import LocalityViT
 from .models.elastic import ElasticBatchNorm2d, load_slices_
+from .models.locality_vit import BlockCapacity, Capacity, StageCapacity
 from .space import SearchSpace
+
+
+def space_capacity(space: SearchSpace, img_size: int) -> Capacity:
+    """What a supernet must hold to run every arch of the space at ``img_size``."""
+    skeleton = space.extreme(largest=False).replace(img_size=img_size)
+    kernels = tuple(sorted({k for ks in space.shortcut_kernels for k in ks})) if any(space.shortcut_span) else ()
+    stages = []
+    for choices in space.stages:
+        block = BlockCapacity(
+            plain_qkv=True,
+            life=True in choices.life,
+            window="window" in choices.mixer,
+            ffn_kernel=max(choices.ffn_kernel),
+            shortcut_kernels=kernels,
+        )
+        hidden = max(int(round(d * r)) for d in choices.dim for r in choices.mlp_ratio)
+        stages.append(StageCapacity(max(choices.dim), max(choices.heads), hidden, (block,) * max(choices.depth)))
+    return Capacity(skeleton, tuple(stages), max(space.global_tokens), True in space.cpe, "bidim" in space.ffn)
 
 
 class Supernet(LocalityViT):
     def __init__(self, space: SearchSpace, img_size: int | None = None):
-        nn.Module.__init__(self)
+        img_size = img_size or space.img_size
+        super().__init__(capacity=space_capacity(space, img_size))
         self.space = space
-        self.img_size = img_size or space.img_size
-        self.drop_rate = 0.0
-        self.grad_checkpointing = False
-        capacity = space.capacity(self.img_size)
-        self.arch = capacity.skeleton
-        self._build(capacity)
+        self.img_size = img_size
 
     def at_resolution(self, arch: Arch) -> Arch:
         """The arch as this supernet runs it (its own input resolution)."""

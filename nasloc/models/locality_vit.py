@@ -2,8 +2,8 @@
 
 The network is built from a :class:`Capacity` (the largest size and every option each layer must
 support) and run with an arch. A standalone model's capacity is its own arch, so it holds exactly
-the weights the arch needs; the supernet (:mod:`nasloc.supernet`) builds the same classes with the
-capacity of a whole search space and runs any arch of it as a slice.
+the weights the arch needs; the supernet (:mod:`nasloc.supernet`) is a LocalityViT built with the
+capacity of a whole search space, which runs any arch of it as a slice.
 
 timm conventions: ``forward_features`` returns the normalised tokens (B, N, C), ``forward_head``
 pools and classifies, ``forward_intermediates`` serves ``features_only=True``; :func:`pretrained_cfg`
@@ -157,13 +157,26 @@ def _resolve_arch(arch: Arch | dict | None, overrides: dict[str, Any]) -> Arch:
 class LocalityViT(nn.Module):
     """A vision transformer whose every locality choice comes from its arch."""
 
-    def __init__(self, arch: Arch | dict | None = None, drop_rate: float = 0.0, drop_path_rate: float = 0.0, **kwargs: Any):
+    def __init__(
+        self,
+        arch: Arch | dict | None = None,
+        drop_rate: float = 0.0,
+        drop_path_rate: float = 0.0,
+        *,
+        capacity: Capacity | None = None,
+        **kwargs: Any,
+    ):
+        """Holds exactly what ``arch`` needs (timm's keyword overrides applied), or, given a
+        ``capacity`` instead, room for every arch it covers (the supernet, :mod:`nasloc.supernet`)."""
         super().__init__()
         kwargs = {k: v for k, v in kwargs.items() if k not in _TIMM_IGNORED}
-        self.arch = _resolve_arch(arch, kwargs)
+        if capacity is not None and (arch is not None or kwargs):
+            raise ValueError("LocalityViT takes an arch (with overrides) or a capacity, not both")
+        capacity = capacity or Capacity.of_arch(_resolve_arch(arch, kwargs))
+        self.arch = capacity.skeleton
         self.drop_rate = drop_rate
         self.grad_checkpointing = False
-        self._build(Capacity.of_arch(self.arch), drop_path_rate)
+        self._build(capacity, drop_path_rate)
 
     # -------------------------------------------------------------------------------- build
     def _build(self, cap: Capacity, drop_path_rate: float = 0.0) -> None:
