@@ -37,6 +37,7 @@ from .errors import NaslocError
 from .models import LocalityViT
 from .models.locality_vit import pretrained_cfg as _pretrained_cfg
 from .seeds import GENERIC
+from .train import unwrap
 
 __all__ = [
     "ExportError", "export_model", "export_arch", "export_trial", "open_storage",
@@ -95,7 +96,7 @@ def export_model(
         ExportError: the weights do not fit the arch, an argument is invalid, ``out_dir`` exists
             (without ``overwrite``), or writing failed. No folder is left behind.
     """
-    model = _unwrap(model)
+    model = _standalone(model)
     arch = model.arch
     state = _cpu_state_dict(model.state_dict())
     _check_weights(arch, state, _reference_state(arch))
@@ -252,11 +253,11 @@ def open_storage(url_or_path: str | os.PathLike, base: str | os.PathLike | None 
 
 
 # ================================================================================== checks
-def _unwrap(model: nn.Module) -> LocalityViT:
+def _standalone(model: nn.Module) -> LocalityViT:
+    """The LocalityViT to export: ``model`` or the one inside its DDP/EMA wrapper, never a supernet."""
     from .supernet import Supernet
 
-    if not isinstance(model, LocalityViT) and isinstance(getattr(model, "module", None), LocalityViT):
-        model = model.module  # DistributedDataParallel, timm's ModelEma*
+    model = unwrap(model)
     if isinstance(model, Supernet):
         raise ExportError("a Supernet cannot be exported as such; export supernet.extract(arch) instead")
     if not isinstance(model, LocalityViT):

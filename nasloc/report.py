@@ -20,6 +20,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from .fileio import write_atomic
 from .search import pareto_trials
+from .units import format_macs
 
 MACS_AXIS = "MACs (1 multiply-add = 1 FLOP)"
 COLUMNS = (
@@ -92,14 +93,6 @@ def _cell(value: Any) -> Any:
 
 
 # ------------------------------------------------------------------------------------------- plot
-def format_macs(macs: float) -> str:
-    """``0.7 GMACs``, ``850 MMACs``, ``12.5 kMACs``: 4 significant digits in the unit that fits."""
-    for scale, unit in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
-        if abs(macs) >= scale:
-            return f"{macs / scale:.4g} {unit}MACs"
-    return f"{macs:.4g} MACs"
-
-
 def _axis_scale(budget_macs: float) -> tuple[float, str]:
     for scale, unit in ((1e9, "billions"), (1e6, "millions"), (1e3, "thousands")):
         if budget_macs >= scale / 10:
@@ -167,7 +160,7 @@ def pareto_figure(study: optuna.Study, budget_macs: float,
     n_all = len(study.get_trials(deepcopy=False))
     fig.update_layout(
         title=f"{study.study_name}: {n_all} trials, {len(feasible)} evaluated within budget, "
-              f"{len(front)} on the Pareto front (budget {format_macs(budget_macs)})",
+              f"{len(front)} on the Pareto front; budget {format_macs(budget_macs)}",
         xaxis_title=f"{MACS_AXIS}, {unit} per image",
         yaxis_title="proxy top-1 accuracy (%), supernet weights",
         template="plotly_white",

@@ -282,7 +282,7 @@ def _train_one_epoch(model: nn.Module, loader: DeviceLoader, opt: _Optimization,
         opt.num_updates += 1
         opt.scheduler.step_update(opt.num_updates)
         if opt.ema is not None:
-            opt.ema.update(_unwrap(model), step=opt.num_updates)
+            opt.ema.update(unwrap(model), step=opt.num_updates)
         loss_sum += loss.detach()
         images += len(x)
         bar.update()
@@ -396,8 +396,10 @@ def _wrap_ddp(model: nn.Module, dev: torch.device) -> nn.Module:
     return DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    return model.module if isinstance(model, DistributedDataParallel) else model
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside a DistributedDataParallel or timm ModelEma wrapper (its ``.module``), else ``model``."""
+    inner = getattr(model, "module", None)
+    return inner if isinstance(inner, nn.Module) else model
 
 
 def _world_size() -> int:
