@@ -1,11 +1,84 @@
 """nasloc: neural architecture search over the locality design space of vision transformers.
 
-``import nasloc`` registers the LocalityViT family with timm (presets and the generic
-``nasloc_vit`` entry that rebuilds exported archs).
+``import nasloc`` registers the LocalityViT family with timm (presets and the generic ``nasloc_vit`` entry
+that rebuilds exported archs) without importing torch or timm itself: the registration
+(:mod:`nasloc.seeds`) runs right after timm is imported, or at once if it already is. So
+``import nasloc, timm; timm.create_model("nasloc_deit_tiny")`` works, and the command line answers
+``--help`` and bad input without loading torch. The names below load on first use.
 """
-from .arch import Arch, ArchError, Block, Shortcut, Stage
-from . import seeds  # noqa: F401  (registers the timm entry points)
-from .models import LocalityViT
+from __future__ import annotations
+
+import importlib
+import importlib.abc
+import importlib.util
+import sys
+from types import ModuleType
+from typing import Any
 
 __version__ = "0.1.0"
 __all__ = ["Arch", "ArchError", "Block", "LocalityViT", "Shortcut", "Stage", "__version__"]
+_LAZY = {"Arch": ".arch", "ArchError": ".arch", "Block": ".arch", "Shortcut": ".arch", "Stage": ".arch",
+         "LocalityViT": ".models"}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+    globals()[name] = value  # once loaded, a plain attribute
+    return value
+
+
+class _TimmRegistration(importlib.abc.MetaPathFinder):
+    """Imports :mod:`nasloc.seeds` (the timm registration) once timm is loaded and no nasloc module is in the
+    middle of its import (seeds imports nasloc.models, which may be what imported timm first).
+
+    It finds timm and nasloc's modules as the other finders do and only wraps their loaders, to see
+    each import end; it leaves ``sys.meta_path`` when it has registered.
+    """
+
+    def __init__(self) -> None:
+        self.looking = False
+        self.loading = 0  # nasloc modules (and timm) being imported, nested
+
+    def find_spec(self, name: str, path: Any = None, target: Any = None) -> Any:
+        if self.looking or not (name == "timm" or name.startswith(f"{__name__}.")):
+            return None
+        self.looking = True  # the lookup below must not come back here
+        try:
+            spec = importlib.util.find_spec(name)
+        finally:
+            self.looking = False
+        if spec is not None and spec.loader is not None:
+            spec.loader = _Watched(spec.loader, self)
+        return spec
+
+    def imported(self) -> None:
+        if self.loading == 0 and "timm" in sys.modules and self in sys.meta_path:
+            sys.meta_path.remove(self)
+            importlib.import_module(".seeds", __name__)
+
+
+class _Watched(importlib.abc.Loader):
+    """A module's own loader, telling the registration when the module's import has ended."""
+
+    def __init__(self, loader: Any, registration: _TimmRegistration):
+        self.loader, self.registration = loader, registration
+
+    def create_module(self, spec: Any) -> ModuleType | None:
+        return self.loader.create_module(spec)
+
+    def exec_module(self, module: ModuleType) -> None:
+        module.__loader__ = module.__spec__.loader = self.loader  # the module keeps its own loader
+        self.registration.loading += 1
+        try:
+            self.loader.exec_module(module)
+        finally:
+            self.registration.loading -= 1
+        self.registration.imported()
+
+
+if "timm" in sys.modules:
+    importlib.import_module(".seeds", __name__)
+else:
+    sys.meta_path.insert(0, _TimmRegistration())

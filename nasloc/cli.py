@@ -1,10 +1,8 @@
 """Command line: ``nasloc search`` (also ``python run_search.py``) and ``nasloc export``.
 
-Everything is parsed and validated here, before the pipeline and its dependencies (Optuna, the data sets,
-training) load. That does not make ``--help`` instant: importing this module runs ``nasloc/__init__.py``,
-which imports torch and timm to register the models with timm (several seconds). The handlers receive
-the validated :class:`argparse.Namespace` (paths absolute, budget in multiply-adds) and import what they
-need themselves.
+Everything is parsed and validated here before torch, Optuna, the data sets or training load, so ``--help``
+and bad input answer at once (``import nasloc`` imports none of them). The handlers receive the validated
+:class:`argparse.Namespace` (paths absolute, budget in multiply-adds) and import what they need themselves.
 """
 from __future__ import annotations
 
@@ -15,11 +13,14 @@ from pathlib import Path
 from typing import Callable, NoReturn, Sequence
 
 from nasloc.errors import NaslocError
+from nasloc.space_files import SpaceError, resolve_space_path
 from nasloc.units import ACCEPTED_FORMS, parse_budget, short_macs
 
-SPACES_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
+# The choices of options whose modules need torch to import (nasloc.data, nasloc.search, nasloc.sampler);
+# a test checks that they agree.
 DATASETS = ("digits", "cifar10", "cifar100", "imagefolder")
 OBJECTIVES = ("top1", "macs", "params", "latency")
+SAMPLERS = ("nsga2", "tpe", "random")
 _RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 _EPILOG = """\
@@ -156,7 +157,7 @@ def add_search_arguments(parser: argparse.ArgumentParser) -> None:
                      help="parent folder of the run folders (default: %(default)s)")
 
     search = parser.add_argument_group("search engine")
-    search.add_argument("--sampler", choices=("nsga2", "tpe", "random"), default="nsga2",
+    search.add_argument("--sampler", choices=SAMPLERS, default="nsga2",
                         help="Optuna sampler (default: %(default)s)")
     search.add_argument("--storage", metavar="URL|FILE",
                         help="Optuna storage: any Optuna URL (sqlite:///..., postgresql+psycopg2://...) or a "
@@ -224,13 +225,10 @@ def _resolve_search(options: argparse.Namespace) -> None:
 
 
 def _find_space(text: str) -> Path:
-    # nasloc.space.resolve_space_path's lookup, repeated so a bad --space fails before that module loads.
-    path = Path(text).expanduser()
-    for candidate in (path, SPACES_DIR / path.name, SPACES_DIR / f"{text}.yaml"):
-        if candidate.is_file():
-            return candidate.resolve()
-    shipped = ", ".join(sorted(p.stem for p in SPACES_DIR.glob("*.yaml")))
-    raise UsageError(f"--space {text!r}: no such file (shipped spaces: {shipped})")
+    try:
+        return resolve_space_path(Path(text).expanduser()).resolve()
+    except SpaceError as err:
+        raise UsageError(f"--space {err}") from None
 
 
 def _find_data(dataset: str, data_dir: Path | None) -> Path | None:

@@ -22,15 +22,10 @@ from typing import Any, Callable
 import yaml
 
 from .arch import FFNS, MAX_SHORTCUT_SPAN, MIXERS, SHORTCUT_KERNELS, Arch, ArchError, Block, Shortcut, Stage
-from .errors import NaslocError
 from .flops import count
+from .space_files import SpaceError, resolve_space_path
 
 Chooser = Callable[[str, tuple], Any]
-SPACES_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
-
-
-class SpaceError(NaslocError):
-    """An invalid search space; the message is one line naming the file, the field and the reason."""
 
 
 @dataclass(frozen=True)
@@ -371,16 +366,6 @@ _MISSING = object()
 
 
 # ---------------------------------------------------------------------------- validation
-def resolve_space_path(path: str | Path) -> Path:
-    """A space file by path, or by name/relative path inside the shipped ``search_spaces/``."""
-    candidates = [Path(path), SPACES_DIR / Path(path).name, SPACES_DIR / f"{path}.yaml"]
-    for candidate in candidates:
-        if candidate.is_file():
-            return candidate
-    shipped = ", ".join(sorted(p.stem for p in SPACES_DIR.glob("*.yaml")))
-    raise SpaceError(f"{path}: no such space file (shipped spaces: {shipped})")
-
-
 def _known(data: dict, known: set[str], prefix: str, fail: Callable[[str, str], SpaceError]) -> None:
     if not isinstance(data, dict):
         raise fail(prefix.rstrip(".") or "space", "expected a mapping")

@@ -5,6 +5,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 import types
 from pathlib import Path
 
@@ -31,7 +32,7 @@ ACCEPTED = {
 }
 REJECTED = ("0.7GB", "0.7", "0", "0G", "=-0.7G", "abc", "", "inf", "nan", "0.7TFLOPs", "0.7FLOPs", "1,5G",
             "0.7 G FLOPs", "GFLOPs", "0x10G")
-# Each run_search.py process pays for `import nasloc` (torch + timm), so only a few go through a real one.
+# Each run_search.py process costs a Python start-up, so only a few go through a real one.
 REJECTED_IN_SUBPROCESS = ("0.7GB", "0.7", "=-0.7G", "")
 
 
@@ -152,6 +153,10 @@ def _modules_loaded_by(code: str) -> set[str]:
     return set(result.stdout.splitlines()[-1].split())
 
 
+# What the command line may load before the input is known good: nothing that imports torch.
+LIGHT_MODULES = {"nasloc.cli", "nasloc.units", "nasloc.space_files", "nasloc.errors"}
+
+
 def test_cli_imports_nothing_heavy_for_help_or_bad_input() -> None:
     loaded = _modules_loaded_by(
         "from nasloc.cli import search_main\n"
@@ -161,7 +166,47 @@ def test_cli_imports_nothing_heavy_for_help_or_bad_input() -> None:
     )
     packages = {name.split(".")[0] for name in loaded}
     assert not packages & {"torch", "timm", "optuna", "ray", "fvcore", "sklearn"}, packages
-    assert {name for name in loaded if name.startswith("nasloc")} <= {"nasloc.cli", "nasloc.units"}
+    assert {name for name in loaded if name.startswith("nasloc")} <= LIGHT_MODULES
+
+
+def test_run_search_help_is_quick_and_loads_no_torch() -> None:
+    code = ("import runpy, sys\n"
+            f"sys.argv = [{str(RUN_SEARCH)!r}, '--help']\n"
+            "try:\n"
+            "    runpy.run_path(sys.argv[0], run_name='__main__')\n"
+            "except SystemExit as done:\n"
+            "    assert done.code == 0\n"
+            "heavy = {name.split('.')[0] for name in sys.modules} & {'torch', 'timm', 'optuna', 'numpy'}\n"
+            "assert not heavy, heavy\n")
+    started = time.perf_counter()
+    result = _run("-c", code)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("usage: run_search.py")
+    assert time.perf_counter() - started < 10  # 0.1 s on an idle machine; torch alone took 7-13 s
+
+
+def test_import_nasloc_registers_the_family_when_timm_loads() -> None:
+    """``import nasloc`` loads no torch, yet ``timm`` knows the family as soon as it is imported, in
+    whichever order (a nasloc module that imports timm first included)."""
+    for imports in ("import nasloc", "import nasloc, timm", "import timm, nasloc", "from nasloc.models import LocalityViT"):
+        code = (f"import sys; {imports}\n"
+                "if 'timm' not in sys.modules:\n"
+                "    assert 'torch' not in sys.modules\n"
+                "import timm\n"
+                "print(len(timm.list_models('nasloc_*')), type(timm.create_model('nasloc_deit_tiny')).__name__)")
+        result = _run("-c", code)
+        assert result.returncode == 0, result.stderr
+        count, name = result.stdout.split()
+        assert int(count) >= 5 and name == "LocalityViT", imports
+
+
+def test_option_choices_match_the_modules_behind_them() -> None:
+    """cli keeps its own copy of choices whose modules import torch; they must agree."""
+    from nasloc.data import DATASETS
+    from nasloc.sampler import SAMPLERS
+    from nasloc.search import OBJECTIVES
+
+    assert cli.DATASETS == DATASETS and cli.OBJECTIVES == tuple(OBJECTIVES) and cli.SAMPLERS == SAMPLERS
 
 
 def test_missing_budget_is_one_line() -> None:

@@ -19,7 +19,8 @@ from nasloc.arch import Arch
 from nasloc.data import DataSplits, load_dataset
 from nasloc.evaluate import EvaluatorSpec, ProxyEvaluator, make_evaluator, measure_latency
 from nasloc.models import LocalityViT
-from nasloc.space import SPACES_DIR, SearchSpace
+from nasloc.space import SearchSpace
+from nasloc.space_files import SPACES_DIR
 from nasloc.supernet import Supernet
 from nasloc.supernet_train import Band, SandwichSampler, SupernetConfig, train_supernet
 

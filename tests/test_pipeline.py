@@ -28,10 +28,11 @@ from optuna.trial import TrialState
 import nasloc
 import nasloc.pipeline
 from nasloc.arch import Arch
-from nasloc.cli import SPACES_DIR, search_main
+from nasloc.cli import search_main
 from nasloc.flops import fvcore_macs
 from nasloc.search import pareto_trials
 from nasloc.space import SearchSpace
+from nasloc.space_files import SPACES_DIR
 from nasloc.storage import open_storage
 from nasloc.units import format_macs
 

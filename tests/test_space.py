@@ -12,7 +12,8 @@ import yaml
 
 from nasloc.arch import Arch
 from nasloc.flops import count
-from nasloc.space import SPACES_DIR, SearchSpace, SpaceError
+from nasloc.space import SearchSpace, SpaceError
+from nasloc.space_files import SPACES_DIR
 
 SHIPPED = sorted(p.stem for p in SPACES_DIR.glob("*.yaml"))
 TINY = yaml.safe_load((SPACES_DIR / "tiny.yaml").read_text())
