@@ -37,7 +37,8 @@ from optuna.trial import TrialState
 from .arch import Arch
 from .flops import count
 from .sampler import TrialSeededSampler, resolve_population_size
-from .search import OBJECTIVES, check_objectives, open_study, pessimistic_values, record_arch, trials_to_start
+from .search import (OBJECTIVES, check_objectives, enqueue_warm_start, open_study, pessimistic_values, record_arch,
+                     trials_to_start)
 from .storage import fail_stale_trials, open_storage
 
 if TYPE_CHECKING:
@@ -161,6 +162,7 @@ def run_ray_search(
     latency_factory: Callable[[], Callable[[Arch], float]] | None = None,
     population_size: int | None = None,
     resources_per_trial: dict[str, float] | None = None,
+    warm_start: dict[str, Arch] | None = None,
 ) -> optuna.Study:
     """Search with Ray Tune + OptunaSearch until the study holds ``n_trials`` trials; returns the study.
 
@@ -169,7 +171,8 @@ def run_ray_search(
     so a worker can load a supernet checkpoint itself. ``ray_address=None`` starts a local Ray with
     ``max_concurrent`` CPUs (token auth off, no dashboard) and shuts it down afterwards; an address joins
     that cluster. Ray's own files go to ``results_dir``. ``resources_per_trial`` defaults to one CPU
-    (``{"cpu": 1, "gpu": 1}`` for GPU evaluation).
+    (``{"cpu": 1, "gpu": 1}`` for GPU evaluation). ``warm_start`` ({name: arch}) become the first trials of
+    a new study, as with :func:`nasloc.search.run_search`.
     """
     import ray
     from ray import tune
@@ -187,6 +190,7 @@ def run_ray_search(
     population_size = resolve_population_size(study, sampler, population_size, n_trials)
     fail_stale_trials(study)
     _fail_orphans(study)
+    enqueue_warm_start(study, space, warm_start or {}, n_trials)  # OptunaSearch asks the queued trials first
     remaining = trials_to_start(study, n_trials)
     if remaining <= 0:
         return study

@@ -8,6 +8,9 @@ Budget: under a tight budget most uniform archs and most NSGA-II children are ov
 evaluated. Two strategies, composed by the sampler as Optuna's NSGA-II composes its crossover and selection,
 keep proposals within it: :class:`FeasibleStart` draws the trials a sampler would draw uniformly at random
 within the budget, and :class:`BudgetRepair` walks an over-budget joint proposal (an NSGA-II child) into it.
+
+Enqueued trials (``study.enqueue_trial``, e.g. the seed designs of a warm start) run as they were queued:
+the strategies leave them alone, and NSGA-II counts them in their generation (:meth:`TrialSeededSampler.before_trial`).
 """
 from __future__ import annotations
 
@@ -119,7 +122,8 @@ class TrialSeededSampler(BaseSampler):
     - :class:`BudgetRepair` for joint proposals (NSGA-II children). TPE proposes gene by gene, so it is
       left to learn the constraint.
 
-    This way every random-search and NSGA-II trial is evaluated, even under a tight budget.
+    This way every random-search and NSGA-II trial is evaluated, even under a tight budget. Enqueued
+    trials get neither: their fixed genes are the caller's choice.
     """
 
     def __init__(self, name: str, seed: int, population_size: int | None = None, *,
@@ -169,7 +173,7 @@ class TrialSeededSampler(BaseSampler):
         repaired into the budget. None: nothing planned."""
         with self._lock:
             plan = self._plans.get(trial.number)
-        if plan is not None or self.feasible_start is None or self.repair is None:
+        if plan is not None or self.feasible_start is None or self.repair is None or _enqueued(trial):
             return plan
         if proposal is None and trial.number >= self.startup_trials():
             return None
@@ -187,7 +191,7 @@ class TrialSeededSampler(BaseSampler):
         proposal = self._for(trial).sample_relative(study, trial, search_space)
         if self._plan(trial) is not None:
             return {}  # a feasible start: every gene comes from the plan, through sample_independent
-        if self.repair is None or not proposal:
+        if self.repair is None or not proposal or _enqueued(trial):
             return proposal
         plan = self._plan(trial, proposal)
         return {name: plan.get(name, label) for name, label in proposal.items()}
@@ -199,7 +203,12 @@ class TrialSeededSampler(BaseSampler):
         return self._for(trial).sample_independent(study, trial, param_name, param_distribution)
 
     def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
-        self._for(trial).before_trial(study, trial)
+        sampler = self._for(trial)
+        sampler.before_trial(study, trial)
+        if _enqueued(trial):
+            # Optuna asks for no relative proposal when every gene is fixed, and that is where NSGA-II records
+            # a trial's generation: without it, an enqueued trial would never join a population.
+            sampler.sample_relative(study, trial, sampler.infer_relative_search_space(study, trial))
 
     def after_trial(self, study: optuna.Study, trial: FrozenTrial, state: TrialState, values: Sequence[float] | None) -> None:
         with self._lock:
@@ -208,6 +217,11 @@ class TrialSeededSampler(BaseSampler):
 
     def reseed_rng(self) -> None:
         pass  # Optuna calls this per thread with n_jobs > 1; the seed is already per trial
+
+
+def _enqueued(trial: FrozenTrial) -> bool:
+    """Queued with fixed genes (``study.enqueue_trial``): it runs as queued, whatever the budget strategies say."""
+    return bool(trial.system_attrs.get("fixed_params"))
 
 
 def _remember(per_trial: dict[int, Any], number: int, value: Any) -> None:

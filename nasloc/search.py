@@ -9,6 +9,10 @@ trials, NSGA-II's first population) is drawn within the budget and NSGA-II child
 repaired into it (:class:`nasloc.sampler.TrialSeededSampler`), so under a tight budget every random-search
 and NSGA-II trial is evaluated.
 
+Warm start: ``run_search(warm_start={name: arch})`` queues those archs (the seed designs at the budget,
+:func:`nasloc.seeds.reference_archs`) as the first trials of a new study (:func:`enqueue_warm_start`), so
+NSGA-II's first population holds them and its children explore their neighbourhoods.
+
 The study lives in an Optuna storage (:func:`nasloc.storage.open_storage`: SQLite, PostgreSQL or a journal
 file, with heartbeats), which makes a search persistent, resumable and shareable.
 
@@ -40,12 +44,14 @@ from optuna.trial import FrozenTrial, TrialState
 from .arch import Arch
 from .flops import count
 from .sampler import TrialSeededSampler, resolve_population_size
-from .space import SearchSpace
+from .space import RecordingChooser, SearchSpace, option_label
 from .storage import fail_stale_trials, open_storage, this_worker
 
 #: Objective names and their directions. top1 is the proxy top-1 accuracy (%) with supernet weights.
 OBJECTIVES: dict[str, str] = {"top1": "maximize", "macs": "minimize", "params": "minimize", "latency": "minimize"}
 CONSTRAINT = "macs_budget"
+#: User attribute naming the seed design a warm-start trial was queued for.
+SEED_DESIGN_ATTR = "seed_design"
 #: States that count towards ``n_trials``: done, or being run by some worker (or queued).
 COUNTED_STATES = (TrialState.COMPLETE, TrialState.FAIL, TrialState.RUNNING, TrialState.WAITING)
 
@@ -130,6 +136,75 @@ class Objective:
         return [values[o] for o in self.objectives]
 
 
+# ------------------------------------------------------------------------------------------- warm start
+class _ArchChooser:
+    """Chooses, for every gene :meth:`SearchSpace.build` asks, the option that ``arch`` took (so that the
+    recorded decisions rebuild it). Gene names as in :mod:`nasloc.space`; skeleton-wide genes are the arch's
+    fields of that name."""
+
+    def __init__(self, arch: Arch):
+        self.arch = arch
+        self.shortcuts = {s.start: s for s in arch.shortcuts}
+        self.offsets = [sum(stage.depth for stage in arch.stages[:i]) for i in range(len(arch.stages))]
+
+    def __call__(self, name: str, options: tuple) -> Any:
+        try:
+            value = self._value(name, options)
+        except (IndexError, AttributeError):  # a stage, block or head the arch does not have
+            value = None
+        if value not in options:
+            raise ValueError(f"the arch has no choice among {[option_label(o) for o in options]} for gene {name}")
+        return options[options.index(value)]  # the space's own option (2, not the arch's 2.0)
+
+    def _value(self, name: str, options: tuple) -> Any:
+        parts = name.split(".")
+        if len(parts) == 1:
+            return getattr(self.arch, name)
+        i = int(parts[0][1:])
+        stage = self.arch.stages[i]
+        if len(parts) == 2:
+            return getattr(stage, parts[1])
+        j, gene = int(parts[1][1:]), parts[-1]
+        block = stage.blocks[j]
+        if gene == "dilation":
+            return block.dilations[int(parts[2][1:])]
+        if gene == "shortcut_kernels":
+            return self.shortcuts[self.offsets[i] + j].kernels
+        if gene == "shortcut":
+            shortcut = self.shortcuts.get(self.offsets[i] + j)
+            span, left = (shortcut.span if shortcut else 0), stage.depth - j
+            # build() shortens a span to the blocks left in the stage: any option it shortens to this span will do.
+            return next((o for o in options if min(o, left) == span), span)
+        return getattr(block, gene)
+
+
+def arch_params(space: SearchSpace, arch: Arch) -> dict[str, Any]:
+    """The Optuna parameters (choice labels) with which ``space.suggest`` builds exactly ``arch``.
+
+    ValueError (naming the gene) when the space cannot build it.
+    """
+    chooser = RecordingChooser(_ArchChooser(arch))
+    if space.build(chooser) != arch:
+        raise ValueError(f"the space {space.name} does not build this arch (same genes, other skeleton)")
+    return {name: option_label(value) for name, value in chooser.decisions.items()}
+
+
+def enqueue_warm_start(study: optuna.Study, space: SearchSpace, warm_start: dict[str, Arch], n_trials: int) -> int:
+    """Queue the archs of ``warm_start`` ({name: arch}) as the first trials of a study that has none yet.
+
+    Each queued trial holds every gene fixed and the user attribute ``seed_design`` = its name. A study
+    that has trials (a resumed search) is left alone, so a rerun does not queue them twice; at most
+    ``n_trials`` are queued, since queued trials count towards it. Returns how many were queued. With
+    several processes on one study, only one of them should pass ``warm_start``.
+    """
+    if study.get_trials(deepcopy=False):
+        return 0
+    chosen = list(warm_start.items())[: max(n_trials, 0)]
+    for name, arch in chosen:
+        study.enqueue_trial(arch_params(space, arch), user_attrs={SEED_DESIGN_ATTR: name})
+    return len(chosen)
+
+
 # ------------------------------------------------------------------------------------------- study
 def open_study(
     storage: str | Path | BaseStorage,
@@ -179,11 +254,6 @@ def open_study(
     return study
 
 
-def counted_trials(study: optuna.Study) -> int:
-    """Trials that count towards ``n_trials``: finished (COMPLETE, FAIL), running or waiting."""
-    return len(study.get_trials(deepcopy=False, states=COUNTED_STATES))
-
-
 def trials_to_start(study: optuna.Study, n_trials: int) -> int:
     """How many trials a worker should start so that the study holds ``n_trials``: queued (WAITING) trials
     are not subtracted, since starting a trial runs a queued one first."""
@@ -218,7 +288,8 @@ class _Budgeted:
 
 
 class _AfterTrial:
-    """Callback: stop when the study holds ``n_trials`` (all workers together); drive the progress bar."""
+    """Callback: stop when ``n_trials`` are finished or running (all workers together; queued trials are still
+    to be run); drive the progress bar."""
 
     def __init__(self, study: optuna.Study, n_trials: int, progress: bool):
         self.n_trials = n_trials
@@ -237,7 +308,7 @@ class _AfterTrial:
             self.bar.set_postfix_str("best feasible top1 " + ("-" if self.best is None else f"{self.best:.2f}%"))
 
     def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
-        if counted_trials(study) >= self.n_trials:
+        if trials_to_start(study, self.n_trials) <= 0:
             study.stop()
         with self._lock:
             top1 = trial.user_attrs.get("top1")
@@ -282,6 +353,7 @@ def run_search(
     progress: bool = True,
     workers: int = 1,
     population_size: int | None = None,
+    warm_start: dict[str, Arch] | None = None,
 ) -> optuna.Study:
     """Search ``space`` under ``budget_macs`` until the study holds ``n_trials`` trials; returns the study.
 
@@ -291,7 +363,8 @@ def run_search(
     again against the same journal file or database. NSGA-II's population defaults to
     :func:`default_population_size` and is kept in the study so that a resumed search keeps it.
     A NaN accuracy fails its trial and the search goes on; any other exception from ``evaluate``
-    stops the search (the trial is FAIL, rerun to resume).
+    stops the search (the trial is FAIL, rerun to resume). ``warm_start`` ({name: arch}, e.g. the seed
+    designs at the budget) become the first trials of a new study (:func:`enqueue_warm_start`).
     """
     if n_trials < 0:
         raise ValueError("n_trials must be >= 0")
@@ -303,6 +376,7 @@ def run_search(
     study.sampler = TrialSeededSampler(sampler, seed, resolve_population_size(study, sampler, population_size, n_trials),
                                        space=space, budget_macs=budget_macs)
     fail_stale_trials(study)
+    enqueue_warm_start(study, space, warm_start or {}, n_trials)
     remaining = trials_to_start(study, n_trials)
     if remaining <= 0:
         return study

@@ -21,7 +21,9 @@ from optuna.trial import TrialState
 from nasloc.arch import Arch
 from nasloc.flops import count
 from nasloc.sampler import TrialSeededSampler, make_sampler
-from nasloc.search import CONSTRAINT, EvaluationError, Objective, _Budgeted, open_study, pareto_trials, run_search
+from nasloc.search import (CONSTRAINT, SEED_DESIGN_ATTR, EvaluationError, Objective, _Budgeted, arch_params, open_study,
+                           pareto_trials, run_search)
+from nasloc.seeds import reference_archs
 from nasloc.space import SearchSpace
 from nasloc.storage import open_storage
 
@@ -29,6 +31,7 @@ SPACE = SearchSpace.load("tiny")
 LOW, HIGH = SPACE.macs_range()
 BUDGET = 900_000  # about half of the tiny space's archs are within it
 REPO = Path(__file__).resolve().parent.parent
+SEEDS = reference_archs(SPACE, BUDGET)  # the seed designs at the budget: 6 in the tiny space
 
 
 class CostProxy:
@@ -146,6 +149,47 @@ def test_objective_orders_values_and_skips_latency_over_budget(tmp_path):
         Objective(SPACE, CostProxy(), budget_macs=BUDGET, objectives=("top1", "latency"))
     with pytest.raises(ValueError, match="choose distinct names"):
         Objective(SPACE, CostProxy(), budget_macs=BUDGET, objectives=("top1", "flops"))
+
+
+# ------------------------------------------------------------------------------------------- warm start
+def seed_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    return [t for t in sorted(study.trials, key=lambda t: t.number) if SEED_DESIGN_ATTR in t.user_attrs]
+
+
+def test_warm_start_makes_the_seed_designs_the_first_nsga2_population(tmp_path):
+    assert len(SEEDS) == 6
+    storage = tmp_path / "study.log"
+    study = search(storage, 10, sampler="nsga2", population_size=8, warm_start=SEEDS)
+    first = sorted(study.trials, key=lambda t: t.number)[: len(SEEDS)]
+    assert seed_trials(study) == first
+    assert [t.user_attrs[SEED_DESIGN_ATTR] for t in first] == list(SEEDS)
+    assert [Arch.from_dict(t.user_attrs["arch"]) for t in first] == list(SEEDS.values())
+    for trial, arch in zip(first, SEEDS.values()):
+        assert trial.params == arch_params(SPACE, arch)
+        assert SPACE.suggest(optuna.trial.FixedTrial(trial.params)) == arch  # the stored genes rebuild the seed arch
+        assert trial.state == TrialState.COMPLETE and trial.user_attrs["evaluated"] is True
+        assert trial.system_attrs["NSGAIISampler:generation"] == 0
+
+    study = search(storage, 16, sampler="nsga2", population_size=8, warm_start=SEEDS)  # resumed: not queued again
+    assert len(study.trials) == 16 and seed_trials(study) == first
+    assert states(study) == ["COMPLETE"] * 16
+    # Generation 0 held exactly 8 trials, so all of them, the seed designs included, are the children's parents.
+    journal = open_storage(storage)
+    parents = set(journal.get_study_system_attrs(journal.get_study_id_from_name("s"))["NSGAIISampler:parent:1"])
+    assert {t._trial_id for t in first} <= parents
+
+
+def test_warm_start_counts_towards_the_trials(tmp_path):
+    study = search(tmp_path / "study.log", 3, sampler="random", warm_start=SEEDS)
+    assert [t.user_attrs[SEED_DESIGN_ATTR] for t in study.trials] == list(SEEDS)[:3]
+    assert states(study) == ["COMPLETE"] * 3  # nothing left queued
+
+
+def test_arch_params_refuse_an_arch_the_space_cannot_build():
+    other = SearchSpace.load("tiny_columnar")
+    arch = other.sample(random.Random(0))
+    with pytest.raises(ValueError, match="gene s0"):
+        arch_params(SPACE, arch)
 
 
 # ------------------------------------------------------------------------------------------- resume, failures
@@ -379,3 +423,20 @@ def test_ray_backend_fills_the_same_study(tmp_path):
                    sampler="random", seed=5, results_dir=tmp_path / "ray")
     assert time.time() - start < 5
     assert len(optuna.load_study(study_name="s", storage=open_storage(url)).trials) == 3
+
+
+def test_ray_backend_queues_the_warm_start(tmp_path):
+    pytest.importorskip("ray")
+    import ray.cloudpickle
+
+    from nasloc.ray_search import run_ray_search
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray workers can't import tests/
+    seeds = dict(list(SEEDS.items())[:2])
+    url = f"sqlite:///{tmp_path}/study.db"
+    run_ray_search(SPACE, Factory(nan_macs=-1), budget_macs=BUDGET, storage=url, study_name="s", n_trials=3,
+                   sampler="nsga2", seed=0, max_concurrent=2, results_dir=tmp_path / "ray", warm_start=seeds)
+    trials = sorted(optuna.load_study(study_name="s", storage=open_storage(url)).trials, key=lambda t: t.number)
+    assert [t.user_attrs.get(SEED_DESIGN_ATTR) for t in trials] == [*seeds, None]
+    assert [Arch.from_dict(t.user_attrs["arch"]) for t in trials[:2]] == list(seeds.values())
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 3
