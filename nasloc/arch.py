@@ -24,7 +24,10 @@ import yaml
 from .errors import NaslocError
 
 MIXERS = ("global", "dilated", "window")
-STEMS = ("patch", "lightvit", "overlap")
+STEMS = ("patch", "lightvit", "overlap", "conv")
+# The stems a space may search (``genes: stem``): their layers have distinct names, so that a supernet
+# holds them side by side (see nasloc.models.stems.StemChoice).
+SEARCHABLE_STEMS = ("patch", "conv")
 DOWNSAMPLES = ("conv", "merge")
 POS_EMBEDS = ("absolute", "none")
 HEADS = ("token", "avg", "neck")
@@ -32,7 +35,7 @@ FFNS = ("mlp", "localvit", "bidim")
 SHORTCUT_KERNELS = (3, 5, 7)
 MAX_SHORTCUT_SPAN = 4
 # Total stride each conv stem supports (see nasloc.models.stems).
-STEM_STRIDES = {"lightvit": (2, 4, 8), "overlap": (2, 4)}
+STEM_STRIDES = {"lightvit": (2, 4, 8), "overlap": (2, 4), "conv": (2, 4)}
 
 
 class ArchError(NaslocError):
@@ -155,7 +158,7 @@ class Arch:
                           f"{sum(b.life for b in stage.blocks)} LIFE, {sum(bool(b.ffn_kernel) for b in stage.blocks)} FFN-conv")
         shortcuts = ", ".join(f"{s.start}+{s.span}:{'/'.join(map(str, s.kernels))}" for s in self.shortcuts) or "none"
         return (" | ".join(stages) + f"; shortcuts (start+span:kernels) {shortcuts}; {self.global_tokens} global tokens, "
-                f"ffn {self.ffn}, cpe {'on' if self.cpe else 'off'}")
+                f"ffn {self.ffn}, cpe {'on' if self.cpe else 'off'}, {self.stem} stem")
 
     # ----------------------------------------------------------------- serialisation
     def to_dict(self) -> dict[str, Any]:

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .arch import Arch, Block, Shortcut, Stage
-from .models.stems import OverlapStem
+from .models.stems import ConvStem, OverlapStem
 from .models.localvit import se_channels
 
 
@@ -127,6 +127,8 @@ def _stem(arch: Arch) -> Cost:
     c0, size, stride, chans = arch.stages[0].dim, arch.img_size, arch.patch_size, arch.in_chans
     if arch.stem == "patch":
         return conv((size // stride) ** 2, chans, c0, stride)
+    if arch.stem == "conv":
+        return _conv_stem(arch)
     if arch.stem == "lightvit":
         mid, half = c0 // 2, size // 2
         after_dw = half // 2 if stride >= 4 else half
@@ -142,6 +144,15 @@ def _stem(arch: Arch) -> Cost:
     cost += conv(half * half, c1, c2, 3, bias=False) + batch_norm(half * half, c2)
     cost += conv(half * half, c2, c3, 3, bias=False) + batch_norm(half * half, c3)
     return cost + conv(out * out, c3, c0, 3, bias=False)
+
+
+def _conv_stem(arch: Arch) -> Cost:
+    c0, chans, half = arch.stages[0].dim, arch.in_chans, arch.img_size // 2
+    mid = ConvStem.hidden_width(c0)
+    out = half // 2 if arch.patch_size >= 4 else half
+    cost = conv(half * half, chans, mid, 3, bias=False) + batch_norm(half * half, mid)
+    cost += conv(out * out, mid, c0, 3, bias=False) + batch_norm(out * out, c0)
+    return cost + conv(out * out, c0, c0, 1)
 
 
 def _tokens(arch: Arch) -> Cost:

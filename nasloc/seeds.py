@@ -69,15 +69,17 @@ GENERIC = "nasloc_vit"  # builds the arch given as keyword arguments; defaults t
 
 # ---------------------------------------------------------------------------- mechanisms
 # Each seed mechanism as pins of micro genes; every other micro gene is pinned to the plain ViT.
+# LightViT and DilateFormer tokenize with convs in their papers: where a space searches the stem they
+# take its conv stem, every other design the patch stem.
 MECHANISMS: dict[str, dict[str, Any]] = {
     "plain ViT": {},
     "DW shortcut": {"shortcut": 1, "shortcut_kernels": (3,)},
     "LocalViT FFN": {"ffn_kernel": 3},
     "LIFE": {"life": True},
-    "DilateFormer": {"mixer": "dilated", "dilation": "per-head 1,2,3", "cpe": True},
-    "LightViT": {"mixer": "window", "global_tokens": "most", "ffn": "bidim"},
+    "DilateFormer": {"mixer": "dilated", "dilation": "per-head 1,2,3", "cpe": True, "stem": "conv"},
+    "LightViT": {"mixer": "window", "global_tokens": "most", "ffn": "bidim", "stem": "conv"},
 }
-_PLAIN = {"mixer": "global", "life": False, "ffn_kernel": 0, "shortcut": 0, "global_tokens": 0, "ffn": "mlp", "cpe": False}
+_PLAIN = {"mixer": "global", "life": False, "ffn_kernel": 0, "shortcut": 0, "global_tokens": 0, "ffn": "mlp", "cpe": False, "stem": "patch"}
 
 
 def reference_archs(space: SearchSpace, budget: float) -> dict[str, Arch]:

@@ -5,7 +5,7 @@ A space turns decisions into archs with one function, :meth:`SearchSpace.build`,
 mutation (replaying earlier decisions) and the smallest/largest searches are only different
 choosers, so they can never disagree about what the space contains.
 
-Gene names (also the Optuna parameter names): ``global_tokens``, ``ffn``, ``cpe``,
+Gene names (also the Optuna parameter names): ``stem`` (only where searched), ``global_tokens``, ``ffn``, ``cpe``,
 ``s{i}.depth|dim|heads|mlp_ratio``, ``s{i}.b{j}.mixer|life|ffn_kernel``, ``s{i}.b{j}.h{k}.dilation``
 and, for shortcuts, ``s{i}.b{j}.shortcut`` (span, 0 = none) and ``s{i}.b{j}.shortcut_kernels``.
 Choices of a name never change (Optuna needs static distributions): a span longer than the blocks
@@ -21,7 +21,7 @@ from typing import Any, Callable
 
 import yaml
 
-from .arch import FFNS, MAX_SHORTCUT_SPAN, MIXERS, SHORTCUT_KERNELS, Arch, ArchError, Block, Shortcut, Stage
+from .arch import FFNS, MAX_SHORTCUT_SPAN, MIXERS, SEARCHABLE_STEMS, SHORTCUT_KERNELS, Arch, ArchError, Block, Shortcut, Stage
 from .flops import count
 from .space_files import SpaceError, resolve_space_path
 
@@ -50,6 +50,7 @@ class SearchSpace:
     cpe: tuple[bool, ...] = (False,)
     shortcut_span: tuple[int, ...] = (0,)
     shortcut_kernels: tuple[tuple[int, ...], ...] = ((3,),)
+    stem: tuple[str, ...] = ()  # the stems searched; empty: the skeleton's stem, not searched
     source: str = "<space>"
 
     # ------------------------------------------------------------------------ loading
@@ -71,7 +72,7 @@ class SearchSpace:
             raise fail("space", "expected a mapping with skeleton, genes and stages")
         _known(data, {"name", "description", "skeleton", "genes", "stages"}, "", fail)
         genes = data.get("genes") or {}
-        _known(genes, {"global_tokens", "ffn", "cpe", "shortcuts"}, "genes.", fail)
+        _known(genes, {"stem", "global_tokens", "ffn", "cpe", "shortcuts"}, "genes.", fail)
         shortcuts = genes.get("shortcuts") or {}
         _known(shortcuts, {"span", "kernels"}, "genes.shortcuts.", fail)
         stage_fields = {f.name for f in fields(StageChoices)}
@@ -95,6 +96,7 @@ class SearchSpace:
             cpe=_options(genes.get("cpe", [False]), "genes.cpe", fail),
             shortcut_span=_options(shortcuts.get("span", [0]), "genes.shortcuts.span", fail),
             shortcut_kernels=tuple(tuple(k) if isinstance(k, (list, tuple)) else (k,) for k in _options(shortcuts.get("kernels", [[3]]), "genes.shortcuts.kernels", fail)),
+            stem=_options(genes["stem"], "genes.stem", fail) if "stem" in genes else (),
             source=source,
         )
         _validate_space(space, fail)
@@ -130,13 +132,14 @@ class SearchSpace:
             stages.append(stage)
             shortcuts += self._shortcuts(choose, i, depth, offset)
             offset += depth
+        skeleton = {**self.skeleton, "stem": choose("stem", self.stem)} if self.stem else self.skeleton
         return Arch(
             stages=tuple(stages),
             shortcuts=tuple(shortcuts),
             global_tokens=choose("global_tokens", self.global_tokens),
             ffn=choose("ffn", self.ffn),
             cpe=choose("cpe", self.cpe),
-            **self.skeleton,
+            **skeleton,
         )
 
     def _block(self, choose: Chooser, prefix: str, choices: StageChoices, heads: int) -> Block:
@@ -406,6 +409,8 @@ def _validate_genes(space: SearchSpace, fail: Callable[[str, str], SpaceError]) 
         raise fail("genes.ffn", "choose among mlp and bidim, or exactly [localvit] (its FFN has other weights)")
     if not all(isinstance(c, bool) for c in space.cpe):
         raise fail("genes.cpe", "choices must be true or false")
+    if space.stem and not (set(space.stem) <= set(SEARCHABLE_STEMS) and space.skeleton.get("stem", "patch") in space.stem):
+        raise fail("genes.stem", f"choose among {', '.join(SEARCHABLE_STEMS)}, the skeleton's stem (the default) included")
     if not all(isinstance(s, int) and 0 <= s <= MAX_SHORTCUT_SPAN for s in space.shortcut_span):
         raise fail("genes.shortcuts.span", f"spans must be 0 (no shortcut) to {MAX_SHORTCUT_SPAN}")
     for kernels in space.shortcut_kernels:

@@ -5,6 +5,7 @@ One :class:`~nasloc.models.LocalityViT` built with the capacity of the whole spa
 optional branch), so that every arch of the space runs as a slice of it (weight entanglement); see
 :mod:`nasloc.models.elastic`. The three mixers share the q, k, v and output projections; shortcuts,
 FFN convs, LIFE convs, the BiDim gate, CPE and the global tokens are branches switched on per arch.
+A space that searches the stem holds every stem it offers and runs the arch's.
 
 ``supernet(x, arch)`` runs a subnet; ``supernet.extract(arch)`` returns the standalone model with
 copied weights, whose logits equal the subnet's.
@@ -38,7 +39,7 @@ def space_capacity(space: SearchSpace, img_size: int) -> Capacity:
         )
         hidden = max(int(round(d * r)) for d in choices.dim for r in choices.mlp_ratio)
         stages.append(StageCapacity(max(choices.dim), max(choices.heads), hidden, (block,) * max(choices.depth)))
-    return Capacity(skeleton, tuple(stages), max(space.global_tokens), True in space.cpe, "bidim" in space.ffn)
+    return Capacity(skeleton, tuple(stages), max(space.global_tokens), True in space.cpe, "bidim" in space.ffn, space.stem)
 
 
 class Supernet(LocalityViT):

@@ -10,7 +10,7 @@ import yaml
 from nasloc.arch import Arch, ArchError, Block, Shortcut, Stage
 from nasloc.models import LocalityViT
 from nasloc.seeds import PRESETS
-from nasloc.space import SearchSpace
+from nasloc.space import RecordingChooser, ReplayChooser, SearchSpace
 
 SMALL = Arch(
     stages=(
@@ -27,7 +27,10 @@ def _sampled(n_per_space: int = 3) -> list[Arch]:
     return [SearchSpace.load(name).sample(rng) for name in ("tiny", "tiny_columnar", "cifar", "imagenet") for _ in range(n_per_space)]
 
 
-ROUND_TRIP = {**{f"preset:{k}": v for k, v in PRESETS.items()}, "small": SMALL, **{f"sampled:{i}": a for i, a in enumerate(_sampled())}}
+ROUND_TRIP = {
+    **{f"preset:{k}": v for k, v in PRESETS.items()}, "small": SMALL, "conv stem": SMALL.replace(stem="conv"),
+    **{f"sampled:{i}": a for i, a in enumerate(_sampled())},
+}
 
 
 def shapes(model) -> dict[str, tuple[int, ...]]:
@@ -55,7 +58,7 @@ def test_from_dict_accepts_an_arch_and_fills_defaults():
     assert minimal.depth == 2 and minimal.img_size == 224 and minimal.stages[0].blocks[0] == Block()
 
 
-@pytest.mark.parametrize("name", ["small", "sampled:0", "sampled:3", "sampled:6"])
+@pytest.mark.parametrize("name", ["small", "conv stem", "sampled:0", "sampled:3", "sampled:6"])
 def test_models_from_round_tripped_archs_are_identical(name):
     arch = ROUND_TRIP[name]
     if arch.img_size > 64:
@@ -70,8 +73,21 @@ def test_describe_names_every_locality_choice():
     assert SMALL.describe() == (
         "dim 24, depth 2, heads 3, mlp 2: 0 global/1 dilated/1 window, 1 LIFE, 1 FFN-conv | "
         "dim 64, depth 3, heads 4, mlp 3: 2 global/1 dilated/0 window, 0 LIFE, 1 FFN-conv; "
-        "shortcuts (start+span:kernels) 0+2:3/5/7, 3+2:5; 2 global tokens, ffn bidim, cpe on")
+        "shortcuts (start+span:kernels) 0+2:3/5/7, 3+2:5; 2 global tokens, ffn bidim, cpe on, patch stem")
     assert "shortcuts (start+span:kernels) none; 0 global tokens, ffn mlp, cpe off" in PRESETS["nasloc_deit_tiny"].describe()
+    assert SMALL.replace(stem="conv").describe().endswith("cpe on, conv stem")
+
+
+def test_stem_gene_round_trips():
+    """An arch whose stem a space searched keeps it through JSON, YAML and a replay of its decisions."""
+    space = SearchSpace.load("tiny_columnar")
+    assert space.stem == ("patch", "conv")
+    for stem in space.stem:
+        chooser = RecordingChooser(lambda name, options: stem if name == "stem" else options[-1])
+        arch = space.build(chooser)
+        assert arch.stem == stem and chooser.decisions["stem"] == stem
+        assert Arch.from_json(arch.to_json()) == arch == Arch.from_yaml(arch.to_yaml())
+        assert space.build(ReplayChooser(chooser.decisions, fallback=None)) == arch
 
 
 def test_yaml_written_by_hand():
@@ -138,6 +154,7 @@ INVALID = {
     "blocks not a list": (_with(("stages", 0, "blocks"), "global"), "stages[0].blocks"),
     "cpe not a bool": (_with(("cpe",), "yes"), "cpe"),
     "lightvit stem stride 16": (_with(("stem",), "lightvit") | {"patch_size": 16, "img_size": 64}, "patch_size"),
+    "conv stem stride 8": (_with(("stem",), "conv") | {"patch_size": 8, "img_size": 64}, "patch_size"),
 }
 
 

@@ -20,6 +20,7 @@ from nasloc.flops import count, fvcore_macs
 from nasloc.models import LocalityViT
 from nasloc.models.dilated import dilated_attention
 from nasloc.models.layout import Geometry
+from nasloc.models.locality_vit import pretrained_cfg
 from nasloc.seeds import GENERIC, PRESETS
 from nasloc.space import SearchSpace
 
@@ -122,6 +123,15 @@ def test_analytic_count_matches_fvcore_on_random_archs(space_name, n):
         cost = count(arch)
         assert cost.params == n_params(model), arch.to_json()
         assert cost.macs == pytest.approx(fvcore_macs(model, arch.img_size), rel=5e-3), arch.to_json()
+
+
+@pytest.mark.parametrize("stem", ["patch", "conv"])
+def test_analytic_count_equals_fvcore_for_each_searched_stem(stem):
+    """Exactly, at the stem's strides 4 (tiny_columnar) and 2 (tiny's skeleton)."""
+    archs = [a.replace(stem=stem) for a in _random_archs("tiny_columnar", 3, seed=5) + _random_archs("tiny", 2, seed=5)]
+    for arch in archs:
+        model = LocalityViT(arch)
+        assert count(arch) == (fvcore_macs(model, arch.img_size), n_params(model)), arch.to_json()
 
 
 def test_count_img_size_argument_equals_replace():
@@ -437,6 +447,16 @@ def test_generic_entry_builds_any_arch():
     model = timm.create_model(GENERIC, **arch.to_dict())
     assert model.arch == arch
     assert param_shapes(model) == param_shapes(LocalityViT(arch))
+
+
+def test_timm_builds_an_arch_with_the_conv_stem():
+    arch = SearchSpace.load("tiny_columnar").extreme(largest=True)
+    assert arch.stem == "conv"
+    model = timm.create_model(GENERIC, **arch.to_dict())
+    assert model.arch == arch and param_shapes(model) == param_shapes(LocalityViT(arch))
+    assert pretrained_cfg(arch)["first_conv"] == "stem.conv1" and model.stem.conv1.in_channels == 3
+    out = forward_backward(model, torch.randn(2, 3, arch.img_size, arch.img_size))
+    assert out.shape == (2, arch.num_classes)
 
 
 def test_timm_overrides_reach_the_arch():

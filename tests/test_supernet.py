@@ -75,6 +75,25 @@ def test_subnet_equals_extracted_model(name, n, spaces):
         assert (inside - alone).abs().max() <= 1e-4, arch.to_json()
 
 
+@pytest.mark.parametrize("stem", ["patch", "conv"])
+def test_supernet_holds_both_stems_and_runs_the_arch_one(stem, spaces):
+    space = spaces["tiny_columnar"]
+    supernet = supernet_of(space).eval()
+    layers = {"patch": ("proj",), "conv": ("conv1", "norm1", "conv2", "norm2", "pointwise")}
+    assert {name for name, _ in supernet.stem.named_children()} == set(layers["patch"] + layers["conv"])
+    x = torch.randn(2, 3, 16, 16)
+    for arch in archs_of(space, 3, seed=2):
+        arch = arch.replace(stem=stem)
+        with torch.no_grad():
+            assert (supernet(x, arch) - supernet.extract(arch)(x)).abs().max() <= 1e-4, arch.to_json()
+    supernet.zero_grad(set_to_none=True)
+    supernet(x, arch).sum().backward()
+    other = "conv" if stem == "patch" else "patch"
+    assert all(getattr(supernet.stem, name).weight.grad is not None for name in layers[stem])
+    assert all(getattr(supernet.stem, name).weight.grad is None for name in layers[other])
+    supernet.zero_grad(set_to_none=True)
+
+
 def test_different_subnets_give_different_outputs(spaces):
     space = spaces["tiny"]
     supernet = supernet_of(space).eval()

@@ -62,6 +62,7 @@ class Capacity:
     global_tokens: int  # the most global tokens
     cpe: bool = False  # some arch uses the conditional position encoding
     ffn_gate: bool = False  # some arch uses the BiDim gate (ffn "bidim")
+    stems: tuple[str, ...] = ()  # every stem some arch uses (empty: the skeleton's alone)
 
     @classmethod
     def of_arch(cls, arch: Arch) -> "Capacity":
@@ -80,7 +81,7 @@ class Capacity:
                 for i, b in enumerate(stage.blocks)
             )
             stages.append(StageCapacity(stage.dim, stage.heads, stage.hidden, blocks))
-        return cls(arch, tuple(stages), arch.global_tokens, arch.cpe, arch.ffn == "bidim")
+        return cls(arch, tuple(stages), arch.global_tokens, arch.cpe, arch.ffn == "bidim", (arch.stem,))
 
 
 # ------------------------------------------------------------------------------------ blocks
@@ -185,7 +186,7 @@ class LocalityViT(nn.Module):
         self.num_classes = arch.num_classes
         self.embed_dim = last.dim
         self.num_features = self.head_hidden_size = arch.neck_dim if arch.head == "neck" else last.dim
-        self.stem = make_stem(arch, first.dim)
+        self.stem = make_stem(arch, first.dim, cap.stems or (arch.stem,))
         grid = arch.grid(0)
         self.cls_token = ElasticParameter(1, 1, first.dim) if arch.cls_token else None
         self.pos_embed = ElasticParameter(1, int(arch.cls_token) + grid * grid, first.dim) if arch.pos_embed == "absolute" else None
@@ -219,7 +220,7 @@ class LocalityViT(nn.Module):
     # -------------------------------------------------------------------------------- forward
     def embed(self, x: Tensor, arch: Arch) -> tuple[Tensor, Geometry]:
         dim = arch.stages[0].dim
-        tokens = self.stem(x, dim)
+        tokens = self.stem(x, arch)
         b = tokens.shape[0]
         if self.cls_token is not None:
             tokens = torch.cat([self.cls_token(1, 1, dim).expand(b, -1, -1), tokens], dim=1)
@@ -346,7 +347,7 @@ def default_out_indices(arch: Arch) -> list[int]:
 
 def pretrained_cfg(arch: Arch, **extra: Any) -> dict[str, Any]:
     """timm's pretrained cfg of an arch (input size, normalisation, crop, first conv, classifier)."""
-    first_conv = {"patch": "stem.proj", "lightvit": "stem.conv1", "overlap": "stem.convs.0"}[arch.stem]
+    first_conv = {"patch": "stem.proj", "conv": "stem.conv1", "lightvit": "stem.conv1", "overlap": "stem.convs.0"}[arch.stem]
     return dict(
         url="",
         num_classes=arch.num_classes,
