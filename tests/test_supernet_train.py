@@ -116,6 +116,27 @@ def test_sandwich_sampler_gives_largest_smallest_and_random_archs_inside_the_ban
     assert [a for _ in range(8) for a in sampler.step(again)[2:]] == randoms
 
 
+def test_random_archs_spread_evenly_over_the_macs_band():
+    space = SearchSpace.load(SPACE)
+    lo, hi = space.macs_range()
+    band = Band(lo, hi)  # the whole space: most of its archs are small
+
+    def quarters(sub_bands: int) -> list[int]:
+        sampler = SandwichSampler(Supernet(space), band, random_subnets=1, sub_bands=sub_bands)
+        rng = random.Random(0)
+        macs = [count(sampler.step(rng)[2]).macs for _ in range(200)]
+        assert all(lo <= m <= hi for m in macs)
+        return np.bincount([min(int(4 * (m - lo) / (hi - lo)), 3) for m in macs], minlength=4).tolist()
+
+    even, uniform = quarters(4), quarters(1)
+    assert min(even) >= 35, even  # 50 expected in each
+    assert uniform[3] < 10 < 35 <= even[3], (uniform, even)  # uniform archs of the band hardly reach its top
+
+    assert Band(0, 8).split(4) == [Band(0, 2), Band(2, 4), Band(4, 6), Band(6, 8)]
+    below = Band(0, 3.9 * lo)  # its lowest quarter holds no arch: left out
+    assert SandwichSampler(Supernet(space), below, random_subnets=1).parts == below.split(4)[1:]
+
+
 # ---------------------------------------------------------------------------------------------- training
 def test_training_is_finite_changes_weights_and_checkpoints_atomically(straight):
     result, out = straight["result"], straight["out"]
