@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -44,7 +44,7 @@ class ProxyEvaluator:
 
 @dataclass(frozen=True)
 class EvaluatorSpec:
-    """Everything a fresh process (a Ray worker) needs to rebuild the proxy evaluator."""
+    """Everything a fresh process (a Ray worker, a ``--workers`` process) needs to rebuild the proxy evaluator."""
 
     space: str
     checkpoint: str
@@ -69,6 +69,16 @@ def make_evaluator(supernet: Supernet, splits: Any, batch_size: int = 256, seed:
     val = make_loader(splits.val, batch_size, train=False, **common)
     calib = make_loader(splits.train, min(batch_size, len(splits.train)), train=True, augment="none", **common)
     return ProxyEvaluator(supernet, val, calib)
+
+
+@dataclass(frozen=True)
+class LatencyFactory:
+    """Picklable (for worker processes): ``LatencyFactory(device)()`` is ``arch -> median forward ms`` on ``device``."""
+
+    device: str = "cpu"
+
+    def __call__(self) -> Callable[[Arch], float]:
+        return lambda arch: measure_latency(arch, self.device)
 
 
 @torch.no_grad()

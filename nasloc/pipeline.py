@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import multiprocessing
-import threading
+import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +20,10 @@ import torch
 from .arch import Arch
 from .data import DataSplits, load_dataset
 from .errors import NaslocError
-from .evaluate import EvaluatorSpec, make_evaluator, measure_latency
+from .evaluate import EvaluatorSpec, LatencyFactory, make_evaluator
 from .fileio import atomic_path, write_atomic
 from .flops import count
+from .report import serve_dashboard, write_summary
 from .seeds import reference_archs
 from .space import SearchSpace
 from .supernet import Supernet
@@ -44,10 +43,6 @@ class BudgetError(NaslocError):
 
 class PhaseError(NaslocError):
     """A phase was asked for before the one it needs."""
-
-
-class DashboardError(NaslocError):
-    """--dashboard could not be served."""
 
 
 def run_pipeline(options: argparse.Namespace) -> Path:
@@ -178,7 +173,7 @@ def search_phase(supernet: Supernet, splits: DataSplits, space: SearchSpace, che
     """Add trials to the study until it holds ``--trials``.
 
     ``--workers N``: with Ray, N concurrent Ray trials; with plain Optuna, N processes (this one and
-    N - 1 spawned ones, each loading the supernet checkpoint) sharing the study's storage, each with
+    N - 1 spawned ones, each rebuilding the evaluator from an :class:`EvaluatorSpec`) sharing the study's storage, each with
     its share of the CPU threads. Optuna's own ``n_jobs`` threads would only contend for the GIL and
     for the same intra-op thread pool.
     """
@@ -186,19 +181,20 @@ def search_phase(supernet: Supernet, splits: DataSplits, space: SearchSpace, che
     _say(f"[nasloc] 2/5 search: {options.trials} trials, {options.sampler}, storage {options.storage}"
          + (f", {workers} {'Ray trials' if options.backend == 'ray' else 'processes'} at a time" if workers > 1 else ""))
     device = next(supernet.parameters()).device
+    spec = EvaluatorSpec(str(space.source), str(checkpoint), proxy_size, options.dataset,
+                         None if options.data_dir is None else str(options.data_dir), options.seed, device=str(device))
+    latency = LatencyFactory(str(device)) if "latency" in options.objectives else None
+    settings = _search_kwargs(options)
     if options.backend == "ray":
         from .ray_search import run_ray_search
 
-        factory = EvaluatorSpec(str(space.source), str(checkpoint), proxy_size, options.dataset,
-                                None if options.data_dir is None else str(options.data_dir), options.seed,
-                                device=str(device))
-        latency = LatencyFactory(str(device)) if "latency" in options.objectives else None
         resources = {"cpu": 1, "gpu": 1} if device.type == "cuda" else {"cpu": 1}
-        return run_ray_search(space, factory, ray_address=options.ray_address, max_concurrent=workers,
+        return run_ray_search(space, spec, ray_address=options.ray_address, max_concurrent=workers,
                               results_dir=str(run_dir / "ray"), latency_factory=latency,
-                              resources_per_trial=resources, **_search_kwargs(options))
+                              resources_per_trial=resources, **settings)
+    evaluate = make_evaluator(supernet, splits, seed=options.seed)
     if workers == 1:
-        return _search(supernet, splits, space, options)
+        return _search(space, evaluate, latency, settings)
 
     from .search import open_study
 
@@ -207,14 +203,14 @@ def search_phase(supernet: Supernet, splits: DataSplits, space: SearchSpace, che
                meta={"space": space.name, "sampler": options.sampler, "seed": options.seed})
     threads = max(1, torch.get_num_threads() // workers)
     context = multiprocessing.get_context("spawn")  # fork would copy torch's thread pools mid-use
-    processes = [context.Process(target=_search_worker, args=(options, str(checkpoint), threads), daemon=True,
+    processes = [context.Process(target=_search_worker, args=(spec, latency, settings, threads), daemon=True,
                                  name=f"nasloc-search-{i}") for i in range(1, workers)]
     for process in processes:
         process.start()
     saved_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        study = _search(supernet, splits, space, options)
+        study = _search(space, evaluate, latency, settings)
         for process in processes:
             process.join()
     finally:
@@ -235,33 +231,18 @@ def _search_kwargs(options: Any) -> dict[str, Any]:
                 sampler=options.sampler, seed=options.seed, objectives=tuple(options.objectives))
 
 
-def _search(supernet: Supernet, splits: DataSplits, space: SearchSpace, options: Any, progress: bool = True):
+def _search(space: SearchSpace, evaluate: Any, latency: LatencyFactory | None, settings: dict[str, Any], progress: bool = True):
     """The plain Optuna search in this process (one trial at a time)."""
     from .search import run_search
 
-    device = next(supernet.parameters()).device
-    latency = LatencyFactory(str(device))() if "latency" in options.objectives else None
-    evaluate = make_evaluator(supernet, splits, seed=options.seed)
-    return run_search(space, evaluate, latency=latency, workers=1, progress=progress, **_search_kwargs(options))
+    return run_search(space, evaluate, latency=latency() if latency else None, workers=1, progress=progress, **settings)
 
 
-def _search_worker(options: Any, checkpoint: str, threads: int) -> None:
+def _search_worker(spec: EvaluatorSpec, latency: LatencyFactory | None, settings: dict[str, Any], threads: int) -> None:
     """A spawned search process of ``--workers N``: the same study, evaluator and supernet weights."""
     torch.set_num_threads(threads)
-    space, splits, proxy_size = load_inputs(options)
-    device = resolve_device(options.device)
-    supernet = load_supernet(Path(checkpoint), Supernet(space, proxy_size), device)
-    _search(supernet, splits, space, options, progress=False)
-
-
-@dataclass(frozen=True)
-class LatencyFactory:
-    """Picklable (for Ray workers): ``LatencyFactory(device)()`` is ``arch -> median forward ms`` on ``device``."""
-
-    device: str = "cpu"
-
-    def __call__(self):
-        return lambda arch: measure_latency(arch, self.device)
+    evaluate = spec()
+    _search(evaluate.supernet.space, evaluate, latency, settings, progress=False)
 
 
 def reference_points(space: SearchSpace, supernet: Supernet, splits: DataSplits, options: Any) -> dict[str, tuple[float, float]]:
@@ -329,40 +310,6 @@ def export_phase(retrained: list[dict[str, Any]], options: Any, run_dir: Path, s
 
 
 # ------------------------------------------------------------------------------------ outputs
-def write_summary(run_dir: Path, options: Any, space: SearchSpace, study, pareto: list, retrained: list[dict[str, Any]],
-                  references: dict[str, tuple[float, float]], export_dir: Path | None, seconds: float) -> None:
-    from optuna.trial import TrialState
-
-    from .search import evaluated_feasible_trials
-
-    trials = [t for t in study.get_trials(deepcopy=False) if not t.user_attrs.get("surplus")]  # not the race losers
-    complete = sum(t.state == TrialState.COMPLETE for t in trials)
-    lines = [
-        f"# nasloc run `{run_dir.name}`",
-        "",
-        f"Budget {format_macs(options.budget)} per image at {space.img_size} px (1 multiply-add = 1 FLOP); "
-        f"space `{space.name}`; data `{options.dataset}`; {len(trials)} trials ({complete} complete, "
-        f"{len(evaluated_feasible_trials(study, options.budget))} evaluated within budget; {options.sampler}); "
-        f"this run took {seconds:.0f} s.",
-        "",
-        "## Pareto front (proxy top-1 with supernet weights)",
-        "",
-        "| trial | proxy top-1 (%) | GMACs | params (M) | locality |",
-        "|---|---|---|---|---|",
-    ]
-    for t in sorted(pareto, key=lambda t: t.user_attrs["macs"]):
-        lines.append(f"| {t.number} | {t.user_attrs['top1']:.2f} | {t.user_attrs['macs'] / 1e9:.4f} | "
-                     f"{t.user_attrs['params'] / 1e6:.3f} | {Arch.from_dict(t.user_attrs['arch']).describe()} |")
-    lines += ["", "## Seed mechanisms alone in this space (largest within budget)", "", "| design | proxy top-1 (%) | GMACs |", "|---|---|---|"]
-    lines += [f"| {name} | {top1:.2f} | {macs / 1e9:.4f} |" for name, (macs, top1) in references.items()]
-    lines += ["", "## Retrained from scratch", "", "| trial | val top-1 (%) | proxy top-1 (%) | GMACs at deploy | params (M) |", "|---|---|---|---|---|"]
-    lines += [f"| {r['trial']} | {r['val_top1']:.2f} | {r['proxy_top1']:.2f} | {r['macs'] / 1e9:.4f} | {r['params'] / 1e6:.3f} |" for r in retrained]
-    if export_dir is not None:
-        lines += ["", f"Best model exported to `{export_dir}`:", "",
-                  f"    import nasloc, timm; timm.create_model(\"local-dir:{export_dir}\", pretrained=True)"]
-    write_atomic(run_dir / "summary.md", "\n".join(lines) + "\n")
-
-
 def _run_record(options: argparse.Namespace) -> dict[str, Any]:
     record = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(options).items()}
     record["study_name"] = STUDY_NAME
@@ -382,31 +329,3 @@ def _save_weights(model: torch.nn.Module, path: Path) -> None:
 
 def _say(message: str) -> None:
     print(message, flush=True)
-
-
-def serve_dashboard(storage: str, port: int):
-    """optuna-dashboard on 127.0.0.1:port in a daemon thread; returns the server (call shutdown(), then
-    server_close()). A port that is taken raises :class:`DashboardError` (exit status 2)."""
-    from socketserver import ThreadingMixIn
-    from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
-
-    import optuna_dashboard
-
-    from .storage import open_storage
-
-    class Quiet(WSGIRequestHandler):
-        def log_message(self, *args: Any) -> None:  # keep request logs out of the progress bars
-            pass
-
-    class Server(ThreadingMixIn, WSGIServer):  # a slow API call must not hold up the page
-        daemon_threads = True
-
-    app = optuna_dashboard.wsgi(open_storage(storage))
-    try:
-        server = make_server("127.0.0.1", port, app, server_class=Server, handler_class=Quiet)
-    except OSError as err:
-        raise DashboardError(f"--dashboard-port {port}: cannot listen on 127.0.0.1:{port} ({err.strerror or err}); "
-                             "choose another port") from None
-    threading.Thread(target=server.serve_forever, daemon=True, name="optuna-dashboard").start()
-    _say(f"[nasloc] dashboard: http://127.0.0.1:{port}/dashboard")
-    return server

@@ -1,4 +1,5 @@
-"""Results of a search from its Optuna study: trial and Pareto tables (CSV) and an interactive Pareto plot.
+"""Results of a search from its Optuna study: trial and Pareto tables (CSV), an interactive Pareto plot, the
+run's summary, and optuna-dashboard served live.
 
 Everything is read back from the study (user attributes left by :class:`nasloc.search.Objective` or the Ray
 backend), so a report can be rebuilt at any time, while the search runs or long after, from the storage alone.
@@ -12,15 +13,21 @@ from __future__ import annotations
 import csv
 import io
 import math
+import threading
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from .arch import Arch
+from .errors import NaslocError
 from .fileio import write_atomic
-from .search import pareto_trials
+from .search import evaluated_feasible_trials, pareto_trials
 from .units import format_macs
+
+if TYPE_CHECKING:
+    from .space import SearchSpace
 
 MACS_AXIS = "MACs (1 multiply-add = 1 FLOP)"
 COLUMNS = (
@@ -216,4 +223,67 @@ def _ensure_plotlyjs(out_dir: Path) -> None:
     write_atomic(path, bundle)
 
 
-# ------------------------------------------------------------------------------------------- files
+# ------------------------------------------------------------------------------------------- summary
+def write_summary(run_dir: Path, options: Any, space: SearchSpace, study, pareto: list, retrained: list[dict[str, Any]],
+                  references: dict[str, tuple[float, float]], export_dir: Path | None, seconds: float) -> None:
+    """``summary.md``: the budget, the Pareto front, the seed mechanisms alone, the retrained subnets and
+    how to reload the export."""
+    trials = [t for t in study.get_trials(deepcopy=False) if not t.user_attrs.get("surplus")]  # not the race losers
+    complete = sum(t.state == TrialState.COMPLETE for t in trials)
+    lines = [
+        f"# nasloc run `{run_dir.name}`",
+        "",
+        f"Budget {format_macs(options.budget)} per image at {space.img_size} px (1 multiply-add = 1 FLOP); "
+        f"space `{space.name}`; data `{options.dataset}`; {len(trials)} trials ({complete} complete, "
+        f"{len(evaluated_feasible_trials(study, options.budget))} evaluated within budget; {options.sampler}); "
+        f"this run took {seconds:.0f} s.",
+        "",
+        "## Pareto front (proxy top-1 with supernet weights)",
+        "",
+        "| trial | proxy top-1 (%) | GMACs | params (M) | locality |",
+        "|---|---|---|---|---|",
+    ]
+    for t in sorted(pareto, key=lambda t: t.user_attrs["macs"]):
+        lines.append(f"| {t.number} | {t.user_attrs['top1']:.2f} | {t.user_attrs['macs'] / 1e9:.4f} | "
+                     f"{t.user_attrs['params'] / 1e6:.3f} | {Arch.from_dict(t.user_attrs['arch']).describe()} |")
+    lines += ["", "## Seed mechanisms alone in this space (largest within budget)", "", "| design | proxy top-1 (%) | GMACs |", "|---|---|---|"]
+    lines += [f"| {name} | {top1:.2f} | {macs / 1e9:.4f} |" for name, (macs, top1) in references.items()]
+    lines += ["", "## Retrained from scratch", "", "| trial | val top-1 (%) | proxy top-1 (%) | GMACs at deploy | params (M) |", "|---|---|---|---|---|"]
+    lines += [f"| {r['trial']} | {r['val_top1']:.2f} | {r['proxy_top1']:.2f} | {r['macs'] / 1e9:.4f} | {r['params'] / 1e6:.3f} |" for r in retrained]
+    if export_dir is not None:
+        lines += ["", f"Best model exported to `{export_dir}`:", "",
+                  f"    import nasloc, timm; timm.create_model(\"local-dir:{export_dir}\", pretrained=True)"]
+    write_atomic(run_dir / "summary.md", "\n".join(lines) + "\n")
+
+
+# ------------------------------------------------------------------------------------------- dashboard
+class DashboardError(NaslocError):
+    """--dashboard could not be served."""
+
+
+def serve_dashboard(storage: str, port: int) -> Any:
+    """optuna-dashboard on 127.0.0.1:port in a daemon thread; returns the server (call shutdown(), then
+    server_close()). A port that is taken raises :class:`DashboardError` (exit status 2)."""
+    from socketserver import ThreadingMixIn
+    from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+    import optuna_dashboard
+
+    from .storage import open_storage
+
+    class Quiet(WSGIRequestHandler):
+        def log_message(self, *args: Any) -> None:  # keep request logs out of the progress bars
+            pass
+
+    class Server(ThreadingMixIn, WSGIServer):  # a slow API call must not hold up the page
+        daemon_threads = True
+
+    app = optuna_dashboard.wsgi(open_storage(storage))
+    try:
+        server = make_server("127.0.0.1", port, app, server_class=Server, handler_class=Quiet)
+    except OSError as err:
+        raise DashboardError(f"--dashboard-port {port}: cannot listen on 127.0.0.1:{port} ({err.strerror or err}); "
+                             "choose another port") from None
+    threading.Thread(target=server.serve_forever, daemon=True, name="optuna-dashboard").start()
+    print(f"[nasloc] dashboard: http://127.0.0.1:{port}/dashboard", flush=True)
+    return server
