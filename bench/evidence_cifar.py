@@ -30,7 +30,6 @@ import argparse
 import fcntl
 import json
 import os
-import random
 import statistics
 import subprocess
 import time
@@ -38,21 +37,19 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from scipy.stats import kendalltau
 
 from nasloc.arch import Arch
 from nasloc.data import DataSplits, load_dataset
 from nasloc.evaluate import make_evaluator
 from nasloc.fileio import write_atomic
 from nasloc.flops import count
-from nasloc.models import LocalityViT
+from nasloc.ranking import kendall_tau, sample_band, short_recipe, top_k_precision, train_standalone
 from nasloc.search import pareto_trials, run_search
 from nasloc.seeds import reference_archs
 from nasloc.space import SearchSpace
 from nasloc.storage import process_alive
 from nasloc.supernet import Supernet
 from nasloc.supernet_train import Band, SupernetConfig, train_supernet
-from nasloc.train import RetrainConfig, retrain
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -148,16 +145,9 @@ def _balanced(dataset, size: int, num_classes: int):
 
 
 # ------------------------------------------------------------------------------ steps
-def recipe(args: argparse.Namespace, seed: int) -> RetrainConfig:
-    """One short recipe for every standalone training (weak regularisation suits a few epochs)."""
-    return RetrainConfig(epochs=args.standalone_epochs, batch_size=args.batch_size, lr=1e-3, warmup_epochs=1, min_lr=1e-5,
-                         mixup=0.0, cutmix=0.0, randaugment="", label_smoothing=0.1, img_size=32, num_workers=0, seed=seed)
-
-
 def standalone(arch: Arch, data: DataSplits, args: argparse.Namespace, out: Path, seed: int) -> float:
-    torch.manual_seed(seed)
-    result = retrain(LocalityViT(arch, drop_path_rate=0.0), data, recipe(args, seed), out, device="cpu", progress=False)
-    return result.val_top1
+    """One short recipe for every standalone training (nasloc.ranking's, as ``nasloc check-ranking`` trains)."""
+    return train_standalone(arch, data, short_recipe(args.standalone_epochs, 32, seed, args.batch_size), out, device="cpu")
 
 
 def step_supernet(space: SearchSpace, data: DataSplits, args: argparse.Namespace, out: Path, rec: Record) -> Supernet:
@@ -173,8 +163,7 @@ def step_supernet(space: SearchSpace, data: DataSplits, args: argparse.Namespace
 
 def rank_archs(space: SearchSpace, args: argparse.Namespace) -> list[Arch]:
     """The ranking study's archs: sampled (fixed seed) in the band [0.75 budget, budget]."""
-    rng = random.Random(123)
-    return [space.sample_in_band(rng, 0.75 * args.budget, args.budget) for _ in range(args.rank_archs)]
+    return sample_band(space, 0.75 * args.budget, args.budget, args.rank_archs, seed=123)
 
 
 def hypervolume(points: list[tuple[float, float]], budget: float) -> float:
@@ -275,11 +264,11 @@ def step_summary(space, args, rec) -> None:
     proxy = rec.get("proxy/rank")
     runs = [[rec.get(rank_key(i, seed))["top1"] for i in range(args.rank_archs)] for seed in range(args.rank_seeds)]
     real = [statistics.mean(r) for r in zip(*runs)]  # mean over the trainings of each arch
-    tau = kendalltau(proxy, real).statistic
-    top3 = len(set(np.argsort(proxy)[-3:]) & set(np.argsort(real)[-3:]))
-    summary = dict(kendall_tau=tau, top3_precision=top3 / 3, n=len(real), standalone_seeds=args.rank_seeds)
+    tau, _ = kendall_tau(proxy, real)
+    summary = dict(kendall_tau=tau, top3_precision=top_k_precision(proxy, real, 3) / 3, n=len(real),
+                   standalone_seeds=args.rank_seeds)
     if args.rank_seeds > 1:  # how well one short training ranks the archs of another: the ceiling for any proxy
-        summary["standalone_seed_tau"] = kendalltau(runs[0], runs[1]).statistic
+        summary["standalone_seed_tau"] = kendall_tau(runs[0], runs[1])[0]
     rec.put("rank_summary", summary)
     log(f"rank: {summary}")
 
