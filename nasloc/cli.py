@@ -1,26 +1,30 @@
 """Command line: ``nasloc search`` (also ``python run_search.py``) and ``nasloc export``.
 
 Everything is parsed and validated here before torch, Optuna, the data sets or training load, so ``--help``
-and bad input answer at once (``import nasloc`` imports none of them). The handlers receive the validated
-:class:`argparse.Namespace` (paths absolute, budget in multiply-adds) and import what they need themselves.
+and bad input answer at once (``import nasloc`` imports none of them). ``nasloc search`` hands the pipeline
+a :class:`nasloc.run.RunOptions` (paths absolute, budget in multiply-adds); the handlers import what they
+need themselves.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import re
 import sys
 from pathlib import Path
-from typing import Callable, NoReturn, Sequence
+from typing import Any, Callable, NoReturn, Sequence
 
 from nasloc.errors import NaslocError
+from nasloc.run import RunOptions
 from nasloc.space_files import SpaceError, resolve_space_path
-from nasloc.units import ACCEPTED_FORMS, parse_budget, short_macs
+from nasloc.units import ACCEPTED_FORMS, parse_budget
 
-# The choices of options whose modules need torch to import (nasloc.data, nasloc.search, nasloc.sampler);
-# a test checks that they agree.
+# The choices of options whose modules need torch to import (nasloc.data, nasloc.search); a test checks
+# that they agree.
 DATASETS = ("digits", "cifar10", "cifar100", "imagefolder")
 OBJECTIVES = ("top1", "macs", "params", "latency")
 SAMPLERS = ("nsga2", "tpe", "random")
+DEFAULTS = {field.name: field.default for field in dataclasses.fields(RunOptions)}
 _RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 _EPILOG = """\
@@ -111,15 +115,15 @@ def add_search_arguments(parser: argparse.ArgumentParser) -> None:
     what = parser.add_argument_group("what to search")
     what.add_argument("--budget", required=True, type=_budget, metavar="BUDGET",
                       help=f"FLOPs budget per image (multiply-adds), e.g. {ACCEPTED_FORMS}; required")
-    what.add_argument("--space", metavar="YAML", default="search_spaces/imagenet.yaml",
+    what.add_argument("--space", metavar="YAML", default=DEFAULTS["space"],
                       help="search space: a YAML file, or the name of a shipped space in search_spaces/ "
                            "(imagenet, cifar, tiny, ...) (default: %(default)s)")
-    what.add_argument("--objectives", metavar="LIST", default=("top1", "macs"), type=_objectives,
+    what.add_argument("--objectives", metavar="LIST", default=DEFAULTS["objectives"], type=_objectives,
                       help=f"comma list from {','.join(OBJECTIVES)}; top1 is maximised, the rest minimised "
-                           "(default: top1,macs)")
+                           f"(default: {','.join(DEFAULTS['objectives'])})")
 
     data = parser.add_argument_group("data")
-    data.add_argument("--dataset", default="digits", choices=DATASETS,
+    data.add_argument("--dataset", default=DEFAULTS["dataset"], choices=DATASETS,
                       help="digits ships with scikit-learn (no download); cifar10/cifar100 read the official "
                            "python format; imagefolder reads an ImageFolder tree of class folders "
                            "(default: %(default)s)")
@@ -129,50 +133,50 @@ def add_search_arguments(parser: argparse.ArgumentParser) -> None:
                       help="image size for supernet training and search (default: chosen from the data set)")
 
     effort = parser.add_argument_group("effort")
-    effort.add_argument("--supernet-epochs", metavar="N", type=_int_in(0), default=5,
+    effort.add_argument("--supernet-epochs", metavar="N", type=_int_in(0), default=DEFAULTS["supernet_epochs"],
                         help="supernet training epochs; 0 searches untrained weights (default: %(default)s)")
-    effort.add_argument("--trials", metavar="N", type=_int_in(1), default=60,
+    effort.add_argument("--trials", metavar="N", type=_int_in(1), default=DEFAULTS["trials"],
                         help="search trials, counting those already in a resumed study (default: %(default)s)")
-    effort.add_argument("--retrain-top-k", metavar="K", type=_int_in(0), default=2,
+    effort.add_argument("--retrain-top-k", metavar="K", type=_int_in(0), default=DEFAULTS["retrain_top_k"],
                         help="Pareto-optimal subnets within budget to retrain from scratch; 0 skips "
                              "retraining (default: %(default)s)")
-    effort.add_argument("--retrain-epochs", metavar="N", type=_int_in(1), default=5,
+    effort.add_argument("--retrain-epochs", metavar="N", type=_int_in(1), default=DEFAULTS["retrain_epochs"],
                         help="epochs per retrained subnet (default: %(default)s)")
     effort.add_argument("--retrain-img-size", metavar="PX", type=_int_in(1),
                         help="image size for retraining (default: the space's deploy resolution)")
 
     run = parser.add_argument_group("run")
-    run.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+    run.add_argument("--device", choices=("auto", "cpu", "cuda"), default=DEFAULTS["device"],
                      help="auto takes cuda when available (default: %(default)s)")
-    run.add_argument("--seed", metavar="N", type=_int_in(0), default=0,
+    run.add_argument("--seed", metavar="N", type=_int_in(0), default=DEFAULTS["seed"],
                      help="seed for data split, sampler and training (default: %(default)s)")
     run.add_argument("--run-name", metavar="NAME", type=_run_name,
                      help="run folder name; rerunning with the same name resumes the run "
                           "(default: <space>-<dataset>-<budget>, e.g. imagenet-digits-0.7G or tiny-digits-1.5M)")
-    run.add_argument("--phase", choices=("all", "supernet", "search"), default="all",
+    run.add_argument("--phase", choices=("all", "supernet", "search"), default=DEFAULTS["phase"],
                      help="all: every phase; supernet: only train the supernet; search: only add trials to the "
                           "study with an already trained supernet (for extra workers on other machines sharing "
                           "--storage and the run folder) (default: %(default)s)")
-    run.add_argument("--results-dir", metavar="DIR", type=Path, default=Path("results"),
+    run.add_argument("--results-dir", metavar="DIR", type=Path, default=DEFAULTS["results_dir"],
                      help="parent folder of the run folders (default: %(default)s)")
 
     search = parser.add_argument_group("search engine")
-    search.add_argument("--sampler", choices=SAMPLERS, default="nsga2",
+    search.add_argument("--sampler", choices=SAMPLERS, default=DEFAULTS["sampler"],
                         help="Optuna sampler (default: %(default)s)")
     search.add_argument("--storage", metavar="URL|FILE",
                         help="Optuna storage: any Optuna URL (sqlite:///..., postgresql+psycopg2://...) or a "
                              "journal file path for several processes (default: "
                              "sqlite:///RESULTS_DIR/RUN_NAME/study.db)")
-    search.add_argument("--backend", choices=("optuna", "ray"), default="optuna",
+    search.add_argument("--backend", choices=("optuna", "ray"), default=DEFAULTS["backend"],
                         help="run trials with plain Optuna or with Ray Tune + OptunaSearch "
                              "(default: %(default)s)")
     search.add_argument("--ray-address", metavar="ADDRESS",
                         help="address of a running Ray cluster (with --backend ray; default: start a local one)")
-    search.add_argument("--workers", metavar="N", type=_int_in(1), default=1,
+    search.add_argument("--workers", metavar="N", type=_int_in(1), default=DEFAULTS["workers"],
                         help="trials evaluated concurrently (default: %(default)s)")
     search.add_argument("--dashboard", action="store_true",
                         help="serve optuna-dashboard on localhost while searching")
-    search.add_argument("--dashboard-port", metavar="PORT", type=_int_in(1, 65535), default=8080,
+    search.add_argument("--dashboard-port", metavar="PORT", type=_int_in(1, 65535), default=DEFAULTS["dashboard_port"],
                         help="port for --dashboard (default: %(default)s)")
 
 
@@ -208,27 +212,16 @@ def build_search_parser(prog: str = "run_search.py") -> argparse.ArgumentParser:
 # ------------------------------------------------------------------------------- validation + handlers
 
 
-def _resolve_search(options: argparse.Namespace) -> None:
-    """Check what argparse can't check alone and make every path absolute (Ray workers change directory)."""
-    options.space = _find_space(options.space)
-    options.data_dir = _find_data(options.dataset, options.data_dir)
-    if options.ray_address is not None and options.backend != "ray":
+def _search_options(args: argparse.Namespace) -> RunOptions:
+    """The run's options, once what argparse can't check alone is checked."""
+    if args.ray_address is not None and args.backend != "ray":
         raise UsageError("--ray-address needs --backend ray")
-    if options.run_name is None:
-        options.run_name = f"{options.space.stem}-{options.dataset}-{short_macs(options.budget)}"
-    options.results_dir = options.results_dir.expanduser().resolve()
-    options.run_dir = options.results_dir / options.run_name
-    if options.storage is None:
-        options.storage = f"sqlite:///{options.run_dir / 'study.db'}"
-    elif "://" not in options.storage:
-        options.storage = str(Path(options.storage).expanduser().resolve())
-
-
-def _find_space(text: str) -> Path:
     try:
-        return resolve_space_path(Path(text).expanduser()).resolve()
+        space = resolve_space_path(Path(args.space).expanduser())
     except SpaceError as err:
         raise UsageError(f"--space {err}") from None
+    values = {name: getattr(args, name) for name in DEFAULTS}
+    return RunOptions(**{**values, "space": space, "data_dir": _find_data(args.dataset, args.data_dir)})
 
 
 def _find_data(dataset: str, data_dir: Path | None) -> Path | None:
@@ -240,47 +233,49 @@ def _find_data(dataset: str, data_dir: Path | None) -> Path | None:
         raise UsageError(f"--dataset {dataset} needs --data-dir")
     if not data_dir.expanduser().is_dir():
         raise UsageError(f"--data-dir {str(data_dir)!r} is not a folder")
-    return data_dir.expanduser().resolve()
+    return data_dir
 
 
-def _resolve_export(options: argparse.Namespace) -> None:
-    run = Path(options.run).expanduser()
+def _export_request(args: argparse.Namespace) -> tuple[Path, int, Path | None]:
+    """The run folder (a path, or a run name under the default results folder), trial and output folder."""
+    run = Path(args.run).expanduser()
     if not run.is_dir():
-        run = Path("results") / options.run
+        run = DEFAULTS["results_dir"] / args.run
     if not run.is_dir():
-        raise UsageError(f"--run {options.run!r}: no such run folder (nor results/{options.run})")
-    options.run = run.resolve()
+        raise UsageError(f"--run {args.run!r}: no such run folder (nor {run})")
+    return run.resolve(), args.trial, args.out
 
 
-def _search(options: argparse.Namespace) -> None:
-    from nasloc.pipeline import run_pipeline  # Optuna, data and training load only once the input is known good
+def _search(options: RunOptions) -> None:
+    from nasloc.pipeline import run_pipeline  # torch, Optuna and the data load only once the input is known good
 
     run_pipeline(options)
 
 
-def _export(options: argparse.Namespace) -> None:
+def _export(request: tuple[Path, int, Path | None]) -> None:
     from nasloc.export import export_trial
 
-    export_trial(options)
+    export_trial(*request)
 
 
-_COMMANDS = {"search": (_resolve_search, _search), "export": (_resolve_export, _export)}
+_COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], Any], Callable[[Any], None]]] = {
+    "search": (_search_options, _search), "export": (_export_request, _export)}
 
 
 def _run(parser: argparse.ArgumentParser, argv: Sequence[str] | None, prog: Callable[[str], str]) -> int:
     try:
-        options = parser.parse_args(argv)
+        args = parser.parse_args(argv)
     except SystemExit as done:  # --help, or a usage error already printed
         return int(done.code or 0)
-    resolve, handle = _COMMANDS[options.command]
-    name = prog(options.command)
+    resolve, handle = _COMMANDS[args.command]
+    name = prog(args.command)
     try:
-        resolve(options)
+        request = resolve(args)
     except UsageError as err:
         _print_error(name, f"{err} (see {name} --help)")
         return 2
     try:
-        handle(options)
+        handle(request)
     except NaslocError as err:  # bad input that only the pipeline can see; anything else is a bug
         _print_error(name, str(err))
         return 2

@@ -19,6 +19,7 @@ from torch import nn
 from .arch import Arch
 from .data import DeviceLoader, load_dataset, make_loader
 from .models import LocalityViT
+from .run import RunRecord
 from .space import SearchSpace
 from .supernet import Supernet, recalibrate_batchnorm
 from .supernet_train import load_supernet
@@ -54,6 +55,13 @@ class EvaluatorSpec:
     seed: int
     batch_size: int = 256
     device: str = "auto"
+
+    @classmethod
+    def for_run(cls, record: RunRecord, checkpoint: Path, device: str) -> "EvaluatorSpec":
+        """The evaluator of a run: its space, data and proxy resolution, with the supernet weights of ``checkpoint``."""
+        options = record.options
+        return cls(str(options.space), str(checkpoint), options.proxy_img_size, options.dataset,
+                   None if options.data_dir is None else str(options.data_dir), options.seed, device=device)
 
     def __call__(self) -> ProxyEvaluator:
         device = resolve_device(self.device)

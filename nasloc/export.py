@@ -20,7 +20,6 @@ exported arch's ``img_size``.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -36,25 +35,18 @@ from .arch import Arch
 from .errors import NaslocError
 from .models import LocalityViT
 from .models.locality_vit import pretrained_cfg as _pretrained_cfg
+from .run import RunDir, RunError, RunRecord
 from .seeds import GENERIC
+from .storage import StorageError
 from .train import unwrap
 
-__all__ = [
-    "ExportError", "export_model", "export_arch", "export_trial", "open_storage",
-    "CONFIG_NAME", "WEIGHTS_NAME", "ARCH_NAME",
-]
+__all__ = ["ExportError", "export_model", "export_arch", "export_trial", "CONFIG_NAME", "WEIGHTS_NAME", "ARCH_NAME"]
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 ARCH_NAME = "arch.yaml"
 INTERPOLATIONS = ("bicubic", "bilinear", "nearest", "lanczos", "box", "hamming")
 MACS_UNIT = "multiply-adds per image at img_size x img_size (one multiply-add = one FLOP, as in fvcore)"
-
-# Where export_trial looks for the weights of trial N, relative to the run folder.
-RETRAINED_WEIGHTS = "retrain/trial_{trial}/best.safetensors"
-SUPERNET_CHECKPOINT = "supernet/last.pth"
-RETRAINED_ARCH = "arch.json"  # optional, beside the retrained weights: the arch as retrained
-RETRAIN_CHECKPOINT = "last.pth"  # nasloc.train.retrain's checkpoint: its cfg has the resolution
 
 
 class ExportError(NaslocError):
@@ -99,7 +91,7 @@ def export_model(
     model = _standalone(model)
     arch = model.arch
     state = _cpu_state_dict(model.state_dict())
-    _check_weights(arch, state, _reference_state(arch))
+    _check_weights(arch, state, LocalityViT(arch).state_dict())
     return _write_export(arch, state, out_dir, info=info, mean=mean, std=std, crop_pct=crop_pct,
                          interpolation=interpolation, label_names=label_names, overwrite=overwrite)
 
@@ -141,115 +133,46 @@ def export_arch(
     return export_model(model, out_dir, **options)
 
 
-def export_trial(
-    run_dir: str | os.PathLike | argparse.Namespace,
-    trial: int | None = None,
-    out_dir: str | os.PathLike | None = None,
-    *,
-    overwrite: bool = False,
-) -> Path:
-    """Export trial ``trial`` of the Optuna study of a run; returns the folder.
+def export_trial(run_dir: str | os.PathLike, trial: int, out_dir: str | os.PathLike | None = None, *,
+                 overwrite: bool = False) -> Path:
+    """Export trial ``trial`` of the Optuna study of a run folder; returns the folder.
 
-    The run folder holds ``run.json`` with at least ``storage`` (an Optuna URL or a journal/SQLite file
-    path) and ``study_name``; optional keys used: ``budget``, ``dataset``, ``mean``, ``std``, ``space``,
-    ``img_size``, ``retrain_img_size``. The trial carries user attributes ``arch`` (the arch dict),
-    ``macs``, ``params`` and ``top1`` (proxy accuracy); any other scalar user attribute (e.g. a
-    retrained accuracy) is copied into the ``nasloc`` block too.
+    The run's record (:class:`nasloc.run.RunRecord`) names the storage, the study, the space and the data's
+    normalisation. The trial's user attributes (``arch``, ``macs``, ``params``, proxy ``top1``, any other
+    scalar) go into the ``nasloc`` block.
 
-    Weights, first found wins:
-      1. ``run_dir/retrain/trial_<N>/best.safetensors``, the retrained standalone model. Its arch is
-         ``arch.json`` beside it if present, else the trial's arch at the resolution it was retrained
-         at: ``cfg.img_size`` of the retrain checkpoint ``last.pth`` beside it (whose last
-         ``val_top1`` is also recorded as ``retrained_top1``), else run.json's ``retrain_img_size``,
-         else the search space's deploy resolution, else the arch's own;
-      2. ``run_dir/supernet/last.pth``: the subnet extracted from the supernet of ``run.json``'s
-         ``space`` (at the supernet's resolution).
-    With neither, the export fails: an untrained arch is not exported.
-
-    ``out_dir`` defaults to ``run_dir/export/trial-<N>``. ``export_trial(options)`` with the
-    ``argparse.Namespace`` of ``nasloc export`` (``run``, ``trial``, ``out``) also works.
+    Weights, first found wins (an untrained arch is not exported):
+      1. the retrained standalone model (``retrain/trial_<N>/best.safetensors``) with the arch it was
+         retrained as (``arch.json`` beside it) and the last validation top-1 of its checkpoint;
+      2. the subnet extracted from the run's supernet (``supernet/last.pth``), at the supernet's resolution.
+    ``out_dir`` defaults to ``run_dir/export/trial-<N>``.
 
     Raises:
-        ExportError: no run.json or study, the trial does not exist, has no arch, no weights exist
-            for it, or as :func:`export_arch`.
+        ExportError: no run record or study, no such trial, no arch or no weights for it, or as :func:`export_arch`.
     """
-    if isinstance(run_dir, argparse.Namespace):  # from nasloc.cli
-        cli_options = run_dir
-        run_dir, trial, out_dir = cli_options.run, cli_options.trial, getattr(cli_options, "out", None)
-    if trial is None:
-        raise ExportError("export_trial: no trial number given")
-    run_dir = Path(run_dir)
-    run = _read_run(run_dir)
-    study = _load_study(run, run_dir)
-    frozen = _find_trial(study, int(trial))
-    attrs = frozen.user_attrs
-    if "arch" not in attrs:
-        raise ExportError(f"trial {frozen.number} of study {study.study_name} has no 'arch' user attribute "
-                          f"(state {frozen.state.name})")
-    arch = _as_arch(attrs["arch"], where=f"trial {frozen.number}: ")
-    info = _trial_info(run, study.study_name, frozen)
-    out_dir = Path(out_dir) if out_dir is not None else run_dir / "export" / f"trial-{frozen.number}"
-    options = dict(info=info, mean=_run_stat(run, attrs, "mean"), std=_run_stat(run, attrs, "std"),
-                   overwrite=overwrite)
-
-    retrained = run_dir / RETRAINED_WEIGHTS.format(trial=frozen.number)
-    supernet_ckpt = run_dir / SUPERNET_CHECKPOINT
-    if retrained.is_file():
-        saved_arch = retrained.with_name(RETRAINED_ARCH)
-        if saved_arch.is_file():  # the arch exactly as retrained, resolution included
-            try:
-                data = json.loads(saved_arch.read_text())
-            except (OSError, json.JSONDecodeError) as e:
-                raise ExportError(f"{saved_arch}: cannot read it ({_first_line(e)})") from None
-            arch = _as_arch(data, where=f"{saved_arch}: ")
-        else:
-            record = _retrain_record(retrained.with_name(RETRAIN_CHECKPOINT))
-            size = record.get("img_size") or run.get("retrain_img_size") or _space_img_size(run, run_dir)
-            arch = _at_img_size(arch, size or arch.img_size)
-            if record.get("val_top1") is not None:
-                info.setdefault("retrained_top1", record["val_top1"])
-        info["weights"] = f"retrained ({RETRAINED_WEIGHTS.format(trial=frozen.number)})"
-        return export_arch(arch, retrained, out_dir, **options)
-    if supernet_ckpt.is_file():
-        info["weights"] = f"supernet ({SUPERNET_CHECKPOINT})"
-        return export_model(_extract_from_supernet(run, run_dir, supernet_ckpt, arch), out_dir, **options)
-    raise ExportError(f"no weights exist for trial {frozen.number}: neither {retrained} nor {supernet_ckpt} "
+    run = RunDir(Path(run_dir))
+    try:
+        record = run.read_record()
+        frozen = run.load_trial(record, int(trial))
+        if "arch" not in frozen.user_attrs:
+            raise ExportError(f"trial {frozen.number} of study {record.study_name} has no 'arch' user attribute "
+                              f"(state {frozen.state.name})")
+        info = _trial_info(record, frozen)
+        out_dir = Path(out_dir) if out_dir is not None else run.trial_export(frozen.number)
+        options = dict(info=info, mean=record.mean, std=record.std, overwrite=overwrite)
+        weights, checkpoint = run.retrained_weights(frozen.number), run.supernet_checkpoint
+        if weights.is_file():
+            info["weights"] = f"retrained ({run.relative(weights)})"
+            info.update(_retrain_result(run.retrain_checkpoint(frozen.number)))
+            return export_arch(run.read_retrained_arch(frozen.number), weights, out_dir, **options)
+        if checkpoint.is_file():
+            info["weights"] = f"supernet ({run.relative(checkpoint)})"
+            arch = _as_arch(frozen.user_attrs["arch"], where=f"trial {frozen.number}: ")
+            return export_model(_extract_from_supernet(record, checkpoint, arch), out_dir, **options)
+    except (RunError, StorageError) as e:  # no run record, storage file, study, trial or retrained arch
+        raise ExportError(str(e)) from None
+    raise ExportError(f"no weights exist for trial {frozen.number}: neither {weights} nor {checkpoint} "
                       "is there (retrain it, or train the supernet, first)")
-
-
-def open_storage(url_or_path: str | os.PathLike, base: str | os.PathLike | None = None):
-    """The Optuna storage behind a URL (``sqlite:///…``, ``postgresql+psycopg2://…``) or a file path.
-
-    A path to an SQLite database (sniffed from its header) opens as ``sqlite:///<path>``; any other
-    existing file as a journal (``JournalStorage(JournalFileBackend(path))``). A relative path that
-    does not exist is looked up under ``base`` as well. Never creates a storage: a missing SQLite or
-    journal file is an :class:`ExportError`.
-    """
-    import optuna
-
-    text = os.fspath(url_or_path)
-    if "://" in text:
-        if text.startswith("sqlite:///"):
-            path = Path(text[len("sqlite:///"):])
-            if not path.is_file():
-                raise ExportError(f"storage {text}: no such SQLite file")
-        try:
-            return optuna.storages.RDBStorage(text)
-        except Exception as e:  # noqa: BLE001 - driver missing, server down, not a database, ...
-            raise ExportError(f"storage {text}: cannot open ({_first_line(e)})") from None
-    path = Path(text).expanduser()
-    if not path.is_file() and base is not None and not path.is_absolute():
-        path = Path(base) / path
-    if not path.is_file():
-        raise ExportError(f"storage {text}: no such file")
-    with open(path, "rb") as f:
-        is_sqlite = f.read(16) == b"SQLite format 3\x00"
-    if is_sqlite:
-        return open_storage(f"sqlite:///{path.resolve()}")
-    from optuna.storages import JournalStorage
-    from optuna.storages.journal import JournalFileBackend
-
-    return JournalStorage(JournalFileBackend(str(path)))
 
 
 # ================================================================================== checks
@@ -270,10 +193,6 @@ def _as_arch(arch: Arch | Mapping[str, Any], where: str = "") -> Arch:
         return arch if isinstance(arch, Arch) else Arch.from_dict(dict(arch))
     except (ValueError, TypeError) as e:
         raise ExportError(f"{where}invalid arch: {_first_line(e)}") from None
-
-
-def _reference_state(arch: Arch) -> dict[str, torch.Tensor]:
-    return LocalityViT(arch).state_dict()
 
 
 def _cpu_state_dict(state: Mapping[str, Any]) -> dict[str, torch.Tensor]:
@@ -489,11 +408,7 @@ def _is_export(folder: Path) -> bool:
 
 def _make_parents(folder: Path) -> list[Path]:
     """Create ``folder`` and its missing parents; returns those created, outermost first."""
-    missing = []
-    probe = folder
-    while not probe.exists():
-        missing.append(probe)
-        probe = probe.parent
+    missing = [path for path in (folder, *folder.parents) if not path.exists()]
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -507,51 +422,12 @@ def _first_line(error: BaseException) -> str:
 
 
 # ================================================================================== runs and trials
-def _read_run(run_dir: Path) -> dict[str, Any]:
-    path = run_dir / "run.json"
-    if not path.is_file():
-        raise ExportError(f"{run_dir} is not a run folder: {path.name} is missing")
-    try:
-        run = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise ExportError(f"{path}: cannot read it ({_first_line(e)})") from None
-    if not isinstance(run, dict):
-        raise ExportError(f"{path}: expected a JSON object")
-    for key in ("storage", "study_name"):
-        if not run.get(key):
-            raise ExportError(f"{path}: {key!r} is missing")
-    return run
-
-
-def _load_study(run: dict[str, Any], run_dir: Path):
-    import optuna
-
-    storage = open_storage(run["storage"], base=run_dir)
-    name = run["study_name"]
-    try:
-        return optuna.load_study(study_name=name, storage=storage)
-    except KeyError:
-        names = sorted(s.study_name for s in optuna.get_all_study_summaries(storage=storage))
-        raise ExportError(f"study {name} does not exist in {run['storage']} "
-                          f"(studies: {', '.join(names) or 'none'})") from None
-
-
-def _find_trial(study, number: int):
-    trials = study.get_trials(deepcopy=False)
-    for trial in trials:
-        if trial.number == number:
-            return trial
-    numbers = sorted(t.number for t in trials)
-    span = f"trials: {numbers[0]}-{numbers[-1]}" if numbers else "it has no trials"
-    raise ExportError(f"trial {number} does not exist in study {study.study_name} ({span})")
-
-
-def _trial_info(run: dict[str, Any], study_name: str, trial) -> dict[str, Any]:
+def _trial_info(record: RunRecord, trial) -> dict[str, Any]:
     attrs = trial.user_attrs
-    info: dict[str, Any] = {"trial": trial.number, "study": study_name, "state": trial.state.name}
+    info: dict[str, Any] = {"trial": trial.number, "study": record.study_name, "state": trial.state.name}
     if trial.values is not None:
         info["values"] = list(trial.values)
-    for key, value in attrs.items():  # retrained accuracy and whatever else the pipeline recorded
+    for key, value in attrs.items():  # whatever else the search recorded
         if key != "arch" and (value is None or isinstance(value, (bool, int, float, str))):
             info[key] = value
     if "top1" in attrs:
@@ -559,73 +435,30 @@ def _trial_info(run: dict[str, Any], study_name: str, trial) -> dict[str, Any]:
     for key in ("macs", "params"):  # export_model records count(arch) of the exported arch as macs/params
         if key in info:
             info[f"search_{key}"] = info.pop(key)
-    for key in ("budget", "dataset"):
-        if run.get(key) is not None:
-            info[key] = run[key]
+    info.update(budget=record.options.budget, dataset=record.options.dataset)
     return info
 
 
-def _run_stat(run: dict[str, Any], attrs: Mapping[str, Any], key: str) -> list[float] | None:
-    value = run.get(key, attrs.get(key))
-    return list(value) if isinstance(value, (list, tuple)) else None
-
-
-def _space_path(run: dict[str, Any], run_dir: Path) -> Path | None:
-    if not run.get("space"):
-        return None
-    path = Path(run["space"])
-    return path if path.is_absolute() or path.exists() else run_dir / path
-
-
-def _space_img_size(run: dict[str, Any], run_dir: Path) -> int | None:
-    from .space import SearchSpace
-
-    path = _space_path(run, run_dir)
-    if path is None:
-        return None
+def _retrain_result(checkpoint: Path) -> dict[str, float]:
+    """``retrained_top1``: the last validation top-1 in the checkpoint of :func:`nasloc.train.retrain`."""
     try:
-        return SearchSpace.load(path).img_size
-    except (OSError, ValueError):
-        return None
+        history = torch.load(checkpoint, map_location="cpu", weights_only=True)["history"]
+    except Exception as e:  # noqa: BLE001 - missing, corrupt, not a retrain checkpoint
+        raise ExportError(f"retrain checkpoint {checkpoint}: cannot read it ({_first_line(e)})") from None
+    return {"retrained_top1": history[-1]["val_top1"]} if history else {}
 
 
-def _retrain_record(checkpoint: Path) -> dict[str, Any]:
-    """Resolution and last validation top-1 from a ``nasloc.train.retrain`` checkpoint ({} if unreadable)."""
-    if not checkpoint.is_file():
-        return {}
-    try:
-        ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
-        history = ckpt.get("history") or [{}]
-        return {"img_size": (ckpt.get("cfg") or {}).get("img_size"), "val_top1": history[-1].get("val_top1")}
-    except Exception:  # noqa: BLE001 - only a hint; the fallbacks apply
-        return {}
-
-
-def _at_img_size(arch: Arch, img_size: int) -> Arch:
-    try:
-        return arch if arch.img_size == img_size else arch.replace(img_size=int(img_size))
-    except ValueError as e:
-        raise ExportError(f"arch at {img_size} px: {_first_line(e)}") from None
-
-
-def _extract_from_supernet(run: dict[str, Any], run_dir: Path, checkpoint: Path, arch: Arch) -> LocalityViT:
-    """The standalone subnet of ``arch`` with the weights it has in the run's trained supernet."""
+def _extract_from_supernet(record: RunRecord, checkpoint: Path, arch: Arch) -> LocalityViT:
+    """The standalone subnet of ``arch`` with the weights it has in the run's supernet."""
     from .space import SearchSpace
     from .supernet import Supernet
 
-    path = _space_path(run, run_dir)
-    if path is None:
-        raise ExportError(f"{checkpoint} exists but run.json names no 'space' to rebuild the supernet with")
     try:
-        space = SearchSpace.load(path)
-    except (OSError, ValueError) as e:
-        raise ExportError(f"search space {path}: {_first_line(e)}") from None
-    try:
+        space = SearchSpace.load(record.options.space).for_classes(record.num_classes)
         ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001
-        raise ExportError(f"supernet checkpoint {checkpoint}: cannot read it ({_first_line(e)})") from None
-    img_size = (ckpt.get("img_size") if isinstance(ckpt, dict) else None) or run.get("img_size") or space.img_size
-    supernet = Supernet(space, int(img_size))
+        supernet = Supernet(space, int(ckpt["img_size"]))  # the resolution it was trained at
+    except Exception as e:  # noqa: BLE001 - no space file, a corrupt or foreign checkpoint, ...
+        raise ExportError(f"cannot rebuild the supernet of {checkpoint}: {_first_line(e)}") from None
     state = _read_weights(ckpt)
     _check_weights(supernet.arch, state, supernet.state_dict())
     supernet.load_state_dict(state, strict=True)

@@ -1,17 +1,16 @@
 """The whole job behind ``run_search.py``: supernet -> search -> report -> retrain -> export.
 
-Every phase writes into ``results/<run>/`` and is resumable: the supernet from its last epoch
-checkpoint, the search from its Optuna storage (a rerun continues to ``--trials``), retraining from
-each subnet's last epoch, and a finished phase is not redone. Options come validated from
-:mod:`nasloc.cli`.
+Every phase writes into the run folder (:class:`nasloc.run.RunDir`) and is resumable: the supernet from its
+last epoch checkpoint, the search from its Optuna storage (a rerun continues to ``trials``), retraining from
+each subnet's last epoch, and a finished phase is not redone. Options come as :class:`nasloc.run.RunOptions`
+(validated by :mod:`nasloc.cli`, or made in Python).
 """
 from __future__ import annotations
 
-import argparse
-import json
 import multiprocessing
 import os
 import time
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,20 +20,23 @@ from .arch import Arch
 from .data import DataSplits, load_dataset
 from .errors import NaslocError
 from .evaluate import EvaluatorSpec, LatencyFactory, make_evaluator
-from .fileio import atomic_path, write_atomic
+from .export import export_model
+from .fileio import atomic_path
 from .flops import count
-from .report import serve_dashboard, write_summary
+from .models import LocalityViT
+from .report import serve_dashboard, write_pareto_html, write_summary, write_tables
+from .run import PARETO_CSV, PARETO_HTML, TRIALS_CSV, RunDir, RunOptions, RunRecord
+from .search import open_study, pareto_trials, run_search
 from .seeds import reference_archs
 from .space import SearchSpace
 from .supernet import Supernet
-from .supernet_train import Band, SupernetConfig, load_supernet, train_supernet
+from .supernet_train import Band, SupernetConfig, fingerprint, load_supernet, train_supernet
 from .train import RetrainConfig, resolve_device, retrain
 from .units import format_macs
 
 # The supernet trains on archs with MACs in [BAND_LOW * budget, budget]: the part of the space the
 # search cares about (NASViT/ElasticViT sample inside the FLOPs band too).
 BAND_LOW = 0.5
-STUDY_NAME = "nasloc"
 
 
 class BudgetError(NaslocError):
@@ -45,54 +47,66 @@ class PhaseError(NaslocError):
     """A phase was asked for before the one it needs."""
 
 
-def run_pipeline(options: argparse.Namespace) -> Path:
+@dataclass(frozen=True)
+class Retrained:
+    """A Pareto trial retrained from scratch."""
+
+    trial: int
+    model: LocalityViT
+    proxy_top1: float
+    val_top1: float
+    macs: int  # at the space's deploy resolution
+    params: int
+
+
+def run_pipeline(options: RunOptions) -> Path:
     """Run (or resume) every phase; returns the run folder."""
     started = time.time()
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and options.phase != "supernet":
         # The search, retraining and export run in one process; DDP serves supernet training.
         raise PhaseError("under torchrun only --phase supernet runs (DDP supernet training); "
                          "then run the search without torchrun (same options)")
-    space, splits, proxy_size = load_inputs(options)  # checks the budget before anything is written
-    run_dir = Path(options.run_dir)
+    space, splits, record = load_inputs(options)  # checks the budget before anything is written
+    options = record.options  # with the image sizes chosen
+    run = RunDir(options.run_dir)
     if options.phase == "search":
-        require_trained_supernet(run_dir, options.supernet_epochs)
-    run_dir.mkdir(parents=True, exist_ok=True)
+        require_trained_supernet(run, options.supernet_epochs)
+    else:  # extra search workers (--phase search) leave the run's record alone
+        run.write_record(record)
     device = resolve_device(options.device)
-    if options.phase != "search":  # extra search workers (--phase search) leave the run's record alone
-        _write_json(run_dir / "run.json", {**_run_record(options), "mean": splits.mean, "std": splits.std, "proxy_img_size": proxy_size})
-    _say(f"[nasloc] run {run_dir} | budget {format_macs(options.budget)} at {space.img_size} px | "
-         f"space {space.name} ({format_macs(space.macs_range()[0])} - {format_macs(space.macs_range()[1])}) | "
-         f"proxy {proxy_size} px on {options.dataset} | device {device}")
+    lo, hi = space.macs_range()
+    _say(f"[nasloc] run {run.root} | budget {format_macs(options.budget)} at {space.img_size} px | "
+         f"space {space.name} ({format_macs(lo)} - {format_macs(hi)}) | "
+         f"proxy {options.proxy_img_size} px on {options.dataset} | device {device}")
     # Up from the start: a busy port fails the run now, not after hours of supernet training.
     dashboard = serve_dashboard(options.storage, options.dashboard_port) if options.dashboard else None
     try:
         torch.manual_seed(options.seed)
-        supernet = Supernet(space, proxy_size).to(device)
-        band = Band(max(space.macs_range()[0], BAND_LOW * options.budget), options.budget)
+        supernet = Supernet(space, options.proxy_img_size).to(device)
         if options.phase == "search":
-            checkpoint = trained_checkpoint(supernet, run_dir, device)
+            checkpoint = trained_checkpoint(supernet, run, device)
         else:
-            checkpoint = train_phase(supernet, splits, band, options, run_dir, device)
+            checkpoint = train_phase(supernet, splits, space, options, run, device)
         if options.phase == "supernet":
-            return run_dir
-        study = search_phase(supernet, splits, space, checkpoint, options, run_dir, proxy_size)
+            return run.root
+        study = search_phase(supernet, splits, space, checkpoint, record, run)
         if options.phase == "search":
-            return run_dir
+            return run.root
         references = reference_points(space, supernet, splits, options)
-        pareto = report_phase(study, options, run_dir, references)
-        retrained = retrain_phase(pareto, space, splits, options, run_dir, proxy_size)
-        export_dir = export_phase(retrained, options, run_dir, splits)
-        write_summary(run_dir, options, space, study, pareto, retrained, references, export_dir, time.time() - started)
+        pareto = report_phase(study, options, run, references)
+        retrained = retrain_phase(pareto, space, splits, record, run)
+        export_dir = export_phase(retrained, options, run, splits)
+        write_summary(run, record, space, study, pareto, retrained, references, export_dir, time.time() - started)
     finally:
         if dashboard is not None:
             dashboard.shutdown()
             dashboard.server_close()
-    _say(f"[nasloc] done in {time.time() - started:.0f} s: {run_dir / 'summary.md'}")
-    return run_dir
+    _say(f"[nasloc] done in {time.time() - started:.0f} s: {run.summary}")
+    return run.root
 
 
-def load_inputs(options: Any) -> tuple[SearchSpace, DataSplits, int]:
-    """The search space (for the data set's classes), the data splits and the proxy resolution.
+def load_inputs(options: RunOptions) -> tuple[SearchSpace, DataSplits, RunRecord]:
+    """The search space (for the data set's classes), the data splits and the run's record.
 
     The budget is checked against the space before the data is loaded (cheap, and the common
     mistake) and again for the data set's number of classes (the classifier head counts too).
@@ -103,7 +117,9 @@ def load_inputs(options: Any) -> tuple[SearchSpace, DataSplits, int]:
     splits = load_dataset(options.dataset, options.data_dir, proxy_size, seed=options.seed)
     space = space.for_classes(splits.num_classes)
     check_budget(space, options.budget)
-    return space, splits, proxy_size
+    retrain_size = options.retrain_img_size or default_retrain_size(space, options.dataset, proxy_size)
+    chosen = replace(options, proxy_img_size=proxy_size, retrain_img_size=retrain_size)
+    return space, splits, RunRecord(chosen, splits.num_classes, splits.mean, splits.std)
 
 
 # ------------------------------------------------------------------------------------ checks
@@ -124,82 +140,84 @@ def default_proxy_size(space: SearchSpace) -> int:
     return min(size, space.img_size)
 
 
-# ------------------------------------------------------------------------------------ phases
-def train_phase(supernet: Supernet, splits: DataSplits, band: Band, options: Any, run_dir: Path, device: torch.device) -> Path:
+def default_retrain_size(space: SearchSpace, dataset: str, proxy_size: int) -> int:
+    """The deploy resolution, except for the embedded 8x8 digits: upsampling them to 224 px would
+    cost CPU hours for nothing, so they retrain at the proxy resolution."""
+    return proxy_size if dataset == "digits" else space.img_size
+
+
+# ------------------------------------------------------------------------------------ supernet
+def train_phase(supernet: Supernet, splits: DataSplits, space: SearchSpace, options: RunOptions, run: RunDir,
+                device: torch.device) -> Path:
+    band = Band(max(space.macs_range()[0], BAND_LOW * options.budget), options.budget)
     cfg = SupernetConfig(epochs=options.supernet_epochs, seed=options.seed)
     _say(f"[nasloc] 1/5 supernet: {cfg.epochs} epochs, sandwich rule in the band {format_macs(band.lo)} - {format_macs(band.hi)}")
-    result = train_supernet(supernet, splits, band, cfg, run_dir / "supernet", device=str(device))
+    result = train_supernet(supernet, splits, band, cfg, run.supernet_dir, device=str(device))
     if cfg.epochs == 0 and not result.checkpoint.exists():
-        return save_untrained(supernet, run_dir)
+        return save_untrained(supernet, run)
     return result.checkpoint
 
 
-def require_trained_supernet(run_dir: Path, epochs: int) -> None:
+def require_trained_supernet(run: RunDir, epochs: int) -> None:
     """For --phase search: refuse (before anything is written) a run whose supernet is not trained."""
-    path = run_dir / "supernet" / "last.pth"
+    path = run.supernet_checkpoint
     done = torch.load(path, map_location="cpu", weights_only=False)["epoch"] + 1 if path.exists() else 0
     if done < epochs:
-        raise PhaseError(f"the supernet of {run_dir} has {done}/{epochs} epochs; train it first with --phase supernet (same options)")
+        raise PhaseError(f"the supernet of {run.root} has {done}/{epochs} epochs; train it first with --phase supernet (same options)")
 
 
-def trained_checkpoint(supernet: Supernet, run_dir: Path, device: torch.device) -> Path:
+def trained_checkpoint(supernet: Supernet, run: RunDir, device: torch.device) -> Path:
     """The finished supernet checkpoint of the run, loaded into ``supernet`` (for --phase search, after
     :func:`require_trained_supernet` has checked it)."""
-    path = run_dir / "supernet" / "last.pth"
+    path = run.supernet_checkpoint
     if not path.exists():  # --supernet-epochs 0: the seeded initial weights
-        path = run_dir / "supernet" / UNTRAINED
+        path = run.untrained_checkpoint
         if not path.exists():
-            return save_untrained(supernet, run_dir)
+            return save_untrained(supernet, run)
     load_supernet(path, supernet, device)
     return path
 
 
-UNTRAINED = "untrained.pth"
-
-
-def save_untrained(supernet: Supernet, run_dir: Path) -> Path:
+def save_untrained(supernet: Supernet, run: RunDir) -> Path:
     """With --supernet-epochs 0 nothing is trained and train_supernet saves nothing, but worker
     processes (--workers, Ray) load the supernet from a file: save the initial weights in the format
-    :func:`load_supernet` reads. Not named last.pth, so it is never resumed or exported as trained."""
-    from .supernet_train import fingerprint
-
-    path = run_dir / "supernet" / UNTRAINED
+    :func:`load_supernet` reads."""
+    path = run.untrained_checkpoint
     with atomic_path(path) as tmp:
         torch.save({"model": supernet.state_dict(), "fingerprint": fingerprint(supernet), "img_size": supernet.img_size, "epoch": -1}, tmp)
     return path
 
 
-def search_phase(supernet: Supernet, splits: DataSplits, space: SearchSpace, checkpoint: Path, options: Any, run_dir: Path, proxy_size: int):
-    """Add trials to the study until it holds ``--trials``.
+# ------------------------------------------------------------------------------------ search
+def search_phase(supernet: Supernet, splits: DataSplits, space: SearchSpace, checkpoint: Path, record: RunRecord, run: RunDir):
+    """Add trials to the study until it holds ``trials``.
 
-    ``--workers N``: with Ray, N concurrent Ray trials; with plain Optuna, N processes (this one and
-    N - 1 spawned ones, each rebuilding the evaluator from an :class:`EvaluatorSpec`) sharing the study's storage, each with
-    its share of the CPU threads. Optuna's own ``n_jobs`` threads would only contend for the GIL and
-    for the same intra-op thread pool.
+    ``workers`` N: with Ray, N concurrent Ray trials; with plain Optuna, N processes (this one and
+    N - 1 spawned ones, each rebuilding the evaluator from an :class:`EvaluatorSpec`) sharing the study's
+    storage, each with its share of the CPU threads. Optuna's own ``n_jobs`` threads would only contend
+    for the GIL and for the same intra-op thread pool.
     """
+    options = record.options
     workers = options.workers
     _say(f"[nasloc] 2/5 search: {options.trials} trials, {options.sampler}, storage {options.storage}"
          + (f", {workers} {'Ray trials' if options.backend == 'ray' else 'processes'} at a time" if workers > 1 else ""))
     device = next(supernet.parameters()).device
-    spec = EvaluatorSpec(str(space.source), str(checkpoint), proxy_size, options.dataset,
-                         None if options.data_dir is None else str(options.data_dir), options.seed, device=str(device))
+    spec = EvaluatorSpec.for_run(record, checkpoint, str(device))
     latency = LatencyFactory(str(device)) if "latency" in options.objectives else None
-    settings = _search_kwargs(options)
+    settings = _search_settings(record)
     if options.backend == "ray":
         from .ray_search import run_ray_search
 
         resources = {"cpu": 1, "gpu": 1} if device.type == "cuda" else {"cpu": 1}
         return run_ray_search(space, spec, ray_address=options.ray_address, max_concurrent=workers,
-                              results_dir=str(run_dir / "ray"), latency_factory=latency,
+                              results_dir=str(run.ray_dir), latency_factory=latency,
                               resources_per_trial=resources, **settings)
     evaluate = make_evaluator(supernet, splits, seed=options.seed)
     if workers == 1:
         return _search(space, evaluate, latency, settings)
 
-    from .search import open_study
-
     # The study exists before the workers start, so that they do not race to create it.
-    open_study(options.storage, STUDY_NAME, objectives=tuple(options.objectives), budget_macs=options.budget,
+    open_study(options.storage, record.study_name, objectives=options.objectives, budget_macs=options.budget,
                meta={"space": space.name, "sampler": options.sampler, "seed": options.seed})
     threads = max(1, torch.get_num_threads() // workers)
     context = multiprocessing.get_context("spawn")  # fork would copy torch's thread pools mid-use
@@ -226,98 +244,75 @@ def search_phase(supernet: Supernet, splits: DataSplits, space: SearchSpace, che
     return study
 
 
-def _search_kwargs(options: Any) -> dict[str, Any]:
-    return dict(budget_macs=options.budget, storage=options.storage, study_name=STUDY_NAME, n_trials=options.trials,
-                sampler=options.sampler, seed=options.seed, objectives=tuple(options.objectives))
+def _search_settings(record: RunRecord) -> dict[str, Any]:
+    """The keyword arguments of the study that every search process shares."""
+    options = record.options
+    return dict(budget_macs=options.budget, storage=options.storage, study_name=record.study_name, n_trials=options.trials,
+                sampler=options.sampler, seed=options.seed, objectives=options.objectives)
 
 
 def _search(space: SearchSpace, evaluate: Any, latency: LatencyFactory | None, settings: dict[str, Any], progress: bool = True):
     """The plain Optuna search in this process (one trial at a time)."""
-    from .search import run_search
-
     return run_search(space, evaluate, latency=latency() if latency else None, workers=1, progress=progress, **settings)
 
 
 def _search_worker(spec: EvaluatorSpec, latency: LatencyFactory | None, settings: dict[str, Any], threads: int) -> None:
-    """A spawned search process of ``--workers N``: the same study, evaluator and supernet weights."""
+    """A spawned search process of ``workers`` N: the same study, evaluator and supernet weights."""
     torch.set_num_threads(threads)
     evaluate = spec()
     _search(evaluate.supernet.space, evaluate, latency, settings, progress=False)
 
 
-def reference_points(space: SearchSpace, supernet: Supernet, splits: DataSplits, options: Any) -> dict[str, tuple[float, float]]:
+# ------------------------------------------------------------------------------------ report
+def reference_points(space: SearchSpace, supernet: Supernet, splits: DataSplits, options: RunOptions) -> dict[str, tuple[float, float]]:
     """Each seed mechanism alone in the space, within budget, with its proxy top-1 (supernet weights)."""
     evaluate = make_evaluator(supernet, splits, seed=options.seed)
     return {name: (count(arch).macs, evaluate(arch)) for name, arch in reference_archs(space, options.budget).items()}
 
 
-def report_phase(study, options: Any, run_dir: Path, references: dict[str, tuple[float, float]]) -> list:
-    from .report import write_pareto_html, write_tables
-    from .search import pareto_trials
-
-    _say("[nasloc] 3/5 report: trials.csv, pareto.csv, pareto.html")
-    write_tables(study, options.budget, run_dir)
-    write_pareto_html(study, options.budget, run_dir, references)
+def report_phase(study, options: RunOptions, run: RunDir, references: dict[str, tuple[float, float]]) -> list:
+    _say(f"[nasloc] 3/5 report: {TRIALS_CSV}, {PARETO_CSV}, {PARETO_HTML}")
+    write_tables(study, options.budget, run.root)
+    write_pareto_html(study, options.budget, run.root, references)
     return pareto_trials(study, options.budget)
 
 
-def retrain_phase(pareto: list, space: SearchSpace, splits: DataSplits, options: Any, run_dir: Path, proxy_size: int) -> list[dict[str, Any]]:
-    """Retrain the best ``--retrain-top-k`` Pareto trials (by proxy top-1) from scratch."""
+# ------------------------------------------------------------------------------------ retrain + export
+def retrain_phase(pareto: list, space: SearchSpace, splits: DataSplits, record: RunRecord, run: RunDir) -> list[Retrained]:
+    """Retrain the best ``retrain_top_k`` Pareto trials (by proxy top-1) from scratch."""
+    options = record.options
     chosen = sorted(pareto, key=lambda t: t.user_attrs["top1"], reverse=True)[: options.retrain_top_k]
-    size = options.retrain_img_size or default_retrain_size(space, options.dataset, proxy_size)
+    size = options.retrain_img_size
     if chosen:
         _say(f"[nasloc] 4/5 retrain: {len(chosen)} Pareto trials at {size} px, {options.retrain_epochs} epochs each")
     data = splits if size == splits.img_size else load_dataset(options.dataset, options.data_dir, size, seed=options.seed)
     results = []
     for trial in chosen:
         arch = Arch.from_dict(trial.user_attrs["arch"]).replace(img_size=size)
-        from .models import LocalityViT
-
         model = LocalityViT(arch, drop_path_rate=0.1)
         cfg = RetrainConfig(epochs=options.retrain_epochs, img_size=size, seed=options.seed, mixup=0.0, cutmix=0.0, ema_decay=0.0)
-        out = run_dir / "retrain" / f"trial_{trial.number}"
-        out.mkdir(parents=True, exist_ok=True)
-        write_atomic(out / "arch.json", arch.to_json(indent=2))
-        result = retrain(model, data, cfg, out, device=options.device)  # resumes; all epochs done: only reads
-        weights = out / "best.safetensors"
+        run.retrain_dir(trial.number).mkdir(parents=True, exist_ok=True)
+        run.write_retrained_arch(trial.number, arch)
+        result = retrain(model, data, cfg, run.retrain_dir(trial.number), device=options.device)  # resumes; all epochs done: only reads
+        weights = run.retrained_weights(trial.number)
         if result.epochs_run > 0 or not weights.exists():
             _save_weights(model, weights)
         if result.start_epoch:
             _say(f"[nasloc]   trial {trial.number}: " + ("already retrained" if result.epochs_run == 0 else f"resumed after epoch {result.start_epoch}"))
-        results.append(dict(trial=trial.number, arch=arch, proxy_top1=trial.user_attrs["top1"], macs=count(arch.replace(img_size=space.img_size)).macs,
-                            params=count(arch).params, val_top1=result.val_top1, weights=weights, model=model))
+        results.append(Retrained(trial.number, model, trial.user_attrs["top1"], result.val_top1,
+                                 macs=count(arch.replace(img_size=space.img_size)).macs, params=count(arch).params))
     return results
 
 
-def default_retrain_size(space: SearchSpace, dataset: str, proxy_size: int) -> int:
-    """The deploy resolution, except for the embedded 8x8 digits: upsampling them to 224 px would
-    cost CPU hours for nothing, so they retrain at the proxy resolution."""
-    return proxy_size if dataset == "digits" else space.img_size
-
-
-def export_phase(retrained: list[dict[str, Any]], options: Any, run_dir: Path, splits: DataSplits) -> Path | None:
+def export_phase(retrained: list[Retrained], options: RunOptions, run: RunDir, splits: DataSplits) -> Path | None:
     if not retrained:
         return None
-    from .export import export_model
-
-    best = max(retrained, key=lambda r: r["val_top1"])
-    target = run_dir / "export" / "best"
-    info = dict(trial=best["trial"], macs_at_deploy=best["macs"], params=best["params"], proxy_top1=best["proxy_top1"],
-                retrained_top1=best["val_top1"], budget_macs=options.budget, dataset=options.dataset)
-    _say(f"[nasloc] 5/5 export: trial {best['trial']} -> {target}")
-    return export_model(best["model"], target, info=info, mean=splits.mean, std=splits.std,
+    best = max(retrained, key=lambda r: r.val_top1)
+    info = dict(trial=best.trial, macs_at_deploy=best.macs, params=best.params, proxy_top1=best.proxy_top1,
+                retrained_top1=best.val_top1, budget_macs=options.budget, dataset=options.dataset)
+    _say(f"[nasloc] 5/5 export: trial {best.trial} -> {run.best_export}")
+    return export_model(best.model, run.best_export, info=info, mean=splits.mean, std=splits.std,
                         label_names=splits.class_names, overwrite=True)
-
-
-# ------------------------------------------------------------------------------------ outputs
-def _run_record(options: argparse.Namespace) -> dict[str, Any]:
-    record = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(options).items()}
-    record["study_name"] = STUDY_NAME
-    return record
-
-
-def _write_json(path: Path, data: Any) -> None:
-    write_atomic(path, json.dumps(data, indent=2, default=str))
 
 
 def _save_weights(model: torch.nn.Module, path: Path) -> None:

@@ -15,7 +15,7 @@ import io
 import math
 import threading
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
@@ -23,10 +23,12 @@ from optuna.trial import FrozenTrial, TrialState
 from .arch import Arch
 from .errors import NaslocError
 from .fileio import write_atomic
+from .run import PARETO_CSV, PARETO_HTML, TRIALS_CSV, RunDir, RunRecord
 from .search import evaluated_feasible_trials, pareto_trials
 from .units import format_macs
 
 if TYPE_CHECKING:
+    from .pipeline import Retrained
     from .space import SearchSpace
 
 MACS_AXIS = "MACs (1 multiply-add = 1 FLOP)"
@@ -76,7 +78,7 @@ def write_tables(study: optuna.Study, budget_macs: float, out_dir: str | Path) -
     out_dir = Path(out_dir)
     rows = trial_rows(study, budget_macs)
     front = sorted((r for r in rows if r["pareto"]), key=lambda r: r["macs"])
-    trials_csv, pareto_csv = out_dir / "trials.csv", out_dir / "pareto.csv"
+    trials_csv, pareto_csv = out_dir / TRIALS_CSV, out_dir / PARETO_CSV
     write_atomic(trials_csv, _csv_text(rows))
     write_atomic(pareto_csv, _csv_text(front))
     return trials_csv, pareto_csv
@@ -184,7 +186,7 @@ def write_pareto_html(
     out_dir: str | Path,
     references: Mapping[str, tuple[float, float | None]] | None = None,
     *,
-    filename: str = "pareto.html",
+    filename: str = PARETO_HTML,
     plotlyjs: str = "directory",
 ) -> Path:
     """An interactive Pareto plot: every trial (within / over budget), the feasible front as a staircase,
@@ -224,14 +226,16 @@ def _ensure_plotlyjs(out_dir: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------------- summary
-def write_summary(run_dir: Path, options: Any, space: SearchSpace, study, pareto: list, retrained: list[dict[str, Any]],
-                  references: dict[str, tuple[float, float]], export_dir: Path | None, seconds: float) -> None:
+def write_summary(run: RunDir, record: RunRecord, space: SearchSpace, study: optuna.Study, pareto: Sequence[FrozenTrial],
+                  retrained: Sequence[Retrained], references: Mapping[str, tuple[float, float]], export_dir: Path | None,
+                  seconds: float) -> Path:
     """``summary.md``: the budget, the Pareto front, the seed mechanisms alone, the retrained subnets and
     how to reload the export."""
+    options = record.options
     trials = [t for t in study.get_trials(deepcopy=False) if not t.user_attrs.get("surplus")]  # not the race losers
     complete = sum(t.state == TrialState.COMPLETE for t in trials)
     lines = [
-        f"# nasloc run `{run_dir.name}`",
+        f"# nasloc run `{run.root.name}`",
         "",
         f"Budget {format_macs(options.budget)} per image at {space.img_size} px (1 multiply-add = 1 FLOP); "
         f"space `{space.name}`; data `{options.dataset}`; {len(trials)} trials ({complete} complete, "
@@ -249,11 +253,12 @@ def write_summary(run_dir: Path, options: Any, space: SearchSpace, study, pareto
     lines += ["", "## Seed mechanisms alone in this space (largest within budget)", "", "| design | proxy top-1 (%) | GMACs |", "|---|---|---|"]
     lines += [f"| {name} | {top1:.2f} | {macs / 1e9:.4f} |" for name, (macs, top1) in references.items()]
     lines += ["", "## Retrained from scratch", "", "| trial | val top-1 (%) | proxy top-1 (%) | GMACs at deploy | params (M) |", "|---|---|---|---|---|"]
-    lines += [f"| {r['trial']} | {r['val_top1']:.2f} | {r['proxy_top1']:.2f} | {r['macs'] / 1e9:.4f} | {r['params'] / 1e6:.3f} |" for r in retrained]
+    lines += [f"| {r.trial} | {r.val_top1:.2f} | {r.proxy_top1:.2f} | {r.macs / 1e9:.4f} | {r.params / 1e6:.3f} |" for r in retrained]
     if export_dir is not None:
         lines += ["", f"Best model exported to `{export_dir}`:", "",
                   f"    import nasloc, timm; timm.create_model(\"local-dir:{export_dir}\", pretrained=True)"]
-    write_atomic(run_dir / "summary.md", "\n".join(lines) + "\n")
+    write_atomic(run.summary, "\n".join(lines) + "\n")
+    return run.summary
 
 
 # ------------------------------------------------------------------------------------------- dashboard

@@ -13,6 +13,7 @@ import pytest
 
 from nasloc import cli
 from nasloc.errors import NaslocError
+from nasloc.run import RunOptions
 from nasloc.units import format_macs, parse_budget, short_macs
 
 REPO = Path(__file__).resolve().parent.parent
@@ -54,11 +55,12 @@ def space(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def handled(monkeypatch: pytest.MonkeyPatch) -> list:
-    """Stand-ins for the pipeline and exporter, recording the options they receive."""
+    """Stand-ins for the pipeline and exporter, recording what they receive (the options; the export's arguments)."""
     calls: list = []
-    for name, function in (("nasloc.pipeline", "run_pipeline"), ("nasloc.export", "export_trial")):
+    for name, function, record in (("nasloc.pipeline", "run_pipeline", calls.append),
+                                   ("nasloc.export", "export_trial", lambda *args: calls.append(args))):
         module = types.ModuleType(name)
-        setattr(module, function, calls.append)
+        setattr(module, function, record)
         monkeypatch.setitem(sys.modules, name, module)
     return calls
 
@@ -154,7 +156,8 @@ def _modules_loaded_by(code: str) -> set[str]:
 
 
 # What the command line may load before the input is known good: nothing that imports torch.
-LIGHT_MODULES = {"nasloc.cli", "nasloc.units", "nasloc.space_files", "nasloc.errors"}
+LIGHT_MODULES = {"nasloc.cli", "nasloc.units", "nasloc.run", "nasloc.space_files", "nasloc.errors", "nasloc.arch",
+                 "nasloc.fileio"}
 
 
 def test_cli_imports_nothing_heavy_for_help_or_bad_input() -> None:
@@ -225,7 +228,7 @@ def test_defaults_reach_the_pipeline(space: Path, tmp_path: Path, handled: list)
                             "--results-dir", str(tmp_path / "out")]) == 0
     (options,) = handled
     run_dir = tmp_path / "out" / "myspace-digits-0.7G"
-    assert options.command == "search"
+    assert isinstance(options, RunOptions)
     assert options.budget == pytest.approx(7e8)
     assert options.space == space
     assert options.run_name == "myspace-digits-0.7G"
@@ -350,8 +353,8 @@ def test_export_finds_a_run_by_name(tmp_path: Path, handled: list, monkeypatch: 
     (tmp_path / "results" / "r1").mkdir(parents=True)
     monkeypatch.chdir(tmp_path)
     assert cli.main(["export", "--run", "r1", "--trial", "3"]) == 0
-    (options,) = handled
-    assert (options.run, options.trial, options.out) == (tmp_path / "results" / "r1", 3, None)
+    (arguments,) = handled  # export_trial(run, trial, out)
+    assert arguments == (tmp_path / "results" / "r1", 3, None)
 
 
 @pytest.mark.parametrize("args", [

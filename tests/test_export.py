@@ -3,7 +3,6 @@ through timm's own components, a fresh process, refusals that leave nothing behi
 Optuna study."""
 from __future__ import annotations
 
-import argparse
 import json
 import random
 import subprocess
@@ -22,11 +21,14 @@ from timm.optim import create_optimizer_v2
 
 import nasloc  # noqa: F401  (registers nasloc_vit with timm)
 from nasloc.arch import Arch, Block, Shortcut, Stage
-from nasloc.export import ExportError, export_arch, export_model, export_trial, open_storage
+from nasloc.export import ExportError, export_arch, export_model, export_trial
 from nasloc.flops import count
 from nasloc.models import LocalityViT
 from nasloc.models.locality_vit import default_out_indices
-from nasloc.space import SearchSpace, resolve_space_path
+from nasloc.run import RunDir, RunOptions, RunRecord
+from nasloc.space import SearchSpace
+from nasloc.space_files import resolve_space_path
+from nasloc.storage import StorageError, open_storage
 from nasloc.supernet import Supernet
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -256,8 +258,9 @@ def test_export_arch_reads_a_weights_file(tmp_path: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------- trials
-def _make_run(run_dir: Path, storage: str, archs: list[Arch], **run_extra) -> None:
-    """A run folder whose run.json points at a real study with one trial per arch."""
+def _make_run(run_dir: Path, storage: str, archs: list[Arch], space: str = "tiny", num_classes: int = 10,
+              mean=DIGITS_MEAN, std=DIGITS_STD, **options) -> None:
+    """A run folder whose record points at a real study with one trial per arch."""
     if "://" in storage:
         handle = storage
     else:
@@ -269,18 +272,26 @@ def _make_run(run_dir: Path, storage: str, archs: list[Arch], **run_extra) -> No
             values=[30.0 + i, cost.macs],
             user_attrs=dict(arch=arch.to_dict(), macs=cost.macs, params=cost.params, top1=30.0 + i),
         ))
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "run.json").write_text(json.dumps(dict(storage=storage, study_name="nas", **run_extra)))
+    options = RunOptions(budget=7e8, space=space, storage=storage, **options)
+    RunDir(run_dir).write_record(RunRecord(options, num_classes, mean, std, study_name="nas"))
+
+
+def _save_retrained(run_dir: Path, trial: int, model: LocalityViT, val_top1: float = 50.0) -> None:
+    """What the pipeline leaves in a retrain folder: the weights, the arch as retrained, the checkpoint."""
+    run = RunDir(run_dir)
+    run.retrain_dir(trial).mkdir(parents=True)
+    save_file(model.state_dict(), str(run.retrained_weights(trial)))
+    run.write_retrained_arch(trial, model.arch)
+    torch.save(dict(epoch=1, model=model.state_dict(), cfg=dict(img_size=model.arch.img_size, epochs=1),
+                    history=[dict(epoch=1, train_loss=1.5, val_top1=val_top1)]), run.retrain_checkpoint(trial))
 
 
 def test_export_trial_from_a_sqlite_study(tmp_path: Path) -> None:
     run = tmp_path / "run"
     run.mkdir()
-    _make_run(run, f"sqlite:///{run / 'study.db'}", [PYRAMID, COLUMNAR], budget=7e8, dataset="digits",
-              mean=list(DIGITS_MEAN), std=list(DIGITS_STD))
+    _make_run(run, f"sqlite:///{run / 'study.db'}", [PYRAMID, COLUMNAR], dataset="digits")
     retrained = _trained_like(LocalityViT(COLUMNAR), seed=7)
-    (run / "retrain" / "trial_1").mkdir(parents=True)
-    save_file(retrained.state_dict(), str(run / "retrain" / "trial_1" / "best.safetensors"))
+    _save_retrained(run, 1, retrained)
 
     folder = export_trial(run, 1)
     assert folder == (run / "export" / "trial-1").absolute()
@@ -298,34 +309,25 @@ def test_export_trial_from_a_sqlite_study(tmp_path: Path) -> None:
     with pytest.raises(ExportError, match="no weights exist for trial 0"):
         export_trial(run, 0)
     assert sorted(p.name for p in (run / "export").iterdir()) == ["trial-1"]
-    # the namespace that `nasloc export` hands over works as well
-    options = argparse.Namespace(run=run, trial=1, out=tmp_path / "cli-export")
-    assert export_trial(options) == (tmp_path / "cli-export").absolute()
+    # what `nasloc export --run RUN --trial 1 --out DIR` hands over
+    assert export_trial(run, 1, tmp_path / "cli-export") == (tmp_path / "cli-export").absolute()
 
 
-@pytest.mark.parametrize("record", ["arch.json", "last.pth"])
-def test_export_trial_finds_the_retrain_resolution(record: str, tmp_path: Path) -> None:
-    """Retrained at 32 px after a search at 16 px: the export must say 32, from either record."""
+def test_export_trial_exports_the_arch_as_retrained(tmp_path: Path) -> None:
+    """Retrained at 32 px after a search at 16 px: the export says 32 (the retrain folder's arch.json) and
+    carries the retrained top-1 (its checkpoint)."""
     run = tmp_path / "run"
     _make_run(run, f"sqlite:///{tmp_path / 'study.db'}", [PYRAMID])
     at_32 = PYRAMID.replace(img_size=32)
     retrained = _trained_like(LocalityViT(at_32), seed=2)
-    folder = run / "retrain" / "trial_0"
-    folder.mkdir(parents=True)
-    save_file(retrained.state_dict(), str(folder / "best.safetensors"))
-    if record == "arch.json":
-        (folder / "arch.json").write_text(at_32.to_json())
-    else:  # what nasloc.train.retrain writes (trimmed to the keys export reads)
-        torch.save(dict(epoch=1, model=retrained.state_dict(), cfg=dict(img_size=32, epochs=1),
-                        history=[dict(epoch=1, train_loss=1.5, val_top1=62.5)]), folder / "last.pth")
+    _save_retrained(run, 0, retrained, val_top1=62.5)
     exported = export_trial(run, 0)
     reloaded = _reload(exported)
     assert resolve_data_config(model=reloaded)["input_size"] == (3, 32, 32)
     x = _inputs(at_32)
     with torch.no_grad():
         assert torch.equal(reloaded(x), retrained(x))
-    if record == "last.pth":
-        assert json.loads((exported / "config.json").read_text())["nasloc"]["retrained_top1"] == 62.5
+    assert json.loads((exported / "config.json").read_text())["nasloc"]["retrained_top1"] == 62.5
 
 
 def test_missing_trial_is_an_export_error(tmp_path: Path) -> None:
@@ -339,8 +341,8 @@ def test_missing_trial_is_an_export_error(tmp_path: Path) -> None:
     assert not (run / "export").exists()
     with pytest.raises(ExportError, match="run.json is missing"):
         export_trial(tmp_path, 0)
-    with pytest.raises(ExportError, match="no such SQLite file"):  # never creates an empty study
-        open_storage(f"sqlite:///{tmp_path / 'none.db'}")
+    with pytest.raises(StorageError, match="no such SQLite file"):  # never creates an empty study
+        open_storage(f"sqlite:///{tmp_path / 'none.db'}", create=False)
     assert not (tmp_path / "none.db").exists()
 
 
@@ -350,10 +352,10 @@ def test_export_trial_from_the_supernet_with_a_journal_file(tmp_path: Path) -> N
     arch = space.sample(random.Random(5))
     run = tmp_path / "run"
     _make_run(run, str(tmp_path / "journal.log"), [arch], space=str(space_path))
-    assert type(open_storage(tmp_path / "journal.log")).__name__ == "JournalStorage"
+    assert type(open_storage(tmp_path / "journal.log", create=False, heartbeat_interval=None)).__name__ == "JournalStorage"
     supernet = _trained_like(Supernet(space), seed=3)
-    (run / "supernet").mkdir()
-    torch.save({"epoch": 2, "model": supernet.state_dict()}, run / "supernet" / "last.pth")
+    RunDir(run).supernet_dir.mkdir()
+    torch.save({"epoch": 2, "model": supernet.state_dict(), "img_size": supernet.img_size}, RunDir(run).supernet_checkpoint)
 
     folder = export_trial(run, 0, tmp_path / "best")
     x = _inputs(arch)

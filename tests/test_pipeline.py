@@ -30,6 +30,7 @@ import nasloc.pipeline
 from nasloc.arch import Arch
 from nasloc.cli import search_main
 from nasloc.flops import fvcore_macs
+from nasloc.run import STUDY_NAME
 from nasloc.search import pareto_trials
 from nasloc.space import SearchSpace
 from nasloc.space_files import SPACES_DIR
@@ -98,7 +99,7 @@ def run_dir_of(results: Path, budget: str = "1M") -> Path:
 
 
 def load_study(run_dir: Path) -> optuna.Study:
-    return optuna.load_study(study_name=nasloc.pipeline.STUDY_NAME, storage=open_storage(f"sqlite:///{run_dir / 'study.db'}"))
+    return optuna.load_study(study_name=STUDY_NAME, storage=open_storage(f"sqlite:///{run_dir / 'study.db'}"))
 
 
 def epoch_of(checkpoint: Path) -> int:
@@ -141,7 +142,7 @@ def test_a_run_writes_every_output_consistently(finished):
                  "supernet/last.pth", "export/best/config.json", "export/best/model.safetensors", "export/best/arch.yaml"):
         assert (run_dir / name).is_file(), name
     record = json.loads((run_dir / "run.json").read_text())
-    assert record["budget"] == BUDGET and record["study_name"] == nasloc.pipeline.STUDY_NAME
+    assert record["budget"] == BUDGET and record["study_name"] == STUDY_NAME
     assert epoch_of(run_dir / "supernet" / "last.pth") == 0  # one epoch, numbered from 0
 
     study = load_study(run_dir)
@@ -206,6 +207,25 @@ def test_the_export_reloads_with_timm_and_gives_the_retrained_logits(finished):
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
 
 
+def test_nasloc_export_needs_nothing_but_what_the_run_wrote(finished, tmp_path):
+    """``nasloc export`` of the retrained trial gives export/best's weights; of any other trial, the
+    subnet of the supernet (rebuilt from the run's record and checkpoint)."""
+    from safetensors.torch import load_file
+
+    from nasloc.export import export_trial
+
+    (retrained,) = retrained_dirs(finished)
+    number = int(retrained.name.split("_")[1])
+    other = next(t.number for t in load_study(finished).trials if t.number != number)
+    folder = export_trial(finished, number, tmp_path / "retrained")
+    assert json.loads((folder / "config.json").read_text())["nasloc"]["weights"].startswith("retrained")
+    best, again = load_file(str(finished / "export" / "best" / "model.safetensors")), load_file(str(folder / "model.safetensors"))
+    assert best.keys() == again.keys() and all(torch.equal(best[k], again[k]) for k in best)
+    folder = export_trial(finished, other, tmp_path / "supernet")
+    config = json.loads((folder / "config.json").read_text())
+    assert config["nasloc"]["weights"].startswith("supernet") and config["num_classes"] == 10
+
+
 def test_no_pareto_trial_is_over_budget_by_fvcore(finished):
     front = pareto_trials(load_study(finished), BUDGET)
     assert front
@@ -243,7 +263,7 @@ def test_dashboard_serves_the_study(finished):
         status, body = get(f"http://127.0.0.1:{port}/api/studies")
         assert status == 200
         studies = json.loads(body)["study_summaries"]
-        assert [s["study_name"] for s in studies] == [nasloc.pipeline.STUDY_NAME]
+        assert [s["study_name"] for s in studies] == [STUDY_NAME]
     finally:
         server.shutdown()
         server.server_close()

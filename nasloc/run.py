@@ -1,0 +1,244 @@
+"""A run: its options (:class:`RunOptions`), its folder (:class:`RunDir`) and its record (:class:`RunRecord`).
+
+    results/<run>/
+    ├── run.json                  the RunRecord: the resolved options and what the data set decided
+    ├── study.db                  the Optuna study (the default storage)
+    ├── supernet/last.pth         the trained supernet (untrained.pth with --supernet-epochs 0)
+    ├── retrain/trial_<N>/        last.pth (checkpoint), best.safetensors, arch.json (the arch as retrained)
+    ├── export/best/, export/trial-<N>/
+    ├── trials.csv, pareto.csv, pareto.html, summary.md
+    └── ray/                      Ray Tune's own files
+
+Only this module spells these paths. It imports nothing heavy (no torch; Optuna only to open the study): the
+command line builds its options here before anything else loads.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from .arch import Arch
+from .errors import NaslocError
+from .fileio import write_atomic
+from .space_files import resolve_space_path
+from .units import short_macs
+
+STUDY_NAME = "nasloc"
+# The report's file names (nasloc.report writes them into any folder; in a run folder, into its root).
+TRIALS_CSV, PARETO_CSV, PARETO_HTML = "trials.csv", "pareto.csv", "pareto.html"
+
+
+class RunError(NaslocError):
+    """A folder that is not a readable run folder; the message is one line."""
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """Everything a run is asked to do: the options of ``run_search.py`` (see its ``--help``), as values.
+
+    Paths become absolute (Ray workers change directory), ``space`` may be the name of a shipped space,
+    and the defaults left as None are derived: ``run_name`` from space, data set and budget, ``storage``
+    as the run folder's ``study.db``. ``proxy_img_size`` and ``retrain_img_size`` None: chosen by the
+    pipeline from the space and the data set (the :class:`RunRecord` holds the sizes chosen).
+    """
+
+    budget: float  # multiply-adds per image at the space's deploy resolution
+    space: Path | str = "imagenet"
+    objectives: tuple[str, ...] = ("top1", "macs")
+    dataset: str = "digits"
+    data_dir: Path | None = None
+    proxy_img_size: int | None = None
+    supernet_epochs: int = 5
+    trials: int = 60
+    retrain_top_k: int = 2
+    retrain_epochs: int = 5
+    retrain_img_size: int | None = None
+    device: str = "auto"
+    seed: int = 0
+    run_name: str | None = None
+    phase: str = "all"
+    results_dir: Path = Path("results")
+    sampler: str = "nsga2"
+    storage: str | None = None
+    backend: str = "optuna"
+    ray_address: str | None = None
+    workers: int = 1
+    dashboard: bool = False
+    dashboard_port: int = 8080
+
+    def __post_init__(self) -> None:
+        space = Path(self.space).expanduser()
+        self._set("space", space if space.is_absolute() else resolve_space_path(space).resolve())
+        self._set("objectives", tuple(self.objectives))
+        if self.data_dir is not None:
+            self._set("data_dir", Path(self.data_dir).expanduser().resolve())
+        self._set("results_dir", Path(self.results_dir).expanduser().resolve())
+        if self.run_name is None:
+            self._set("run_name", f"{self.space.stem}-{self.dataset}-{short_macs(self.budget)}")
+        if self.storage is None:
+            self._set("storage", RunDir(self.run_dir).default_storage)
+        elif "://" not in self.storage:  # a journal or SQLite file
+            self._set("storage", str(Path(self.storage).expanduser().resolve()))
+
+    def _set(self, name: str, value: Any) -> None:
+        object.__setattr__(self, name, value)  # frozen: only while it is being made
+
+    @property
+    def run_dir(self) -> Path:
+        return self.results_dir / self.run_name
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON values (paths as strings, tuples as lists)."""
+        return {f.name: _plain(getattr(self, f.name)) for f in fields(self)}
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Path):
+        return str(value)
+    return list(value) if isinstance(value, tuple) else value
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """What ``run.json`` holds, written once when a run starts: what export and later commands need.
+
+    ``options`` are the run's options with the image sizes the pipeline chose filled in; ``num_classes``,
+    ``mean`` and ``std`` come from the data set (the classifier head, the export's normalisation).
+    """
+
+    options: RunOptions
+    num_classes: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    study_name: str = STUDY_NAME
+
+    def to_dict(self) -> dict[str, Any]:
+        """The flat JSON object of run.json: every option, then the record's own keys."""
+        return {**self.options.to_dict(), "study_name": self.study_name, "num_classes": self.num_classes,
+                "mean": list(self.mean), "std": list(self.std)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "RunRecord":
+        """The record of :meth:`to_dict`; raises KeyError naming the first missing key."""
+        keys = [f.name for f in fields(RunOptions)] + [f.name for f in fields(cls) if f.name != "options"]
+        missing = [key for key in keys if key not in data]
+        if missing:
+            raise KeyError(missing[0])
+        options = RunOptions(**{f.name: data[f.name] for f in fields(RunOptions)})
+        return cls(options, int(data["num_classes"]), tuple(data["mean"]), tuple(data["std"]), data["study_name"])
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """The paths of one run folder; nothing is created until something is written."""
+
+    root: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", Path(self.root))
+
+    # ----------------------------------------------------------------------------------- the record
+    @property
+    def record_file(self) -> Path:
+        return self.root / "run.json"
+
+    def write_record(self, record: RunRecord) -> None:
+        write_atomic(self.record_file, json.dumps(record.to_dict(), indent=2))
+
+    def read_record(self) -> RunRecord:
+        """The run's record; :class:`RunError` (one line) when the folder has none or it is unreadable."""
+        path = self.record_file
+        if not path.is_file():
+            raise RunError(f"{self.root} is not a run folder: {path.name} is missing")
+        try:
+            return RunRecord.from_dict(json.loads(path.read_text()))
+        except (OSError, ValueError) as e:
+            raise RunError(f"{path}: cannot read it ({str(e).splitlines()[0]})") from None
+        except (KeyError, TypeError) as e:  # written by another version of nasloc, or by hand
+            raise RunError(f"{path}: not a run record of this nasloc version ({type(e).__name__}: {e})") from None
+
+    @property
+    def default_storage(self) -> str:
+        return f"sqlite:///{self.root / 'study.db'}"
+
+    def load_study(self, record: RunRecord) -> Any:
+        """The run's Optuna study. Creates nothing: a storage file that is not there (here, or relative to
+        the run folder) is a :class:`nasloc.storage.StorageError`, a missing study a :class:`RunError`."""
+        import optuna
+
+        from .storage import open_storage
+
+        storage = open_storage(record.options.storage, create=False, base=self.root, heartbeat_interval=None)
+        try:
+            return optuna.load_study(study_name=record.study_name, storage=storage)
+        except KeyError:
+            names = sorted(s.study_name for s in optuna.get_all_study_summaries(storage=storage))
+            raise RunError(f"study {record.study_name} does not exist in {record.options.storage} "
+                           f"(studies: {', '.join(names) or 'none'})") from None
+
+    def load_trial(self, record: RunRecord, number: int) -> Any:
+        """Trial ``number`` (a FrozenTrial) of the run's study; :class:`RunError` when there is none."""
+        trials = {t.number: t for t in self.load_study(record).get_trials(deepcopy=False)}
+        if number not in trials:
+            span = f"trials: {min(trials)}-{max(trials)}" if trials else "it has no trials"
+            raise RunError(f"trial {number} does not exist in study {record.study_name} ({span})")
+        return trials[number]
+
+    # ----------------------------------------------------------------------------------- checkpoints
+    @property
+    def supernet_dir(self) -> Path:
+        """Where :func:`nasloc.supernet_train.train_supernet` keeps its checkpoint."""
+        return self.root / "supernet"
+
+    @property
+    def supernet_checkpoint(self) -> Path:
+        return self.supernet_dir / "last.pth"  # train_supernet's name for it
+
+    @property
+    def untrained_checkpoint(self) -> Path:
+        """The initial weights with --supernet-epochs 0 (never resumed or exported as trained)."""
+        return self.supernet_dir / "untrained.pth"
+
+    def retrain_dir(self, trial: int) -> Path:
+        """Where :func:`nasloc.train.retrain` keeps trial ``trial``'s checkpoint."""
+        return self.root / "retrain" / f"trial_{trial}"
+
+    def retrain_checkpoint(self, trial: int) -> Path:
+        return self.retrain_dir(trial) / "last.pth"  # retrain's name for it
+
+    def retrained_weights(self, trial: int) -> Path:
+        return self.retrain_dir(trial) / "best.safetensors"
+
+    def write_retrained_arch(self, trial: int, arch: Arch) -> None:
+        """Keep the arch exactly as retrained (resolution included) beside its weights."""
+        write_atomic(self.retrain_dir(trial) / "arch.json", arch.to_json(indent=2))
+
+    def read_retrained_arch(self, trial: int) -> Arch:
+        path = self.retrain_dir(trial) / "arch.json"
+        try:
+            return Arch.from_json(path.read_text())
+        except (OSError, ValueError) as e:  # missing, or not an arch
+            raise RunError(f"{path}: cannot read the retrained arch ({str(e).splitlines()[0]})") from None
+
+    # ----------------------------------------------------------------------------------- outputs
+    @property
+    def best_export(self) -> Path:
+        return self.root / "export" / "best"
+
+    def trial_export(self, trial: int) -> Path:
+        return self.root / "export" / f"trial-{trial}"
+
+    @property
+    def summary(self) -> Path:
+        return self.root / "summary.md"
+
+    @property
+    def ray_dir(self) -> Path:
+        return self.root / "ray"
+
+    def relative(self, path: Path) -> str:
+        """``path`` as shown in records and messages: relative to the run folder."""
+        return str(path.relative_to(self.root))
+
