@@ -29,6 +29,7 @@ from .run import PARETO_CSV, PARETO_HTML, TRIALS_CSV, RunDir, RunOptions, RunRec
 from .search import open_study, pareto_trials, run_search
 from .seeds import reference_archs
 from .space import SearchSpace
+from .storage import check_storage
 from .supernet import Supernet
 from .supernet_train import Band, SupernetConfig, fingerprint, load_supernet, train_supernet
 from .train import RetrainConfig, resolve_device, retrain
@@ -66,6 +67,7 @@ def run_pipeline(options: RunOptions) -> Path:
         # The search, retraining and export run in one process; DDP serves supernet training.
         raise PhaseError("under torchrun only --phase supernet runs (DDP supernet training); "
                          "then run the search without torchrun (same options)")
+    check_storage(options.storage)  # a misspelled or unreachable storage fails now, not after the training
     space, splits, record = load_inputs(options)  # checks the budget before anything is written
     options = record.options  # with the image sizes chosen
     run = RunDir(options.run_dir)

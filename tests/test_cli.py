@@ -212,6 +212,23 @@ def test_option_choices_match_the_modules_behind_them() -> None:
     assert cli.DATASETS == DATASETS and cli.OBJECTIVES == tuple(OBJECTIVES) and cli.SAMPLERS == SAMPLERS
 
 
+# The plain URL names SQLAlchemy's default PostgreSQL driver (psycopg 3, not installed); the second reaches
+# psycopg2, which finds no server on port 1.
+@pytest.mark.parametrize("storage", ["postgresql://nouser@127.0.0.1:1/x", "postgresql+psycopg2://nouser@127.0.0.1:1/x"])
+def test_an_unreachable_storage_fails_at_once_and_writes_nothing(storage: str, tmp_path: Path) -> None:
+    """Checked before any training (which takes minutes, on real data hours): nothing is written."""
+    results = tmp_path / "results"
+    started = time.perf_counter()
+    result = _run(str(RUN_SEARCH), "--budget", "0.7GFLOPs", "--storage", storage, "--results-dir", str(results))
+    seconds = time.perf_counter() - started
+    assert result.returncode == 2
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"run_search.py: error: storage {storage}"), result.stderr
+    assert "[nasloc]" not in result.stdout
+    assert not results.exists()
+    assert seconds < 60, f"{seconds:.0f} s: the storage must be checked before the supernet trains"
+
+
 def test_missing_budget_is_one_line() -> None:
     result = _run(str(RUN_SEARCH))
     assert result.returncode == 2
