@@ -16,7 +16,7 @@ from typing import Any, Callable, NoReturn, Sequence
 
 from nasloc.errors import NaslocError
 from nasloc.run import RunOptions
-from nasloc.space_files import SpaceError, resolve_space_path
+from nasloc.space_files import SpaceError, resolve_space_path, shipped_spaces
 from nasloc.units import ACCEPTED_FORMS, parse_budget
 
 # The choices of options whose modules need torch to import (nasloc.data, nasloc.search); a test checks
@@ -218,8 +218,8 @@ def _search_options(args: argparse.Namespace) -> RunOptions:
         raise UsageError("--ray-address needs --backend ray")
     try:
         space = resolve_space_path(Path(args.space).expanduser())
-    except SpaceError as err:
-        raise UsageError(f"--space {err}") from None
+    except SpaceError:
+        raise UsageError(f"--space {args.space!r}: no such file (shipped spaces: {shipped_spaces()})") from None
     values = {name: getattr(args, name) for name in DEFAULTS}
     return RunOptions(**{**values, "space": space, "data_dir": _find_data(args.dataset, args.data_dir)})
 

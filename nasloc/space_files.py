@@ -22,5 +22,9 @@ def resolve_space_path(path: str | Path) -> Path:
     for candidate in candidates:
         if candidate.is_file():
             return candidate
-    shipped = ", ".join(sorted(p.stem for p in SPACES_DIR.glob("*.yaml")))
-    raise SpaceError(f"{path}: no such space file (shipped spaces: {shipped})")
+    raise SpaceError(f"{path}: no such space file (shipped spaces: {shipped_spaces()})")
+
+
+def shipped_spaces() -> str:
+    """The names of the shipped spaces, for messages: ``cifar, imagenet, tiny, ...``."""
+    return ", ".join(sorted(p.stem for p in SPACES_DIR.glob("*.yaml")))
