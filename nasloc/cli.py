@@ -1,4 +1,4 @@
-"""Command line: ``nasloc search`` (also ``python run_search.py``) and ``nasloc export``.
+"""Command line: ``nasloc search`` (also ``python run_search.py``), ``nasloc export`` and ``nasloc check-ranking``.
 
 Everything is parsed and validated here before torch, Optuna, the data sets or training load, so ``--help``
 and bad input answer at once (``import nasloc`` imports none of them). ``nasloc search`` hands the pipeline
@@ -90,6 +90,16 @@ def _objectives(text: str) -> tuple[str, ...]:
         # Without accuracy the search would just return the smallest network.
         raise argparse.ArgumentTypeError(f"objectives must include top1, got {text!r}")
     return names
+
+
+def _band(text: str) -> tuple[float, float]:
+    parts = text.split(",")
+    if len(parts) != 2:
+        raise argparse.ArgumentTypeError(f"expected LO,HI (two multiply-add counts), got {text!r}")
+    lo, hi = (_budget(part) for part in parts)
+    if lo >= hi:
+        raise argparse.ArgumentTypeError(f"the band's low end must be below its high end, got {text!r}")
+    return lo, hi
 
 
 def _run_name(text: str) -> str:
@@ -191,6 +201,27 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
                         help="output folder (default: RUN/export/trial-N)")
 
 
+def add_check_ranking_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the options of ``nasloc check-ranking`` to ``parser``."""
+    parser.description = (
+        "Check the run's supernet as a ranker: sample archs of one MACs band, score each by its proxy\n"
+        "(supernet weights) and by a short standalone training (the run's data set and proxy resolution),\n"
+        "and print both, Kendall tau and top-3 precision. The trainings are kept in RUN/check-ranking/;\n"
+        "rerun the same command to resume them."
+    )
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.add_argument("--run", metavar="RUN", required=True,
+                        help="run folder, or a run name under ./results")
+    parser.add_argument("--archs", metavar="N", type=_int_in(3), default=10,
+                        help="archs to sample and train, at least 3 (default: %(default)s)")
+    parser.add_argument("--epochs", metavar="N", type=_int_in(1), default=5,
+                        help="standalone training epochs per arch (default: %(default)s)")
+    parser.add_argument("--seed", metavar="N", type=_int_in(0), default=0,
+                        help="seed of the sample and of the trainings (default: %(default)s)")
+    parser.add_argument("--band", metavar="LO,HI", type=_band,
+                        help="MACs band to sample, e.g. 20M,30M (default: 0.75 x the run's budget to its budget)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``nasloc`` command with its subcommands."""
     parser = _Parser(prog="nasloc", description="Neural architecture search over the locality mechanisms "
@@ -198,6 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_search_arguments(commands.add_parser("search", help="run the whole search (same as run_search.py)"))
     add_export_arguments(commands.add_parser("export", help="export a trial as a timm model"))
+    add_check_ranking_arguments(commands.add_parser("check-ranking", help="check how well the proxy ranks archs"))
     return parser
 
 
@@ -236,14 +268,23 @@ def _find_data(dataset: str, data_dir: Path | None) -> Path | None:
     return data_dir
 
 
+def _run_folder(text: str) -> Path:
+    """A run folder: a path, or a run name under the default results folder."""
+    run = Path(text).expanduser()
+    if not run.is_dir():
+        run = DEFAULTS["results_dir"] / text
+    if not run.is_dir():
+        raise UsageError(f"--run {text!r}: no such run folder (nor {run})")
+    return run.resolve()
+
+
 def _export_request(args: argparse.Namespace) -> tuple[Path, int, Path | None]:
-    """The run folder (a path, or a run name under the default results folder), trial and output folder."""
-    run = Path(args.run).expanduser()
-    if not run.is_dir():
-        run = DEFAULTS["results_dir"] / args.run
-    if not run.is_dir():
-        raise UsageError(f"--run {args.run!r}: no such run folder (nor {run})")
-    return run.resolve(), args.trial, args.out
+    """The run folder, trial and output folder."""
+    return _run_folder(args.run), args.trial, args.out
+
+
+def _check_ranking_request(args: argparse.Namespace) -> dict[str, Any]:
+    return dict(run_dir=_run_folder(args.run), archs=args.archs, epochs=args.epochs, seed=args.seed, band=args.band)
 
 
 def _search(options: RunOptions) -> None:
@@ -258,8 +299,19 @@ def _export(request: tuple[Path, int, Path | None]) -> None:
     export_trial(*request)
 
 
+def _check_ranking(request: dict[str, Any]) -> None:
+    from nasloc.ranking import check_run_ranking
+
+    def trained(arch: Any) -> None:
+        print(f"[nasloc] arch {arch.index + 1}/{request['archs']} trained: standalone {arch.standalone:.2f} %, "
+              f"proxy {arch.proxy:.2f} %", flush=True)
+
+    print(check_run_ranking(**request, on_arch=trained).report())
+
+
 _COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], Any], Callable[[Any], None]]] = {
-    "search": (_search_options, _search), "export": (_export_request, _export)}
+    "search": (_search_options, _search), "export": (_export_request, _export),
+    "check-ranking": (_check_ranking_request, _check_ranking)}
 
 
 def _run(parser: argparse.ArgumentParser, argv: Sequence[str] | None, prog: Callable[[str], str]) -> int:

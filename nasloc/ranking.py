@@ -4,7 +4,8 @@ The search trusts the proxy (top-1 with supernet weights) to order archs. This c
 one MACs band, scores each by its proxy and by a short standalone training from scratch, and compares
 the two orders: Kendall tau (with its two-sided p-value against tau = 0) and top-k precision (how many
 of the proxy's k best are among the k best standalone). ``nasloc check-ranking`` runs it on a run's
-supernet; ``bench/evidence_cifar.py`` uses the same pieces at a larger scale.
+supernet (:func:`check_run_ranking`: the run's band, proxy, data set and resolution; the trainings in
+``<run>/check-ranking/``); ``bench/evidence_cifar.py`` uses the same pieces at a larger scale.
 
 A short training is itself noisy (two trainings of the same archs disagree too), so a tau measured on
 10 archs carries a wide error: read the p-value beside it.
@@ -24,11 +25,19 @@ from scipy.stats import kendalltau
 from .arch import Arch
 from .data import DataSplits
 from .errors import NaslocError
+from .evaluate import make_evaluator
 from .fileio import write_atomic
 from .flops import count
 from .models import LocalityViT
+from .pipeline import load_inputs, require_trained_supernet
+from .run import RunDir
 from .space import SearchSpace
-from .train import RetrainConfig, retrain
+from .supernet import Supernet
+from .supernet_train import load_supernet
+from .train import RetrainConfig, resolve_device, retrain
+
+# The default band of a run's check: the upper quarter of the budget, where the search's picks lie.
+BAND_LOW = 0.75
 
 
 class RankingError(NaslocError):
@@ -155,3 +164,33 @@ class FolderTrainer:
     def __call__(self, index: int, arch: Arch) -> float:
         return train_standalone(arch.replace(img_size=self.cfg.img_size), self.splits, self.cfg,
                                 self.root / f"arch_{index}", self.device)
+
+
+# ------------------------------------------------------------------------------------------- on a run
+def check_run_ranking(run_dir: Path, *, archs: int, epochs: int, seed: int = 0, band: tuple[float, float] | None = None,
+                      on_arch: Callable[[RankedArch], None] | None = None) -> RankingCheck:
+    """The ranking check of a run: ``archs`` archs of ``band`` (default [0.75 budget, budget]) scored by the
+    run's supernet proxy and by ``epochs`` of standalone training at the run's proxy resolution on its data
+    set, in ``<run>/check-ranking/arch_<i>/`` (resumed by a rerun with the same settings).
+
+    Raises :class:`nasloc.errors.NaslocError` (one line) for a folder that is not a run, a run whose
+    supernet is not trained, or a band the space cannot reach.
+    """
+    run = RunDir(Path(run_dir))
+    record = run.read_record()
+    options = record.options
+    if not run.supernet_checkpoint.is_file():
+        raise RankingError(f"{run.root} has no trained supernet ({run.relative(run.supernet_checkpoint)} is missing); "
+                           "run its search first")
+    require_trained_supernet(run, options.supernet_epochs)
+    lo, hi = band or (BAND_LOW * options.budget, options.budget)
+    space, splits, _ = load_inputs(options)
+    sample = sample_band(space, lo, hi, archs, seed)
+    if len(sample) < 3:
+        raise RankingError(f"the band [{lo:.4g}, {hi:.4g}] MACs holds only {len(sample)} distinct archs; widen it")
+    device = resolve_device(options.device)
+    supernet = load_supernet(run.supernet_checkpoint, Supernet(space, options.proxy_img_size), device)
+    trainer = FolderTrainer(run.root / "check-ranking", splits, epochs=epochs, img_size=options.proxy_img_size,
+                            seed=seed, band=(lo, hi), device=str(device))
+    trainer.claim(sample)
+    return check_ranking(sample, make_evaluator(supernet, splits, seed=options.seed), trainer, on_arch)

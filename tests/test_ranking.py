@@ -2,11 +2,15 @@
 and resumable standalone trainings on the embedded digits with the tiny space."""
 from __future__ import annotations
 
+import re
+import shutil
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
 
+from nasloc import cli
 from nasloc.data import load_dataset
 from nasloc.flops import count
 from nasloc.ranking import (FolderTrainer, RankingError, check_ranking, kendall_tau, sample_band, short_recipe,
@@ -85,3 +89,55 @@ def test_folder_trainings_resume_and_refuse_another_sample(few_digits, tmp_path)
         assert "\n" not in str(error.value)
     with pytest.raises(RankingError, match="other archs"):
         FolderTrainer(tmp_path, few_digits, epochs=1, img_size=16, seed=0, band=BAND).claim(archs[::-1])
+
+
+# ------------------------------------------------------------------------------------------- the command
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory) -> Path:
+    """A run of the tiny space on the digits with a one-epoch supernet (the search's first phase only)."""
+    results = tmp_path_factory.mktemp("results")
+    status = cli.main(["search", "--budget", "1.2M", "--space", "tiny", "--supernet-epochs", "1", "--phase", "supernet",
+                       "--device", "cpu", "--results-dir", str(results), "--run-name", "r"])
+    assert status == 0
+    return results / "r"
+
+
+def test_check_ranking_command_on_digits_resumes(tiny_run, capsys):
+    args = ["check-ranking", "--run", str(tiny_run), "--archs", "4", "--epochs", "1"]
+    assert cli.main(args) == 0
+    out = capsys.readouterr().out.splitlines()
+    table = out[out.index(next(line for line in out if line.split()[:1] == ["arch"])):]
+    assert len(table) == 1 + 4 + 2
+    assert re.fullmatch(r"Kendall tau: -?\d\.\d\d \(p = .+\)", table[-2])
+    assert re.fullmatch(r"top-3 precision: [23]/3", table[-1])  # of 4 archs, two top-3 share at least 2
+    for i, row in enumerate(table[1:5]):
+        index, macs, proxy, standalone = row.split()
+        assert int(index) == i and 0.9 <= float(macs) <= 1.2  # the default band: [0.75 budget, budget], in M
+        assert 0 <= float(proxy) <= 100 and 0 <= float(standalone) <= 100
+    folder = tiny_run / "check-ranking"
+    checkpoints = [folder / f"arch_{i}" / "last.pth" for i in range(4)]
+    written = [c.stat().st_mtime_ns for c in checkpoints]
+
+    assert cli.main(args) == 0  # finished: read back, not trained again
+    assert capsys.readouterr().out.splitlines()[-7:] == table
+    assert [c.stat().st_mtime_ns for c in checkpoints] == written
+
+    assert cli.main([*args, "--seed", "1"]) == 2  # another sample would mix with this one's trainings
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "rerun with those settings" in err
+
+
+def test_check_ranking_refuses_bad_input_in_one_line(tiny_run, tmp_path, capsys):
+    untrained = tmp_path / "untrained"
+    untrained.mkdir()
+    shutil.copy(tiny_run / "run.json", untrained / "run.json")
+    for args, message in (
+        (["--run", str(tmp_path / "nope")], "no such run folder"),
+        (["--run", str(tmp_path)], "run.json is missing"),
+        (["--run", str(untrained)], "has no trained supernet"),
+        (["--run", str(tiny_run), "--archs", "2"], "expected an integer >= 3"),
+        (["--run", str(tiny_run), "--band", "1G,2G"], "could not reach the MACs band"),
+    ):
+        assert cli.main(["check-ranking", *args]) == 2, args
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and message in err, (args, err)
