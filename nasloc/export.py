@@ -422,19 +422,17 @@ def _first_line(error: BaseException) -> str:
 
 
 # ================================================================================== runs and trials
+# export_model records count(arch) of the exported arch as macs and params; the search's own keep a prefix.
+_RENAMED_ATTRS = {"top1": "proxy_top1", "macs": "search_macs", "params": "search_params"}
+
+
 def _trial_info(record: RunRecord, trial) -> dict[str, Any]:
-    attrs = trial.user_attrs
+    """The ``nasloc`` block's facts about a trial: its number, state, values and scalar user attributes."""
     info: dict[str, Any] = {"trial": trial.number, "study": record.study_name, "state": trial.state.name}
     if trial.values is not None:
         info["values"] = list(trial.values)
-    for key, value in attrs.items():  # whatever else the search recorded
-        if key != "arch" and (value is None or isinstance(value, (bool, int, float, str))):
-            info[key] = value
-    if "top1" in attrs:
-        info["proxy_top1"] = info.pop("top1")
-    for key in ("macs", "params"):  # export_model records count(arch) of the exported arch as macs/params
-        if key in info:
-            info[f"search_{key}"] = info.pop(key)
+    info.update({_RENAMED_ATTRS.get(key, key): value for key, value in trial.user_attrs.items()
+                 if key != "arch" and (value is None or isinstance(value, (bool, int, float, str)))})
     info.update(budget=record.options.budget, dataset=record.options.dataset)
     return info
 
