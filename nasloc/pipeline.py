@@ -12,8 +12,9 @@ import os
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
+import optuna
 import torch
 
 from .arch import Arch
@@ -191,7 +192,8 @@ def save_untrained(supernet: Supernet, run: RunDir) -> Path:
 
 
 # ------------------------------------------------------------------------------------ search
-def search_phase(supernet: Supernet, splits: DataSplits, space: SearchSpace, checkpoint: Path, record: RunRecord, run: RunDir):
+def search_phase(supernet: Supernet, splits: DataSplits, space: SearchSpace, checkpoint: Path, record: RunRecord,
+                 run: RunDir) -> optuna.Study:
     """Add trials to the study until it holds ``trials``.
 
     ``workers`` N: with Ray, N concurrent Ray trials; with plain Optuna, N processes (this one and
@@ -253,7 +255,8 @@ def _search_settings(record: RunRecord) -> dict[str, Any]:
                 sampler=options.sampler, seed=options.seed, objectives=options.objectives)
 
 
-def _search(space: SearchSpace, evaluate: Any, latency: LatencyFactory | None, settings: dict[str, Any], progress: bool = True):
+def _search(space: SearchSpace, evaluate: Callable[[Arch], float], latency: LatencyFactory | None, settings: dict[str, Any],
+            progress: bool = True) -> optuna.Study:
     """The plain Optuna search in this process (one trial at a time)."""
     return run_search(space, evaluate, latency=latency() if latency else None, workers=1, progress=progress, **settings)
 
@@ -272,7 +275,7 @@ def reference_points(space: SearchSpace, supernet: Supernet, splits: DataSplits,
     return {name: (count(arch).macs, evaluate(arch)) for name, arch in reference_archs(space, options.budget).items()}
 
 
-def report_phase(study, options: RunOptions, run: RunDir, references: dict[str, tuple[float, float]]) -> list:
+def report_phase(study: optuna.Study, options: RunOptions, run: RunDir, references: dict[str, tuple[float, float]]) -> list:
     _say(f"[nasloc] 3/5 report: {TRIALS_CSV}, {PARETO_CSV}, {PARETO_HTML}")
     write_tables(study, options.budget, run.root)
     write_pareto_html(study, options.budget, run.root, references)
