@@ -65,6 +65,9 @@ class _Watched(importlib.abc.Loader):
     def __init__(self, loader: Any, registration: _TimmRegistration):
         self.loader, self.registration = loader, registration
 
+    def __getattr__(self, name: str) -> Any:  # get_code, get_source, ...: what runpy and tracebacks ask for
+        return getattr(self.loader, name)
+
     def create_module(self, spec: Any) -> ModuleType | None:
         return self.loader.create_module(spec)
 
