@@ -32,7 +32,8 @@ from timm.scheduler import CosineLRScheduler
 from tqdm import tqdm
 
 from .arch import Arch
-from .data import DataSplits, make_loader
+from .data import DataSplits
+from .loader import make_loader
 from .errors import NaslocError, TrainingDiverged
 from .fileio import atomic_path
 from .space import SearchSpace

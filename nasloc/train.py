@@ -41,7 +41,8 @@ from torch.utils.data import Dataset
 from torchvision import transforms
 from tqdm import tqdm
 
-from nasloc.data import DataSplits, DeviceLoader, LazyImageDataset, make_loader
+from nasloc.data import DataSplits, LazyImageDataset
+from nasloc.loader import DeviceLoader, make_loader
 from nasloc.errors import TrainingDiverged
 from nasloc.fileio import atomic_path
 

@@ -10,8 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from nasloc.data import (DataError, LazyImageDataset, TensorImageDataset, load_dataset, make_loader,
-                         stratified_split, weak_augment)
+from nasloc.data import DataError, LazyImageDataset, TensorImageDataset, load_dataset, stratified_split
+from nasloc.loader import make_loader, weak_augment
 
 
 def _write_image(path: Path, value: int, size: int = 8) -> None:

@@ -14,7 +14,8 @@ import torch
 from PIL import Image
 from torch import nn
 
-from nasloc.data import DataSplits, load_dataset, make_loader
+from nasloc.data import DataSplits, load_dataset
+from nasloc.loader import make_loader
 from nasloc.errors import NaslocError, TrainingDiverged
 from nasloc.train import RetrainConfig, cleanup_distributed, evaluate, resolve_device, retrain
 
