@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Callable, NoReturn, Sequence
 
 from nasloc.errors import NaslocError
-from nasloc.run import RunOptions
+from nasloc.run import SELECT_INITS, RunOptions
 from nasloc.space_files import SpaceError, resolve_space_path, shipped_spaces
 from nasloc.units import ACCEPTED_FORMS, parse_budget
 
@@ -147,9 +147,19 @@ def add_search_arguments(parser: argparse.ArgumentParser) -> None:
                         help="supernet training epochs; 0 searches untrained weights (default: %(default)s)")
     effort.add_argument("--trials", metavar="N", type=_int_in(1), default=DEFAULTS["trials"],
                         help="search trials, counting those already in a resumed study (default: %(default)s)")
+    effort.add_argument("--select-top-k", metavar="K", type=_int_in(0), default=DEFAULTS["select_top_k"],
+                        help="search candidates (the best of each part of the MACs band) that compete with the "
+                             "seed designs in the selection phase, short trainings with successive halving; 0 "
+                             "skips selection and retrains the Pareto front by proxy (default: %(default)s)")
+    effort.add_argument("--select-epochs", metavar="N", type=_int_in(1), default=DEFAULTS["select_epochs"],
+                        help="epochs of the selection's last rung; rungs are 1, 2, 4, ... epochs, and half the "
+                             "candidates go on at each (default: %(default)s)")
+    effort.add_argument("--select-init", choices=SELECT_INITS, default=DEFAULTS["select_init"],
+                        help="selection candidates start from their supernet weights (fine-tuning) or from "
+                             "scratch (default: %(default)s)")
     effort.add_argument("--retrain-top-k", metavar="K", type=_int_in(0), default=DEFAULTS["retrain_top_k"],
-                        help="Pareto-optimal subnets within budget to retrain from scratch; 0 skips "
-                             "retraining (default: %(default)s)")
+                        help="best candidates of the selection (or, without it, Pareto-optimal subnets by "
+                             "proxy) to retrain from scratch; 0 skips retraining (default: %(default)s)")
     effort.add_argument("--retrain-epochs", metavar="N", type=_int_in(1), default=DEFAULTS["retrain_epochs"],
                         help="epochs per retrained subnet (default: %(default)s)")
     effort.add_argument("--retrain-img-size", metavar="PX", type=_int_in(1),

@@ -17,7 +17,8 @@ import torch
 from torch import nn
 
 from .arch import Arch
-from .data import DeviceLoader, load_dataset, make_loader
+from .data import halve_val, load_dataset
+from .loader import DeviceLoader, make_loader
 from .models import LocalityViT
 from .run import RunRecord
 from .space import SearchSpace
@@ -55,19 +56,23 @@ class EvaluatorSpec:
     seed: int
     batch_size: int = 256
     device: str = "auto"
+    search_half: bool = False  # score on the search's half of the validation split (see halve_val), as runs do
 
     @classmethod
     def for_run(cls, record: RunRecord, checkpoint: Path, device: str) -> "EvaluatorSpec":
         """The evaluator of a run: its space, data and proxy resolution, with the supernet weights of ``checkpoint``."""
         options = record.options
         return cls(str(options.space), str(checkpoint), options.proxy_img_size, options.dataset,
-                   None if options.data_dir is None else str(options.data_dir), options.seed, device=device)
+                   None if options.data_dir is None else str(options.data_dir), options.seed, device=device,
+                   search_half=True)
 
     def __call__(self) -> ProxyEvaluator:
         device = resolve_device(self.device)
         splits = load_dataset(self.dataset, self.data_dir, self.img_size, seed=self.seed)
         space = SearchSpace.load(self.space).for_classes(splits.num_classes)
         supernet = load_supernet(Path(self.checkpoint), Supernet(space, self.img_size), device)
+        if self.search_half:
+            splits, _ = halve_val(splits, self.seed)
         return make_evaluator(supernet, splits, self.batch_size, self.seed)
 
 

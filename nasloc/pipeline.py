@@ -1,8 +1,10 @@
-"""The whole job behind ``run_search.py``: supernet -> search -> report -> retrain -> export.
+"""The whole job behind ``run_search.py``: supernet -> search -> report -> selection -> retrain -> export.
 
 Every phase writes into the run folder (:class:`nasloc.run.RunDir`) and is resumable: the supernet from its
-last epoch checkpoint, the search from its Optuna storage (a rerun continues to ``trials``), retraining from
-each subnet's last epoch, and a finished phase is not redone. Options come as :class:`nasloc.run.RunOptions`
+last epoch checkpoint, the search from its Optuna storage (a rerun continues to ``trials``), the selection
+from its own study and each candidate's last epoch, retraining from each subnet's last epoch, and a
+finished phase is not redone. The validation split is halved: the search scores its proxy on one half, the
+selection its short trainings on the other. Options come as :class:`nasloc.run.RunOptions`
 (validated by :mod:`nasloc.cli`, or made in Python).
 """
 from __future__ import annotations
@@ -18,19 +20,20 @@ import optuna
 import torch
 
 from .arch import Arch
-from .data import DataSplits, load_dataset
+from .data import DataSplits, halve_val, load_dataset
 from .errors import NaslocError
 from .evaluate import EvaluatorSpec, LatencyFactory, make_evaluator
 from .export import export_model
 from .fileio import atomic_path
 from .flops import count
 from .models import LocalityViT
-from .report import serve_dashboard, write_pareto_html, write_summary, write_tables
-from .run import PARETO_CSV, PARETO_HTML, TRIALS_CSV, RunDir, RunOptions, RunRecord
-from .search import open_study, pareto_trials, run_search
+from .report import serve_dashboard, write_csv, write_pareto_html, write_summary, write_tables
+from .run import PARETO_CSV, PARETO_HTML, SELECTION_CSV, TRIALS_CSV, RunDir, RunOptions, RunRecord
+from .search import SEED_DESIGN_ATTR, enqueue_warm_start, open_study, optuna_quiet, pareto_trials, run_search
 from .seeds import reference_archs
+from .selection import RungTrainer, SelectionConfig, run_selection, search_candidates, selection_rows
 from .space import SearchSpace
-from .storage import check_storage
+from .storage import check_storage, open_storage
 from .supernet import Supernet
 from .supernet_train import Band, SupernetConfig, fingerprint, load_supernet, train_supernet
 from .train import RetrainConfig, resolve_device, retrain
@@ -51,7 +54,7 @@ class PhaseError(NaslocError):
 
 @dataclass(frozen=True)
 class Retrained:
-    """A Pareto trial retrained from scratch."""
+    """A finalist (search trial ``trial``) retrained from scratch."""
 
     trial: int
     model: LocalityViT
@@ -90,16 +93,25 @@ def run_pipeline(options: RunOptions) -> Path:
             checkpoint = trained_checkpoint(supernet, run, device)
         else:
             checkpoint = train_phase(supernet, splits, space, options, run, device)
+        if options.phase != "search":  # once per run, before any search worker (--phase search) starts
+            queue_seed_designs(space, record)
         if options.phase == "supernet":
             return run.root
-        study = search_phase(supernet, splits, space, checkpoint, record, run)
+        search_data, select_data = halve_val(splits, options.seed)
+        study = search_phase(supernet, search_data, space, checkpoint, record, run)
         if options.phase == "search":
             return run.root
-        references = reference_points(space, supernet, splits, options)
+        references = reference_points(study)
         pareto = report_phase(study, options, run, references)
-        retrained = retrain_phase(pareto, space, splits, record, run)
+        if options.select_top_k:
+            selection = selection_phase(study, supernet, select_data, space, options, run)
+            finalists = [study.trials[t.user_attrs["search_trial"]] for t in selection.ranking]
+        else:
+            selection, finalists = None, sorted(pareto, key=lambda t: t.user_attrs["top1"], reverse=True)
+        retrained = retrain_phase(finalists, space, splits, record, run)
         export_dir = export_phase(retrained, options, run, splits)
-        write_summary(run, record, space, study, pareto, retrained, references, export_dir, time.time() - started)
+        write_summary(run, record, space, study, pareto, selection, retrained, references, export_dir,
+                      time.time() - started)
     finally:
         if dashboard is not None:
             dashboard.shutdown()
@@ -154,7 +166,7 @@ def train_phase(supernet: Supernet, splits: DataSplits, space: SearchSpace, opti
                 device: torch.device) -> Path:
     band = Band(max(space.macs_range()[0], BAND_LOW * options.budget), options.budget)
     cfg = SupernetConfig(epochs=options.supernet_epochs, seed=options.seed)
-    _say(f"[nasloc] 1/5 supernet: {cfg.epochs} epochs, sandwich rule in the band {format_macs(band.lo)} - {format_macs(band.hi)}")
+    _say(f"[nasloc] 1/6 supernet: {cfg.epochs} epochs, sandwich rule in the band {format_macs(band.lo)} - {format_macs(band.hi)}")
     result = train_supernet(supernet, splits, band, cfg, run.supernet_dir, device=str(device))
     if cfg.epochs == 0 and not result.checkpoint.exists():
         return save_untrained(supernet, run)
@@ -192,6 +204,18 @@ def save_untrained(supernet: Supernet, run: RunDir) -> Path:
 
 
 # ------------------------------------------------------------------------------------ search
+def queue_seed_designs(space: SearchSpace, record: RunRecord) -> None:
+    """Create the study and queue the seed designs at the budget as its first trials (a new study only), so
+    NSGA-II's first population holds them. Done once per run, by the supernet phase: workers that share the
+    study (``--phase search``) would race to queue them twice."""
+    options = record.options
+    with optuna_quiet(True):
+        study = open_study(options.storage, record.study_name, objectives=options.objectives,
+                           budget_macs=options.budget,
+                           meta={"space": space.name, "sampler": options.sampler, "seed": options.seed})
+    enqueue_warm_start(study, space, reference_archs(space, options.budget), options.trials)
+
+
 def search_phase(supernet: Supernet, splits: DataSplits, space: SearchSpace, checkpoint: Path, record: RunRecord,
                  run: RunDir) -> optuna.Study:
     """Add trials to the study until it holds ``trials``.
@@ -203,7 +227,7 @@ def search_phase(supernet: Supernet, splits: DataSplits, space: SearchSpace, che
     """
     options = record.options
     workers = options.workers
-    _say(f"[nasloc] 2/5 search: {options.trials} trials, {options.sampler}, storage {options.storage}"
+    _say(f"[nasloc] 2/6 search: {options.trials} trials, {options.sampler}, storage {options.storage}"
          + (f", {workers} {'Ray trials' if options.backend == 'ray' else 'processes'} at a time" if workers > 1 else ""))
     device = next(supernet.parameters()).device
     spec = EvaluatorSpec.for_run(record, checkpoint, str(device))
@@ -220,9 +244,7 @@ def search_phase(supernet: Supernet, splits: DataSplits, space: SearchSpace, che
     if workers == 1:
         return _search(space, evaluate, latency, settings)
 
-    # The study exists before the workers start, so that they do not race to create it.
-    open_study(options.storage, record.study_name, objectives=options.objectives, budget_macs=options.budget,
-               meta={"space": space.name, "sampler": options.sampler, "seed": options.seed})
+    # queue_seed_designs made the study before the workers start, so that they do not race to create it.
     threads = max(1, torch.get_num_threads() // workers)
     context = multiprocessing.get_context("spawn")  # fork would copy torch's thread pools mid-use
     processes = [context.Process(target=_search_worker, args=(spec, latency, settings, threads), daemon=True,
@@ -269,27 +291,48 @@ def _search_worker(spec: EvaluatorSpec, latency: LatencyFactory | None, settings
 
 
 # ------------------------------------------------------------------------------------ report
-def reference_points(space: SearchSpace, supernet: Supernet, splits: DataSplits, options: RunOptions) -> dict[str, tuple[float, float]]:
-    """Each seed mechanism alone in the space, within budget, with its proxy top-1 (supernet weights)."""
-    evaluate = make_evaluator(supernet, splits, seed=options.seed)
-    return {name: (count(arch).macs, evaluate(arch)) for name, arch in reference_archs(space, options.budget).items()}
+def reference_points(study: optuna.Study) -> dict[str, tuple[float, float]]:
+    """Each seed mechanism alone in the space at the budget (queued first in the search), with its MACs and
+    proxy top-1: the reference points of the Pareto plot."""
+    return {t.user_attrs[SEED_DESIGN_ATTR]: (t.user_attrs["macs"], t.user_attrs["top1"])
+            for t in study.get_trials(deepcopy=False) if SEED_DESIGN_ATTR in t.user_attrs and "top1" in t.user_attrs}
 
 
 def report_phase(study: optuna.Study, options: RunOptions, run: RunDir, references: dict[str, tuple[float, float]]) -> list:
-    _say(f"[nasloc] 3/5 report: {TRIALS_CSV}, {PARETO_CSV}, {PARETO_HTML}")
+    _say(f"[nasloc] 3/6 report: {TRIALS_CSV}, {PARETO_CSV}, {PARETO_HTML}")
     write_tables(study, options.budget, run.root)
     write_pareto_html(study, options.budget, run.root, references)
     return pareto_trials(study, options.budget)
 
 
+# ------------------------------------------------------------------------------------ selection
+def selection_phase(study: optuna.Study, supernet: Supernet, splits: DataSplits, space: SearchSpace,
+                    options: RunOptions, run: RunDir) -> Any:
+    """Successive halving of the search's best candidates and the seed designs (:mod:`nasloc.selection`),
+    scored on the selection half of the validation split; writes ``selection.csv``."""
+    band_low = max(space.macs_range()[0], BAND_LOW * options.budget)
+    candidates = search_candidates(study, options.budget, options.select_top_k, band_low)
+    config = SelectionConfig(epochs=options.select_epochs, top_k=options.select_top_k, init=options.select_init,
+                             seed=options.seed)
+    _say(f"[nasloc] 4/6 selection: {len(candidates)} candidates ({sum(not c.source.isdigit() for c in candidates)} "
+         f"seed designs), rungs up to {config.epochs} epochs from {config.init} weights, {len(splits.val)} "
+         f"held-out images")
+    trainer = RungTrainer(supernet, splits, config, run.selection_dir, device=options.device)
+    storage = open_storage(options.storage, heartbeat_interval=None)  # no Study.optimize to beat for
+    result = run_selection(candidates, trainer, storage, max_epochs=config.epochs,
+                           reduction_factor=config.reduction_factor, say=_say)
+    write_csv(selection_rows(result.study), run.root / SELECTION_CSV)
+    return result
+
+
 # ------------------------------------------------------------------------------------ retrain + export
-def retrain_phase(pareto: list, space: SearchSpace, splits: DataSplits, record: RunRecord, run: RunDir) -> list[Retrained]:
-    """Retrain the best ``retrain_top_k`` Pareto trials (by proxy top-1) from scratch."""
+def retrain_phase(finalists: list, space: SearchSpace, splits: DataSplits, record: RunRecord, run: RunDir) -> list[Retrained]:
+    """Retrain the first ``retrain_top_k`` finalists (search trials, best first) from scratch."""
     options = record.options
-    chosen = sorted(pareto, key=lambda t: t.user_attrs["top1"], reverse=True)[: options.retrain_top_k]
+    chosen = finalists[: options.retrain_top_k]
     size = options.retrain_img_size
     if chosen:
-        _say(f"[nasloc] 4/5 retrain: {len(chosen)} Pareto trials at {size} px, {options.retrain_epochs} epochs each")
+        _say(f"[nasloc] 5/6 retrain: {len(chosen)} finalists at {size} px, {options.retrain_epochs} epochs each")
     data = splits if size == splits.img_size else load_dataset(options.dataset, options.data_dir, size, seed=options.seed)
     results = []
     for trial in chosen:
@@ -315,7 +358,7 @@ def export_phase(retrained: list[Retrained], options: RunOptions, run: RunDir, s
     best = max(retrained, key=lambda r: r.val_top1)
     info = dict(trial=best.trial, macs_at_deploy=best.macs, params=best.params, proxy_top1=best.proxy_top1,
                 retrained_top1=best.val_top1, budget_macs=options.budget, dataset=options.dataset)
-    _say(f"[nasloc] 5/5 export: trial {best.trial} -> {run.best_export}")
+    _say(f"[nasloc] 6/6 export: trial {best.trial} -> {run.best_export}")
     return export_model(best.model, run.best_export, info=info, mean=splits.mean, std=splits.std,
                         label_names=splits.class_names, overwrite=True)
 

@@ -23,7 +23,7 @@ import torch
 from scipy.stats import kendalltau
 
 from .arch import Arch
-from .data import DataSplits
+from .data import DataSplits, halve_val
 from .errors import NaslocError
 from .evaluate import make_evaluator
 from .fileio import write_atomic
@@ -190,7 +190,8 @@ def check_run_ranking(run_dir: Path, *, archs: int, epochs: int, seed: int = 0, 
         raise RankingError(f"the band [{lo:.4g}, {hi:.4g}] MACs holds only {len(sample)} distinct archs; widen it")
     device = resolve_device(options.device)
     supernet = load_supernet(run.supernet_checkpoint, Supernet(space, options.proxy_img_size), device)
-    trainer = FolderTrainer(run.root / "check-ranking", splits, epochs=epochs, img_size=options.proxy_img_size,
+    trainer = FolderTrainer(run.check_ranking_dir, splits, epochs=epochs, img_size=options.proxy_img_size,
                             seed=seed, band=(lo, hi), device=str(device))
     trainer.claim(sample)
-    return check_ranking(sample, make_evaluator(supernet, splits, seed=options.seed), trainer, on_arch)
+    proxy = make_evaluator(supernet, halve_val(splits, options.seed)[0], seed=options.seed)  # the search's proxy
+    return check_ranking(sample, proxy, trainer, on_arch)

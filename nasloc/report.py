@@ -29,6 +29,7 @@ from .units import format_macs
 
 if TYPE_CHECKING:
     from .pipeline import Retrained
+    from .selection import SelectionResult
     from .space import SearchSpace
 
 MACS_AXIS = "MACs (1 multiply-add = 1 FLOP)"
@@ -84,9 +85,15 @@ def write_tables(study: optuna.Study, budget_macs: float, out_dir: str | Path) -
     return trials_csv, pareto_csv
 
 
-def _csv_text(rows: list[dict[str, Any]]) -> str:
+def write_csv(rows: list[dict[str, Any]], path: Path) -> Path:
+    """Rows of equal keys (e.g. :func:`nasloc.selection.selection_rows`) as one CSV file."""
+    write_atomic(path, _csv_text(rows, list(rows[0]) if rows else []))
+    return path
+
+
+def _csv_text(rows: list[dict[str, Any]], columns: Sequence[str] = COLUMNS) -> str:
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=COLUMNS, lineterminator="\n")
+    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
     writer.writeheader()
     for row in rows:
         writer.writerow({k: _cell(v) for k, v in row.items()})
@@ -227,10 +234,10 @@ def _ensure_plotlyjs(out_dir: Path) -> None:
 
 # ------------------------------------------------------------------------------------------- summary
 def write_summary(run: RunDir, record: RunRecord, space: SearchSpace, study: optuna.Study, pareto: Sequence[FrozenTrial],
-                  retrained: Sequence[Retrained], references: Mapping[str, tuple[float, float]], export_dir: Path | None,
-                  seconds: float) -> Path:
-    """``summary.md``: the budget, the Pareto front, the seed mechanisms alone, the retrained subnets and
-    how to reload the export."""
+                  selection: SelectionResult | None, retrained: Sequence[Retrained],
+                  references: Mapping[str, tuple[float, float]], export_dir: Path | None, seconds: float) -> Path:
+    """``summary.md``: the budget, the Pareto front, the seed mechanisms alone, the selection, the retrained
+    subnets and how to reload the export."""
     options = record.options
     trials = [t for t in study.get_trials(deepcopy=False) if not t.user_attrs.get("surplus")]  # not the race losers
     complete = sum(t.state == TrialState.COMPLETE for t in trials)
@@ -252,6 +259,8 @@ def write_summary(run: RunDir, record: RunRecord, space: SearchSpace, study: opt
                      f"{t.user_attrs['params'] / 1e6:.3f} | {Arch.from_dict(t.user_attrs['arch']).describe()} |")
     lines += ["", "## Seed mechanisms alone in this space (largest within budget)", "", "| design | proxy top-1 (%) | GMACs |", "|---|---|---|"]
     lines += [f"| {name} | {top1:.2f} | {macs / 1e9:.4f} |" for name, (macs, top1) in references.items()]
+    if selection is not None:
+        lines += _selection_lines(selection)
     lines += ["", "## Retrained from scratch", "", "| trial | val top-1 (%) | proxy top-1 (%) | GMACs at deploy | params (M) |", "|---|---|---|---|---|"]
     lines += [f"| {r.trial} | {r.val_top1:.2f} | {r.proxy_top1:.2f} | {r.macs / 1e9:.4f} | {r.params / 1e6:.3f} |" for r in retrained]
     if export_dir is not None:
@@ -259,6 +268,21 @@ def write_summary(run: RunDir, record: RunRecord, space: SearchSpace, study: opt
                   f"    import nasloc, timm; timm.create_model(\"local-dir:{export_dir}\", pretrained=True)"]
     write_atomic(run.summary, "\n".join(lines) + "\n")
     return run.summary
+
+
+def _selection_lines(selection: SelectionResult) -> list[str]:
+    from .selection import selection_rows
+
+    rows = selection_rows(selection.study)
+    rungs = selection.study.user_attrs["rungs"]
+    lines = ["", "## Selection (successive halving of short trainings, top-1 % on the held-out half of val)", "",
+             "| rank | candidate | search trial | " + " | ".join(f"{e} ep" for e in rungs) + " | GMACs | locality |",
+             "|---|---|---|" + "---|" * len(rungs) + "---|---|"]
+    for row in rows:
+        scores = " | ".join("" if row[f"top1@{e}ep"] is None else f"{row[f'top1@{e}ep']:.2f}" for e in rungs)
+        lines.append(f"| {row['rank']} | {row['source']} | {row['search_trial']} | {scores} | "
+                     f"{row['macs'] / 1e9:.4f} | {row['locality']} |")
+    return lines
 
 
 # ------------------------------------------------------------------------------------------- dashboard

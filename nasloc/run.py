@@ -4,9 +4,11 @@
     ├── run.json                  the RunRecord: the resolved options and what the data set decided
     ├── study.db                  the Optuna study (the default storage)
     ├── supernet/last.pth         the trained supernet (untrained.pth with --supernet-epochs 0)
+    ├── selection/trial_<N>/      last.pth: selection trial N's short training (successive halving)
     ├── retrain/trial_<N>/        last.pth (checkpoint), best.safetensors, arch.json (the arch as retrained)
+    ├── check-ranking/            nasloc check-ranking's standalone trainings
     ├── export/best/, export/trial-<N>/
-    ├── trials.csv, pareto.csv, pareto.html, summary.md
+    ├── trials.csv, pareto.csv, pareto.html, selection.csv, summary.md
     └── ray/                      Ray Tune's own files
 
 Only this module spells these paths. It imports nothing heavy (no torch; Optuna only to open the study): the
@@ -28,6 +30,8 @@ from .units import short_macs
 STUDY_NAME = "nasloc"
 # The report's file names (nasloc.report writes them into any folder; in a run folder, into its root).
 TRIALS_CSV, PARETO_CSV, PARETO_HTML = "trials.csv", "pareto.csv", "pareto.html"
+SELECTION_CSV = "selection.csv"
+SELECT_INITS = ("supernet", "scratch")
 
 
 class RunError(NaslocError):
@@ -52,6 +56,9 @@ class RunOptions:
     proxy_img_size: int | None = None
     supernet_epochs: int = 5
     trials: int = 60
+    select_top_k: int = 8
+    select_epochs: int = 4
+    select_init: str = "supernet"
     retrain_top_k: int = 2
     retrain_epochs: int = 5
     retrain_img_size: int | None = None
@@ -200,6 +207,14 @@ class RunDir:
     def untrained_checkpoint(self) -> Path:
         """The initial weights with --supernet-epochs 0 (never resumed or exported as trained)."""
         return self.supernet_dir / "untrained.pth"
+
+    def selection_dir(self, trial: int) -> Path:
+        """Where :func:`nasloc.train.retrain` keeps selection trial ``trial``'s short training."""
+        return self.root / "selection" / f"trial_{trial}"
+
+    @property
+    def check_ranking_dir(self) -> Path:
+        return self.root / "check-ranking"
 
     def retrain_dir(self, trial: int) -> Path:
         """Where :func:`nasloc.train.retrain` keeps trial ``trial``'s checkpoint."""

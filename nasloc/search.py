@@ -325,7 +325,7 @@ class _AfterTrial:
 
 
 @contextmanager
-def _optuna_quiet(quiet: bool) -> Iterator[None]:
+def optuna_quiet(quiet: bool) -> Iterator[None]:
     """Optuna logs every trial at INFO; with a progress bar that is noise."""
     if not quiet:
         yield
@@ -382,7 +382,7 @@ def run_search(
         return study
     after = _AfterTrial(study, n_trials, progress)
     try:
-        with _optuna_quiet(progress):
+        with optuna_quiet(progress):
             study.optimize(
                 _Budgeted(objective, n_trials),
                 n_trials=remaining,

@@ -26,23 +26,31 @@ from optuna.trial import FrozenTrial, TrialState
 
 from .arch import Arch
 from .flops import count
-from .search import evaluated_feasible_trials
+from .search import SEED_DESIGN_ATTR, evaluated_feasible_trials, optuna_quiet
 
 STUDY_NAME = "selection"
 
 
 @dataclass(frozen=True)
 class Candidate:
-    """An arch competing in the selection; ``source`` is a search trial's number (``"12"``) or the name
-    of a seed design (``"DW shortcut"``)."""
+    """An arch competing in the selection: search trial ``trial`` of the search study. ``source`` names it:
+    the trial's number (``"12"``), or the seed design's name (``"DW shortcut"``) for the seed designs that
+    the search queued first (:func:`nasloc.search.enqueue_warm_start`)."""
 
     source: str
     arch: Arch
+    trial: int
+
+
+def _candidate(trial: FrozenTrial) -> Candidate:
+    source = trial.user_attrs.get(SEED_DESIGN_ATTR, str(trial.number))
+    return Candidate(source, Arch.from_dict(trial.user_attrs["arch"]), trial.number)
 
 
 # ------------------------------------------------------------------------------------- candidates
 def search_candidates(study: optuna.Study, budget_macs: float, top_k: int, band_low: float) -> list[Candidate]:
-    """The ``top_k`` best evaluated trials within budget, spread over the MACs band.
+    """The ``top_k`` best evaluated trials within budget, spread over the MACs band, then every seed design
+    that the search evaluated within budget (if not already among them).
 
     The band [band_low, budget] is cut into ``ceil(top_k / 2)`` equal sub-bands and each trial competes
     only with the trials of its own sub-band (those below ``band_low`` join the lowest): the supernet
@@ -53,10 +61,13 @@ def search_candidates(study: optuna.Study, budget_macs: float, top_k: int, band_
     width = max(budget_macs - band_low, 1.0) / bins
     by_bin: list[list[FrozenTrial]] = [[] for _ in range(bins)]
     seen: set[str] = set()
+    seeds: list[FrozenTrial] = []
     for trial in sorted(evaluated_feasible_trials(study, budget_macs), key=lambda t: (-t.user_attrs["top1"], t.number)):
         if trial.user_attrs["arch_json"] in seen:  # the same arch proposed twice
             continue
         seen.add(trial.user_attrs["arch_json"])
+        if SEED_DESIGN_ATTR in trial.user_attrs:
+            seeds.append(trial)
         index = min(bins - 1, max(0, int((trial.user_attrs["macs"] - band_low) // width)))
         by_bin[index].append(trial)
     picked: list[FrozenTrial] = []
@@ -64,13 +75,8 @@ def search_candidates(study: optuna.Study, budget_macs: float, top_k: int, band_
         for group in reversed(by_bin):  # next to the budget first
             if group and len(picked) < top_k:
                 picked.append(group.pop(0))
-    return [Candidate(str(t.number), Arch.from_dict(t.user_attrs["arch"])) for t in picked]
-
-
-def seed_candidates(references: dict[str, Arch], taken: Sequence[Candidate] = ()) -> list[Candidate]:
-    """The seed designs at the budget (name -> arch), less any arch the search candidates already hold."""
-    archs = {c.arch.to_json() for c in taken}
-    return [Candidate(name, arch) for name, arch in references.items() if arch.to_json() not in archs]
+    picked += sorted((t for t in seeds if t not in picked), key=lambda t: t.number)
+    return [_candidate(t) for t in picked]
 
 
 # ------------------------------------------------------------------------------------------- rungs
@@ -133,15 +139,18 @@ def run_selection(candidates: Sequence[Candidate], advance: Advance, storage: Ba
     numbers and reported rungs) and ignores ``candidates``.
     """
     rungs = rung_epochs(max_epochs, reduction_factor)
-    study = optuna.create_study(storage=storage, study_name=STUDY_NAME, direction="maximize", load_if_exists=True,
-                                pruner=SynchronousHalvingPruner(rungs, reduction_factor))
+    with optuna_quiet(True):  # the rungs are reported by ``say``
+        study = optuna.create_study(storage=storage, study_name=STUDY_NAME, direction="maximize",
+                                    load_if_exists=True, pruner=SynchronousHalvingPruner(rungs, reduction_factor))
     _check_rungs(study, rungs)
     _add_candidates(study, candidates, rungs)
     for epochs in rungs:
         alive = _alive(study)
         if not alive:
             break
-        say(f"[nasloc]   rung {epochs} epoch{'s' * (epochs > 1)}: {len(alive)} candidate{'s' * (len(alive) > 1)}")
+        scored = sum(epochs in t.intermediate_values for t in alive)
+        say(f"[nasloc]   rung {epochs} epoch{'s' * (epochs > 1)}: {len(alive)} candidate{'s' * (len(alive) > 1)}"
+            + (f" ({scored} already scored)" if scored else ""))
         for frozen in alive:
             if epochs not in frozen.intermediate_values:
                 value = advance(frozen.number, candidate_of(frozen), epochs)
@@ -173,6 +182,7 @@ def _add_candidates(study: optuna.Study, candidates: Sequence[Candidate], rungs:
         trial = study.ask()
         cost = count(candidate.arch)
         trial.set_user_attr("source", candidate.source)
+        trial.set_user_attr("search_trial", candidate.trial)
         trial.set_user_attr("macs", int(cost.macs))
         trial.set_user_attr("params", int(cost.params))
         trial.set_user_attr("arch", candidate.arch.to_dict())
@@ -180,7 +190,8 @@ def _add_candidates(study: optuna.Study, candidates: Sequence[Candidate], rungs:
 
 
 def candidate_of(trial: FrozenTrial) -> Candidate:
-    return Candidate(trial.user_attrs["source"], Arch.from_dict(trial.user_attrs["arch"]))
+    """The candidate a selection trial trains."""
+    return Candidate(trial.user_attrs["source"], Arch.from_dict(trial.user_attrs["arch"]), trial.user_attrs["search_trial"])
 
 
 def _alive(study: optuna.Study) -> list[FrozenTrial]:
@@ -209,7 +220,8 @@ def selection_rows(study: optuna.Study) -> list[dict[str, Any]]:
     rows = []
     for rank, trial in enumerate(ranking(study), 1):
         arch = Arch.from_dict(trial.user_attrs["arch"])
-        row = dict(rank=rank, trial=trial.number, source=trial.user_attrs["source"], state=trial.state.name,
+        row = dict(rank=rank, source=trial.user_attrs["source"], search_trial=trial.user_attrs["search_trial"],
+                   selection_trial=trial.number, state=trial.state.name,
                    macs=trial.user_attrs["macs"], params=trial.user_attrs["params"], locality=arch.describe())
         row.update({f"top1@{e}ep": trial.intermediate_values.get(e) for e in rungs})
         rows.append(row)
@@ -241,10 +253,13 @@ class RungTrainer:
         self.supernet, self.splits, self.config, self.folder, self.device = supernet, splits, config, folder, device
 
     def __call__(self, number: int, candidate: Candidate, epochs: int) -> float:
+        import torch
+
         from .models import LocalityViT
         from .train import RetrainConfig, retrain
 
         arch = self.supernet.at_resolution(candidate.arch)
+        torch.manual_seed(self.config.seed)  # the scratch init (a resumed training loads its checkpoint)
         model = self.supernet.extract(arch) if self.config.init == "supernet" else LocalityViT(arch)
         cfg = RetrainConfig(epochs=self.config.epochs, batch_size=self.config.batch_size, seed=self.config.seed,
                             warmup_epochs=0 if self.config.init == "supernet" else 1, mixup=0.0, cutmix=0.0,

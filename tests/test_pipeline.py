@@ -169,8 +169,24 @@ def test_a_run_writes_every_output_consistently(finished):
     assert {int(r["number"]) for r in rows if r["pareto"] == "True"} == {t.number for t in front}
     assert "plotly" in (run_dir / "pareto.html").read_text()
 
-    # --retrain-top-k 1: the Pareto trial with the best proxy top-1, retrained for one epoch, and exported
-    best = max(front, key=lambda t: t.user_attrs["top1"])
+    # the selection: every seed design (queued first in the search) among the candidates, rungs 1, 2, 4 epochs,
+    # the worse half pruned at each, every rung an intermediate value, selection.csv in rank order
+    selection = optuna.load_study(study_name="selection", storage=open_storage(run_dir / "study.db"))
+    seeds = {t.user_attrs["seed_design"]: t for t in trials if "seed_design" in t.user_attrs}
+    assert len(seeds) >= 4 and all(t.number < len(seeds) for t in seeds.values())
+    by_source = {t.user_attrs["source"]: t for t in selection.trials}
+    assert set(seeds) <= set(by_source)
+    assert all(by_source[name].user_attrs["search_trial"] == t.number for name, t in seeds.items())
+    assert sorted(len(t.intermediate_values) for t in selection.trials)[-1] == 3
+    assert all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in selection.trials)
+    assert sum(t.state == TrialState.PRUNED for t in selection.trials) >= len(selection.trials) // 2
+    assert {t.user_attrs["macs"] for t in selection.trials} <= {t.user_attrs["macs"] for t in trials}
+    ranked = read_csv(run_dir / "selection.csv")
+    assert [int(r["rank"]) for r in ranked] == list(range(1, len(selection.trials) + 1))
+    assert ranked[0]["state"] == "COMPLETE" and ranked[-1]["state"] == "PRUNED"
+
+    # --retrain-top-k 1: the selection's best, retrained for one epoch, and exported
+    best = study.trials[int(ranked[0]["search_trial"])]
     assert [d.name for d in retrained_dirs(run_dir)] == [f"trial_{best.number}"]
     retrained = run_dir / "retrain" / f"trial_{best.number}"
     checkpoint = torch.load(retrained / "last.pth", map_location="cpu", weights_only=True)
@@ -184,6 +200,7 @@ def test_a_run_writes_every_output_consistently(finished):
     assert "6 trials (6 complete" in summary
     retrained_table = summary.split("## Retrained from scratch")[1]
     assert f"| {best.number} | {val_top1:.2f} | {best.user_attrs['top1']:.2f} |" in retrained_table
+    assert "## Selection" in summary and f"| 1 | {ranked[0]['source']} | {best.number} |" in summary
     for t in front:
         assert f"| {t.number} | {t.user_attrs['top1']:.2f} |" in summary
         assert Arch.from_dict(t.user_attrs["arch"]).describe() in summary  # which locality each Pareto arch uses
@@ -263,7 +280,7 @@ def test_dashboard_serves_the_study(finished):
         status, body = get(f"http://127.0.0.1:{port}/api/studies")
         assert status == 200
         studies = json.loads(body)["study_summaries"]
-        assert [s["study_name"] for s in studies] == [STUDY_NAME]
+        assert [s["study_name"] for s in studies] == [STUDY_NAME, "selection"]  # the search and its selection
     finally:
         server.shutdown()
         server.server_close()
@@ -329,7 +346,9 @@ def test_phases_supernet_then_search_then_the_rest(tmp_path, data_dir, capsys):
 
     assert run(args(tmp_path, data_dir, phase="supernet")) == 0
     checkpoint = run_dir / "supernet" / "last.pth"
-    assert epoch_of(checkpoint) == 0 and not (run_dir / "study.db").exists()
+    assert epoch_of(checkpoint) == 0
+    queued = load_study(run_dir).trials  # the seed designs, queued once for every worker to come; none searched
+    assert queued and all(t.state == TrialState.WAITING and "seed_design" in t.user_attrs for t in queued)
     mtime = checkpoint.stat().st_mtime_ns
 
     assert run(args(tmp_path, data_dir, phase="search")) == 0  # what each extra worker runs

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import json
 import math
 import os
 import shutil
@@ -291,7 +292,8 @@ def supernets(data: Path, results: Path) -> tuple[Path, Path]:
                             results / "logs" / f"supernet-{name}") for name in names])
     for run in runs:
         assert run.returncode == 0, str(run)
-    assert not (results / "shared" / "study.db").exists(), "--phase supernet must not search"
+    states = set(sqlite_states(results / "shared" / "study.db").values())
+    assert states == {"WAITING"}, "--phase supernet must not search (it only queues the seed designs)"
     return results / "shared", results / "twin"
 
 
@@ -331,7 +333,7 @@ def _two_workers(data: Path, results: Path, shared: Path, storage: str, name: st
     runs = run_all([Process(args, results / "logs" / f"{name}-worker-{i}") for i in (1, 2)])
     for run in runs:
         assert run.returncode == 0, str(run)
-        assert "2/5 search" in run.stdout and "3/5 report" not in run.stdout, str(run)
+        assert "2/6 search" in run.stdout and "3/6 report" not in run.stdout, str(run)
     study = load_study(storage)
     assert_unique_and_complete(study, WORKER_TRIALS)
     return study
@@ -527,3 +529,37 @@ def test_a_nan_accuracy_fails_its_trial_and_the_search_goes_on(tmp_path: Path) -
     assert len(calls) == 5
     rows = read_csv(write_tables(study, budget, tmp_path)[0])
     assert [r["state"] for r in rows] == [s.name for s in states] and "nan" in rows[1]["fail_reason"]
+
+
+# ----------------------------------------------------------------------------------------- selection crash
+def selection_scores(db: Path) -> dict[tuple[str, int], float]:
+    """(candidate, epochs) -> score of every rung reported in the selection study so far."""
+    rows = sqlite_query(db, "SELECT a.value_json, v.step, v.intermediate_value FROM studies s "
+                            "JOIN trials t ON t.study_id = s.study_id "
+                            "JOIN trial_user_attributes a ON a.trial_id = t.trial_id AND a.key = 'source' "
+                            "JOIN trial_intermediate_values v ON v.trial_id = t.trial_id "
+                            "WHERE s.study_name = 'selection'")
+    return {(json.loads(source), int(step)): value for source, step, value in rows}
+
+
+def test_killed_selection_resumes_without_losing_a_finished_rung(data: Path, results: Path) -> None:
+    run_dir = results / "selection-crash"
+    args = search_args(data, results, "--run-name", "selection-crash", "--supernet-epochs", 1, "--select-epochs", 4)
+    db = run_dir / "study.db"
+    first = Process(args, results / "logs" / "selection-1")
+    poll(lambda: len(selection_scores(db)) >= 3, first, "three candidates were scored in rung 1", interval=0.05)
+    killed = first.kill()
+    assert killed.returncode == -signal.SIGKILL
+    at_kill = selection_scores(db)
+
+    rerun = Process(args, results / "logs" / "selection-2").wait()
+    assert rerun.returncode == 0, str(rerun)
+    assert "already scored" in rerun.stdout, str(rerun)
+    final = selection_scores(db)
+    assert {key: final[key] for key in at_kill} == at_kill  # every score reported before the kill is kept
+    selection = optuna.load_study(study_name="selection", storage=open_storage(f"sqlite:///{db}", heartbeat_interval=None))
+    sources = [t.user_attrs["source"] for t in selection.trials]
+    assert len(sources) == len(set(sources)) == TRIALS  # the candidates once each: here the six seed designs
+    assert {t.state for t in selection.trials} <= {TrialState.COMPLETE, TrialState.PRUNED}
+    assert max(step for _, step in final) == 4
+    assert [r["source"] for r in read_csv(run_dir / "selection.csv")][0] in sources

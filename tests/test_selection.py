@@ -11,8 +11,9 @@ import pytest
 from optuna.trial import TrialState
 
 from nasloc.arch import Arch
+from nasloc.search import SEED_DESIGN_ATTR
 from nasloc.selection import (Candidate, SynchronousHalvingPruner, rung_epochs, ranking, run_selection,
-                              search_candidates, seed_candidates, selection_rows)
+                              search_candidates, selection_rows)
 from nasloc.space import SearchSpace
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -55,7 +56,7 @@ def test_rungs_double_up_to_the_last():
 
 
 def test_successive_halving_keeps_the_better_half_at_each_rung(space):
-    cands = [Candidate(f"c{i}", a) for i, a in enumerate(archs(space, 8))]
+    cands = [Candidate(f"c{i}", a, i) for i, a in enumerate(archs(space, 8))]
     quality = {f"c{i}": q for i, q in enumerate([5, 1, 7, 3, 8, 2, 6, 4])}
     trainer = Trainer(quality)
     result = run_selection(cands, trainer, optuna.storages.InMemoryStorage(), max_epochs=4, say=lambda m: None)
@@ -86,7 +87,7 @@ def test_halving_decision_does_not_depend_on_the_order_of_calls(space):
 
 def test_a_rerun_resumes_without_training_a_reported_rung_again(space, tmp_path):
     storage = f"sqlite:///{tmp_path / 'study.db'}"
-    cands = [Candidate(f"c{i}", a) for i, a in enumerate(archs(space, 4))]
+    cands = [Candidate(f"c{i}", a, i) for i, a in enumerate(archs(space, 4))]
     quality = {"c0": 1, "c1": 2, "c2": 3, "c3": 4}
 
     class Crash(Exception):
@@ -108,33 +109,27 @@ def test_a_rerun_resumes_without_training_a_reported_rung_again(space, tmp_path)
         run_selection(cands, trainer, storage, max_epochs=4, say=lambda m: None)
 
 
-def test_search_candidates_cover_the_upper_budget_and_skip_duplicates(space):
-    study = optuna.create_study(directions=["maximize", "minimize"])
-    pool = archs(space, 30, seed=1)
+def test_search_candidates_cover_the_upper_budget_and_add_the_seed_designs(space):
     from nasloc.flops import count
 
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    pool = archs(space, 30, seed=1)
     budget = sorted(count(a).macs for a in pool)[-3]  # a few over budget
+    low = min(count(a).macs for a in pool)
+    small = min(pool, key=lambda a: count(a).macs)
     for i, arch in enumerate(pool + pool[:2]):  # two archs proposed twice
         macs = count(arch).macs
-        study.add_trial(optuna.trial.create_trial(
-            values=[float(i % 7), float(macs)],
-            user_attrs=dict(arch=arch.to_dict(), arch_json=arch.to_json(), macs=macs, params=0, top1=float(i % 7))))
-    low = count(min(pool, key=lambda a: count(a).macs)).macs
+        attrs = dict(arch=arch.to_dict(), arch_json=arch.to_json(), macs=macs, params=0,
+                     top1=100.0 - macs / budget)  # the proxy overrates small archs
+        if arch is small and i < len(pool):
+            attrs[SEED_DESIGN_ATTR] = "DW shortcut"
+        study.add_trial(optuna.trial.create_trial(values=[attrs["top1"], float(macs)], user_attrs=attrs))
     picked = search_candidates(study, budget, 6, low)
-    assert len(picked) == 6
-    assert len({c.arch.to_json() for c in picked}) == 6
+    assert len({c.arch.to_json() for c in picked}) == len(picked)
     assert all(count(c.arch).macs <= budget for c in picked)
-    top_third = [c for c in picked if count(c.arch).macs >= low + 2 * (budget - low) / 3]
-    in_top_third = [a for a in pool if low + 2 * (budget - low) / 3 <= count(a).macs <= budget]
-    assert len(top_third) >= min(2, len(in_top_third))
-    # the plain top-6 by proxy would ignore MACs
-    assert all(isinstance(c.source, str) and c.source.isdigit() for c in picked)
-
-
-def test_seed_candidates_leave_out_archs_the_search_already_holds(space):
-    refs = space.reference_archs(space.macs_range()[1])
-    taken = [Candidate("3", refs["plain ViT"])]
-    seeds = seed_candidates(refs, taken)
-    assert "plain ViT" not in {c.source for c in seeds}
-    assert {c.source for c in seeds} == set(refs) - {"plain ViT"}
-    assert all(isinstance(c.arch, Arch) for c in seeds)
+    upper = [c for c in picked if count(c.arch).macs >= low + 2 * (budget - low) / 3]
+    assert len(upper) >= 2  # a plain top-6 by proxy would hold only the smallest archs
+    assert [c.source for c in picked].count("DW shortcut") == 1  # the seed design, by its name
+    by_source = {c.source: c for c in picked}
+    assert by_source["DW shortcut"].arch == small
+    assert all(c.source == str(c.trial) for c in picked if c.source != "DW shortcut")
