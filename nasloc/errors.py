@@ -14,3 +14,7 @@ class TrainingDiverged(NaslocError, FloatingPointError):
 
     A NaslocError, so the command line prints it as one line; the last completed epoch's checkpoint is kept.
     """
+
+
+class DiskFullError(NaslocError):
+    """A file could not be written for lack of space (or quota); the file it would have replaced is unchanged."""

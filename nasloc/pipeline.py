@@ -20,6 +20,7 @@ import optuna
 import torch
 
 from .arch import Arch
+from .checkpoint import load_checkpoint, save_checkpoint
 from .data import DataSplits, halve_val, load_dataset
 from .errors import NaslocError
 from .evaluate import EvaluatorSpec, LatencyFactory, make_evaluator
@@ -176,7 +177,7 @@ def train_phase(supernet: Supernet, splits: DataSplits, space: SearchSpace, opti
 def require_trained_supernet(run: RunDir, epochs: int) -> None:
     """For --phase search: refuse (before anything is written) a run whose supernet is not trained."""
     path = run.supernet_checkpoint
-    done = torch.load(path, map_location="cpu", weights_only=False)["epoch"] + 1 if path.exists() else 0
+    done = load_checkpoint(path, keys=("epoch",))["epoch"] + 1 if path.exists() else 0
     if done < epochs:
         raise PhaseError(f"the supernet of {run.root} has {done}/{epochs} epochs; train it first with --phase supernet (same options)")
 
@@ -198,8 +199,8 @@ def save_untrained(supernet: Supernet, run: RunDir) -> Path:
     processes (--workers, Ray) load the supernet from a file: save the initial weights in the format
     :func:`load_supernet` reads."""
     path = run.untrained_checkpoint
-    with atomic_path(path) as tmp:
-        torch.save({"model": supernet.state_dict(), "fingerprint": fingerprint(supernet), "img_size": supernet.img_size, "epoch": -1}, tmp)
+    save_checkpoint(path, {"model": supernet.state_dict(), "fingerprint": fingerprint(supernet), "img_size": supernet.img_size, "epoch": -1},
+                    keep_previous=False)
     return path
 
 
@@ -364,10 +365,10 @@ def export_phase(retrained: list[Retrained], options: RunOptions, run: RunDir, s
 
 
 def _save_weights(model: torch.nn.Module, path: Path) -> None:
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
-    with atomic_path(path) as tmp:
-        save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp))
+    with atomic_path(path) as tmp:  # bytes written by Python: a full disk is an OSError that atomic_path reports
+        tmp.write_bytes(save({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}))
 
 
 def _say(message: str) -> None:

@@ -10,7 +10,8 @@ AttentiveNAS and NASViT), not where random archs are dense: the MACs the search 
 all trained alike. AdamW with a per-step cosine schedule and warm-up (timm's components), weak
 augmentation, gradient clipping.
 
-Checkpoints ``last.pth`` every epoch (written to a temp file, then renamed) and resumes from it.
+Checkpoints ``last.pth`` every epoch (written to a temp file, then renamed; the epoch before kept as
+``previous.pth``) and resumes from it (:mod:`nasloc.checkpoint`).
 Under ``torchrun`` every rank samples the same archs (seeded by epoch and step), sees its own shard
 of the data, and gradients are averaged over ranks before the step.
 """
@@ -32,10 +33,10 @@ from timm.scheduler import CosineLRScheduler
 from tqdm import tqdm
 
 from .arch import Arch
+from .checkpoint import load_checkpoint, resume_checkpoint, save_checkpoint
 from .data import DataSplits
 from .loader import make_loader
 from .errors import NaslocError, TrainingDiverged
-from .fileio import atomic_path
 from .space import SearchSpace
 from .space_files import SpaceError
 from .supernet import Supernet
@@ -220,6 +221,10 @@ def _broadcast_state(model: torch.nn.Module, world_size: int) -> None:
         dist.broadcast(tensor, 0)
 
 
+# What _resume reads from a checkpoint.
+_RESUMED = ("model", "optimizer", "epoch", "band", "fingerprint")
+
+
 def _save(path: Path, supernet: Supernet, optimizer, scheduler, band: Band, epoch: int, cfg: SupernetConfig) -> None:
     state = {
         "model": supernet.state_dict(),
@@ -231,14 +236,13 @@ def _save(path: Path, supernet: Supernet, optimizer, scheduler, band: Band, epoc
         "fingerprint": fingerprint(supernet),
         "img_size": supernet.img_size,
     }
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+    save_checkpoint(path, state)
 
 
 def _resume(path: Path, supernet: Supernet, optimizer, band: Band, device: torch.device) -> int:
-    if not path.exists():
+    state = resume_checkpoint(path, device, keys=_RESUMED)
+    if state is None:
         return 0
-    state = torch.load(path, map_location=device, weights_only=False)
     if state["fingerprint"] != fingerprint(supernet):
         raise NaslocError(f"{path} was trained for another space or resolution; use a new --run-name or delete it")
     if state["band"] != asdict(band):
@@ -250,7 +254,7 @@ def _resume(path: Path, supernet: Supernet, optimizer, band: Band, device: torch
 
 def load_supernet(path: Path, supernet: Supernet, device: str | torch.device = "cpu") -> Supernet:
     """Load trained weights into ``supernet`` (built for the same space and resolution)."""
-    state = torch.load(path, map_location=device, weights_only=False)
+    state = load_checkpoint(path, device, keys=("model", "fingerprint"))
     if state["fingerprint"] != fingerprint(supernet):
         raise NaslocError(f"{path} was trained for another space or resolution")
     supernet.load_state_dict(state["model"])

@@ -41,16 +41,18 @@ from torch.utils.data import Dataset
 from torchvision import transforms
 from tqdm import tqdm
 
+from nasloc.checkpoint import resume_checkpoint, save_checkpoint
 from nasloc.data import DataSplits, LazyImageDataset
 from nasloc.loader import DeviceLoader, make_loader
 from nasloc.errors import TrainingDiverged
-from nasloc.fileio import atomic_path
 
 log = logging.getLogger(__name__)
 
 EVAL_CROP_PCT = 0.875  # timm/DeiT eval crop for lazily decoded (large) images
 # Settings that may change between a run and its resume without making the checkpoint meaningless.
 RESUMABLE_CHANGES = ("epochs", "num_workers")
+# What a resumed training reads from its checkpoint.
+RESUMED = ("epoch", "model", "history", "cfg", "optimizer", "scheduler", "ema", "scaler", "num_updates")
 
 
 @dataclass
@@ -160,7 +162,8 @@ def retrain(model: nn.Module, splits: DataSplits, cfg: RetrainConfig, out_dir: P
             device: str = "auto", progress: bool = True, stop_epoch: int | None = None) -> RetrainResult:
     """Train `model` from its current weights on splits.train, checkpointing to out_dir/last.pth every epoch.
 
-    If out_dir/last.pth exists the run resumes from it (model, optimizer, scheduler, EMA, epoch);
+    If out_dir/last.pth exists the run resumes from it (model, optimizer, scheduler, EMA, epoch), or from
+    out_dir/previous.pth (the epoch before) when it is unreadable (:func:`nasloc.checkpoint.resume_checkpoint`);
     a checkpoint with all cfg.epochs done is only evaluated. `stop_epoch` ends the call after that many
     epochs in all, on the schedule of cfg.epochs (a rung of successive halving); a later call resumes.
     Under torchrun every rank calls this; only rank 0 writes files and shows progress.
@@ -178,7 +181,7 @@ def retrain(model: nn.Module, splits: DataSplits, cfg: RetrainConfig, out_dir: P
     mixup_fn, criterion = _mixup_and_loss(cfg, splits.num_classes)
 
     model.to(dev)
-    ckpt = _read_checkpoint(ckpt_path, dev)
+    ckpt = resume_checkpoint(ckpt_path, dev, keys=RESUMED)
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
     train_model = _wrap_ddp(model, dev) if info.world_size > 1 else model  # DDP syncs rank 0's weights
@@ -200,8 +203,8 @@ def retrain(model: nn.Module, splits: DataSplits, cfg: RetrainConfig, out_dir: P
         bar.set_postfix_str(f"epoch {epoch + 1}/{cfg.epochs} loss {loss:.3f} val {val_top1:.2f}%")
         log.info("epoch %d/%d train_loss %.4f val_top1 %.2f%%", epoch + 1, cfg.epochs, loss, val_top1)
         if info.is_main:
-            _save_checkpoint(ckpt_path, dict(epoch=epoch + 1, model=model.state_dict(), history=history,
-                                              cfg=asdict(cfg), **opt.state_dict()))
+            save_checkpoint(ckpt_path, dict(epoch=epoch + 1, model=model.state_dict(), history=history,
+                                             cfg=asdict(cfg), **opt.state_dict()))
         if info.world_size > 1:
             dist.barrier()  # no rank runs ahead of the checkpoint it may have to resume from
     bar.close()
@@ -411,19 +414,3 @@ def _seed_everything(seed: int) -> None:
     random.seed(seed)  # timm's RandAugment
     np.random.seed(seed)  # timm's Mixup
     torch.manual_seed(seed)
-
-
-def _read_checkpoint(path: Path, device: torch.device) -> dict | None:
-    if not path.exists():
-        return None
-    try:
-        return torch.load(path, map_location=device, weights_only=True)
-    except Exception as e:  # a broken file must not be silently replaced by a fresh run
-        raise RuntimeError(f"{path}: cannot read checkpoint ({type(e).__name__}: {e}); "
-                           f"delete it to start afresh") from e
-
-
-def _save_checkpoint(path: Path, state: dict) -> None:
-    # Write then rename: a crash mid-write leaves the previous checkpoint intact.
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)

@@ -84,8 +84,8 @@ def straight(few_digits, tmp_path_factory):
     def watching_save(obj, f, *args, **kwargs):
         last = out / "last.pth"
         # What a reader would find at last.pth while this file is being written.
-        previous = torch.load(last, weights_only=False)["epoch"] if last.exists() else None
-        saves.append((Path(f), previous))
+        previous = torch.load(last, weights_only=True)["epoch"] if last.exists() else None
+        saves.append((Path(f.name), previous))  # save_checkpoint writes through an open file
         return real_save(obj, f, *args, **kwargs)
 
     with pytest.MonkeyPatch.context() as mp:
@@ -151,9 +151,11 @@ def test_training_is_finite_changes_weights_and_checkpoints_atomically(straight)
     # file system); while it is written, last.pth still holds the previous complete epoch.
     assert [(p.parent, p.name != "last.pth") for p, _ in straight["saves"]] == [(out, True)] * 2
     assert [previous for _, previous in straight["saves"]] == [None, 0]
-    assert sorted(p.name for p in out.iterdir()) == ["last.pth"]  # nothing temporary left behind
+    # Nothing temporary left behind; the epoch before the last is kept until a newer one is complete.
+    assert sorted(p.name for p in out.iterdir()) == ["last.pth", "previous.pth"]
+    assert torch.load(out / "previous.pth", weights_only=True)["epoch"] == 0
 
-    saved = torch.load(out / "last.pth", weights_only=False)
+    saved = torch.load(out / "last.pth", weights_only=True)
     assert saved["epoch"] == 1 and saved["band"] == {"lo": BAND.lo, "hi": BAND.hi} and saved["img_size"] == 16
     _assert_same_state(saved["model"], straight["final"])
 
@@ -164,7 +166,7 @@ def test_killed_run_resumes_to_the_same_weights(straight, few_digits, tmp_path):
     killed = KilledSupernet(space, forwards=3 * (STEPS + 1) + 1)  # dies inside epoch 2, step 2
     with pytest.raises(Preempted):
         _train(killed, few_digits, tmp_path, epochs=2)
-    assert torch.load(tmp_path / "last.pth", weights_only=False)["epoch"] == 0
+    assert torch.load(tmp_path / "last.pth", weights_only=True)["epoch"] == 0
 
     torch.manual_seed(1)  # another init: everything must come from the checkpoint
     supernet = Supernet(space)
@@ -185,7 +187,7 @@ def test_more_epochs_resume_from_the_saved_epoch_on_the_longer_schedule(straight
     supernet = Supernet(SearchSpace.load(SPACE))
     result = _train(supernet, few_digits, tmp_path, epochs=3)
     assert result.epochs_run == 1 and math.isfinite(result.last_loss)
-    saved = torch.load(tmp_path / "last.pth", weights_only=False)
+    saved = torch.load(tmp_path / "last.pth", weights_only=True)
     assert saved["epoch"] == 2 and saved["config"]["epochs"] == 3
     # The cosine schedule of the resumed run spans 3 epochs; the checkpoint's 2-epoch schedule would
     # have trained the whole third epoch at min_lr.
@@ -210,6 +212,44 @@ def test_checkpoint_of_another_band_or_space_is_refused_in_one_line(straight, fe
 
     loaded = load_supernet(tmp_path / "last.pth", Supernet(SearchSpace.load(SPACE)))  # the right one loads
     _assert_same_state(_state(loaded), straight["final"])
+
+
+def _truncate(path: Path) -> None:
+    """What a full disk or an interrupted copy leaves: the first half of the file."""
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def test_truncated_checkpoint_resumes_from_the_previous_epoch(straight, few_digits, tmp_path, caplog):
+    for name in ("last.pth", "previous.pth"):
+        shutil.copy(straight["out"] / name, tmp_path / name)
+    previous = (tmp_path / "previous.pth").read_bytes()
+    _truncate(tmp_path / "last.pth")
+    torch.manual_seed(1)  # another init: everything must come from previous.pth
+    supernet = Supernet(SearchSpace.load(SPACE))
+    result = _train(supernet, few_digits, tmp_path, epochs=2)
+
+    assert result.epochs_run == 1  # epoch 1 of 0-1 again, not a restart from scratch
+    _assert_same_state(_state(supernet), straight["final"])
+    [warning] = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert "\n" not in warning and warning.startswith(f"{tmp_path / 'last.pth'}: unreadable checkpoint (")
+    assert warning.endswith(f"resuming from {tmp_path / 'previous.pth'}")
+    assert torch.load(tmp_path / "last.pth", weights_only=True)["epoch"] == 1
+    assert (tmp_path / "previous.pth").read_bytes() == previous  # the good one, not the broken one, is kept
+    assert (tmp_path / "last.pth.unreadable").exists()  # moved aside, for a look
+
+
+def test_truncated_checkpoint_without_a_previous_one_starts_again_in_one_line(straight, few_digits, tmp_path, caplog):
+    shutil.copy(straight["out"] / "last.pth", tmp_path / "last.pth")
+    _truncate(tmp_path / "last.pth")
+    result = _train(Supernet(SearchSpace.load(SPACE)), few_digits, tmp_path, epochs=1)
+    assert result.epochs_run == 1
+    [warning] = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warning.startswith(f"{tmp_path / 'last.pth'}: unreadable checkpoint (") and "\n" not in warning
+    assert warning.endswith(f"no earlier checkpoint: starting this training again in {tmp_path}")
+    with pytest.raises(NaslocError, match="unreadable checkpoint") as error:  # the trained result: no fallback
+        load_supernet(tmp_path / "last.pth.unreadable", Supernet(SearchSpace.load(SPACE)))
+    assert str(error.value).startswith(str(tmp_path / "last.pth.unreadable")) and "\n" not in str(error.value)
 
 
 class NaNImages(Dataset):
@@ -261,7 +301,7 @@ def test_ddp_two_cpu_processes_end_with_identical_weights(few_digits, tmp_path):
     assert not torch.equal(init[0]["head.weight"], init[1]["head.weight"])
     _assert_same_state(final[0], final[1])  # parameters and BatchNorm statistics
     assert not torch.equal(final[0]["head.weight"], init[0]["head.weight"])
-    ckpt = torch.load(tmp_path / "last.pth", weights_only=False)
+    ckpt = torch.load(tmp_path / "last.pth", weights_only=True)
     _assert_same_state(ckpt["model"], final[0])
     # Each rank trained on its own half of the data: 64 images / 2 ranks / batch 16 = 2 steps.
     assert ckpt["scheduler"]["t_initial"] == 2

@@ -118,6 +118,48 @@ def test_killed_run_resumes_to_the_same_weights(few_digits, tmp_path):
         assert torch.equal(a, b), name  # optimizer, schedule, shuffle and augmentation all resumed exactly
 
 
+def _truncate(path: Path) -> None:
+    """What a full disk or an interrupted copy leaves: the first half of the file."""
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+@pytest.mark.parametrize("stop_epoch", [None, 2], ids=["retrain", "selection-rung"])
+def test_truncated_checkpoint_resumes_from_the_previous_epoch(few_digits, tmp_path, caplog, stop_epoch):
+    # stop_epoch: a rung of successive halving (nasloc.selection.RungTrainer) ends its call after 2 of 3 epochs.
+    cfg = RetrainConfig(epochs=2 if stop_epoch is None else 3, **PLAIN)
+    torch.manual_seed(0)
+    straight = _mlp()
+    retrain(straight, few_digits, cfg, tmp_path, progress=False, stop_epoch=stop_epoch)
+    previous = (tmp_path / "previous.pth").read_bytes()
+    assert torch.load(tmp_path / "previous.pth", weights_only=True)["epoch"] == 1
+    _truncate(tmp_path / "last.pth")
+
+    torch.manual_seed(1)  # another init: the weights must come from previous.pth
+    model = _mlp()
+    result = retrain(model, few_digits, cfg, tmp_path, progress=False, stop_epoch=stop_epoch)
+    assert (result.start_epoch, result.epochs_run, len(result.history)) == (1, 1, 2)
+    for (name, a), b in zip(straight.state_dict().items(), model.state_dict().values()):
+        assert torch.equal(a, b), name
+    [warning] = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warning.startswith(f"{tmp_path / 'last.pth'}: unreadable checkpoint (") and "\n" not in warning
+    assert warning.endswith(f"resuming from {tmp_path / 'previous.pth'}")
+    assert torch.load(tmp_path / "last.pth", weights_only=True)["epoch"] == 2
+    assert (tmp_path / "previous.pth").read_bytes() == previous
+
+
+def test_truncated_checkpoint_without_a_previous_one_starts_again_in_one_line(few_digits, tmp_path, caplog):
+    cfg = RetrainConfig(epochs=1, **PLAIN)
+    retrain(_mlp(), few_digits, cfg, tmp_path, progress=False)
+    assert not (tmp_path / "previous.pth").exists()
+    _truncate(tmp_path / "last.pth")
+    result = retrain(_mlp(), few_digits, cfg, tmp_path, progress=False)
+    assert (result.start_epoch, result.epochs_run) == (0, 1)
+    [warning] = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warning.startswith(f"{tmp_path / 'last.pth'}: unreadable checkpoint (") and "\n" not in warning
+    assert warning.endswith(f"no earlier checkpoint: starting this training again in {tmp_path}")
+
+
 def test_randaugment_survives_posterize_at_full_magnitude(few_digits, tmp_path):
     # At magnitude 10 timm's PosterizeIncreasing asks Pillow for 0 bits; Pillow 13 raises on that. With 15
     # ops per image nearly every image meets it, so an unguarded RandAugment fails on the first batch.
