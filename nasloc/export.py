@@ -15,6 +15,12 @@ Everything is checked before anything is written, and the folder is written next
 temporary name and renamed into place, so a failed export leaves nothing behind and never a half-written
 folder. Every failure is an :class:`ExportError` with a one-line message.
 
+An export is the arch at its deploy resolution (``img_size``, like timm's argument), whatever resolution it
+was trained at: ``model_args`` hold the arch at ``img_size`` and the weights stay as trained, at the
+resolution the ``nasloc`` block's ``train_img_size`` names. Loading resamples the position tables
+(:func:`nasloc.models.locality_vit.checkpoint_filter_fn`), so the export runs at ``img_size`` and, with
+``timm.create_model(..., img_size=<train_img_size>)``, exactly as trained.
+
 MACs count one multiply-add as one FLOP (the fvcore and seed-paper convention), per image at the
 exported arch's ``img_size``.
 """
@@ -35,10 +41,11 @@ from .arch import Arch
 from .errors import NaslocError
 from .models import LocalityViT
 from .models.locality_vit import pretrained_cfg as _pretrained_cfg
-from .run import RunDir, RunError, RunRecord
+from .run import RunDir, RunError
 from .seeds import GENERIC
 from .storage import StorageError
 from .train import unwrap
+from .trials import trial_model
 
 __all__ = ["ExportError", "export_model", "export_arch", "export_trial", "CONFIG_NAME", "WEIGHTS_NAME", "ARCH_NAME"]
 
@@ -60,6 +67,7 @@ def export_model(
     model: LocalityViT,
     out_dir: str | os.PathLike,
     *,
+    img_size: int | None = None,
     info: Mapping[str, Any] | None = None,
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
@@ -75,6 +83,9 @@ def export_model(
             ``arch`` becomes ``model_args``, so its state dict must be exactly that of
             ``LocalityViT(model.arch)`` (a supernet must be ``extract``-ed first).
         out_dir: the folder to create; its parents are created as needed.
+        img_size: the resolution of the exported arch (``model_args``, MACs, input size), e.g. the search
+            space's deploy resolution; default: the model's own. The weights are written as trained and
+            the model's own resolution is recorded as ``train_img_size``.
         info: extra facts for the ``nasloc`` block of config.json (trial number, proxy and retrained
             accuracy, budget, ...). Must be JSON-serialisable; ``macs`` and ``params`` are always
             replaced by :func:`nasloc.flops.count` of the arch.
@@ -89,11 +100,12 @@ def export_model(
             (without ``overwrite``), or writing failed. No folder is left behind.
     """
     model = _standalone(model)
-    arch = model.arch
     state = _cpu_state_dict(model.state_dict())
-    _check_weights(arch, state, LocalityViT(arch).state_dict())
-    return _write_export(arch, state, out_dir, info=info, mean=mean, std=std, crop_pct=crop_pct,
-                         interpolation=interpolation, label_names=label_names, overwrite=overwrite)
+    _check_weights(model.arch, state, LocalityViT(model.arch).state_dict())
+    info = {**(info or {}), "train_img_size": model.arch.img_size}
+    return _write_export(_at_resolution(model.arch, img_size), state, out_dir, info=info, mean=mean, std=std,
+                         crop_pct=crop_pct, interpolation=interpolation, label_names=label_names,
+                         overwrite=overwrite)
 
 
 def export_arch(
@@ -110,7 +122,7 @@ def export_arch(
             with ``weights_only=True``: a bare state dict or one under ``"model"``/``"state_dict"``).
             ``None`` exports the freshly initialised model (random weights).
         out_dir: the folder to create.
-        **options: the keyword options of :func:`export_model` (``info``, ``mean``, ``std``,
+        **options: the keyword options of :func:`export_model` (``img_size``, ``info``, ``mean``, ``std``,
             ``crop_pct``, ``interpolation``, ``label_names``, ``overwrite``).
 
     Raises:
@@ -137,42 +149,22 @@ def export_trial(run_dir: str | os.PathLike, trial: int, out_dir: str | os.PathL
                  overwrite: bool = False) -> Path:
     """Export trial ``trial`` of the Optuna study of a run folder; returns the folder.
 
-    The run's record (:class:`nasloc.run.RunRecord`) names the storage, the study, the space and the data's
-    normalisation. The trial's user attributes (``arch``, ``macs``, ``params``, proxy ``top1``, any other
-    scalar) go into the ``nasloc`` block.
-
-    Weights, first found wins (an untrained arch is not exported):
-      1. the retrained standalone model (``retrain/trial_<N>/best.safetensors``) with the arch it was
-         retrained as (``arch.json`` beside it) and the last validation top-1 of its checkpoint;
-      2. the subnet extracted from the run's supernet (``supernet/last.pth``), at the supernet's resolution.
-    ``out_dir`` defaults to ``run_dir/export/trial-<N>``.
+    The model and its weights are :func:`nasloc.trials.trial_model`'s (retrained, else extracted from the
+    supernet), exported at the search space's deploy resolution with the run's normalisation; the trial's
+    number, values and scalar user attributes go into the ``nasloc`` block. ``out_dir`` defaults to
+    ``run_dir/export/trial-<N>``.
 
     Raises:
-        ExportError: no run record or study, no such trial, no arch or no weights for it, or as :func:`export_arch`.
+        ExportError: no run record or study, no such trial, no arch or no weights for it, or as
+            :func:`export_model`.
     """
-    run = RunDir(Path(run_dir))
     try:
-        record = run.read_record()
-        frozen = run.load_trial(record, int(trial))
-        if "arch" not in frozen.user_attrs:
-            raise ExportError(f"trial {frozen.number} of study {record.study_name} has no 'arch' user attribute "
-                              f"(state {frozen.state.name})")
-        info = _trial_info(record, frozen)
-        out_dir = Path(out_dir) if out_dir is not None else run.trial_export(frozen.number)
-        options = dict(info=info, mean=record.mean, std=record.std, overwrite=overwrite)
-        weights, checkpoint = run.retrained_weights(frozen.number), run.supernet_checkpoint
-        if weights.is_file():
-            info["weights"] = f"retrained ({run.relative(weights)})"
-            info.update(_retrain_result(run.retrain_checkpoint(frozen.number)))
-            return export_arch(run.read_retrained_arch(frozen.number), weights, out_dir, **options)
-        if checkpoint.is_file():
-            info["weights"] = f"supernet ({run.relative(checkpoint)})"
-            arch = _as_arch(frozen.user_attrs["arch"], where=f"trial {frozen.number}: ")
-            return export_model(_extract_from_supernet(record, checkpoint, arch), out_dir, **options)
-    except (RunError, StorageError) as e:  # no run record, storage file, study, trial or retrained arch
+        found = trial_model(run_dir, trial)
+    except (RunError, StorageError) as e:  # no run record, storage file, study, trial, arch or weights
         raise ExportError(str(e)) from None
-    raise ExportError(f"no weights exist for trial {frozen.number}: neither {weights} nor {checkpoint} "
-                      "is there (retrain it, or train the supernet, first)")
+    out_dir = Path(out_dir) if out_dir is not None else RunDir(Path(run_dir)).trial_export(found.info["trial"])
+    return export_model(found.model, out_dir, img_size=found.deploy_img_size, info=found.info,
+                        mean=found.record.mean, std=found.record.std, overwrite=overwrite)
 
 
 # ================================================================================== checks
@@ -188,11 +180,18 @@ def _standalone(model: nn.Module) -> LocalityViT:
     return model
 
 
-def _as_arch(arch: Arch | Mapping[str, Any], where: str = "") -> Arch:
+def _at_resolution(arch: Arch, img_size: int | None) -> Arch:
+    try:
+        return arch if img_size in (None, arch.img_size) else arch.replace(img_size=img_size)
+    except (ValueError, TypeError) as e:
+        raise ExportError(f"img_size {img_size!r}: {_first_line(e)}") from None
+
+
+def _as_arch(arch: Arch | Mapping[str, Any]) -> Arch:
     try:
         return arch if isinstance(arch, Arch) else Arch.from_dict(dict(arch))
     except (ValueError, TypeError) as e:
-        raise ExportError(f"{where}invalid arch: {_first_line(e)}") from None
+        raise ExportError(f"invalid arch: {_first_line(e)}") from None
 
 
 def _cpu_state_dict(state: Mapping[str, Any]) -> dict[str, torch.Tensor]:
@@ -419,48 +418,3 @@ def _make_parents(folder: Path) -> list[Path]:
 def _first_line(error: BaseException) -> str:
     text = str(error).strip() or type(error).__name__
     return text.splitlines()[0]
-
-
-# ================================================================================== runs and trials
-# export_model records count(arch) of the exported arch as macs and params; the search's own keep a prefix.
-_RENAMED_ATTRS = {"top1": "proxy_top1", "macs": "search_macs", "params": "search_params"}
-
-
-def _trial_info(record: RunRecord, trial) -> dict[str, Any]:
-    """The ``nasloc`` block's facts about a trial: its number, state, values and scalar user attributes."""
-    info: dict[str, Any] = {"trial": trial.number, "study": record.study_name, "state": trial.state.name}
-    if trial.values is not None:
-        info["values"] = list(trial.values)
-    info.update({_RENAMED_ATTRS.get(key, key): value for key, value in trial.user_attrs.items()
-                 if key != "arch" and (value is None or isinstance(value, (bool, int, float, str)))})
-    info.update(budget=record.options.budget, dataset=record.options.dataset)
-    return info
-
-
-def _retrain_result(checkpoint: Path) -> dict[str, float]:
-    """``retrained_top1``: the last validation top-1 in the checkpoint of :func:`nasloc.train.retrain`."""
-    try:
-        history = torch.load(checkpoint, map_location="cpu", weights_only=True)["history"]
-    except Exception as e:  # noqa: BLE001 - missing, corrupt, not a retrain checkpoint
-        raise ExportError(f"retrain checkpoint {checkpoint}: cannot read it ({_first_line(e)})") from None
-    return {"retrained_top1": history[-1]["val_top1"]} if history else {}
-
-
-def _extract_from_supernet(record: RunRecord, checkpoint: Path, arch: Arch) -> LocalityViT:
-    """The standalone subnet of ``arch`` with the weights it has in the run's supernet."""
-    from .space import SearchSpace
-    from .supernet import Supernet
-
-    try:
-        space = SearchSpace.load(record.options.space).for_classes(record.num_classes)
-        ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
-        supernet = Supernet(space, int(ckpt["img_size"]))  # the resolution it was trained at
-    except Exception as e:  # noqa: BLE001 - no space file, a corrupt or foreign checkpoint, ...
-        raise ExportError(f"cannot rebuild the supernet of {checkpoint}: {_first_line(e)}") from None
-    state = _read_weights(ckpt)
-    _check_weights(supernet.arch, state, supernet.state_dict())
-    supernet.load_state_dict(state, strict=True)
-    try:
-        return supernet.extract(arch).eval()
-    except (ValueError, RuntimeError, IndexError) as e:
-        raise ExportError(f"the trial's arch is not a subnet of the run's supernet: {_first_line(e)}") from None

@@ -16,7 +16,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 
 from .arch import Arch, Block, Shortcut, Stage
 from .models import LocalityViT
-from .models.locality_vit import default_out_indices, pretrained_cfg
+from .models.locality_vit import checkpoint_filter_fn, default_out_indices, pretrained_cfg
 from .space import FREE, Fixed, SearchSpace, SpaceError
 
 
@@ -63,6 +63,18 @@ PRESETS: dict[str, Arch] = {
     "nasloc_lightvit_small": lightvit((96, 192, 384), (3, 6, 12), (2, 6, 6), tokens=16),
     "nasloc_dilateformer_tiny": dilateformer((72, 144, 288, 576), (3, 6, 12, 24), (2, 2, 6, 2)),
     "nasloc_dilateformer_small": dilateformer((72, 144, 288, 576), (3, 6, 12, 24), (3, 5, 8, 3)),
+}
+# The paper each preset reproduces (``nasloc presets`` lists them).
+PAPERS: dict[str, str] = {
+    "nasloc_deit_tiny": "DeiT (Touvron et al., ICML 2021, arXiv 2012.12877)",
+    "nasloc_dw_vit_tiny": "Efficient ViT with DW shortcuts (Zhang et al., Neurocomputing 2025, arXiv 2407.19394)",
+    "nasloc_localvit_tiny": "LocalViT (Li et al., IROS 2023, arXiv 2104.05707)",
+    "nasloc_localvit_small": "LocalViT (Li et al., IROS 2023, arXiv 2104.05707)",
+    "nasloc_life_deit_tiny": "LIFE (Akkaya et al., Pattern Recognition 2024, arXiv 2305.08551)",
+    "nasloc_lightvit_tiny": "LightViT (Huang et al., 2022, arXiv 2207.05557)",
+    "nasloc_lightvit_small": "LightViT (Huang et al., 2022, arXiv 2207.05557)",
+    "nasloc_dilateformer_tiny": "DilateFormer (Jiao et al., IEEE TMM 2023, arXiv 2302.01791)",
+    "nasloc_dilateformer_small": "DilateFormer (Jiao et al., IEEE TMM 2023, arXiv 2302.01791)",
 }
 GENERIC = "nasloc_vit"  # builds the arch given as keyword arguments; defaults to DeiT-Ti
 
@@ -146,14 +158,19 @@ def create(variant: str, pretrained: bool = False, **kwargs: Any) -> LocalityViT
     arch_fields = {k: kwargs.pop(k) for k in list(kwargs) if k in Arch.__dataclass_fields__ and k not in ("num_classes", "img_size", "in_chans")}
     arch = Arch.from_dict({**base.to_dict(), **arch_fields}) if arch_fields else base
     out_indices = kwargs.pop("out_indices", default_out_indices(arch))
-    return build_model_with_cfg(
+    model = build_model_with_cfg(
         LocalityViT,
         variant,
         pretrained,
+        pretrained_filter_fn=checkpoint_filter_fn,  # weights of any resolution load at the model's own
         arch=arch,
         feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
         **kwargs,
     )
+    if isinstance(model, LocalityViT):  # built at another img_size: its data config says so (fixed input size)
+        size = model.arch.img_size
+        model.pretrained_cfg = model.default_cfg = {**model.pretrained_cfg, "input_size": (model.arch.in_chans, size, size)}
+    return model
 
 
 def _entry_point(variant: str):

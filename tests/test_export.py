@@ -26,6 +26,7 @@ from nasloc.flops import count
 from nasloc.models import LocalityViT
 from nasloc.models.locality_vit import default_out_indices
 from nasloc.run import RunDir, RunOptions, RunRecord
+from nasloc.seeds import PRESETS
 from nasloc.space import SearchSpace
 from nasloc.space_files import resolve_space_path
 from nasloc.storage import StorageError, open_storage
@@ -257,6 +258,37 @@ def test_export_arch_reads_a_weights_file(tmp_path: Path) -> None:
         export_arch(COLUMNAR, tmp_path / "nope.safetensors", tmp_path / "export2")
 
 
+# ---------------------------------------------------------------------------------------- resolution
+@pytest.mark.parametrize("preset", ["nasloc_lightvit_tiny", "nasloc_deit_tiny"])
+def test_an_export_trained_at_32_px_runs_at_224_and_exactly_as_trained_at_32(preset: str, tmp_path: Path) -> None:
+    """The arch of the export is at 224 px; the weights, trained at 32 px, load into either size: the
+    absolute position embedding (DeiT) and the window tables (LightViT: 4x4 windows at 32 px, 7x7 at 224)
+    are resampled at 224 and load untouched at 32."""
+    at_32 = PRESETS[preset].replace(img_size=32, num_classes=10)
+    trained = _trained_like(LocalityViT(at_32))
+    folder = export_model(trained, tmp_path / "export", img_size=224)
+    config = json.loads((folder / "config.json").read_text())
+    assert config["model_args"] == at_32.replace(img_size=224).to_dict()
+    assert config["nasloc"]["img_size"] == 224 and config["nasloc"]["train_img_size"] == 32
+    assert config["nasloc"]["macs"] == count(at_32, img_size=224).macs
+
+    at_224 = _reload(folder)
+    assert at_224.arch.img_size == 224 and resolve_data_config(model=at_224)["input_size"] == (3, 224, 224)
+    resampled = {k for k, v in at_224.state_dict().items() if v.shape != trained.state_dict()[k].shape}
+    assert resampled and all(k == "pos_embed.value" or k.endswith("rel_pos.table.value") for k in resampled)
+    assert torch.equal(at_224.state_dict()["head.weight"], trained.state_dict()["head.weight"])
+    with torch.no_grad():
+        assert torch.isfinite(at_224(torch.randn(1, 3, 224, 224))).all()
+        x = _inputs(at_32)
+        assert torch.equal(_reload(folder, img_size=32)(x), trained(x))
+
+
+def test_export_at_a_resolution_the_arch_cannot_take_fails_and_leaves_no_folder(tmp_path: Path) -> None:
+    with pytest.raises(ExportError, match="img_size 20"):
+        export_model(LocalityViT(COLUMNAR), tmp_path / "export", img_size=20)  # not a multiple of patch 8
+    assert list(tmp_path.iterdir()) == []
+
+
 # ---------------------------------------------------------------------------------------- trials
 def _make_run(run_dir: Path, storage: str, archs: list[Arch], space: str = "tiny", num_classes: int = 10,
               mean=DIGITS_MEAN, std=DIGITS_STD, **options) -> None:
@@ -296,13 +328,13 @@ def test_export_trial_from_a_sqlite_study(tmp_path: Path) -> None:
     folder = export_trial(run, 1)
     assert folder == (run / "export" / "trial-1").absolute()
     x = _inputs(COLUMNAR)
-    reloaded = _reload(folder)
+    reloaded = _reload(folder, img_size=COLUMNAR.img_size)  # as trained: 32 px, the tiny space deploys at 16
     with torch.no_grad():
         assert torch.equal(reloaded(x), retrained(x))
     block = json.loads((folder / "config.json").read_text())["nasloc"]
     assert block["trial"] == 1 and block["study"] == "nas" and block["proxy_top1"] == 31.0
     assert block["budget"] == 7e8 and block["weights"].startswith("retrained")
-    assert block["macs"] == block["search_macs"] == count(COLUMNAR).macs
+    assert block["search_macs"] == count(COLUMNAR).macs and block["macs"] == count(COLUMNAR, img_size=16).macs
     assert tuple(resolve_data_config(model=reloaded)["mean"]) == DIGITS_MEAN
 
     # trial 0 has an arch but no weights (no retrain folder, no supernet checkpoint)
@@ -313,21 +345,26 @@ def test_export_trial_from_a_sqlite_study(tmp_path: Path) -> None:
     assert export_trial(run, 1, tmp_path / "cli-export") == (tmp_path / "cli-export").absolute()
 
 
-def test_export_trial_exports_the_arch_as_retrained(tmp_path: Path) -> None:
-    """Retrained at 32 px after a search at 16 px: the export says 32 (the retrain folder's arch.json) and
-    carries the retrained top-1 (its checkpoint)."""
+def test_export_trial_exports_the_arch_at_the_deploy_resolution(tmp_path: Path) -> None:
+    """Retrained at 32 px after a search at the tiny space's 16 px: the export is the arch at 16 px (the
+    space's deploy resolution) with the weights as retrained (the retrain folder's arch.json says 32, the
+    export's train_img_size too), and carries the retrained top-1 (its checkpoint)."""
     run = tmp_path / "run"
     _make_run(run, f"sqlite:///{tmp_path / 'study.db'}", [PYRAMID])
     at_32 = PYRAMID.replace(img_size=32)
     retrained = _trained_like(LocalityViT(at_32), seed=2)
     _save_retrained(run, 0, retrained, val_top1=62.5)
     exported = export_trial(run, 0)
-    reloaded = _reload(exported)
+    config = json.loads((exported / "config.json").read_text())
+    assert config["model_args"] == PYRAMID.to_dict() and config["nasloc"]["train_img_size"] == 32
+    assert resolve_data_config(model=_reload(exported))["input_size"] == (3, 16, 16)
+    reloaded = _reload(exported, img_size=32)
     assert resolve_data_config(model=reloaded)["input_size"] == (3, 32, 32)
     x = _inputs(at_32)
     with torch.no_grad():
         assert torch.equal(reloaded(x), retrained(x))
-    assert json.loads((exported / "config.json").read_text())["nasloc"]["retrained_top1"] == 62.5
+        assert _reload(exported)(_inputs(PYRAMID)).shape == (2, PYRAMID.num_classes)
+    assert config["nasloc"]["retrained_top1"] == 62.5
 
 
 def test_missing_trial_is_an_export_error(tmp_path: Path) -> None:

@@ -7,8 +7,9 @@ capacity of a whole search space, which runs any arch of it as a slice.
 
 timm conventions: ``forward_features`` returns the normalised tokens (B, N, C), ``forward_head``
 pools and classifies, ``forward_intermediates`` serves ``features_only=True``; :func:`pretrained_cfg`
-and :func:`default_out_indices` describe any arch to timm. The named presets and their timm entry
-points are in :mod:`nasloc.seeds`.
+and :func:`default_out_indices` describe any arch to timm, and :func:`checkpoint_filter_fn` loads weights
+trained at one resolution into a model built at another. The named presets and their timm entry points
+are in :mod:`nasloc.seeds`.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from typing import Any, Iterable, Sequence
 
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import DropPath, trunc_normal_
+from timm.layers import DropPath, resample_abs_pos_embed, resize_rel_pos_bias_table_simple, trunc_normal_
 from timm.models import checkpoint
 from torch import Tensor, nn
 
@@ -363,3 +364,27 @@ def pretrained_cfg(arch: Arch, **extra: Any) -> dict[str, Any]:
         license="apache-2.0",
         **extra,
     )
+
+
+def checkpoint_filter_fn(state_dict: dict[str, Tensor], model: LocalityViT) -> dict[str, Tensor]:
+    """``state_dict``, trained at any resolution, made to fit ``model``'s resolution (timm's filter hook).
+
+    Only two kinds of weights depend on the resolution: the absolute position embedding (one entry per
+    token of the first map) and the window mixer's relative position tables (one per offset inside a
+    window, and windows shrink with the map below the deploy resolution). Both are resampled bicubically,
+    as timm's ViT and Swin filters do; everything else passes through, so the model's own resolution
+    loads exactly.
+    """
+    target = model.state_dict()
+    out = {}
+    for key, value in state_dict.items():
+        wanted = target.get(key)
+        if wanted is not None and value.shape != wanted.shape:
+            if key == "pos_embed.value":
+                grid = model.arch.grid(0)
+                value = resample_abs_pos_embed(value, [grid, grid], num_prefix_tokens=int(model.arch.cls_token))
+            elif key.endswith(".rel_pos.table.value"):
+                window = model.get_submodule(key[: -len(".table.value")]).window
+                value = resize_rel_pos_bias_table_simple(value, (window, window), tuple(wanted.shape))
+        out[key] = value
+    return out
