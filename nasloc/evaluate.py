@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .arch import Arch
-from .data import halve_val, load_dataset
+from .data import DataSplits, halve_val, load_dataset
 from .loader import DeviceLoader, make_loader
 from .models import LocalityViT
 from .run import RunRecord
@@ -66,11 +66,14 @@ class EvaluatorSpec:
                    None if options.data_dir is None else str(options.data_dir), options.seed, device=device,
                    search_half=True)
 
-    def __call__(self) -> ProxyEvaluator:
-        device = resolve_device(self.device)
+    def load(self) -> tuple[Supernet, DataSplits]:
+        """The trained supernet (on the device) and the whole data splits."""
         splits = load_dataset(self.dataset, self.data_dir, self.img_size, seed=self.seed)
         space = SearchSpace.load(self.space).for_classes(splits.num_classes)
-        supernet = load_supernet(Path(self.checkpoint), Supernet(space, self.img_size), device)
+        return load_supernet(Path(self.checkpoint), Supernet(space, self.img_size), resolve_device(self.device)), splits
+
+    def __call__(self) -> ProxyEvaluator:
+        supernet, splits = self.load()
         if self.search_half:
             splits, _ = halve_val(splits, self.seed)
         return make_evaluator(supernet, splits, self.batch_size, self.seed)

@@ -32,7 +32,8 @@ from .report import serve_dashboard, write_csv, write_pareto_html, write_summary
 from .run import PARETO_CSV, PARETO_HTML, SELECTION_CSV, TRIALS_CSV, RunDir, RunOptions, RunRecord
 from .search import SEED_DESIGN_ATTR, enqueue_warm_start, open_study, optuna_quiet, pareto_trials, run_search
 from .seeds import reference_archs
-from .selection import RungTrainer, SelectionConfig, run_selection, search_candidates, selection_rows
+from .selection import (RungTrainer, SelectionConfig, SelectionResult, TrainerSpec, run_selection, search_candidates,
+                        selection_rows)
 from .space import SearchSpace
 from .storage import check_storage, open_storage
 from .supernet import Supernet
@@ -105,7 +106,7 @@ def run_pipeline(options: RunOptions) -> Path:
         references = reference_points(study)
         pareto = report_phase(study, options, run, references)
         if options.select_top_k:
-            selection = selection_phase(study, supernet, select_data, space, options, run)
+            selection = selection_phase(study, supernet, select_data, space, checkpoint, record, run)
             finalists = [study.trials[t.user_attrs["search_trial"]] for t in selection.ranking]
         else:
             selection, finalists = None, sorted(pareto, key=lambda t: t.user_attrs["top1"], reverse=True)
@@ -307,10 +308,12 @@ def report_phase(study: optuna.Study, options: RunOptions, run: RunDir, referenc
 
 
 # ------------------------------------------------------------------------------------ selection
-def selection_phase(study: optuna.Study, supernet: Supernet, splits: DataSplits, space: SearchSpace,
-                    options: RunOptions, run: RunDir) -> Any:
+def selection_phase(study: optuna.Study, supernet: Supernet, splits: DataSplits, space: SearchSpace, checkpoint: Path,
+                    record: RunRecord, run: RunDir) -> SelectionResult:
     """Successive halving of the search's best candidates and the seed designs (:mod:`nasloc.selection`),
-    scored on the selection half of the validation split; writes ``selection.csv``."""
+    scored on the selection half of the validation split (Ray's ASHA with ``--backend ray``); writes
+    ``selection.csv``."""
+    options = record.options
     band_low = max(space.macs_range()[0], BAND_LOW * options.budget)
     candidates = search_candidates(study, options.budget, options.select_top_k, band_low)
     config = SelectionConfig(epochs=options.select_epochs, top_k=options.select_top_k, init=options.select_init,
@@ -318,10 +321,21 @@ def selection_phase(study: optuna.Study, supernet: Supernet, splits: DataSplits,
     _say(f"[nasloc] 4/6 selection: {len(candidates)} candidates ({sum(not c.source.isdigit() for c in candidates)} "
          f"seed designs), rungs up to {config.epochs} epochs from {config.init} weights, {len(splits.val)} "
          f"held-out images")
-    trainer = RungTrainer(supernet, splits, config, run.selection_dir, device=options.device)
     storage = open_storage(options.storage, heartbeat_interval=None)  # no Study.optimize to beat for
-    result = run_selection(candidates, trainer, storage, max_epochs=config.epochs,
-                           reduction_factor=config.reduction_factor, say=_say)
+    if options.backend == "ray":
+        from .ray_selection import run_ray_selection
+
+        device = next(supernet.parameters()).device
+        spec = TrainerSpec(EvaluatorSpec.for_run(record, checkpoint, str(device)), config, str(run.root))
+        resources = {"cpu": 1, "gpu": 1} if device.type == "cuda" else {"cpu": 1}
+        result = run_ray_selection(candidates, spec, storage, max_epochs=config.epochs,
+                                   reduction_factor=config.reduction_factor, ray_address=options.ray_address,
+                                   max_concurrent=options.workers, results_dir=run.ray_dir,
+                                   resources_per_trial=resources, say=_say)
+    else:
+        trainer = RungTrainer(supernet, splits, config, run.selection_dir, device=options.device)
+        result = run_selection(candidates, trainer, storage, max_epochs=config.epochs,
+                               reduction_factor=config.reduction_factor, say=_say)
     write_csv(selection_rows(result.study), run.root / SELECTION_CSV)
     return result
 

@@ -21,6 +21,7 @@ One Ray driver per study: RUNNING trials that an interrupted Ray run left behind
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -28,7 +29,7 @@ import pickle
 import time
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import optuna
 from optuna.storages import BaseStorage
@@ -174,7 +175,6 @@ def run_ray_search(
     (``{"cpu": 1, "gpu": 1}`` for GPU evaluation). ``warm_start`` ({name: arch}) become the first trials of
     a new study, as with :func:`nasloc.search.run_search`.
     """
-    import ray
     from ray import tune
     from ray.tune.search import ConcurrencyLimiter
 
@@ -195,14 +195,7 @@ def run_ray_search(
     if remaining <= 0:
         return study
 
-    started = False
-    if not ray.is_initialized():
-        if ray_address is None:
-            os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # token auth (default since 2.59) is for clusters
-        ray.init(address=ray_address or None, num_cpus=None if ray_address else max(1, max_concurrent),
-                 include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
-        started = True
-    try:
+    with ray_session(ray_address, max_concurrent):
         searcher = _searcher_class()(
             space=DefineByRun(space, budget_macs),
             metric=list(objectives),
@@ -233,7 +226,24 @@ def run_ray_search(
             grid = tuner.fit()
         for error in grid.errors:
             _logger.warning("a Ray trial failed: %s", error)
-    finally:
-        if started:
-            ray.shutdown()
     return study
+
+
+@contextlib.contextmanager
+def ray_session(ray_address: str | None, max_concurrent: int) -> Iterator[None]:
+    """Ray for the duration of the block: ``ray_address`` None starts a local Ray with ``max_concurrent`` CPUs
+    (token auth off, no dashboard) and shuts it down afterwards; an address joins that cluster. A Ray that is
+    already up is used as it is."""
+    import ray
+
+    if ray.is_initialized():
+        yield
+        return
+    if ray_address is None:
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # token auth (default since 2.59) is for clusters
+    ray.init(address=ray_address or None, num_cpus=None if ray_address else max(1, max_concurrent),
+             include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
+    try:
+        yield
+    finally:
+        ray.shutdown()

@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import optuna
@@ -133,19 +134,14 @@ Advance = Callable[[int, Candidate, int], float]
 
 def run_selection(candidates: Sequence[Candidate], advance: Advance, storage: BaseStorage, *, max_epochs: int,
                   reduction_factor: int = 2, say: Callable[[str], None] = print) -> SelectionResult:
-    """Run (or resume) successive halving of ``candidates``; returns the study and its ranking.
-
-    The candidates of a study are fixed when it is created: a rerun resumes them (trials keep their
+    """Run (or resume) successive halving of ``candidates``, one training at a time; returns the study and its
+    ranking. The candidates of a study are fixed when it is created: a rerun resumes them (trials keep their
     numbers and reported rungs) and ignores ``candidates``.
     """
     rungs = rung_epochs(max_epochs, reduction_factor)
-    with optuna_quiet(True):  # the rungs are reported by ``say``
-        study = optuna.create_study(storage=storage, study_name=STUDY_NAME, direction="maximize",
-                                    load_if_exists=True, pruner=SynchronousHalvingPruner(rungs, reduction_factor))
-    _check_rungs(study, rungs)
-    _add_candidates(study, candidates, rungs)
+    study = open_selection(candidates, storage, rungs, reduction_factor)
     for epochs in rungs:
-        alive = _alive(study)
+        alive = alive_candidates(study)
         if not alive:
             break
         scored = sum(epochs in t.intermediate_values for t in alive)
@@ -153,10 +149,35 @@ def run_selection(candidates: Sequence[Candidate], advance: Advance, storage: Ba
             + (f" ({scored} already scored)" if scored else ""))
         for frozen in alive:
             if epochs not in frozen.intermediate_values:
-                value = advance(frozen.number, candidate_of(frozen), epochs)
-                optuna.trial.Trial(study, frozen._trial_id).report(value, epochs)
+                report(study, frozen.number, advance(frozen.number, candidate_of(frozen), epochs), epochs)
         _close_rung(study, epochs, rungs)
     return SelectionResult(study, ranking(study))
+
+
+def open_selection(candidates: Sequence[Candidate], storage: BaseStorage, rungs: list[int],
+                   reduction_factor: int = 2) -> optuna.Study:
+    """The selection study, with one trial per candidate (made once; see :func:`run_selection`)."""
+    with optuna_quiet(True):  # the rungs are reported by the caller
+        study = optuna.create_study(storage=storage, study_name=STUDY_NAME, direction="maximize",
+                                    load_if_exists=True, pruner=SynchronousHalvingPruner(rungs, reduction_factor))
+    _check_rungs(study, rungs)
+    _add_candidates(study, candidates, rungs)
+    return study
+
+
+def report(study: optuna.Study, number: int, value: float, epochs: int) -> None:
+    """Store candidate ``number``'s score after ``epochs`` epochs (an intermediate value of its trial)."""
+    optuna.trial.Trial(study, study.trials[number]._trial_id).report(value, epochs)
+
+
+def close_unfinished(study: optuna.Study, rungs: list[int]) -> None:
+    """After a scheduler that stops candidates itself (Ray's ASHA): those that reached the last rung are
+    COMPLETE with their score there, the others PRUNED."""
+    for frozen in alive_candidates(study):
+        if rungs[-1] in frozen.intermediate_values:
+            study.tell(frozen.number, frozen.intermediate_values[rungs[-1]])
+        elif frozen.intermediate_values:
+            study.tell(frozen.number, state=TrialState.PRUNED)
 
 
 def _check_rungs(study: optuna.Study, rungs: list[int]) -> None:
@@ -194,13 +215,14 @@ def candidate_of(trial: FrozenTrial) -> Candidate:
     return Candidate(trial.user_attrs["source"], Arch.from_dict(trial.user_attrs["arch"]), trial.user_attrs["search_trial"])
 
 
-def _alive(study: optuna.Study) -> list[FrozenTrial]:
+def alive_candidates(study: optuna.Study) -> list[FrozenTrial]:
+    """Candidates still in the race (RUNNING trials)."""
     return [t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)) if "arch" in t.user_attrs]
 
 
 def _close_rung(study: optuna.Study, epochs: int, rungs: list[int]) -> None:
     """After every alive candidate has reported ``epochs``: prune the worse ones, or complete the last rung."""
-    for frozen in _alive(study):
+    for frozen in alive_candidates(study):
         if epochs == rungs[-1]:
             study.tell(frozen.number, frozen.intermediate_values[epochs])
         elif optuna.trial.Trial(study, frozen._trial_id).should_prune():
@@ -270,3 +292,23 @@ class RungTrainer:
 
 
 INITS = ("supernet", "scratch")
+
+
+@dataclass(frozen=True)
+class TrainerSpec:
+    """Everything a fresh process (a Ray worker) needs to rebuild a run's :class:`RungTrainer`: the proxy
+    evaluator's spec (space, supernet checkpoint, data, resolution, seed, device), the selection config and
+    the run folder (each candidate trains in ``RunDir.selection_dir``)."""
+
+    evaluator: Any  # nasloc.evaluate.EvaluatorSpec
+    config: SelectionConfig
+    run_dir: str
+
+    def __call__(self) -> RungTrainer:
+        from .data import halve_val
+        from .run import RunDir
+
+        supernet, splits = self.evaluator.load()
+        _, selection_half = halve_val(splits, self.evaluator.seed)
+        return RungTrainer(supernet, selection_half, self.config, RunDir(Path(self.run_dir)).selection_dir,
+                           device=self.evaluator.device)

@@ -402,7 +402,7 @@ def test_ray_backend_with_latency(tmp_path, data_dir):
     # A budget near the top of the space, so that the trials are evaluated (and timed) by the Ray worker;
     # --supernet-epochs 0, so that the worker loads supernet/untrained.pth.
     argv = args(tmp_path, data_dir, "--backend", "ray", trials=2, budget="2.6M", supernet_epochs=0, retrain_top_k=0,
-                objectives="top1,macs,latency")
+                objectives="top1,macs,latency", select_epochs=2)
     assert run(argv) == 0
     run_dir = run_dir_of(tmp_path, "2.6M")
     study = load_study(run_dir)
@@ -416,3 +416,10 @@ def test_ray_backend_with_latency(tmp_path, data_dir):
         assert 0 <= t.user_attrs["top1"] <= 100 and t.user_attrs["latency"] > 0
         assert t.values == [t.user_attrs["top1"], t.user_attrs["macs"], t.user_attrs["latency"]]
     assert len(read_csv(run_dir / "trials.csv")) == 2 and (run_dir / "summary.md").is_file()
+    # the selection ran on Ray (ASHA over rungs 1 and 2): every candidate scored after 1 epoch, the ones ASHA
+    # let through after 2 (COMPLETE), the others PRUNED; the scores reached the study through the driver
+    selection = optuna.load_study(study_name="selection", storage=open_storage(run_dir / "study.db"))
+    assert selection.trials and all(1 in t.intermediate_values for t in selection.trials)
+    assert {t.state for t in selection.trials} <= {TrialState.COMPLETE, TrialState.PRUNED}
+    assert any(t.state == TrialState.COMPLETE and set(t.intermediate_values) == {1, 2} for t in selection.trials)
+    assert (run_dir / "ray").is_dir() and len(read_csv(run_dir / "selection.csv")) == len(selection.trials)

@@ -1,0 +1,93 @@
+"""The selection phase on Ray Tune: the same ``selection`` study, with Ray's ASHA scheduler deciding who goes on.
+
+Each candidate is a Ray trial that trains through the rungs (1, 2, 4, ... epochs, :func:`ray_rung_trial`) and
+reports its score after each; ASHA (asynchronous successive halving, ``reduction_factor`` as with the plain
+backend) stops the worse candidates at the rungs as their results come in, which keeps many workers busy
+where the synchronous halving of :func:`nasloc.selection.run_selection` would wait for the slowest candidate
+of each rung. A driver-side callback writes every reported score into the Optuna study as it arrives (the
+workers may not see the storage), so the dashboard shows the learning curves live; at the end the
+candidates that reached the last rung are COMPLETE and the others PRUNED. A rerun resumes: scores already in
+the study are reported again without training, and each candidate's training resumes from its checkpoint.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import optuna
+from optuna.storages import BaseStorage
+
+from .arch import Arch
+from .ray_search import _cached, ray_session
+from .selection import (Candidate, RungTrainer, SelectionResult, alive_candidates, close_unfinished, open_selection,
+                        ranking, report, rung_epochs)
+
+
+def ray_rung_trial(config: dict[str, Any], *, trainer_factory: Callable[[], RungTrainer], rungs: Sequence[int]) -> None:
+    """Ray worker: one candidate through the rungs, reporting each score (ASHA may stop it after any)."""
+    import torch
+    from ray import tune
+
+    torch.set_num_threads(1)  # one CPU per trial
+    entry = config["candidate"]
+    candidate = Candidate(entry["source"], Arch.from_dict(entry["arch"]), entry["search_trial"])
+    trainer = _cached(trainer_factory)
+    for epochs in rungs:
+        known = entry["scored"].get(str(epochs))
+        value = known if known is not None else trainer(entry["number"], candidate, epochs)
+        tune.report({"top1": float(value), "epochs": epochs})
+
+
+def _report_callback(study: optuna.Study) -> Any:
+    from ray.tune import Callback
+
+    class ReportToOptuna(Callback):
+        """Driver side: every score a worker reports becomes an intermediate value of its selection trial."""
+
+        def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+            number, epochs = trial.config["candidate"]["number"], int(result["epochs"])
+            if epochs not in study.trials[number].intermediate_values:
+                report(study, number, float(result["top1"]), epochs)
+
+    return ReportToOptuna()
+
+
+def run_ray_selection(candidates: Sequence[Candidate], trainer_factory: Callable[[], RungTrainer],
+                      storage: BaseStorage, *, max_epochs: int, reduction_factor: int = 2,
+                      ray_address: str | None = None, max_concurrent: int = 2, results_dir: str | Path,
+                      resources_per_trial: dict[str, float] | None = None,
+                      say: Callable[[str], None] = print) -> SelectionResult:
+    """Run (or resume) the selection with Ray Tune's ASHA; returns the study and its ranking.
+
+    ``trainer_factory()`` (picklable) runs once in each worker and returns the run's :class:`RungTrainer`
+    (see :class:`nasloc.selection.TrainerSpec`). Ray is started as by :func:`nasloc.ray_search.run_ray_search`.
+    """
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    rungs = rung_epochs(max_epochs, reduction_factor)
+    study = open_selection(candidates, storage, rungs, reduction_factor)
+    alive = alive_candidates(study)
+    if alive:
+        say(f"[nasloc]   {len(alive)} candidates on Ray, up to {max_concurrent} at a time, ASHA over rungs {rungs}")
+        entries = [dict(number=t.number, source=t.user_attrs["source"], arch=t.user_attrs["arch"],
+                        search_trial=t.user_attrs["search_trial"],
+                        scored={str(e): v for e, v in t.intermediate_values.items()}) for t in alive]
+        trainable = tune.with_resources(
+            tune.with_parameters(ray_rung_trial, trainer_factory=trainer_factory, rungs=tuple(rungs)),
+            resources_per_trial or {"cpu": 1})
+        scheduler = ASHAScheduler(time_attr="epochs", metric="top1", mode="max", max_t=rungs[-1], grace_period=1,
+                                  reduction_factor=reduction_factor)
+        with ray_session(ray_address, max_concurrent):
+            tuner = tune.Tuner(
+                trainable,
+                param_space={"candidate": tune.grid_search(entries)},
+                tune_config=tune.TuneConfig(scheduler=scheduler, max_concurrent_trials=max_concurrent,
+                                            reuse_actors=True),
+                run_config=tune.RunConfig(name=f"selection-{time.strftime('%Y%m%d-%H%M%S')}", verbose=0,
+                                          storage_path=str(Path(results_dir).expanduser().resolve()),
+                                          callbacks=[_report_callback(study)]))
+            tuner.fit()
+    close_unfinished(study, rungs)
+    return SelectionResult(study, ranking(study))
