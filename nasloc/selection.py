@@ -26,7 +26,9 @@ from optuna.storages import BaseStorage
 from optuna.trial import FrozenTrial, TrialState
 
 from .arch import Arch
+from .errors import TrainingDiverged
 from .flops import count
+from .run import SELECT_INITS
 from .search import SEED_DESIGN_ATTR, evaluated_feasible_trials, optuna_quiet
 
 STUDY_NAME = "selection"
@@ -114,9 +116,9 @@ class SynchronousHalvingPruner(BasePruner):
         if math.isnan(value):
             return True
         cohort = [(t.intermediate_values[step], t.number) for t in study.get_trials(deepcopy=False)
-                  if step in t.intermediate_values and not math.isnan(t.intermediate_values[step])]
+                  if step in t.intermediate_values]  # a NaN (diverged) candidate counts, as the worst
         keep = math.ceil(len(cohort) / self.reduction_factor)
-        better = sum(1 for v, n in cohort if v > value or (v == value and n < trial.number))
+        better = sum(1 for v, n in cohort if v > value or (v == value and n < trial.number))  # NaN > x is False
         return better >= keep
 
 
@@ -270,8 +272,8 @@ class RungTrainer:
 
     def __init__(self, supernet: Any, splits: Any, config: SelectionConfig, folder: Callable[[int], Any],
                  device: str = "auto"):
-        if config.init not in INITS:
-            raise ValueError(f"selection init must be one of {INITS}, got {config.init!r}")
+        if config.init not in SELECT_INITS:
+            raise ValueError(f"selection init must be one of {SELECT_INITS}, got {config.init!r}")
         self.supernet, self.splits, self.config, self.folder, self.device = supernet, splits, config, folder, device
 
     def __call__(self, number: int, candidate: Candidate, epochs: int) -> float:
@@ -286,12 +288,13 @@ class RungTrainer:
         cfg = RetrainConfig(epochs=self.config.epochs, batch_size=self.config.batch_size, seed=self.config.seed,
                             warmup_epochs=0 if self.config.init == "supernet" else 1, mixup=0.0, cutmix=0.0,
                             randaugment="", ema_decay=0.0, img_size=self.supernet.img_size)
-        result = retrain(model, self.splits, cfg, self.folder(number), device=self.device, progress=False,
-                         stop_epoch=epochs)
+        try:
+            result = retrain(model, self.splits, cfg, self.folder(number), device=self.device, progress=False,
+                             stop_epoch=epochs)
+        except TrainingDiverged:  # a candidate whose loss blows up is out of the race, not the end of the run
+            return math.nan
         return result.history[epochs - 1]["val_top1"]
 
-
-INITS = ("supernet", "scratch")
 
 
 @dataclass(frozen=True)

@@ -133,3 +133,11 @@ def test_search_candidates_cover_the_upper_budget_and_add_the_seed_designs(space
     by_source = {c.source: c for c in picked}
     assert by_source["DW shortcut"].arch == small
     assert all(c.source == str(c.trial) for c in picked if c.source != "DW shortcut")
+
+
+def test_a_candidate_that_diverges_is_pruned_and_the_others_go_on(space):
+    cands = [Candidate(f"c{i}", a, i) for i, a in enumerate(archs(space, 3))]
+    trainer = Trainer({"c0": math.nan, "c1": 2, "c2": 1})  # c0's loss became NaN (RungTrainer returns NaN)
+    result = run_selection(cands, trainer, optuna.storages.InMemoryStorage(), max_epochs=2, say=lambda m: None)
+    states = {t.user_attrs["source"]: t.state for t in result.study.trials}
+    assert states == {"c0": TrialState.PRUNED, "c1": TrialState.COMPLETE, "c2": TrialState.COMPLETE}
