@@ -235,7 +235,12 @@ def ranking(study: optuna.Study) -> list[FrozenTrial]:
     """Selection trials, best first: those that reached a later rung before the others, then by their score
     at their last rung."""
     scored = [t for t in study.get_trials(deepcopy=False) if t.intermediate_values and "arch" in t.user_attrs]
-    return sorted(scored, key=lambda t: (-t.last_step, -t.intermediate_values[t.last_step], t.number))
+
+    def score(trial: FrozenTrial) -> float:  # a diverged (NaN) candidate last among its rung
+        value = trial.intermediate_values[trial.last_step]
+        return -math.inf if math.isnan(value) else value
+
+    return sorted(scored, key=lambda t: (-t.last_step, -score(t), t.number))
 
 
 def selection_rows(study: optuna.Study) -> list[dict[str, Any]]:
