@@ -1,4 +1,5 @@
-"""Command line: ``nasloc search`` (also ``python run_search.py``), ``nasloc export`` and ``nasloc check-ranking``.
+"""Command line: ``nasloc search`` (also ``python run_search.py``), ``nasloc export``, ``nasloc check-ranking``,
+``nasloc train``, ``nasloc evaluate`` and ``nasloc presets``.
 
 Everything is parsed and validated here before torch, Optuna, the data sets or training load, so ``--help``
 and bad input answer at once (``import nasloc`` imports none of them). ``nasloc search`` hands the pipeline
@@ -25,6 +26,22 @@ DATASETS = ("digits", "cifar10", "cifar100", "imagefolder")
 OBJECTIVES = ("top1", "macs", "params", "latency")
 SAMPLERS = ("nsga2", "tpe", "random")
 DEFAULTS = {field.name: field.default for field in dataclasses.fields(RunOptions)}
+# nasloc train's recipe options: nasloc.train.RetrainConfig's fields with its defaults (a test checks that they
+# agree), DeiT's recipe as the seed papers train; name: (default, metavar, help).
+_RECIPE_OPTIONS = {
+    "batch_size": (128, "N", "images per process"),
+    "lr": (5e-4, "LR", "AdamW learning rate per 512 images, scaled linearly with the global batch"),
+    "weight_decay": (0.05, "WD", "AdamW weight decay, not on norms, biases and position tables"),
+    "warmup_epochs": (5, "N", "linear warm-up (at most a tenth of the run), then cosine decay"),
+    "label_smoothing": (0.1, "EPS", "label smoothing"),
+    "mixup": (0.8, "ALPHA", "mixup alpha, 0 = off"),
+    "cutmix": (1.0, "ALPHA", "cutmix alpha, 0 = off"),
+    "randaugment": ("rand-m9-mstd0.5-inc1", "SPEC", "timm RandAugment spec, '' = off"),
+    "ema_decay": (0.0, "DECAY", "EMA of the weights, 0 = off; its val top-1 is recorded beside the export's"),
+    "grad_clip": (5.0, "NORM", "gradient norm clipping, 0 = off"),
+}
+RECIPE = {name: default for name, (default, _, _) in _RECIPE_OPTIONS.items()}
+DROP_PATH = 0.1  # a model argument: stochastic depth rising linearly to this rate in the last block
 _RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 _EPILOG = """\
@@ -100,6 +117,19 @@ def _band(text: str) -> tuple[float, float]:
     if lo >= hi:
         raise argparse.ArgumentTypeError(f"the band's low end must be below its high end, got {text!r}")
     return lo, hi
+
+
+def _float_at_least(low: float) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = None
+        if value is None or not value >= low or value == float("inf"):
+            raise argparse.ArgumentTypeError(f"expected a number >= {low:g}, got {text!r}")
+        return value
+
+    return parse
 
 
 def _run_name(text: str) -> str:
@@ -232,6 +262,82 @@ def add_check_ranking_arguments(parser: argparse.ArgumentParser) -> None:
                         help="MACs band to sample, e.g. 20M,30M (default: 0.75 x the run's budget to its budget)")
 
 
+_MODEL_HELP = ("a preset (nasloc presets), an arch file (.yaml/.json), an export folder, or RUN:TRIAL (trial "
+               "TRIAL of a run folder or of a run name under ./results)")
+
+
+def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dataset", default=DEFAULTS["dataset"], choices=DATASETS,
+                        help="digits ships with scikit-learn; cifar10/cifar100 read the official python format; "
+                             "imagefolder an ImageFolder tree (default: %(default)s)")
+    parser.add_argument("--data-dir", metavar="DIR", type=Path,
+                        help="data set folder; required for every data set but digits")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="auto takes cuda when available (default: %(default)s)")
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the options of ``nasloc train`` to ``parser``."""
+    parser.description = (
+        "Train a model from scratch with the retraining recipe (timm's transforms, RandAugment, mixup/cutmix,\n"
+        "label smoothing, AdamW, cosine schedule with warm-up, optional EMA; AMP on CUDA; DDP under torchrun),\n"
+        "checkpointing every epoch (rerun the same command to resume), then export it as a timm model to\n"
+        "OUT/export with its val (and test) top-1."
+    )
+    parser.epilog = ("examples:\n  %(prog)s --model nasloc_lightvit_tiny --dataset cifar10 --data-dir DIR --epochs 300\n"
+                     "  %(prog)s --model results/imagenet-digits-0.7G/export/best --epochs 30 --img-size 32\n"
+                     "  torchrun --nproc_per_node 4 -m nasloc train --model RUN:12 --dataset imagefolder "
+                     "--data-dir DIR --epochs 300")
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.add_argument("--model", metavar="M", required=True, help=_MODEL_HELP + "; its arch is trained from scratch")
+    _add_data_arguments(parser)
+    parser.add_argument("--epochs", metavar="N", type=_int_in(1), required=True, help="training epochs; required")
+    parser.add_argument("--img-size", metavar="PX", type=_int_in(1),
+                        help="training resolution (default: the model's own, 224 for the presets and the ImageNet "
+                             "space; small images are upsampled on the device)")
+    parser.add_argument("--out", metavar="DIR", type=Path,
+                        help="training folder: must not exist, or hold an unfinished training of the same options "
+                             "(it resumes) (default: results/train/<model>-<dataset>-<img-size>px)")
+    parser.add_argument("--seed", metavar="N", type=_int_in(0), default=0,
+                        help="seed of the train/val split, the initialisation and the augmentation (default: %(default)s)")
+    recipe = parser.add_argument_group("recipe (DeiT's, as the seed papers train)")
+    for name, (default, metavar, text) in _RECIPE_OPTIONS.items():
+        kind = _int_in(1) if name == "batch_size" else str if name == "randaugment" else _float_at_least(0)
+        recipe.add_argument(f"--{name.replace('_', '-')}", metavar=metavar, type=kind, default=default,
+                            help=f"{text} (default: %(default)s)")
+    recipe.add_argument("--drop-path", metavar="RATE", type=_float_at_least(0), default=DROP_PATH,
+                        help="stochastic depth, rising linearly to RATE in the last block (default: %(default)s)")
+    recipe.add_argument("--workers", metavar="N", type=_int_in(0), default=2,
+                        help="data loading processes per training process (default: %(default)s)")
+
+
+def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the options of ``nasloc evaluate`` to ``parser``."""
+    parser.description = (
+        "Measure a model on a split of a data set: top-1, top-5, parameters, MACs (multiply-adds: analytic for\n"
+        "nasloc models, fvcore for timm's) and latency (batch 1 and a throughput batch). Models without\n"
+        "weights (presets, arch files, timm names) are measured untrained."
+    )
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.add_argument("--model", metavar="M", required=True,
+                        help=_MODEL_HELP + ", or any timm model name (resnet18, deit_tiny_patch16_224; untrained)")
+    _add_data_arguments(parser)
+    parser.add_argument("--split", choices=("val", "test"), default="val",
+                        help="val: the held-out part of the training data (as nasloc train splits it); test: "
+                             "CIFAR's test batch or an ImageFolder test/ folder (default: %(default)s)")
+    parser.add_argument("--img-size", metavar="PX", type=_int_in(1),
+                        help="resolution (default: where the model's weights were trained, else its own)")
+    parser.add_argument("--batch-size", metavar="N", type=_int_in(1),
+                        help="evaluation batch (default: the training's, as an export records it, else 128)")
+    parser.add_argument("--seed", metavar="N", type=_int_in(0),
+                        help="seed of the train/val split (default: the training's, as an export or run records "
+                             "it, else 0)")
+    parser.add_argument("--throughput-batch", metavar="N", type=_int_in(1), default=64,
+                        help="batch of the throughput measurement (default: %(default)s)")
+    parser.add_argument("--json", action="store_true", dest="as_json",
+                        help="print one JSON object (top1, top5, params, macs, latency_ms, ...) instead of a table")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``nasloc`` command with its subcommands."""
     parser = _Parser(prog="nasloc", description="Neural architecture search over the locality mechanisms "
@@ -240,6 +346,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_search_arguments(commands.add_parser("search", help="run the whole search (same as run_search.py)"))
     add_export_arguments(commands.add_parser("export", help="export a trial as a timm model"))
     add_check_ranking_arguments(commands.add_parser("check-ranking", help="check how well the proxy ranks archs"))
+    add_train_arguments(commands.add_parser("train", help="train a preset, arch, export or trial from scratch"))
+    add_evaluate_arguments(commands.add_parser("evaluate", help="top-1/top-5, params, MACs and latency of a model"))
+    commands.add_parser("presets", help="list the seed presets",
+                        description="The registered presets: seed paper, params, MACs at their resolution, input size.")
     return parser
 
 
@@ -297,6 +407,18 @@ def _check_ranking_request(args: argparse.Namespace) -> dict[str, Any]:
     return dict(run_dir=_run_folder(args.run), archs=args.archs, epochs=args.epochs, seed=args.seed, band=args.band)
 
 
+def _train_request(args: argparse.Namespace) -> dict[str, Any]:
+    recipe = {name: getattr(args, name) for name in RECIPE}
+    return dict(model=args.model, dataset=args.dataset, data_dir=_find_data(args.dataset, args.data_dir),
+                epochs=args.epochs, img_size=args.img_size, out=args.out, seed=args.seed, device=args.device,
+                drop_path=args.drop_path, recipe={**recipe, "num_workers": args.workers})
+
+
+def _evaluate_request(args: argparse.Namespace) -> dict[str, Any]:
+    names = ("model", "dataset", "split", "img_size", "batch_size", "seed", "device", "throughput_batch", "as_json")
+    return dict(data_dir=_find_data(args.dataset, args.data_dir), **{name: getattr(args, name) for name in names})
+
+
 def _search(options: RunOptions) -> None:
     from nasloc.pipeline import run_pipeline  # torch, Optuna and the data load only once the input is known good
 
@@ -319,9 +441,23 @@ def _check_ranking(request: dict[str, Any]) -> None:
     print(check_run_ranking(**request, on_arch=trained).report())
 
 
+def _from_commands(function: str) -> Callable[[dict[str, Any]], None]:
+    """A handler calling ``nasloc.commands.<function>``, imported only then (torch and timm load with it)."""
+
+    def handle(request: dict[str, Any]) -> None:
+        from nasloc import commands
+
+        getattr(commands, function)(**request)
+
+    return handle
+
+
 _COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], Any], Callable[[Any], None]]] = {
     "search": (_search_options, _search), "export": (_export_request, _export),
-    "check-ranking": (_check_ranking_request, _check_ranking)}
+    "check-ranking": (_check_ranking_request, _check_ranking),
+    "train": (_train_request, _from_commands("train_command")),
+    "evaluate": (_evaluate_request, _from_commands("evaluate_command")),
+    "presets": (lambda args: {}, _from_commands("presets_command"))}
 
 
 def _run(parser: argparse.ArgumentParser, argv: Sequence[str] | None, prog: Callable[[str], str]) -> int:

@@ -66,15 +66,15 @@ PRESETS: dict[str, Arch] = {
 }
 # The paper each preset reproduces (``nasloc presets`` lists them).
 PAPERS: dict[str, str] = {
-    "nasloc_deit_tiny": "DeiT (Touvron et al., ICML 2021, arXiv 2012.12877)",
-    "nasloc_dw_vit_tiny": "Efficient ViT with DW shortcuts (Zhang et al., Neurocomputing 2025, arXiv 2407.19394)",
-    "nasloc_localvit_tiny": "LocalViT (Li et al., IROS 2023, arXiv 2104.05707)",
-    "nasloc_localvit_small": "LocalViT (Li et al., IROS 2023, arXiv 2104.05707)",
-    "nasloc_life_deit_tiny": "LIFE (Akkaya et al., Pattern Recognition 2024, arXiv 2305.08551)",
-    "nasloc_lightvit_tiny": "LightViT (Huang et al., 2022, arXiv 2207.05557)",
-    "nasloc_lightvit_small": "LightViT (Huang et al., 2022, arXiv 2207.05557)",
-    "nasloc_dilateformer_tiny": "DilateFormer (Jiao et al., IEEE TMM 2023, arXiv 2302.01791)",
-    "nasloc_dilateformer_small": "DilateFormer (Jiao et al., IEEE TMM 2023, arXiv 2302.01791)",
+    "nasloc_deit_tiny": "DeiT (Touvron et al. 2021, arXiv 2012.12877)",
+    "nasloc_dw_vit_tiny": "Efficient ViT with DW (Zhang et al. 2025, arXiv 2407.19394)",
+    "nasloc_localvit_tiny": "LocalViT (Li et al. 2021, arXiv 2104.05707)",
+    "nasloc_localvit_small": "LocalViT (Li et al. 2021, arXiv 2104.05707)",
+    "nasloc_life_deit_tiny": "LIFE (Akkaya et al. 2024, arXiv 2305.08551)",
+    "nasloc_lightvit_tiny": "LightViT (Huang et al. 2022, arXiv 2207.05557)",
+    "nasloc_lightvit_small": "LightViT (Huang et al. 2022, arXiv 2207.05557)",
+    "nasloc_dilateformer_tiny": "DilateFormer (Jiao et al. 2023, arXiv 2302.01791)",
+    "nasloc_dilateformer_small": "DilateFormer (Jiao et al. 2023, arXiv 2302.01791)",
 }
 GENERIC = "nasloc_vit"  # builds the arch given as keyword arguments; defaults to DeiT-Ti
 

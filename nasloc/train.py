@@ -309,10 +309,10 @@ def _loaders(splits: DataSplits, cfg: RetrainConfig, img_size: int, dev: torch.d
     common = dict(img_size=img_size, mean=splits.mean, std=splits.std, num_workers=cfg.num_workers,
                   seed=cfg.seed, distributed=distributed, device=dev)
     train_loader = make_loader(train, cfg.batch_size, True, augment=augment, **common)
-    val_loader = make_loader(_eval_dataset(splits.val, splits, img_size), cfg.batch_size, False, **common)
+    val_loader = make_loader(eval_dataset(splits.val, splits, img_size), cfg.batch_size, False, **common)
     test_loader = None
     if splits.test is not None:
-        test_loader = make_loader(_eval_dataset(splits.test, splits, img_size), cfg.batch_size, False, **common)
+        test_loader = make_loader(eval_dataset(splits.test, splits, img_size), cfg.batch_size, False, **common)
     return train_loader, val_loader, test_loader
 
 
@@ -351,7 +351,9 @@ def _posterize_at_least_1_bit(img: Image.Image, bits_to_keep: int, **_) -> Image
     return img if bits_to_keep >= 8 else ImageOps.posterize(img, max(1, bits_to_keep))
 
 
-def _eval_dataset(dataset: Dataset, splits: DataSplits, img_size: int) -> Dataset:
+def eval_dataset(dataset: Dataset, splits: DataSplits, img_size: int) -> Dataset:
+    """``dataset`` as retraining evaluates it (``nasloc evaluate`` too): lazily decoded images through timm's
+    eval transform (resize, centre crop), in-memory ones as they are (the loader resizes them)."""
     if isinstance(dataset, LazyImageDataset):
         return dataset.with_transform(create_transform(img_size, is_training=False, interpolation="bicubic",
                                                        crop_pct=EVAL_CROP_PCT, mean=splits.mean, std=splits.std))
