@@ -35,7 +35,7 @@ from .seeds import reference_archs
 from .selection import (RungTrainer, SelectionConfig, SelectionResult, TrainerSpec, run_selection, search_candidates,
                         selection_rows)
 from .space import SearchSpace
-from .storage import check_storage, open_storage
+from .storage import check_storage, open_storage, storage_errors_unmasked
 from .supernet import Supernet
 from .supernet_train import Band, SupernetConfig, fingerprint, load_supernet, train_supernet
 from .train import RetrainConfig, resolve_device, retrain
@@ -282,7 +282,8 @@ def _search_settings(record: RunRecord) -> dict[str, Any]:
 def _search(space: SearchSpace, evaluate: Callable[[Arch], float], latency: LatencyFactory | None, settings: dict[str, Any],
             progress: bool = True) -> optuna.Study:
     """The plain Optuna search in this process (one trial at a time)."""
-    return run_search(space, evaluate, latency=latency() if latency else None, workers=1, progress=progress, **settings)
+    with storage_errors_unmasked():  # a database server that stayed away: one line, not Optuna's UnboundLocalError
+        return run_search(space, evaluate, latency=latency() if latency else None, workers=1, progress=progress, **settings)
 
 
 def _search_worker(spec: EvaluatorSpec, latency: LatencyFactory | None, settings: dict[str, Any], threads: int) -> None:

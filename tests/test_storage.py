@@ -1,4 +1,6 @@
-"""Opening and checking Optuna storages: SQLite, journal files and a real PostgreSQL server on localhost."""
+"""Opening and checking Optuna storages: SQLite, journal files and a real PostgreSQL server on localhost.
+
+A server restarted mid-search is in test_faults.py."""
 from __future__ import annotations
 
 import re
@@ -10,7 +12,8 @@ import pytest
 from optuna.storages import JournalStorage, RDBStorage
 
 from nasloc.errors import NaslocError
-from nasloc.storage import HeartbeatJournalStorage, StorageError, check_storage, open_storage
+from nasloc.storage import (DB_RETRY_ENV, DB_RETRY_SECONDS, HeartbeatJournalStorage, ReconnectingRDBStorage,
+                            StorageError, check_storage, db_retry_seconds, open_storage, storage_errors_unmasked)
 from postgres import postgres_url  # noqa: F401 (a fixture)
 
 
@@ -88,3 +91,47 @@ def test_check_storage_connects_to_a_real_server(postgres_url: str) -> None:  # 
     missing = postgres_url.rsplit("/", 1)[0] + "/no_such_database"
     with pytest.raises(StorageError, match='cannot connect .*"no_such_database" does not exist'):
         check_storage(missing)
+
+
+# ------------------------------------------------------------------------------------------- a server that goes away
+def test_a_database_server_is_reconnected_to_and_sqlite_is_not(tmp_path, postgres_url: str) -> None:  # noqa: F811
+    server = open_storage(postgres_url, heartbeat_interval=None)
+    assert isinstance(server, ReconnectingRDBStorage) and server.retry_seconds == DB_RETRY_SECONDS == 120
+    assert server.engine.pool._pre_ping  # connections that died with a restarted server are replaced before use
+    sqlite = open_storage(tmp_path / "study.db")
+    assert type(sqlite) is RDBStorage  # a local file: nothing to reconnect to
+
+
+@pytest.mark.parametrize("value, seconds", [("5", 5.0), ("0.5", 0.5), ("0", 0.0)])
+def test_the_time_to_wait_for_the_server_comes_from_the_environment(monkeypatch, value, seconds):
+    monkeypatch.setenv(DB_RETRY_ENV, value)
+    assert db_retry_seconds() == seconds
+
+
+@pytest.mark.parametrize("value", ["soon", "-1", "inf", "nan", ""])
+def test_a_bad_time_to_wait_is_one_line(monkeypatch, value):
+    monkeypatch.setenv(DB_RETRY_ENV, value)
+    with pytest.raises(StorageError, match=rf"^NASLOC_DB_RETRY_SECONDS='{value}': give the seconds") as error:
+        db_retry_seconds()
+    assert "\n" not in str(error.value)
+
+
+def _run_trial(tell, read_back) -> None:
+    """The shape of Optuna 5.0's _run_trial after the objective: tell, and on failure read the trial back."""
+    try:
+        updated_state = tell()
+    except Exception:
+        updated_state = read_back()
+        raise
+    finally:
+        assert updated_state is not None  # unbound when both failed
+
+
+def test_a_storage_error_masked_by_optuna_comes_out_as_itself():
+    def lost() -> None:
+        raise StorageError("storage x: lost the connection")
+
+    with pytest.raises(StorageError, match="lost the connection"), storage_errors_unmasked():
+        _run_trial(lost, lost)
+    with pytest.raises(UnboundLocalError), storage_errors_unmasked():  # any other one is left as it is
+        _run_trial(lambda: 1 / 0, lambda: 1 / 0)
