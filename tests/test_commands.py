@@ -242,6 +242,14 @@ def test_presets_lists_every_preset_with_its_numbers(capsys: pytest.CaptureFixtu
         assert f"{arch.img_size} px" in line
 
 
+def test_readme_documents_every_option_of_train_and_evaluate() -> None:
+    readme = (REPO / "README.md").read_text()
+    for command in ("train", "evaluate"):
+        sub = next(a for a in cli.build_parser()._actions if a.dest == "command").choices[command]
+        flags = {flag for action in sub._actions for flag in action.option_strings if flag.startswith("--")}
+        assert not [flag for flag in flags - {"--help"} if f"`{flag}`" not in readme], command
+
+
 def test_the_recipe_defaults_are_retrain_configs() -> None:
     defaults = {f.name: f.default for f in dataclasses.fields(RetrainConfig)}
     assert cli.RECIPE == {name: defaults[name] for name in cli.RECIPE}
