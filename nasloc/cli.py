@@ -284,7 +284,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         "checkpointing every epoch (rerun the same command to resume), then export it as a timm model to\n"
         "OUT/export with its val (and test) top-1."
     )
-    parser.epilog = ("examples:\n  %(prog)s --model nasloc_lightvit_tiny --dataset cifar10 --data-dir DIR --epochs 300\n"
+    parser.epilog = ("examples:\n"
+                     "  %(prog)s --model nasloc_lightvit_tiny --dataset cifar10 --data-dir DIR --epochs 300\n"
                      "  %(prog)s --model results/imagenet-digits-0.7G/export/best --epochs 30 --img-size 32\n"
                      "  torchrun --nproc_per_node 4 -m nasloc train --model RUN:12 --dataset imagefolder "
                      "--data-dir DIR --epochs 300")
@@ -299,7 +300,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                         help="training folder: must not exist, or hold an unfinished training of the same options "
                              "(it resumes) (default: results/train/<model>-<dataset>-<img-size>px)")
     parser.add_argument("--seed", metavar="N", type=_int_in(0), default=0,
-                        help="seed of the train/val split, the initialisation and the augmentation (default: %(default)s)")
+                        help="seed of the train/val split, the initialisation and the augmentation "
+                             "(default: %(default)s)")
     recipe = parser.add_argument_group("recipe (DeiT's, as the seed papers train)")
     for name, (default, metavar, text) in _RECIPE_OPTIONS.items():
         kind = _int_in(1) if name == "batch_size" else str if name == "randaugment" else _float_at_least(0)

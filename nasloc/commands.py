@@ -99,7 +99,7 @@ def train_command(*, model: str, dataset: str, data_dir: Path | None, epochs: in
     folder = TrainDir(Path(out or Path("results") / "train" / f"{spec.name}-{dataset}-{size}px").absolute())
     dist_info = setup_distributed()
     try:
-        if dist_info.is_main:
+        if dist_info.is_main:  # the other ranks would see the folder rank 0 is making
             folder.check_reusable()
         dev = _device(device)
         splits = _load(dataset, data_dir, size, seed, with_test=True)
@@ -113,19 +113,26 @@ def train_command(*, model: str, dataset: str, data_dir: Path | None, epochs: in
             folder.check_same(request)
             _start(folder, request, spec, net.arch)
         result = retrain(net, splits, cfg, folder.root, device=str(dev), progress=dist_info.is_main)
-        if not dist_info.is_main:
-            return folder.export
-        info = dict(model=model, source=spec.kind, dataset=dataset, seed=seed, epochs=epochs,
-                    batch_size=cfg.batch_size, val_top1=result.val_top1, test_top1=result.test_top1,
-                    ema_val_top1=result.ema_val_top1, drop_path=drop_path, recipe=asdict(cfg))
-        exported = export_model(net, folder.export, img_size=spec.arch.img_size, info=info, mean=splits.mean,
-                                std=splits.std, label_names=splits.class_names)
-        _say(_trained_line(spec, result, size))
-        _say(f"[nasloc] export: {exported} (timm.create_model(\"local-dir:{exported}\", pretrained=True"
-             f"{'' if size == spec.arch.img_size else f', img_size={size}'}) runs it as trained)")
-        return exported
+        return _export(net, spec, folder, splits, request, result) if dist_info.is_main else folder.export
     finally:
         cleanup_distributed()
+
+
+def _export(net: LocalityViT, spec: ModelSpec, folder: TrainDir, splits: DataSplits, request: dict[str, Any],
+            result: RetrainResult) -> Path:
+    """The trained model as a timm export: its arch at the model's own resolution, its accuracies."""
+    info = dict(model=request["model"], source=spec.kind, dataset=request["dataset"], seed=request["seed"],
+                epochs=request["recipe"]["epochs"], batch_size=request["recipe"]["batch_size"],
+                val_top1=result.val_top1, test_top1=result.test_top1, ema_val_top1=result.ema_val_top1,
+                drop_path=request["drop_path"], recipe=request["recipe"])
+    exported = export_model(net, folder.export, img_size=spec.arch.img_size, info=info, mean=splits.mean,
+                            std=splits.std, label_names=splits.class_names)
+    size = net.arch.img_size
+    _say(_trained_line(spec, result, size))
+    at_size = "" if size == spec.arch.img_size else f", img_size={size}"
+    _say(f'[nasloc] export: {exported} (timm.create_model("local-dir:{exported}", pretrained=True{at_size}) '
+         "runs it as trained)")
+    return exported
 
 
 def _start(folder: TrainDir, request: dict[str, Any], spec: ModelSpec, arch: Arch) -> None:
@@ -173,17 +180,20 @@ def evaluate_command(*, model: str, dataset: str, data_dir: Path | None, split: 
     net = build_model(spec, splits.num_classes, size).to(dev).eval()
     loader = make_loader(eval_dataset(images, splits, size), batch_size, False, img_size=size, mean=splits.mean,
                          std=splits.std, seed=seed, device=dev)
-    top1, top5 = _accuracy(net, loader)
-    macs = count(net.arch).macs if isinstance(net, LocalityViT) else fvcore_macs(net, size)
     numbers = dict(model=model, kind=spec.kind, dataset=dataset, split=split, images=len(images), img_size=size,
-                   top1=top1, top5=top5, params=sum(p.numel() for p in net.parameters()), macs=macs,
-                   macs_unit="multiply-adds per image", device=str(dev),
-                   latency_ms=_latency_ms(net, 1, size, dev, *LATENCY_RUNS["batch 1"]),
-                   throughput_batch=throughput_batch,
-                   throughput_ms=_latency_ms(net, throughput_batch, size, dev, *LATENCY_RUNS["throughput"]))
-    numbers["throughput_img_per_s"] = 1000 * throughput_batch / numbers["throughput_ms"]
+                   device=str(dev), **_measure(net, loader, size, dev, throughput_batch))
     print(json.dumps(numbers) if as_json else _evaluation_table(numbers, spec))
     return numbers
+
+
+def _measure(net: nn.Module, loader: Any, size: int, device: torch.device, throughput_batch: int) -> dict[str, Any]:
+    top1, top5 = _accuracy(net, loader)
+    macs = count(net.arch).macs if isinstance(net, LocalityViT) else fvcore_macs(net, size)
+    latency_ms = _latency_ms(net, 1, size, device, *LATENCY_RUNS["batch 1"])
+    throughput_ms = _latency_ms(net, throughput_batch, size, device, *LATENCY_RUNS["throughput"])
+    return dict(top1=top1, top5=top5, params=sum(p.numel() for p in net.parameters()), macs=macs,
+                macs_unit="multiply-adds per image", latency_ms=latency_ms, throughput_batch=throughput_batch,
+                throughput_ms=throughput_ms, throughput_img_per_s=1000 * throughput_batch / throughput_ms)
 
 
 @torch.no_grad()

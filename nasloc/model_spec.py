@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import timm
+import yaml
 from torch import nn
 
 from .arch import Arch
@@ -57,7 +58,7 @@ class ModelSpec:
     kind: str  # "preset", "arch file", "export", "trial" or "timm"
     name: str  # short, for folder names and tables
     arch: Arch | None
-    trained: nn.Module | None = None
+    trained: LocalityViT | None = None
     facts: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -109,15 +110,15 @@ def _sized(spec: ModelSpec, img_size: int) -> Arch:
     try:
         return spec.arch.replace(img_size=img_size)
     except ValueError as e:
-        raise ModelError(f"--img-size {img_size}: {spec.name} cannot take it ({_first_line(e)})") from None
+        raise ModelError(f"--img-size {img_size}: {spec.name} cannot take it ({str(e).splitlines()[0]})") from None
 
 
 def _read_arch_file(text: str, path: Path) -> Arch:
     try:
         content = path.read_text()
         return Arch.from_json(content) if path.suffix.lower() == ".json" else Arch.from_yaml(content)
-    except (OSError, ValueError) as e:  # unreadable, not YAML/JSON, or not an arch
-        raise ModelError(f"--model {text!r}: not an arch file ({_first_line(e)})") from None
+    except (OSError, ValueError, yaml.YAMLError) as e:  # unreadable, not YAML/JSON, or not an arch
+        raise ModelError(f"--model {text!r}: not an arch file ({str(e).splitlines()[0]})") from None
 
 
 def _export(text: str, folder: Path, with_weights: bool) -> ModelSpec:
@@ -161,8 +162,5 @@ def _timm_model(name: str, num_classes: int, img_size: int) -> nn.Module:
     # Models with a fixed input size (ViTs) take it as an argument; convnets take any size as they are.
     cfg = timm.get_pretrained_cfg(name)
     fixed = cfg is not None and cfg.fixed_input_size
-    return timm.create_model(name, pretrained=False, num_classes=num_classes, **({"img_size": img_size} if fixed else {}))
-
-
-def _first_line(error: BaseException) -> str:
-    return (str(error).strip() or type(error).__name__).splitlines()[0]
+    size = {"img_size": img_size} if fixed else {}
+    return timm.create_model(name, pretrained=False, num_classes=num_classes, **size)

@@ -263,7 +263,8 @@ def _snapshot(folder: Path) -> list[str]:
 
 
 @pytest.mark.parametrize("case", [
-    "unknown model", "unknown model (train takes no timm names)", "arch file that is no arch", "missing split",
+    "unknown model", "unknown model (train takes no timm names)", "arch file that is no arch",
+    "arch file that is no YAML", "missing split",
     "run folder that does not exist", "trial that does not exist", "out exists", "out holds a finished training",
     "out holds another training", "img size the arch cannot take"])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(case: str, trained: Path, tmp_path: Path,
@@ -271,6 +272,7 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(case: str, trained: Pat
     (tmp_path / "existing").mkdir()
     (tmp_path / "existing" / "notes.txt").write_text("mine")
     (tmp_path / "bad.yaml").write_text("stages: 3\n")
+    (tmp_path / "broken.yaml").write_text("stages: [unclosed\n")
     _make_run(tmp_path / "run", LocalityViT(ARCH.replace(img_size=32)))
     other = tmp_path / "other"
     other.mkdir()
@@ -281,6 +283,7 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(case: str, trained: Pat
         "unknown model (train takes no timm names)": (train + ["--model", "resnet18", "--out", str(tmp_path / "o")],
                                                       "no such model"),
         "arch file that is no arch": (["evaluate", "--model", str(tmp_path / "bad.yaml")], "not an arch file"),
+        "arch file that is no YAML": (train + ["--model", str(tmp_path / "broken.yaml")], "not an arch file"),
         "missing split": (["evaluate", "--model", "nasloc_deit_tiny", "--split", "test"], "digits has no test split"),
         "run folder that does not exist": (["evaluate", "--model", "no/such/run:3"], "no such run folder"),
         "trial that does not exist": (["evaluate", "--model", f"{tmp_path / 'run'}:7"], "trial 7 does not exist"),
