@@ -375,8 +375,8 @@ def export_phase(retrained: list[Retrained], options: RunOptions, run: RunDir, s
     info = dict(trial=best.trial, macs_at_deploy=best.macs, params=best.params, proxy_top1=best.proxy_top1,
                 retrained_top1=best.val_top1, budget_macs=options.budget, dataset=options.dataset)
     _say(f"[nasloc] 6/6 export: trial {best.trial} -> {run.best_export}")
-    return export_model(best.model, run.best_export, info=info, mean=splits.mean, std=splits.std,
-                        label_names=splits.class_names, overwrite=True)
+    return export_model(best.model, run.best_export, img_size=SearchSpace.load(options.space).img_size, info=info,
+                        mean=splits.mean, std=splits.std, label_names=splits.class_names, overwrite=True)
 
 
 def _save_weights(model: torch.nn.Module, path: Path) -> None:
