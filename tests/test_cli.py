@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from nasloc import cli
+from nasloc import arguments, cli
 from nasloc.errors import NaslocError
 from nasloc.run import RunOptions
 from nasloc.units import format_macs, parse_budget, short_macs
@@ -156,7 +156,7 @@ def _modules_loaded_by(code: str) -> set[str]:
 
 
 # What the command line may load before the input is known good: nothing that imports torch.
-LIGHT_MODULES = {"nasloc.cli", "nasloc.units", "nasloc.run", "nasloc.space_files", "nasloc.errors", "nasloc.arch",
+LIGHT_MODULES = {"nasloc.cli", "nasloc.arguments", "nasloc.units", "nasloc.run", "nasloc.space_files", "nasloc.errors", "nasloc.arch",
                  "nasloc.fileio"}
 
 
@@ -209,7 +209,7 @@ def test_option_choices_match_the_modules_behind_them() -> None:
     from nasloc.sampler import SAMPLERS
     from nasloc.search import OBJECTIVES
 
-    assert cli.DATASETS == DATASETS and cli.OBJECTIVES == tuple(OBJECTIVES) and cli.SAMPLERS == SAMPLERS
+    assert arguments.DATASETS == DATASETS and arguments.OBJECTIVES == tuple(OBJECTIVES) and arguments.SAMPLERS == SAMPLERS
 
 
 # The plain URL names SQLAlchemy's default PostgreSQL driver (psycopg 3, not installed); the second reaches

@@ -22,7 +22,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 import nasloc  # noqa: F401  (registers the family with timm)
-from nasloc import cli
+from nasloc import arguments, cli
 from nasloc.arch import Arch, Block, Stage
 from nasloc.cli import main
 from nasloc.flops import count
@@ -252,9 +252,9 @@ def test_readme_documents_every_option_of_train_and_evaluate() -> None:
 
 def test_the_recipe_defaults_are_retrain_configs() -> None:
     defaults = {f.name: f.default for f in dataclasses.fields(RetrainConfig)}
-    assert cli.RECIPE == {name: defaults[name] for name in cli.RECIPE}
+    assert arguments.RECIPE == {name: defaults[name] for name in arguments.RECIPE}
     args = cli.build_parser().parse_args(["train", "--model", "m", "--epochs", "1"])
-    assert args.workers == defaults["num_workers"] and {name: getattr(args, name) for name in cli.RECIPE} == cli.RECIPE
+    assert args.workers == defaults["num_workers"] and {name: getattr(args, name) for name in arguments.RECIPE} == arguments.RECIPE
 
 
 # ------------------------------------------------------------------------------------------ bad input
