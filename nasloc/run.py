@@ -11,6 +11,9 @@
     ├── trials.csv, pareto.csv, pareto.html, selection.csv, summary.md
     └── ray/                      Ray Tune's own files
 
+Beside each ``last.pth``, ``previous.pth`` keeps the epoch before until the next one is complete, and an
+unreadable ``last.pth`` is moved aside as ``last.pth.unreadable`` (:mod:`nasloc.checkpoint`).
+
 Only this module spells these paths. It imports nothing heavy (no torch; Optuna only to open the study): the
 command line builds its options here before anything else loads.
 """
