@@ -160,21 +160,21 @@ def train_supernet(
     for epoch in range(start_epoch, cfg.epochs):
         loader.set_epoch(epoch)
         rng = random.Random(cfg.seed * 1_000_003 + epoch)  # the same archs on every rank
-        bar = tqdm(total=len(loader) * cfg.batch_size, desc=f"supernet epoch {epoch + 1}/{cfg.epochs}", unit="img",
-                   disable=not (progress and dist_info.is_main), leave=False)
-        for step, (x, y) in enumerate(loader):
-            loss = _sandwich_step(supernet, sampler.step(rng), x, y, cfg)
-            if not math.isfinite(loss):
-                raise TrainingDiverged(f"supernet loss became {loss} at epoch {epoch + 1}; lower the learning rate "
-                                       "(SupernetConfig.lr) or check the data; completed epochs stay in " + str(ckpt_path))
-            _average_gradients(supernet, dist_info.world_size)
-            if cfg.grad_clip:
-                torch.nn.utils.clip_grad_norm_(supernet.parameters(), cfg.grad_clip)
-            optimizer.step()
-            scheduler.step_update(epoch * len(loader) + step + 1)
-            bar.update(x.shape[0])
-            bar.set_postfix(loss=f"{loss:.3f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
-        bar.close()
+        with tqdm(total=len(loader) * cfg.batch_size, desc=f"supernet epoch {epoch + 1}/{cfg.epochs}", unit="img",
+                  disable=not (progress and dist_info.is_main), leave=False) as bar:  # closed on an error too
+            for step, (x, y) in enumerate(loader):
+                loss = _sandwich_step(supernet, sampler.step(rng), x, y, cfg)
+                if not math.isfinite(loss):
+                    raise TrainingDiverged(f"supernet loss became {loss} at epoch {epoch + 1}; lower the learning "
+                                           "rate (SupernetConfig.lr) or check the data; completed epochs stay in "
+                                           + str(ckpt_path))
+                _average_gradients(supernet, dist_info.world_size)
+                if cfg.grad_clip:
+                    torch.nn.utils.clip_grad_norm_(supernet.parameters(), cfg.grad_clip)
+                optimizer.step()
+                scheduler.step_update(epoch * len(loader) + step + 1)
+                bar.update(x.shape[0])
+                bar.set_postfix(loss=f"{loss:.3f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
         _broadcast_state(supernet, dist_info.world_size)  # BatchNorm statistics were updated per rank
         if dist_info.is_main:
             _save(ckpt_path, supernet, optimizer, scheduler, band, epoch, cfg)

@@ -191,23 +191,23 @@ def retrain(model: nn.Module, splits: DataSplits, cfg: RetrainConfig, out_dir: P
         start_epoch, history = ckpt["epoch"], ckpt["history"]
         opt.load_state_dict(ckpt, cfg)
 
-    bar = tqdm(total=cfg.epochs * len(train_loader), initial=start_epoch * len(train_loader), unit="step",
-               dynamic_ncols=True, disable=not (progress and info.is_main))
-    for epoch in range(start_epoch, min(cfg.epochs, stop_epoch or cfg.epochs)):
-        epoch_start = time.perf_counter()
-        train_loader.set_epoch(epoch)
-        loss = _train_one_epoch(train_model, train_loader, opt, mixup_fn, criterion, cfg, bar, epoch)
-        val_top1 = evaluate(model, val_loader, dev)
-        history.append(dict(epoch=epoch + 1, train_loss=loss, val_top1=val_top1,
-                            lr=opt.optimizer.param_groups[0]["lr"], seconds=time.perf_counter() - epoch_start))
-        bar.set_postfix_str(f"epoch {epoch + 1}/{cfg.epochs} loss {loss:.3f} val {val_top1:.2f}%")
-        log.info("epoch %d/%d train_loss %.4f val_top1 %.2f%%", epoch + 1, cfg.epochs, loss, val_top1)
-        if info.is_main:
-            save_checkpoint(ckpt_path, dict(epoch=epoch + 1, model=model.state_dict(), history=history,
-                                             cfg=asdict(cfg), **opt.state_dict()))
-        if info.world_size > 1:
-            dist.barrier()  # no rank runs ahead of the checkpoint it may have to resume from
-    bar.close()
+    # Closed on an error too, so that the error starts a line of its own.
+    with tqdm(total=cfg.epochs * len(train_loader), initial=start_epoch * len(train_loader), unit="step",
+              dynamic_ncols=True, disable=not (progress and info.is_main)) as bar:
+        for epoch in range(start_epoch, min(cfg.epochs, stop_epoch or cfg.epochs)):
+            epoch_start = time.perf_counter()
+            train_loader.set_epoch(epoch)
+            loss = _train_one_epoch(train_model, train_loader, opt, mixup_fn, criterion, cfg, bar, epoch)
+            val_top1 = evaluate(model, val_loader, dev)
+            history.append(dict(epoch=epoch + 1, train_loss=loss, val_top1=val_top1,
+                                lr=opt.optimizer.param_groups[0]["lr"], seconds=time.perf_counter() - epoch_start))
+            bar.set_postfix_str(f"epoch {epoch + 1}/{cfg.epochs} loss {loss:.3f} val {val_top1:.2f}%")
+            log.info("epoch %d/%d train_loss %.4f val_top1 %.2f%%", epoch + 1, cfg.epochs, loss, val_top1)
+            if info.is_main:
+                save_checkpoint(ckpt_path, dict(epoch=epoch + 1, model=model.state_dict(), history=history,
+                                                 cfg=asdict(cfg), **opt.state_dict()))
+            if info.world_size > 1:
+                dist.barrier()  # no rank runs ahead of the checkpoint it may have to resume from
 
     val_top1 = history[-1]["val_top1"] if history else evaluate(model, val_loader, dev)
     return RetrainResult(

@@ -162,17 +162,19 @@ def leftovers(folder: Path) -> list[str]:
     return sorted(str(p) for p in folder.rglob(".*") if p.name.endswith((".tmp", ".partial", ".old")))
 
 
-def test_a_full_disk_while_a_checkpoint_is_written_keeps_the_last_one(finished: Path, data: Path,
-                                                                      small_disk: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("training", ["supernet", "retrain"])
+def test_a_full_disk_while_a_checkpoint_is_written_keeps_the_last_one(finished: Path, data: Path, small_disk: Path,
+                                                                      tmp_path: Path, training: str) -> None:
     run = copy_run(finished, small_disk)
-    before = {name: (run / "supernet" / name).read_bytes() for name in ("last.pth", "previous.pth")}
-    fill(small_disk, room=len(before["last.pth"]) // 2)  # an epoch more of the supernet does not fit
+    folder = run / "supernet" if training == "supernet" else retrain_dir(run)
+    before = {name: (folder / name).read_bytes() for name in ("last.pth", "previous.pth")}
+    fill(small_disk, room=len(before["last.pth"]) // 2)  # an epoch more does not fit; the tables do
 
-    result = Process(run_args(data, small_disk, "--supernet-epochs", 3), tmp_path / "logs" / "full").wait()
+    result = Process(run_args(data, small_disk, f"--{training}-epochs", 3), tmp_path / "logs" / "full").wait()
     line = error_line(result)
-    assert line.endswith(f"cannot write {run / 'supernet' / 'last.pth'}: No space left on device; it is unchanged: "
+    assert line.endswith(f"cannot write {folder / 'last.pth'}: No space left on device; it is unchanged: "
                          "free some space and rerun"), line
-    assert {name: (run / "supernet" / name).read_bytes() for name in before} == before
+    assert {name: (folder / name).read_bytes() for name in before} == before
     assert leftovers(run) == []
 
 
