@@ -53,12 +53,54 @@ def save_checkpoint(path: Path, state: dict[str, Any], keep_previous: bool = Tru
 
 
 def load_checkpoint(path: Path, device: str | torch.device = "cpu", keys: Iterable[str] = ("model",)) -> dict[str, Any]:
-    """The checkpoint at ``path``, loaded without running code; it must be a dict with ``keys``.
+    """The checkpoint at ``path`` (a finished training's), loaded without running code; a dict with ``keys``.
 
     Raises:
         UnsafeCheckpointError: it carries a pickled object (one line naming the file and the object).
-        CheckpointError: it is missing, unreadable, or lacks one of ``keys`` (one line naming the file).
+        CheckpointError: it is missing, unreadable, or lacks one of ``keys`` (one line naming the file and
+            saying how to repair it).
     """
+    try:
+        return _read(path, device, tuple(keys))
+    except UnsafeCheckpointError:
+        raise
+    except CheckpointError as e:
+        raise CheckpointError(f"{e}; rerun the training that wrote it (same options): it resumes from the "
+                              f"checkpoint before, {previous_checkpoint(path).name}, or starts again") from None
+
+
+def resume_checkpoint(path: Path, device: str | torch.device = "cpu",
+                      keys: Iterable[str] = ("model",)) -> dict[str, Any] | None:
+    """The checkpoint to resume a training from: ``path``, else :func:`previous_checkpoint`; None for none.
+
+    An unreadable one is reported in one line (a warning naming it and what happens instead) and moved aside
+    (``.unreadable`` appended to its name), so that the next :func:`save_checkpoint` does not keep it as the
+    previous one. A pickled object is never skipped over: :class:`UnsafeCheckpointError`.
+    """
+    keys = tuple(keys)
+    previous = previous_checkpoint(path)
+    problems = []
+    for candidate in (path, previous):
+        if not candidate.exists():
+            continue
+        try:
+            state = _read(candidate, device, keys)
+        except UnsafeCheckpointError:
+            raise
+        except CheckpointError as e:
+            problems.append(str(e))
+            _move_aside(candidate)
+            continue
+        if problems:
+            _logger.warning("%s; resuming from %s", "; ".join(problems), candidate)
+        return state
+    if problems:
+        _logger.warning("%s; no earlier checkpoint: starting this training again in %s", "; ".join(problems),
+                        path.parent)
+    return None
+
+
+def _read(path: Path, device: str | torch.device, keys: tuple[str, ...]) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location=device, weights_only=True)
     except FileNotFoundError:
@@ -76,35 +118,6 @@ def load_checkpoint(path: Path, device: str | torch.device = "cpu", keys: Iterab
     if missing:
         raise CheckpointError(f"{path}: not a checkpoint of this kind (no {missing[0]!r})")
     return state
-
-
-def resume_checkpoint(path: Path, device: str | torch.device = "cpu", keys: Iterable[str] = ("model",)) -> dict[str, Any] | None:
-    """The checkpoint to resume a training from: ``path``, else :func:`previous_checkpoint`; None for none.
-
-    An unreadable one is reported in one line (a warning naming it and what happens instead) and moved aside
-    (``.unreadable`` appended to its name), so that the next :func:`save_checkpoint` does not keep it as the
-    previous one. A pickled object is never skipped over: :class:`UnsafeCheckpointError`.
-    """
-    keys = tuple(keys)
-    previous = previous_checkpoint(path)
-    problems = []
-    for candidate in (path, previous):
-        if not candidate.exists():
-            continue
-        try:
-            state = load_checkpoint(candidate, device, keys)
-        except UnsafeCheckpointError:
-            raise
-        except CheckpointError as e:
-            problems.append(str(e))
-            _move_aside(candidate)
-            continue
-        if problems:
-            _logger.warning("%s; resuming from %s", "; ".join(problems), candidate)
-        return state
-    if problems:
-        _logger.warning("%s; no earlier checkpoint: starting this training again in %s", "; ".join(problems), path.parent)
-    return None
 
 
 def _move_aside(path: Path) -> None:

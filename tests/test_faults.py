@@ -134,6 +134,18 @@ def test_truncated_checkpoints_resume_from_the_epoch_before(finished: Path, data
     assert torch.load(retrain / "last.pth", weights_only=True)["epoch"] == 2
 
 
+def test_a_search_worker_refuses_a_truncated_supernet_in_one_line(finished: Path, data: Path, tmp_path: Path) -> None:
+    # A worker (--phase search) only reads the trained supernet: it has nothing to fall back on, so it says
+    # how the supernet phase repairs it.
+    run = copy_run(finished, tmp_path / "results")
+    truncate(run / "supernet" / "last.pth")
+    result = Process(run_args(data, tmp_path / "results", "--phase", "search"), tmp_path / "logs" / "worker").wait()
+    line = error_line(result)
+    assert f"{run / 'supernet' / 'last.pth'}: unreadable checkpoint (" in line, line
+    assert line.endswith("rerun the training that wrote it (same options): it resumes from the checkpoint before, "
+                         "previous.pth, or starts again"), line
+
+
 # ----------------------------------------------------------------------------------------- a full disk
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Iterator[Path]:
