@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from .errors import NaslocError
+from .errors import NaslocError, first_line
 from .fileio import atomic_path
 
 _logger = logging.getLogger(__name__)
@@ -111,9 +111,9 @@ def _read(path: Path, device: str | torch.device, keys: tuple[str, ...]) -> dict
             raise UnsafeCheckpointError(
                 f"{path} carries a pickled Python object ({unsafe.group(1)}), which loading would run; nasloc writes "
                 "only tensors and plain values: refused (delete the file if you did not write it)") from None
-        raise CheckpointError(f"{path}: unreadable checkpoint ({_first_line(e)})") from None
+        raise CheckpointError(f"{path}: unreadable checkpoint ({_described(e)})") from None
     except Exception as e:  # noqa: BLE001 - a truncated zip is an OSError, a corrupt one a RuntimeError, ...
-        raise CheckpointError(f"{path}: unreadable checkpoint ({_first_line(e)})") from None
+        raise CheckpointError(f"{path}: unreadable checkpoint ({_described(e)})") from None
     missing = [key for key in keys if not isinstance(state, dict) or key not in state]
     if missing:
         raise CheckpointError(f"{path}: not a checkpoint of this kind (no {missing[0]!r})")
@@ -127,6 +127,6 @@ def _move_aside(path: Path) -> None:
         pass
 
 
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return f"{type(error).__name__}: {text.splitlines()[0]}" if text else type(error).__name__
+def _described(error: BaseException) -> str:
+    """``Type: first line`` of an exception, for the messages about unreadable files."""
+    return f"{type(error).__name__}: {first_line(error)}" if str(error).strip() else type(error).__name__

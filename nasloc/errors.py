@@ -18,3 +18,14 @@ class TrainingDiverged(NaslocError, FloatingPointError):
 
 class DiskFullError(NaslocError):
     """A file could not be written for lack of space (or quota); the file it would have replaced is unchanged."""
+
+
+class StorageError(NaslocError):
+    """A storage that cannot be opened: malformed URL, unknown database driver, server unreachable, no such file;
+    or a database server that stayed away for longer than ``NASLOC_DB_RETRY_SECONDS``."""
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an exception's message (its type's name when it has none), for one-line errors."""
+    text = str(error).strip() or type(error).__name__
+    return text.splitlines()[0]

@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from .arch import Arch
-from .errors import NaslocError
+from .errors import NaslocError, first_line
 from .models import LocalityViT
 from .models.locality_vit import pretrained_cfg as _pretrained_cfg
 from .run import RunDir, RunError
@@ -141,7 +141,7 @@ def export_arch(
         try:
             model.load_state_dict(state, strict=True)
         except RuntimeError as e:  # e.g. a dtype that can't be copied; shapes and keys were checked
-            raise ExportError(f"weights do not load into the arch: {_first_line(e)}") from None
+            raise ExportError(f"weights do not load into the arch: {first_line(e)}") from None
     return export_model(model, out_dir, **options)
 
 
@@ -184,14 +184,14 @@ def _at_resolution(arch: Arch, img_size: int | None) -> Arch:
     try:
         return arch if img_size in (None, arch.img_size) else arch.replace(img_size=img_size)
     except (ValueError, TypeError) as e:
-        raise ExportError(f"img_size {img_size!r}: {_first_line(e)}") from None
+        raise ExportError(f"img_size {img_size!r}: {first_line(e)}") from None
 
 
 def _as_arch(arch: Arch | Mapping[str, Any]) -> Arch:
     try:
         return arch if isinstance(arch, Arch) else Arch.from_dict(dict(arch))
     except (ValueError, TypeError) as e:
-        raise ExportError(f"invalid arch: {_first_line(e)}") from None
+        raise ExportError(f"invalid arch: {first_line(e)}") from None
 
 
 def _cpu_state_dict(state: Mapping[str, Any]) -> dict[str, torch.Tensor]:
@@ -239,7 +239,7 @@ def _read_weights(source: Mapping[str, torch.Tensor] | str | os.PathLike) -> dic
             else:
                 state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001 - corrupt file, a pickle with objects, ...
-            raise ExportError(f"weights file {path}: cannot read it ({_first_line(e)})") from None
+            raise ExportError(f"weights file {path}: cannot read it ({first_line(e)})") from None
     for key in ("model", "state_dict"):  # a training checkpoint
         if isinstance(state.get(key), Mapping):
             state = dict(state[key])
@@ -328,7 +328,7 @@ def _config(arch: Arch, info: Mapping[str, Any] | None, mean, std, crop_pct, int
     try:
         json.dumps(config, allow_nan=False)
     except (TypeError, ValueError) as e:  # cannot happen after _json_safe; kept as the last guard
-        raise ExportError(f"config.json: {_first_line(e)}") from None
+        raise ExportError(f"config.json: {first_line(e)}") from None
     return config
 
 
@@ -360,7 +360,7 @@ def _write_export(arch: Arch, state: dict[str, torch.Tensor], out_dir: str | os.
     except ExportError:
         raise
     except Exception as e:  # noqa: BLE001 - disk full, permissions, safetensors refusal, ...
-        raise ExportError(f"writing {out_dir} failed: {_first_line(e)}") from None
+        raise ExportError(f"writing {out_dir} failed: {first_line(e)}") from None
     finally:
         if not done:
             if tmp is not None:
@@ -414,7 +414,3 @@ def _make_parents(folder: Path) -> list[Path]:
         raise ExportError(f"cannot create {folder}: {e.strerror or e}") from None
     return list(reversed(missing))
 
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip() or type(error).__name__
-    return text.splitlines()[0]

@@ -35,7 +35,8 @@ from .seeds import reference_archs
 from .selection import (RungTrainer, SelectionConfig, SelectionResult, TrainerSpec, run_selection, search_candidates,
                         selection_rows)
 from .space import SearchSpace
-from .storage import check_storage, open_storage, storage_errors_unmasked
+from .reconnect import storage_errors_unmasked
+from .storage import check_storage, open_storage
 from .supernet import Supernet
 from .supernet_train import Band, SupernetConfig, fingerprint, load_supernet, train_supernet
 from .train import RetrainConfig, resolve_device, retrain

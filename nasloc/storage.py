@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import math
 import os
 import random
 import re
@@ -28,9 +27,8 @@ import socket
 import sqlite3
 import time
 import warnings
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import optuna
 import sqlalchemy
@@ -42,7 +40,8 @@ from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy.engine import URL
 from sqlalchemy.pool import NullPool
 
-from .errors import NaslocError
+from .errors import StorageError, first_line
+from .reconnect import ReconnectingRDBStorage, db_retry_seconds, shown_url
 
 _logger = logging.getLogger(__name__)
 
@@ -55,15 +54,7 @@ _CONNECT_TIMEOUT_ARGS = {"psycopg2": "connect_timeout", "psycopg": "connect_time
                          "mysqlconnector": "connection_timeout"}
 
 
-#: How long a worker waits for a database server that went away before it gives up (environment variable).
-DB_RETRY_ENV = "NASLOC_DB_RETRY_SECONDS"
-DB_RETRY_SECONDS = 120.0
-RETRY_DELAYS_S = (0.5, 8.0)  # the first wait between tries, doubled up to the last
 
-
-class StorageError(NaslocError):
-    """A storage that cannot be opened: malformed URL, unknown database driver, server unreachable, no such file;
-    or a database server that stayed away for longer than ``NASLOC_DB_RETRY_SECONDS``."""
 
 
 # ------------------------------------------------------------------------------------------- opening
@@ -120,7 +111,7 @@ def open_storage(
     try:
         return _rdb_storage(text, engine_kwargs, heartbeat_interval, grace_period, retry_seconds)
     except Exception as e:  # noqa: BLE001 - driver missing, server down, not a database, ...
-        raise StorageError(f"storage {_shown(url)}: cannot open ({_first_line(e)})") from None
+        raise StorageError(f"storage {shown_url(url)}: cannot open ({first_line(e)})") from None
 
 
 def _file_path(text: str, create: bool, base: str | os.PathLike | None) -> Path:
@@ -159,7 +150,7 @@ def _parse_url(text: str) -> URL:
         return sqlalchemy.engine.make_url(text)
     except (sqlalchemy.exc.ArgumentError, ValueError) as e:  # ValueError: a port that is not a number
         shown = re.sub(r"(://[^:/@]*:)[^@/]*@", r"\1***@", text)  # the password, as SQLAlchemy hides it
-        raise StorageError(f"storage {shown}: not a database URL ({_first_line(e)}); give an SQLAlchemy URL "
+        raise StorageError(f"storage {shown}: not a database URL ({first_line(e)}); give an SQLAlchemy URL "
                            "such as postgresql+psycopg2://user@host/db, or a file path") from None
 
 
@@ -186,148 +177,6 @@ def _rdb_storage(url: str, engine_kwargs: dict[str, Any], heartbeat_interval: in
                 raise
             time.sleep(random.uniform(0.2, 1.0) * (attempt + 1))
     raise AssertionError("unreachable")
-
-
-def db_retry_seconds() -> float:
-    """``NASLOC_DB_RETRY_SECONDS`` (default 120): how long a worker waits for its database server to come back."""
-    text = os.environ.get(DB_RETRY_ENV)
-    if text is None:
-        return DB_RETRY_SECONDS
-    try:
-        seconds = float(text)
-    except ValueError:
-        seconds = math.nan
-    if not (math.isfinite(seconds) and seconds >= 0):
-        raise StorageError(f"{DB_RETRY_ENV}={text!r}: give the seconds to wait for the database server (>= 0)")
-    return seconds
-
-
-class ReconnectingRDBStorage(RDBStorage):
-    """An RDBStorage on a database server that rides out the server's restart (or a failover).
-
-    Each call that reaches the database is tried again, after 0.5 s, 1 s, 2 s, ... (at most 8 s), while the
-    server cannot be reached; the first failure of an outage starts its clock, and once ``retry_seconds`` have
-    passed the call raises :class:`StorageError` (one line) and so does every later call that fails. The
-    outage and the reconnection are logged in one line each. Connections that died with the server are
-    replaced before use (the engine's ``pool_pre_ping``). A missed heartbeat is skipped, not retried: the next
-    one comes, and the grace period is as long as the outages a worker waits for.
-
-    Optuna writes each change in a transaction of its own, and a transaction cut off by the outage did not
-    happen, so trying it again neither loses nor repeats it. (A commit that went through but whose
-    acknowledgement was lost would be tried again: a window this does not close.)
-    """
-
-    def __init__(self, url: str, *, retry_seconds: float, **kwargs: Any) -> None:
-        self.retry_seconds = retry_seconds
-        self._outage_since: float | None = None
-        super().__init__(url, **kwargs)
-
-    def record_heartbeat(self, trial_id: int) -> None:
-        try:
-            super().record_heartbeat(trial_id)
-        except Exception as e:  # noqa: BLE001 - any driver's error
-            if not _lost_connection(e):
-                raise
-
-    def _retrying(self, method: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        delay, longest = RETRY_DELAYS_S
-        while True:
-            try:
-                result = method(self, *args, **kwargs)
-            except Exception as e:  # noqa: BLE001 - any driver's error
-                if not _lost_connection(e):
-                    raise
-                waited = self._outage(e)
-                if waited >= self.retry_seconds:
-                    raise StorageError(
-                        f"storage {self._shown()}: lost the connection and could not reconnect within "
-                        f"{self.retry_seconds:g} s ({_cause(e)}); rerun the same command once the server is back "
-                        f"(completed trials are kept), or wait longer with {DB_RETRY_ENV}") from None
-                time.sleep(min(delay, self.retry_seconds - waited))
-                delay = min(2 * delay, longest)
-                continue
-            if self._outage_since is not None:
-                _logger.warning("storage %s: reconnected after %.0f s", self._shown(),
-                                time.monotonic() - self._outage_since)
-                self._outage_since = None
-            return result
-
-    def _outage(self, error: BaseException) -> float:
-        """Seconds since the outage began (now, for its first failure)."""
-        now = time.monotonic()
-        if self._outage_since is None:
-            self._outage_since = now
-            _logger.warning("storage %s: lost the connection (%s); retrying for up to %g s (%s)",
-                            self._shown(), _cause(error), self.retry_seconds, DB_RETRY_ENV)
-        return now - self._outage_since
-
-    def _shown(self) -> str:
-        return _shown(sqlalchemy.engine.make_url(self.url))
-
-
-#: RDBStorage's methods that reach the database (those of BaseStorage, and those that Optuna's cache in front
-#: of an RDBStorage calls directly).
-_DATABASE_CALLS = (
-    "create_new_study", "delete_study", "set_study_user_attr", "set_study_system_attr", "get_study_id_from_name",
-    "get_study_name_from_id", "get_study_directions", "get_study_user_attrs", "get_study_system_attrs",
-    "get_all_studies", "create_new_trial", "_create_new_trial", "set_trial_param", "_set_trial_param",
-    "get_trial_param", "set_trial_state_values", "set_trial_intermediate_value", "set_trial_user_attr",
-    "set_trial_system_attr", "get_trial_id_from_study_id_trial_number", "get_trial", "get_all_trials",
-    "_get_trials", "get_best_trial", "_get_best_trial_id", "get_trial_user_attrs", "get_trial_system_attrs",
-    "_get_stale_trial_ids",
-)
-
-
-def _retried(method: Callable[..., Any]) -> Callable[..., Any]:
-    @functools.wraps(method)
-    def call(self: ReconnectingRDBStorage, *args: Any, **kwargs: Any) -> Any:
-        return self._retrying(method, *args, **kwargs)
-
-    return call
-
-
-for _name in _DATABASE_CALLS:
-    setattr(ReconnectingRDBStorage, _name, _retried(getattr(RDBStorage, _name)))
-
-
-@contextmanager
-def storage_errors_unmasked() -> Iterator[None]:
-    """Around ``Study.optimize``: a :class:`StorageError` raised while a trial is told its result comes out as itself.
-
-    Optuna 5.0's ``_run_trial`` reads the trial's state back after a failed ``tell``; when that read fails too
-    (the server is still away) its ``finally`` raises an UnboundLocalError instead, with the real error as
-    its context.
-    """
-    try:
-        yield
-    except UnboundLocalError as e:
-        storage_error = next((cause for cause in _chain(e) if isinstance(cause, StorageError)), None)
-        if storage_error is None:
-            raise
-        raise storage_error from None
-
-
-def _chain(error: BaseException) -> list[BaseException]:
-    """``error`` and what caused it (Optuna wraps SQLAlchemy's errors, which wrap the driver's)."""
-    chain: list[BaseException] = []
-    while error is not None and error not in chain:
-        chain.append(error)
-        error = error.__cause__ or error.__context__
-    return chain
-
-
-def _lost_connection(error: BaseException) -> bool:
-    """Whether ``error`` is a database server out of reach."""
-    lost = (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError, sqlalchemy.exc.DisconnectionError)
-    return any(isinstance(e, lost) or (isinstance(e, sqlalchemy.exc.DBAPIError) and e.connection_invalidated)
-               for e in _chain(error))
-
-
-def _cause(error: BaseException) -> str:
-    """The first line of the database driver's own message under ``error``."""
-    chain = _chain(error)
-    driver = next((e.orig for e in chain if isinstance(e, sqlalchemy.exc.DBAPIError) and e.orig is not None), chain[-1])
-    return _first_line(driver)
 
 
 def _connect_sqlite(database: str) -> sqlite3.Connection:
@@ -377,7 +226,7 @@ def check_storage(url_or_path: str | os.PathLike) -> None:
             raise StorageError(f"storage {text}: is a folder; give a file in it, such as {Path(text) / 'study.log'}")
         return
     url = _parse_url(text)
-    shown = _shown(url)
+    shown = shown_url(url)
     try:  # loads the dialect and imports its driver, connects to nothing
         timeout_arg = _CONNECT_TIMEOUT_ARGS.get(url.get_driver_name())
         engine = sqlalchemy.create_engine(url, poolclass=NullPool,
@@ -386,7 +235,7 @@ def check_storage(url_or_path: str | os.PathLike) -> None:
         raise StorageError(f"storage {shown}: unknown database or driver {url.drivername!r}; use an SQLAlchemy URL "
                            "such as sqlite:///study.db or postgresql+psycopg2://user@host/db") from None
     except ImportError as e:
-        raise StorageError(f"storage {shown}: its database driver is not installed ({_first_line(e)}); install it "
+        raise StorageError(f"storage {shown}: its database driver is not installed ({first_line(e)}); install it "
                            "or name an installed one, e.g. postgresql+psycopg2://user@host/db") from None
     try:
         database = _sqlite_database(url)
@@ -403,17 +252,7 @@ def _check_connects(engine: sqlalchemy.engine.Engine, shown: str) -> None:
         with engine.connect():
             pass
     except Exception as e:  # noqa: BLE001 - every driver has its own errors
-        raise StorageError(f"storage {shown}: cannot connect ({_first_line(getattr(e, 'orig', None) or e)})") from None
-
-
-def _shown(url: URL) -> str:
-    """``url`` with its password hidden, for messages."""
-    return url.render_as_string(hide_password=True)
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip() or type(error).__name__
-    return text.splitlines()[0]
+        raise StorageError(f"storage {shown}: cannot connect ({first_line(getattr(e, 'orig', None) or e)})") from None
 
 
 # ------------------------------------------------------------------------------------------- heartbeats

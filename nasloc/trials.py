@@ -18,6 +18,7 @@ import torch
 
 from .arch import Arch
 from .models import LocalityViT
+from .errors import first_line
 from .run import RunDir, RunError, RunRecord
 from .space import SearchSpace
 
@@ -76,14 +77,14 @@ def _trial_arch(trial: Any) -> Arch:
     try:
         return Arch.from_dict(dict(trial.user_attrs["arch"]))
     except (ValueError, TypeError) as e:
-        raise RunError(f"trial {trial.number}: invalid arch: {_first_line(e)}") from None
+        raise RunError(f"trial {trial.number}: invalid arch: {first_line(e)}") from None
 
 
 def _load_space(record: RunRecord) -> SearchSpace:
     try:
         return SearchSpace.load(record.options.space).for_classes(record.num_classes)
     except Exception as e:  # noqa: BLE001 - the space file is gone or no longer valid
-        raise RunError(f"cannot load the run's search space {record.options.space}: {_first_line(e)}") from None
+        raise RunError(f"cannot load the run's search space {record.options.space}: {first_line(e)}") from None
 
 
 def _retrain_result(checkpoint: Path) -> dict[str, float]:
@@ -91,7 +92,7 @@ def _retrain_result(checkpoint: Path) -> dict[str, float]:
     try:
         history = torch.load(checkpoint, map_location="cpu", weights_only=True)["history"]
     except Exception as e:  # noqa: BLE001 - missing, corrupt, not a retrain checkpoint
-        raise RunError(f"retrain checkpoint {checkpoint}: cannot read it ({_first_line(e)})") from None
+        raise RunError(f"retrain checkpoint {checkpoint}: cannot read it ({first_line(e)})") from None
     return {"retrained_top1": history[-1]["val_top1"]} if history else {}
 
 
@@ -102,7 +103,7 @@ def _retrained_model(arch: Arch, weights: Path) -> LocalityViT:
     try:
         model.load_state_dict(load_file(str(weights), device="cpu"), strict=True)
     except Exception as e:  # noqa: BLE001 - corrupt file, or weights of another arch
-        raise RunError(f"{weights}: the retrained weights do not load ({_first_line(e)})") from None
+        raise RunError(f"{weights}: the retrained weights do not load ({first_line(e)})") from None
     return model
 
 
@@ -115,13 +116,9 @@ def _extract_from_supernet(space: SearchSpace, checkpoint: Path, arch: Arch) -> 
         supernet = Supernet(space, int(ckpt["img_size"]))  # the resolution it was trained at
         supernet.load_state_dict(ckpt["model"], strict=True)
     except Exception as e:  # noqa: BLE001 - a corrupt or foreign checkpoint, ...
-        raise RunError(f"cannot rebuild the supernet of {checkpoint}: {_first_line(e)}") from None
+        raise RunError(f"cannot rebuild the supernet of {checkpoint}: {first_line(e)}") from None
     try:
         return supernet.extract(arch)
     except (ValueError, RuntimeError, IndexError) as e:
-        raise RunError(f"the trial's arch is not a subnet of the run's supernet: {_first_line(e)}") from None
+        raise RunError(f"the trial's arch is not a subnet of the run's supernet: {first_line(e)}") from None
 
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip() or type(error).__name__
-    return text.splitlines()[0]

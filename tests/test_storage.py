@@ -12,8 +12,9 @@ import pytest
 from optuna.storages import JournalStorage, RDBStorage
 
 from nasloc.errors import NaslocError
-from nasloc.storage import (DB_RETRY_ENV, DB_RETRY_SECONDS, HeartbeatJournalStorage, ReconnectingRDBStorage,
-                            StorageError, check_storage, db_retry_seconds, open_storage, storage_errors_unmasked)
+from nasloc.reconnect import (DB_RETRY_ENV, DB_RETRY_SECONDS, ReconnectingRDBStorage, db_retry_seconds,
+                              storage_errors_unmasked)
+from nasloc.storage import HeartbeatJournalStorage, StorageError, check_storage, open_storage
 from postgres import postgres_url  # noqa: F401 (a fixture)
 
 
