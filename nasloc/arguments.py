@@ -181,8 +181,8 @@ def add_search_arguments(parser: argparse.ArgumentParser) -> None:
                         help="epochs of the selection's last rung; rungs are 1, 2, 4, ... epochs, and half the "
                              "candidates go on at each (default: %(default)s)")
     effort.add_argument("--select-init", choices=SELECT_INITS, default=DEFAULTS["select_init"],
-                        help="selection candidates start from their supernet weights (fine-tuning) or from "
-                             "scratch (default: %(default)s)")
+                        help="selection candidates start from scratch (it ranked better: results/benchmarks.md) "
+                             "or from their supernet weights (fine-tuning) (default: %(default)s)")
     effort.add_argument("--retrain-top-k", metavar="K", type=_int_in(0), default=DEFAULTS["retrain_top_k"],
                         help="best candidates of the selection (or, without it, Pareto-optimal subnets by "
                              "proxy) to retrain from scratch; 0 skips retraining (default: %(default)s)")

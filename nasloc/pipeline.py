@@ -321,7 +321,7 @@ def selection_phase(study: optuna.Study, supernet: Supernet, splits: DataSplits,
     config = SelectionConfig(epochs=options.select_epochs, top_k=options.select_top_k, init=options.select_init,
                              seed=options.seed)
     _say(f"[nasloc] 4/6 selection: {len(candidates)} candidates ({sum(not c.source.isdigit() for c in candidates)} "
-         f"seed designs), rungs up to {config.epochs} epochs from {config.init} weights, {len(splits.val)} "
+         f"seed designs), rungs up to {config.epochs} epochs from {config.init}, {len(splits.val)} "
          f"held-out images")
     storage = open_storage(options.storage, heartbeat_interval=None)  # no Study.optimize to beat for
     if options.backend == "ray":

@@ -34,7 +34,7 @@ STUDY_NAME = "nasloc"
 # The report's file names (nasloc.report writes them into any folder; in a run folder, into its root).
 TRIALS_CSV, PARETO_CSV, PARETO_HTML = "trials.csv", "pareto.csv", "pareto.html"
 SELECTION_CSV = "selection.csv"
-SELECT_INITS = ("supernet", "scratch")
+SELECT_INITS = ("scratch", "supernet")  # the first is the default: it ranked better (bench/bench_selection.py)
 
 
 class RunError(NaslocError):
@@ -61,7 +61,7 @@ class RunOptions:
     trials: int = 60
     select_top_k: int = 8
     select_epochs: int = 4
-    select_init: str = "supernet"
+    select_init: str = "scratch"
     retrain_top_k: int = 2
     retrain_epochs: int = 5
     retrain_img_size: int | None = None

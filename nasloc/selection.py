@@ -264,7 +264,7 @@ class SelectionConfig:
 
     epochs: int = 4  # the last rung; rungs are 1, 2, 4, ... up to it
     top_k: int = 8  # search candidates; the seed designs come on top
-    init: str = "supernet"  # "supernet": fine-tune from the inherited weights; "scratch": fresh weights
+    init: str = "scratch"  # "scratch": fresh weights (ranks better, bench/bench_selection.py); "supernet": fine-tune
     reduction_factor: int = 2
     batch_size: int = 128
     seed: int = 0

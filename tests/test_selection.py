@@ -141,3 +141,27 @@ def test_a_candidate_that_diverges_is_pruned_and_the_others_go_on(space):
     result = run_selection(cands, trainer, optuna.storages.InMemoryStorage(), max_epochs=2, say=lambda m: None)
     states = {t.user_attrs["source"]: t.state for t in result.study.trials}
     assert states == {"c0": TrialState.PRUNED, "c1": TrialState.COMPLETE, "c2": TrialState.COMPLETE}
+
+
+@pytest.mark.parametrize("init", ["scratch", "supernet"])
+def test_rung_trainer_trains_a_candidate_and_resumes_its_checkpoint(space, tmp_path, init):
+    from nasloc.data import load_dataset
+    from nasloc.selection import RungTrainer, SelectionConfig
+    from nasloc.supernet import Supernet
+
+    splits = load_dataset("digits", None, img_size=16)
+    supernet = Supernet(space.for_classes(splits.num_classes), img_size=16)
+    trainer = RungTrainer(supernet, splits, SelectionConfig(epochs=2, init=init, batch_size=64),
+                          lambda number: tmp_path / f"trial_{number}", device="cpu")
+    candidate = Candidate("c", archs(space, 1)[0].replace(num_classes=splits.num_classes), 0)
+    first = trainer(3, candidate, 1)
+    assert 0 <= first <= 100 and (tmp_path / "trial_3" / "last.pth").is_file()
+    assert trainer(3, candidate, 1) == first  # the rung is read back from the checkpoint, not trained again
+    assert 0 <= trainer(3, candidate, 2) <= 100
+
+
+def test_rung_trainer_refuses_an_unknown_start(space):
+    from nasloc.selection import RungTrainer, SelectionConfig
+
+    with pytest.raises(ValueError, match="selection init"):
+        RungTrainer(None, None, SelectionConfig(init="pretrained"), lambda n: n)
