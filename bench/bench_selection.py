@@ -136,6 +136,7 @@ def summary(truth, rec: Record) -> None:
         corr = np.corrcoef(macs, gap)[0, 1]
         label = "whole band (before)" if k == 1 else f"{k} sub-bands (after)"
         print(f"| {label} | {tau:.2f} ({pval:.3f}) | {top_k_precision(p, standalone, 3)}/3 | {slope:+.2f} | {corr:+.2f} |")
+    winners: dict[str, list[str]] = {}
     print("\n| selection start | rung (epochs) | Kendall tau (p) | top-3 precision | minutes (all archs) |")
     print("|---|---|---|---|---|")
     for init in SELECT_INITS:
@@ -148,6 +149,22 @@ def summary(truth, rec: Record) -> None:
             s = [units[n]["scores"][str(e)] for n in names]
             tau, pval = kendall_tau(s, standalone)
             print(f"| {init} | {e} | {tau:.2f} ({pval:.3f}) | {top_k_precision(s, standalone, 3)}/3 | {minutes:.0f} |")
+        winners[init] = halving_winners(units, names)
+    by_truth = sorted(names, key=lambda n: -truth[n][1])
+    print("\n| selection start | successive halving's top 2 of the 18 (rungs 1, 2, 4) | their standalone rank (of 18) |")
+    print("|---|---|---|")
+    for init, top in winners.items():
+        print(f"| {init} | {', '.join(top)} | {', '.join(str(by_truth.index(n) + 1) for n in top)} |")
+
+
+def halving_winners(units: dict[str, dict], names: list[str], keep_last: int = 2) -> list[str]:
+    """The archs that synchronous successive halving (halve at each rung but the last) would keep, best first."""
+    alive = list(names)
+    rungs = sorted(int(e) for e in units[names[0]]["scores"])
+    for e in rungs:
+        alive.sort(key=lambda n: -units[n]["scores"][str(e)])
+        alive = alive[: max(keep_last, -(-len(alive) // 2))] if e != rungs[-1] else alive[:keep_last]
+    return alive
 
 
 def main() -> None:

@@ -266,7 +266,7 @@ class SelectionConfig:
     top_k: int = 8  # search candidates; the seed designs come on top
     init: str = "scratch"  # "scratch": fresh weights (ranks better, bench/bench_selection.py); "supernet": fine-tune
     reduction_factor: int = 2
-    batch_size: int = 128
+    batch_size: int = 64  # as measured in bench/bench_selection.py; more steps per epoch on small data sets
     seed: int = 0
 
 
