@@ -356,9 +356,8 @@ def retrain_phase(finalists: list, space: SearchSpace, splits: DataSplits, recor
         arch = Arch.from_dict(trial.user_attrs["arch"]).replace(img_size=size)
         model = LocalityViT(arch, drop_path_rate=0.1)
         cfg = RetrainConfig(epochs=options.retrain_epochs, img_size=size, seed=options.seed, mixup=0.0, cutmix=0.0, ema_decay=0.0)
-        run.retrain_dir(trial.number).mkdir(parents=True, exist_ok=True)
-        run.write_retrained_arch(trial.number, arch)
-        result = retrain(model, data, cfg, run.retrain_dir(trial.number), device=options.device)  # resumes; all epochs done: only reads
+        folder = run.write_retrained_arch(trial.number, arch)
+        result = retrain(model, data, cfg, folder, device=options.device)  # resumes; all epochs done: only reads
         weights = run.retrained_weights(trial.number)
         if result.epochs_run > 0 or not weights.exists():
             _save_weights(model, weights)

@@ -20,6 +20,7 @@ command line builds its options here before anything else loads.
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -102,6 +103,23 @@ class RunOptions:
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON values (paths as strings, tuples as lists)."""
         return {f.name: _plain(getattr(self, f.name)) for f in fields(self)}
+
+
+def arch_folder(folder: Path, arch: Arch) -> Path:
+    """``folder`` for training ``arch``, with the arch in its ``arch.json``: made if missing, resumed if it holds
+    this arch. One that holds another arch's training (a run folder shared by two studies, e.g. a rerun with
+    another ``--storage``) cannot be resumed: it is moved aside, not overwritten, with a warning."""
+    record = folder / "arch.json"
+    if record.is_file() and record.read_text().strip() != arch.to_json(indent=2).strip():
+        aside = next(folder.with_name(f"{folder.name}.other-arch-{i}") for i in range(1, 10_000)
+                     if not folder.with_name(f"{folder.name}.other-arch-{i}").exists())
+        folder.rename(aside)
+        warnings.warn(f"{folder} held the training of another arch; moved it to {aside.name} and starting afresh",
+                      stacklevel=2)
+    folder.mkdir(parents=True, exist_ok=True)
+    if not record.is_file():
+        write_atomic(record, arch.to_json(indent=2))
+    return folder
 
 
 def _plain(value: Any) -> Any:
@@ -229,9 +247,9 @@ class RunDir:
     def retrained_weights(self, trial: int) -> Path:
         return self.retrain_dir(trial) / "best.safetensors"
 
-    def write_retrained_arch(self, trial: int, arch: Arch) -> None:
-        """Keep the arch exactly as retrained (resolution included) beside its weights."""
-        write_atomic(self.retrain_dir(trial) / "arch.json", arch.to_json(indent=2))
+    def write_retrained_arch(self, trial: int, arch: Arch) -> Path:
+        """Keep the arch exactly as retrained (resolution included) beside its weights; returns the folder."""
+        return arch_folder(self.retrain_dir(trial), arch)
 
     def read_retrained_arch(self, trial: int) -> Arch:
         path = self.retrain_dir(trial) / "arch.json"

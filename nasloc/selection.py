@@ -28,7 +28,7 @@ from optuna.trial import FrozenTrial, TrialState
 from .arch import Arch
 from .errors import TrainingDiverged
 from .flops import count
-from .run import SELECT_INITS
+from .run import SELECT_INITS, arch_folder
 from .search import SEED_DESIGN_ATTR, evaluated_feasible_trials, optuna_quiet
 
 STUDY_NAME = "selection"
@@ -293,9 +293,9 @@ class RungTrainer:
         cfg = RetrainConfig(epochs=self.config.epochs, batch_size=self.config.batch_size, seed=self.config.seed,
                             warmup_epochs=0 if self.config.init == "supernet" else 1, mixup=0.0, cutmix=0.0,
                             randaugment="", ema_decay=0.0, img_size=self.supernet.img_size)
+        folder = arch_folder(Path(self.folder(number)), arch)  # resumes this arch's training only
         try:
-            result = retrain(model, self.splits, cfg, self.folder(number), device=self.device, progress=False,
-                             stop_epoch=epochs)
+            result = retrain(model, self.splits, cfg, folder, device=self.device, progress=False, stop_epoch=epochs)
         except TrainingDiverged:  # a candidate whose loss blows up is out of the race, not the end of the run
             return math.nan
         return result.history[epochs - 1]["val_top1"]

@@ -165,3 +165,22 @@ def test_rung_trainer_refuses_an_unknown_start(space):
 
     with pytest.raises(ValueError, match="selection init"):
         RungTrainer(None, None, SelectionConfig(init="pretrained"), lambda n: n)
+
+
+def test_a_folder_of_another_arch_is_moved_aside_not_resumed(space, tmp_path):
+    """A run folder shared by two studies (a rerun with another --storage): selection trial 0 of the second
+    study is another arch than trial 0 of the first, whose checkpoint would not even load."""
+    from nasloc.data import load_dataset
+    from nasloc.selection import RungTrainer, SelectionConfig
+    from nasloc.supernet import Supernet
+
+    splits = load_dataset("digits", None, img_size=16)
+    supernet = Supernet(space.for_classes(splits.num_classes), img_size=16)
+    trainer = RungTrainer(supernet, splits, SelectionConfig(epochs=1, batch_size=64), lambda n: tmp_path / f"trial_{n}",
+                          device="cpu")
+    first, second = (Candidate("c", a.replace(num_classes=10), 0) for a in archs(space, 2, seed=3))
+    trainer(0, first, 1)
+    with pytest.warns(UserWarning, match="another arch; moved it to trial_0.other-arch-1"):
+        assert 0 <= trainer(0, second, 1) <= 100
+    assert Arch.from_json((tmp_path / "trial_0.other-arch-1" / "arch.json").read_text()) == supernet.at_resolution(first.arch)
+    assert (tmp_path / "trial_0.other-arch-1" / "last.pth").is_file()
