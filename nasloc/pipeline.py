@@ -108,11 +108,12 @@ def run_pipeline(options: RunOptions) -> Path:
         pareto = report_phase(study, options, run, references)
         if options.select_top_k:
             selection = selection_phase(study, supernet, select_data, space, checkpoint, record, run)
-            finalists = [study.trials[t.user_attrs["search_trial"]] for t in selection.ranking]
+            by_number = {t.number: t for t in study.get_trials(deepcopy=False)}
+            finalists = [by_number[t.user_attrs["search_trial"]] for t in selection.ranking]
         else:
             selection, finalists = None, sorted(pareto, key=lambda t: t.user_attrs["top1"], reverse=True)
         retrained = retrain_phase(finalists, space, splits, record, run)
-        export_dir = export_phase(retrained, options, run, splits)
+        export_dir = export_phase(retrained, options, run, splits, space.img_size)
         write_summary(run, record, space, study, pareto, selection, retrained, references, export_dir,
                       time.time() - started)
     finally:
@@ -368,14 +369,15 @@ def retrain_phase(finalists: list, space: SearchSpace, splits: DataSplits, recor
     return results
 
 
-def export_phase(retrained: list[Retrained], options: RunOptions, run: RunDir, splits: DataSplits) -> Path | None:
+def export_phase(retrained: list[Retrained], options: RunOptions, run: RunDir, splits: DataSplits,
+                 deploy_size: int) -> Path | None:
     if not retrained:
         return None
     best = max(retrained, key=lambda r: r.val_top1)
     info = dict(trial=best.trial, macs_at_deploy=best.macs, params=best.params, proxy_top1=best.proxy_top1,
                 retrained_top1=best.val_top1, budget_macs=options.budget, dataset=options.dataset)
     _say(f"[nasloc] 6/6 export: trial {best.trial} -> {run.best_export}")
-    return export_model(best.model, run.best_export, img_size=SearchSpace.load(options.space).img_size, info=info,
+    return export_model(best.model, run.best_export, img_size=deploy_size, info=info,
                         mean=splits.mean, std=splits.std, label_names=splits.class_names, overwrite=True)
 
 

@@ -39,16 +39,21 @@ def ray_rung_trial(config: dict[str, Any], *, trainer_factory: Callable[[], Rung
         tune.report({"top1": float(value), "epochs": epochs})
 
 
-def _report_callback(study: optuna.Study) -> Any:
+def _report_callback(study: optuna.Study, entries: list[dict[str, Any]]) -> Any:
     from ray.tune import Callback
 
     class ReportToOptuna(Callback):
-        """Driver side: every score a worker reports becomes an intermediate value of its selection trial."""
+        """Driver side: every score a worker reports becomes an intermediate value of its selection trial
+        (once: a resumed candidate reports its stored scores again)."""
+
+        def __init__(self) -> None:
+            self.stored = {(e["trial_id"], int(epochs)) for e in entries for epochs in e["scored"]}
 
         def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
-            number, epochs = trial.config["candidate"]["number"], int(result["epochs"])
-            if epochs not in study.trials[number].intermediate_values:
-                report(study, number, float(result["top1"]), epochs)
+            key = (trial.config["candidate"]["trial_id"], int(result["epochs"]))
+            if key not in self.stored:
+                report(study, key[0], float(result["top1"]), key[1])
+                self.stored.add(key)
 
     return ReportToOptuna()
 
@@ -71,8 +76,8 @@ def run_ray_selection(candidates: Sequence[Candidate], trainer_factory: Callable
     alive = alive_candidates(study)
     if alive:
         say(f"[nasloc]   {len(alive)} candidates on Ray, up to {max_concurrent} at a time, ASHA over rungs {rungs}")
-        entries = [dict(number=t.number, source=t.user_attrs["source"], arch=t.user_attrs["arch"],
-                        search_trial=t.user_attrs["search_trial"],
+        entries = [dict(number=t.number, trial_id=t._trial_id, source=t.user_attrs["source"],
+                        arch=t.user_attrs["arch"], search_trial=t.user_attrs["search_trial"],
                         scored={str(e): v for e, v in t.intermediate_values.items()}) for t in alive]
         trainable = tune.with_resources(
             tune.with_parameters(ray_rung_trial, trainer_factory=trainer_factory, rungs=tuple(rungs)),
@@ -87,7 +92,7 @@ def run_ray_selection(candidates: Sequence[Candidate], trainer_factory: Callable
                                             reuse_actors=True),
                 run_config=tune.RunConfig(name=f"selection-{time.strftime('%Y%m%d-%H%M%S')}", verbose=0,
                                           storage_path=str(Path(results_dir).expanduser().resolve()),
-                                          callbacks=[_report_callback(study)]))
+                                          callbacks=[_report_callback(study, entries)]))
             tuner.fit()
     close_unfinished(study, rungs)
     return SelectionResult(study, ranking(study))

@@ -151,7 +151,7 @@ def run_selection(candidates: Sequence[Candidate], advance: Advance, storage: Ba
             + (f" ({scored} already scored)" if scored else ""))
         for frozen in alive:
             if epochs not in frozen.intermediate_values:
-                report(study, frozen.number, advance(frozen.number, candidate_of(frozen), epochs), epochs)
+                report(study, frozen._trial_id, advance(frozen.number, candidate_of(frozen), epochs), epochs)
         _close_rung(study, epochs, rungs)
     return SelectionResult(study, ranking(study))
 
@@ -167,9 +167,9 @@ def open_selection(candidates: Sequence[Candidate], storage: BaseStorage, rungs:
     return study
 
 
-def report(study: optuna.Study, number: int, value: float, epochs: int) -> None:
-    """Store candidate ``number``'s score after ``epochs`` epochs (an intermediate value of its trial)."""
-    optuna.trial.Trial(study, study.trials[number]._trial_id).report(value, epochs)
+def report(study: optuna.Study, trial_id: int, value: float, epochs: int) -> None:
+    """Store a candidate's score after ``epochs`` epochs (an intermediate value of its trial, by storage id)."""
+    optuna.trial.Trial(study, trial_id).report(value, epochs)
 
 
 def close_unfinished(study: optuna.Study, rungs: list[int]) -> None:
