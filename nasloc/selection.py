@@ -163,7 +163,7 @@ def open_selection(candidates: Sequence[Candidate], storage: BaseStorage, rungs:
         study = optuna.create_study(storage=storage, study_name=STUDY_NAME, direction="maximize",
                                     load_if_exists=True, pruner=SynchronousHalvingPruner(rungs, reduction_factor))
     _check_rungs(study, rungs)
-    _add_candidates(study, candidates, rungs)
+    _add_candidates(study, candidates)
     return study
 
 
@@ -191,7 +191,7 @@ def _check_rungs(study: optuna.Study, rungs: list[int]) -> None:
                          "use the same --select-epochs, or another --run-name")
 
 
-def _add_candidates(study: optuna.Study, candidates: Sequence[Candidate], rungs: list[int]) -> None:
+def _add_candidates(study: optuna.Study, candidates: Sequence[Candidate]) -> None:
     """One trial per candidate, made once: a trial cut off before it got its arch (a crash) is failed."""
     trials = study.get_trials(deepcopy=False)
     for orphan in (t for t in trials if t.state == TrialState.RUNNING and "arch" not in t.user_attrs):
