@@ -40,7 +40,7 @@ from .errors import NaslocError, TrainingDiverged
 from .space import SearchSpace
 from .space_files import SpaceError
 from .supernet import Supernet
-from .train import resolve_device, setup_distributed
+from .train import amp_dtype, resolve_device, setup_distributed
 
 
 @dataclass
@@ -57,6 +57,7 @@ class SupernetConfig:
     grad_clip: float = 5.0
     seed: int = 0
     num_workers: int = 0
+    amp: bool | None = None  # mixed precision: None = on CUDA only (bf16 where supported, else fp16 + GradScaler)
 
 
 @dataclass(frozen=True)
@@ -156,6 +157,7 @@ def train_supernet(
     scheduler.step_update(start_epoch * len(loader))
     _broadcast_state(supernet, dist_info.world_size)  # every rank starts from rank 0's weights
     sampler = SandwichSampler(supernet, band, cfg.random_subnets, cfg.sub_bands)
+    precision = _Precision(amp_dtype(cfg.amp, dev), dev)
     started, loss = time.time(), float("nan")
     for epoch in range(start_epoch, cfg.epochs):
         loader.set_epoch(epoch)
@@ -163,15 +165,17 @@ def train_supernet(
         with tqdm(total=len(loader) * cfg.batch_size, desc=f"supernet epoch {epoch + 1}/{cfg.epochs}", unit="img",
                   disable=not (progress and dist_info.is_main), leave=False) as bar:  # closed on an error too
             for step, (x, y) in enumerate(loader):
-                loss = _sandwich_step(supernet, sampler.step(rng), x, y, cfg)
+                loss = _sandwich_step(supernet, sampler.step(rng), x, y, cfg, precision)
                 if not math.isfinite(loss):
                     raise TrainingDiverged(f"supernet loss became {loss} at epoch {epoch + 1}; lower the learning "
                                            "rate (SupernetConfig.lr) or check the data; completed epochs stay in "
                                            + str(ckpt_path))
                 _average_gradients(supernet, dist_info.world_size)
+                precision.scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
                 if cfg.grad_clip:
                     torch.nn.utils.clip_grad_norm_(supernet.parameters(), cfg.grad_clip)
-                optimizer.step()
+                precision.scaler.step(optimizer)
+                precision.scaler.update()
                 scheduler.step_update(epoch * len(loader) + step + 1)
                 bar.update(x.shape[0])
                 bar.set_postfix(loss=f"{loss:.3f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
@@ -183,20 +187,34 @@ def train_supernet(
     return SupernetResult(ckpt_path, max(0, cfg.epochs - start_epoch), time.time() - started, loss)
 
 
-def _sandwich_step(supernet: Supernet, archs: list[Arch], x: torch.Tensor, y: torch.Tensor, cfg: SupernetConfig) -> float:
+class _Precision:
+    """Autocast for the forward passes and the gradient scaler (a no-op unless fp16) of the supernet's steps."""
+
+    def __init__(self, dtype: torch.dtype | None, device: torch.device):
+        self.dtype, self.device = dtype, device
+        self.scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+
+    def autocast(self) -> torch.autocast:
+        return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None)
+
+
+def _sandwich_step(supernet: Supernet, archs: list[Arch], x: torch.Tensor, y: torch.Tensor, cfg: SupernetConfig,
+                   precision: _Precision) -> float:
     """One optimizer step's gradients: the largest learns the labels, the others its soft predictions."""
     supernet.train()
     for p in supernet.parameters():
         p.grad = None
-    teacher_logits = supernet(x, archs[0])
+    with precision.autocast():
+        teacher_logits = supernet(x, archs[0]).float()
     loss = F.cross_entropy(teacher_logits, y, label_smoothing=cfg.label_smoothing)
-    loss.backward()
+    precision.scaler.scale(loss).backward()
     total = loss.item()
     soft_targets = teacher_logits.detach().softmax(-1)
     for arch in archs[1:]:
-        student = supernet(x, arch)
+        with precision.autocast():
+            student = supernet(x, arch).float()
         distill = torch.sum(-soft_targets * F.log_softmax(student, dim=-1), dim=-1).mean()
-        distill.backward()
+        precision.scaler.scale(distill).backward()
         total += distill.item()
     return total / len(archs)
 

@@ -239,7 +239,7 @@ class _Optimization:
             self.optimizer, "cosine", num_epochs=cfg.epochs, warmup_epochs=min(cfg.warmup_epochs, cfg.epochs / 10),
             warmup_lr=cfg.warmup_lr, min_lr=cfg.min_lr, step_on_epochs=False, updates_per_epoch=steps_per_epoch)
         self.ema = ModelEmaV3(model, decay=cfg.ema_decay) if cfg.ema_decay > 0 else None
-        self.amp_dtype = _amp_dtype(cfg.amp, device)
+        self.amp_dtype = amp_dtype(cfg.amp, device)
         # bfloat16 needs no loss scaling; float16 does.
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype == torch.float16)
         self.num_updates = 0
@@ -390,7 +390,9 @@ def _mixup_and_loss(cfg: RetrainConfig, num_classes: int) -> tuple[Mixup | None,
     return None, nn.CrossEntropyLoss()
 
 
-def _amp_dtype(amp: bool | None, device: torch.device) -> torch.dtype | None:
+def amp_dtype(amp: bool | None, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype: None (fp32) unless on CUDA (amp=None) or asked; bf16 where the GPU has it, else fp16
+    (which needs a GradScaler)."""
     if not (device.type == "cuda" if amp is None else amp):
         return None
     if device.type != "cuda":
