@@ -1,0 +1,357 @@
+"""CIFAR-10 evidence at full scale (issue 18): the nasloc picks against every seed design, through the product.
+
+Every unit of work is one run of a user-facing command on the CIFAR-10 JPEG set of ../shared/data/cifar10 with
+its split (validation = images 4500-4999 of each class, 5,000; training = the other 45,000), at 32 px:
+
+- ``<budget>/seed/<design>/s<k>``: ``nasloc train`` of a seed design (nasloc.seeds.reference_archs: the largest
+  arch of each mechanism alone within the budget in search_spaces/cifar.yaml) with the standalone recipe, seed k;
+- ``<budget>/search/<sampler>``: ``run_search.py`` (supernet, search, selection; no retraining) with NSGA-II or
+  random search, equally long; its pick is the selection's rank 1;
+- ``<budget>/pick/<sampler>/s<k>``: ``nasloc train`` of that pick with the standalone recipe, seed k;
+- ``<budget>/rank/<trial>``: ``nasloc train`` (seed 0) of every other selection candidate of the NSGA-II run, so
+  that the proxy and selection scores of all its candidates can be ranked against the recipe's top-1.
+
+Each finished unit is merged into ``OUT/record.json`` at once (val top-1, MACs, params, wall and CPU seconds), so
+the script can be stopped at any moment and rerun: a finished unit is never run again, an unfinished training
+resumes from its last epoch (the work folder keeps the checkpoints). Seed 0 of every design and each pick at the
+first budget are exported in fp16 under ``results/evidence/exports/<design>/`` (timm's local-dir layout).
+Several processes (or ``--jobs``) share the units through claims. Tables and plot: bench/evidence_full_report.py.
+
+CPU, one thread, in the background (the protocol of the issue: 0.03 GMACs, 10 epochs, 2 seeds):
+
+    nohup .venv/bin/python bench/evidence_full.py --threads 1 > results/evidence_full/log.txt 2>&1 &
+
+GPU (30 epochs, two budgets, parallel units): bench/gpu_evidence.sh.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from evidence_cifar import ROOT, Record, log  # noqa: E402  (claims and the merged JSON record)
+
+DESIGNS = {  # export folder name -> nasloc.seeds.MECHANISMS key
+    "plain": "plain ViT", "dw_shortcut": "DW shortcut", "localvit": "LocalViT FFN", "life": "LIFE",
+    "dilateformer": "DilateFormer", "lightvit": "LightViT",
+}
+SAMPLERS = ("nsga2", "random")
+EXPORTS = ROOT / "results/evidence/exports"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--cifar-tar", default=str(ROOT.parent / "shared/data/cifar10/train.tar.gz"))
+    p.add_argument("--data-root", default="/tmp/nasloc-cifar10-split",
+                   help="where the split is laid out as train/<class> and val/<class> (symlinks)")
+    p.add_argument("--small", type=int, default=0,
+                   help="smoke test: only this many training images per class (and a tenth as many val)")
+    p.add_argument("--work", default="/tmp/nasloc-evidence-full", help="run and training folders (not committed)")
+    p.add_argument("--out", default=str(ROOT / "results/evidence_full"), help="record.json and logs")
+    p.add_argument("--exports", default=str(EXPORTS), help="where seed 0 of each design and the picks are exported")
+    p.add_argument("--budgets", default="0.03", help="GMACs per image at 32 px, comma list")
+    p.add_argument("--epochs", type=int, default=10, help="of every standalone training")
+    p.add_argument("--seeds", type=int, default=2, help="standalone trainings per design and pick")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--lr", default="4e-3", help="AdamW lr per 512 images (nasloc train scales it to the batch)")
+    p.add_argument("--supernet-epochs", type=int, default=5)
+    p.add_argument("--trials", type=int, default=60)
+    p.add_argument("--select-top-k", type=int, default=8)
+    p.add_argument("--select-epochs", type=int, default=4)
+    p.add_argument("--rank", action=argparse.BooleanOptionalAction, default=True,
+                   help="train every selection candidate of the NSGA-II run once (the ranking study)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=1, help="torch threads of each command")
+    p.add_argument("--loader-workers", type=int, default=1, help="data loading processes of each command")
+    p.add_argument("--jobs", type=int, default=1, help="units run at once by this process")
+    p.add_argument("--minutes", type=float, default=0, help="stop (killing running units) after this long; 0 = never")
+    p.add_argument("--only", default="", help="comma list of unit kinds to run (seed,search,pick,rank); default all")
+    return p.parse_args(argv)
+
+
+# ------------------------------------------------------------------------------------------------ data
+def lay_out_split(tar: str, root: Path, small: int = 0) -> Path:
+    """The CIFAR-10 JPEGs as root/train/<class> (images 0000-4499) and root/val/<class> (4500-4999), by symlinks."""
+    if (root / "val").is_dir():
+        return root
+    raw = root.with_name(root.name + "-raw")
+    if not (raw / "train").is_dir():
+        raw.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["tar", "-xzf", tar, "-C", str(raw)], check=True)
+    staging = root.with_name(root.name + ".tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    for class_dir in sorted((raw / "train").iterdir()):
+        files = sorted(class_dir.iterdir())
+        train, val = files[:4500], files[4500:]
+        if small:
+            train, val = train[:small], val[:max(1, small // 10)]
+        for split, chosen in (("train", train), ("val", val)):
+            target = staging / split / class_dir.name
+            target.mkdir(parents=True)
+            for f in chosen:
+                (target / f.name).symlink_to(f)
+    staging.rename(root)
+    return root
+
+
+# ------------------------------------------------------------------------------------------------ units
+@dataclass
+class Unit:
+    key: str
+    needs: tuple[str, ...]
+    run: Callable[[], dict]
+
+
+class Protocol:
+    """The units of the study and how each one runs (commands, folders, what is recorded)."""
+
+    def __init__(self, args: argparse.Namespace, data: Path, rec: Record):
+        self.args, self.data, self.rec = args, data, rec
+        self.work = Path(args.work)
+        self.kinds = set(args.only.split(",")) if args.only else {"seed", "search", "pick", "rank"}
+        self.stopping = threading.Event()
+        self.children: set[subprocess.Popen] = set()
+        self.lock = threading.Lock()
+        self.running: set[str] = set()  # units taken by this process's threads (claims tell other processes)
+        self.failed: set[str] = set()  # tried again by the next run of the script, not by this one
+
+    def take(self, units: list[Unit]) -> Unit | None:
+        """The first unit whose needs are recorded and that no thread or process holds, now held by the caller."""
+        with self.lock:
+            for u in units:
+                if u.key not in self.running and all(self.rec.get(n) for n in u.needs) and self.rec.claim(u.key):
+                    self.running.add(u.key)
+                    return u
+        return None
+
+    # ------------------------------------------------------------------------ which units, in what order
+    def units(self) -> list[Unit]:
+        """Every unit known so far (picks and ranking archs appear once their search is recorded), by priority:
+        the searches first (the longest chains), then seed 0 of each design, the picks, then the other seeds."""
+        order: list[Unit] = []
+        for budget in self.budgets:
+            order += [self._search(budget, s) for s in SAMPLERS]
+        for seed in range(self.args.seeds):
+            for budget in self.budgets:
+                order += [self._seed(budget, d, seed) for d in DESIGNS]
+                order += [self._pick(budget, s, seed) for s in SAMPLERS if self._searched(budget, s)]
+            if seed == 0 and self.args.rank:
+                order += [u for b in self.budgets if self._searched(b, "nsga2") for u in self._ranking(b)]
+        return [u for u in order if u.key.split("/")[1] in self.kinds]
+
+    @property
+    def budgets(self) -> list[str]:
+        return [f"{float(b):g}G" for b in self.args.budgets.split(",")]
+
+    def _searched(self, budget: str, sampler: str) -> dict | None:
+        return self.rec.get(f"{budget}/search/{sampler}")
+
+    def _seed(self, budget: str, design: str, seed: int) -> Unit:
+        key = f"{budget}/seed/{design}/s{seed}"
+        return Unit(key, (), lambda: self._train(key, self._design_file(budget, design), seed, export_as=design))
+
+    def _pick(self, budget: str, sampler: str, seed: int) -> Unit:
+        key = f"{budget}/pick/{sampler}/s{seed}"
+        search_key = f"{budget}/search/{sampler}"
+
+        def run() -> dict:
+            search = self.rec.get(search_key)
+            model = f"{search['run_dir']}:{search['pick']['search_trial']}"
+            return self._train(key, model, seed, export_as=f"nasloc_{sampler}")
+        return Unit(key, (search_key,), run)
+
+    def _ranking(self, budget: str) -> list[Unit]:
+        """Each selection candidate of the NSGA-II run that is not a seed design (those are trained anyway)."""
+        search = self._searched(budget, "nsga2")
+        units = []
+        for c in search["candidates"]:
+            if c["source"] in DESIGNS.values():
+                continue
+            key = f"{budget}/rank/{c['search_trial']}"
+            model = f"{search['run_dir']}:{c['search_trial']}"
+            units.append(Unit(key, (f"{budget}/search/nsga2",), lambda k=key, m=model: self._train(k, m, 0)))
+        return units
+
+    def _search(self, budget: str, sampler: str) -> Unit:
+        key = f"{budget}/search/{sampler}"
+        return Unit(key, (), lambda: self._run_search(key, budget, sampler))
+
+    # ------------------------------------------------------------------------ what a unit runs
+    def _design_file(self, budget: str, design: str) -> Path:
+        """The seed design's arch as a JSON file (nasloc train --model takes it)."""
+        path = self.work / "archs" / budget / f"{design}.json"
+        if not path.exists():
+            from nasloc.seeds import reference_archs
+            from nasloc.space import SearchSpace
+            space = SearchSpace.load("cifar").for_classes(10)
+            arch = reference_archs(space, float(budget[:-1]) * 1e9)[DESIGNS[design]]
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(arch.to_dict()))
+            tmp.rename(path)
+        return path
+
+    def _train(self, key: str, model: str | Path, seed: int, export_as: str | None = None) -> dict:
+        a = self.args
+        out = self.work / key
+        warmup = max(1, a.epochs // 10)
+        command = [sys.executable, "-m", "nasloc", "train", "--model", str(model), "--dataset", "imagefolder",
+                   "--data-dir", str(self.data), "--epochs", str(a.epochs), "--img-size", "32", "--seed", str(seed),
+                   "--batch-size", str(a.batch_size), "--lr", a.lr, "--warmup-epochs", str(warmup),
+                   "--label-smoothing", "0.1", "--mixup", "0", "--cutmix", "0", "--randaugment", "",
+                   "--drop-path", "0", "--grad-clip", "5", "--ema-decay", "0", "--workers", str(a.loader_workers),
+                   "--device", a.device, "--out", str(out)]
+        wall, cpu = self._execute_once(key, command, out / "export" / "config.json", out / "costs.json")
+        config = json.loads((out / "export" / "config.json").read_text())
+        info = config["nasloc"]  # macs and params by the analytic counter (equal to fvcore's)
+        result = dict(model=str(model), seed=seed, epochs=a.epochs, top1=info["val_top1"], macs=info["macs"],
+                      params=info["params"],
+                      wall_s=wall, cpu_s=cpu, device=a.device, command=_shown(command))
+        if export_as and seed == 0 and key.startswith(f"{self.budgets[0]}/"):
+            result["export"] = os.path.relpath(_export_fp16(out / "export", Path(a.exports) / export_as), ROOT)
+        return result
+
+    def _run_search(self, key: str, budget: str, sampler: str) -> dict:
+        a = self.args
+        name = key.replace("/", "-")
+        command = [sys.executable, str(ROOT / "run_search.py"), "--budget", budget, "--space", "cifar",
+                   "--dataset", "imagefolder", "--data-dir", str(self.data), "--proxy-img-size", "32",
+                   "--supernet-epochs", str(a.supernet_epochs), "--trials", str(a.trials), "--sampler", sampler,
+                   "--select-top-k", str(a.select_top_k), "--select-epochs", str(a.select_epochs),
+                   "--retrain-top-k", "0", "--device", a.device, "--seed", "0", "--run-name", name,
+                   "--results-dir", str(self.work / "runs")]
+        run_dir = self.work / "runs" / name
+        wall, cpu = self._execute_once(key, command, run_dir / "selection.csv", run_dir / "costs.json")
+        proxy = {int(r["number"]): float(r["top1"]) for r in _csv(run_dir / "trials.csv") if r["top1"]}
+        candidates = [dict(source=r["source"], search_trial=int(r["search_trial"]), rank=int(r["rank"]),
+                           state=r["state"], macs=float(r["macs"]), params=int(float(r["params"])),
+                           proxy_top1=proxy.get(int(r["search_trial"])),
+                           scores={k: float(v) for k, v in r.items() if k.startswith("top1@") and v})
+                      for r in _csv(run_dir / "selection.csv")]
+        return dict(run_dir=str(run_dir), pick=candidates[0], candidates=candidates, wall_s=wall, cpu_s=cpu,
+                    trials=a.trials, supernet_epochs=a.supernet_epochs, select_top_k=a.select_top_k,
+                    select_epochs=a.select_epochs, device=a.device, command=_shown(command))
+
+    def _execute_once(self, key: str, command: list[str], product: Path, costs: Path) -> tuple[float | None, float | None]:
+        """Run the command unless its product exists from an earlier run (then the costs it wrote are returned):
+        a unit whose command finished but whose recording failed is not run again. An interrupted command's
+        time is lost: the costs are those of the attempt that finished."""
+        if not product.exists():
+            wall, cpu = self._execute(key, command)
+            costs.write_text(json.dumps(dict(wall_s=wall, cpu_s=cpu)))
+        recorded = json.loads(costs.read_text()) if costs.exists() else dict(wall_s=None, cpu_s=None)
+        return recorded["wall_s"], recorded["cpu_s"]
+
+    def _execute(self, key: str, command: list[str]) -> tuple[float, float]:
+        """Run one command to its end (its log beside the record); (wall seconds, CPU seconds of it and its children)."""
+        env = dict(os.environ, OMP_NUM_THREADS=str(self.args.threads), MKL_NUM_THREADS=str(self.args.threads),
+                   PYTHONUNBUFFERED="1")
+        logs = Path(self.args.out) / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        started = time.time()
+        with open(logs / (key.replace("/", "-") + ".log"), "a") as out:
+            child = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+            self.children.add(child)
+            _, status, usage = os.wait4(child.pid, 0)
+            self.children.discard(child)
+            child.returncode = os.waitstatus_to_exitcode(status)
+        if child.returncode != 0:
+            raise RuntimeError(f"{key}: exit {child.returncode} (log: {logs / (key.replace('/', '-') + '.log')})")
+        return time.time() - started, usage.ru_utime + usage.ru_stime
+
+    def stop(self) -> None:
+        self.stopping.set()
+        for child in list(self.children):
+            child.send_signal(signal.SIGTERM)
+
+
+def _export_fp16(export: Path, target: Path) -> Path:
+    """Copy of a timm export with its weights in fp16 (timm loads them into the fp32 model); atomically replaced."""
+    from safetensors.torch import load_file, save_file
+    staging = target.with_name(target.name + ".tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(export, staging)
+    weights = load_file(export / "model.safetensors")
+    save_file({k: v.half() if v.is_floating_point() else v for k, v in weights.items()}, staging / "model.safetensors")
+    if target.exists():
+        shutil.rmtree(target)
+    staging.rename(target)
+    return target
+
+
+def _csv(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _shown(command: list[str]) -> str:
+    """The command as a user would type it (the interpreter and repository paths shortened)."""
+    shown = ["python" if c == sys.executable else c.replace(str(ROOT) + "/", "") for c in command]
+    return " ".join(c if c and " " not in c else repr(c) for c in shown)
+
+
+# ------------------------------------------------------------------------------------------------ scheduling
+def work_through(protocol: Protocol, rec: Record) -> None:
+    """Run units until none is left (or the protocol stops): the first one whose needs are recorded and that no
+    other process holds, again and again."""
+    while not protocol.stopping.is_set():
+        units = protocol.units()
+        pending = [u for u in units if rec.get(u.key) is None and u.key not in protocol.failed]
+        if not pending:
+            return
+        ready = protocol.take(pending)
+        if ready is None:
+            time.sleep(5)  # the rest waits for a search or is run by another process
+            continue
+        log(f"start {ready.key}")
+        try:
+            result = ready.run()
+        except Exception as e:  # one broken unit must not stop the study: record it and go on
+            if protocol.stopping.is_set():
+                return
+            protocol.failed.add(ready.key)
+            rec.put(f"failed/{ready.key}", str(e))
+            log(f"FAILED {ready.key}: {e}")
+            continue
+        rec.put(ready.key, result)
+        if rec.get(f"failed/{ready.key}") is not None:
+            rec.put(f"failed/{ready.key}", None)  # an earlier failure, now mended
+        log(f"done {ready.key}: " + (f"top-1 {result['top1']:.2f}" if "top1" in result else f"pick {result['pick']}"))
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rec = Record(out / "record.json")
+    rec.put("protocol", {k: v for k, v in vars(args).items() if k not in ("jobs", "minutes", "only")})
+    data = lay_out_split(args.cifar_tar, Path(args.data_root), args.small)
+    protocol = Protocol(args, data, rec)
+    workers = [threading.Thread(target=work_through, args=(protocol, rec), daemon=True) for _ in range(args.jobs)]
+    for w in workers:
+        w.start()
+        time.sleep(1)  # claims are taken in order
+    deadline = time.time() + args.minutes * 60 if args.minutes else float("inf")
+    while any(w.is_alive() for w in workers) and time.time() < deadline:
+        time.sleep(2)
+    if any(w.is_alive() for w in workers):
+        log(f"stopping after {args.minutes} min: running units are killed and stay unrecorded")
+        protocol.stop()
+        for w in workers:
+            w.join(timeout=60)
+    log("done")
+
+
+if __name__ == "__main__":
+    main()
