@@ -21,6 +21,7 @@ from nasloc.units import ACCEPTED_FORMS, parse_budget
 DATASETS = ("digits", "cifar10", "cifar100", "imagefolder")
 OBJECTIVES = ("top1", "macs", "params", "latency")
 SAMPLERS = ("nsga2", "tpe", "random")
+LATENCY_BACKENDS = ("torch", "onnxruntime")
 DEFAULTS = {field.name: field.default for field in dataclasses.fields(RunOptions)}
 # nasloc train's recipe options: nasloc.train.RetrainConfig's fields with its defaults (a test checks that they
 # agree), DeiT's recipe as the seed papers train; name: (default, metavar, help).
@@ -73,6 +74,27 @@ def print_error(prog: str, message: str) -> None:
 def _budget(text: str) -> float:
     try:
         return parse_budget(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+_LATENCY = re.compile(r"(?P<number>(?:\d+(?:\.\d*)?|\.\d+)(?:e[+-]?\d+)?)\s*(?P<unit>ms|us|µs)", re.IGNORECASE)
+_LATENCY_UNITS = {"ms": 1.0, "us": 1e-3, "µs": 1e-3}
+
+
+def parse_latency_ms(text: str) -> float:
+    """The milliseconds that ``text`` names: ``"5ms"`` -> 5.0, ``"500us"`` -> 0.5; ValueError (one line) otherwise."""
+    match = _LATENCY.fullmatch(text.strip())
+    if match is not None:
+        ms = float(match["number"]) * _LATENCY_UNITS[match["unit"].lower()]
+        if 0 < ms < float("inf"):
+            return ms
+    raise ValueError(f"invalid latency budget {text!r}: give a positive time with its unit, like 5ms, 0.5ms or 500us")
+
+
+def _latency_budget(text: str) -> float:
+    try:
+        return parse_latency_ms(text)
     except ValueError as err:
         raise argparse.ArgumentTypeError(str(err)) from None
 
@@ -155,8 +177,13 @@ def add_search_arguments(parser: argparse.ArgumentParser) -> None:
                       help="search space: a YAML file, or the name of a shipped space in search_spaces/ "
                            "(imagenet, cifar, tiny, ...) (default: %(default)s)")
     what.add_argument("--objectives", metavar="LIST", default=DEFAULTS["objectives"], type=_objectives,
-                      help=f"comma list from {','.join(OBJECTIVES)}; top1 is maximised, the rest minimised "
+                      help=f"comma list from {','.join(OBJECTIVES)}; top1 is maximised, the rest minimised; latency "
+                           "is predicted by the latency table of this machine (nasloc latency) "
                            f"(default: {','.join(DEFAULTS['objectives'])})")
+    what.add_argument("--latency-budget", metavar="TIME", type=_latency_budget,
+                      help="a second budget beside --budget, e.g. 5ms or 500us: the batch-1 latency on --device as "
+                           "the latency table predicts it (built on first use, see nasloc latency); archs over it "
+                           "are not evaluated")
 
     data = parser.add_argument_group("data")
     data.add_argument("--dataset", default=DEFAULTS["dataset"], choices=DATASETS,
@@ -235,6 +262,9 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
                         help="Optuna trial number to export")
     parser.add_argument("--out", metavar="DIR", type=Path,
                         help="output folder (default: RUN/export/trial-N)")
+    parser.add_argument("--onnx", action="store_true",
+                        help="also write model.onnx (torch's ONNX exporter), checked against the torch model, with "
+                             "its ONNX Runtime latency in config.json (needs pip install 'nasloc[onnx]')")
 
 
 def add_check_ranking_arguments(parser: argparse.ArgumentParser) -> None:
@@ -336,6 +366,30 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
                         help="print one JSON object (top1, top5, params, macs, latency_ms, ...) instead of a table")
 
 
+def add_latency_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the options of ``nasloc latency`` to ``parser``."""
+    parser.description = (
+        "Build (or refresh) the latency table of a search space on this machine: every distinct part of its archs\n"
+        "(stem, block halves, downsampling, shortcuts, head) timed once, cached under ~/.cache/nasloc/latency/\n"
+        "($NASLOC_LATENCY_DIR) per device, library versions, threads, batch size and resolution. Then predict N\n"
+        "random archs (parts summed plus a fitted constant) and time them end to end; the last line is the median\n"
+        "absolute error. The search's latency objective and --latency-budget use the same table."
+    )
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.add_argument("--space", metavar="YAML", default=DEFAULTS["space"],
+                        help="search space: a YAML file or a shipped space name (default: %(default)s)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="(default: %(default)s)")
+    parser.add_argument("--backend", choices=LATENCY_BACKENDS, default="torch",
+                        help="torch eager (inference mode) or ONNX Runtime on the CPU, which exports every part "
+                             "(slow to build; needs pip install 'nasloc[onnx]') (default: %(default)s)")
+    parser.add_argument("--batch-size", metavar="B", type=_int_in(1), default=1, help="(default: %(default)s)")
+    parser.add_argument("--archs", metavar="N", type=_int_in(1), default=20,
+                        help="random archs to check the prediction on (default: %(default)s)")
+    parser.add_argument("--seed", metavar="N", type=_int_in(0), default=0,
+                        help="seed of the archs checked (default: %(default)s)")
+    parser.add_argument("--refresh", action="store_true", help="time every part again")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``nasloc`` command with its subcommands."""
     parser = _Parser(prog="nasloc", description="Neural architecture search over the locality mechanisms "
@@ -346,6 +400,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_check_ranking_arguments(commands.add_parser("check-ranking", help="check how well the proxy ranks archs"))
     add_train_arguments(commands.add_parser("train", help="train a preset, arch, export or trial from scratch"))
     add_evaluate_arguments(commands.add_parser("evaluate", help="top-1/top-5, params, MACs and latency of a model"))
+    add_latency_arguments(commands.add_parser("latency", help="build the latency table of a space on this machine"))
     commands.add_parser("presets", help="list the seed presets",
                         description="The registered presets: seed paper, params, MACs at their resolution, input size.")
     return parser

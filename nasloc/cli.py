@@ -1,5 +1,5 @@
 """Command line: ``nasloc search`` (also ``python run_search.py``), ``nasloc export``, ``nasloc check-ranking``,
-``nasloc train``, ``nasloc evaluate`` and ``nasloc presets``.
+``nasloc train``, ``nasloc evaluate``, ``nasloc latency`` and ``nasloc presets``.
 
 The parsers live in :mod:`nasloc.arguments`; here what argparse can't check is validated, before torch,
 Optuna, the data sets or training load, so ``--help`` and bad input answer at once (``import nasloc`` imports
@@ -25,6 +25,8 @@ def _search_options(args: argparse.Namespace) -> RunOptions:
     """The run's options, once what argparse can't check alone is checked."""
     if args.ray_address is not None and args.backend != "ray":
         raise UsageError("--ray-address needs --backend ray")
+    if args.latency_budget is not None and args.backend == "ray":
+        raise UsageError("--latency-budget works with --backend optuna only")
     try:
         space = resolve_space_path(Path(args.space).expanduser())
     except SpaceError:
@@ -55,9 +57,20 @@ def _run_folder(text: str) -> Path:
     return run.resolve()
 
 
-def _export_request(args: argparse.Namespace) -> tuple[Path, int, Path | None]:
-    """The run folder, trial and output folder."""
-    return _run_folder(args.run), args.trial, args.out
+def _export_request(args: argparse.Namespace) -> tuple[Path, int, Path | None, bool]:
+    """The run folder, trial, output folder and whether to add the ONNX file."""
+    return _run_folder(args.run), args.trial, args.out, args.onnx
+
+
+def _latency_request(args: argparse.Namespace) -> dict[str, Any]:
+    try:
+        space = resolve_space_path(Path(args.space).expanduser())
+    except SpaceError:
+        raise UsageError(f"--space {args.space!r}: no such file (shipped spaces: {shipped_spaces()})") from None
+    if args.backend == "onnxruntime" and args.device != "cpu":
+        raise UsageError("--backend onnxruntime runs on the CPU: use --device cpu")
+    names = ("device", "backend", "batch_size", "archs", "seed", "refresh")
+    return dict(space=space, **{name: getattr(args, name) for name in names})
 
 
 def _check_ranking_request(args: argparse.Namespace) -> dict[str, Any]:
@@ -82,10 +95,11 @@ def _search(options: RunOptions) -> None:
     run_pipeline(options)
 
 
-def _export(request: tuple[Path, int, Path | None]) -> None:
+def _export(request: tuple[Path, int, Path | None, bool]) -> None:
     from nasloc.export import export_trial
 
-    export_trial(*request)
+    run, trial, out, onnx = request
+    export_trial(run, trial, out, onnx=onnx)
 
 
 def _check_ranking(request: dict[str, Any]) -> None:
@@ -114,6 +128,7 @@ _COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], Any], Callable[[Any], 
     "check-ranking": (_check_ranking_request, _check_ranking),
     "train": (_train_request, _from_commands("train_command")),
     "evaluate": (_evaluate_request, _from_commands("evaluate_command")),
+    "latency": (_latency_request, _from_commands("latency_command")),
     "presets": (lambda args: {}, _from_commands("presets_command"))}
 
 

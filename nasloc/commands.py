@@ -1,4 +1,4 @@
-"""``nasloc train``, ``nasloc evaluate`` and ``nasloc presets``: what a user reaches for after the search.
+"""``nasloc train``, ``nasloc evaluate``, ``nasloc latency`` and ``nasloc presets``: what a user reaches for after the search.
 
 ``nasloc train`` retrains any model :mod:`nasloc.model_spec` resolves with :func:`nasloc.train.retrain`
 (timm's recipe, a checkpoint every epoch, DDP under torchrun, AMP on CUDA) into a folder
@@ -8,8 +8,8 @@
     ├── last.pth       retrain's checkpoint, written every epoch; a rerun with the same --out resumes it
     └── export/        at the end: the timm export, with the val (and test) top-1 in its config
 
-``nasloc evaluate`` measures top-1, top-5, parameters, MACs and latency; ``nasloc presets`` lists the seed
-designs. Bad input is a :class:`CommandError` (one line) raised before anything is written.
+``nasloc evaluate`` measures top-1, top-5, parameters, MACs and latency; ``nasloc latency`` builds the latency
+table of a space (:mod:`nasloc.latency`) and checks it; ``nasloc presets`` lists the seed designs. Bad input is a :class:`CommandError` (one line) raised before anything is written.
 """
 from __future__ import annotations
 
@@ -243,6 +243,39 @@ def _evaluation_table(n: dict[str, Any], spec: ModelSpec) -> str:
                        f"({n['throughput_ms']:.1f} ms per batch)"),
     ]
     return _table(("", ""), rows, header=False)
+
+
+# ===================================================================================== latency
+def latency_command(*, space: Path, device: str, backend: str, batch_size: int, archs: int, seed: int,
+                    refresh: bool) -> float:
+    """Build (or refresh) the latency table of ``space`` on this machine, then predict ``archs`` random archs and
+    time them end to end; prints a table and, last, the median absolute error (returned, in %)."""
+    import random
+
+    from .latency import Target, build_latency_model, measure_arch_us
+    from .space import SearchSpace
+
+    target = Target(device, backend, batch_size)
+    loaded = SearchSpace.load(space)
+    started = time.perf_counter()
+    model, table = build_latency_model(loaded, target, refresh=refresh)
+    _say(f"[nasloc] latency table of {loaded.name}: {len(table.parts)} parts on {table.meta['device']} "
+         f"({backend}, batch {batch_size}, {table.meta['threads']} thread(s)), ready in "
+         f"{time.perf_counter() - started:.0f} s: {table.path}")
+    _say(f"[nasloc] fitted constant: {model.constant_us:.0f} us (archs timed end to end: "
+         f"{table.fits[loaded.name]['archs']})")
+    rng = random.Random(seed)
+    rows, errors = [], []
+    for i in range(archs):
+        arch = loaded.sample(rng)
+        predicted, measured = model.predict_us(arch), measure_arch_us(arch, target)
+        errors.append(100 * abs(predicted - measured) / measured)
+        rows.append((str(i + 1), f"{count(arch).macs / 1e6:.1f}", f"{predicted / 1000:.3f}", f"{measured / 1000:.3f}",
+                     f"{errors[-1]:.1f}"))
+    print(_table(("arch", "MMACs", "predicted ms", "measured ms", "error %"), rows))
+    error = statistics.median(errors)
+    print(f"median absolute error: {error:.1f} %")
+    return error
 
 
 # ===================================================================================== presets

@@ -1,4 +1,4 @@
-"""Proxy accuracy of an arch with supernet weights, and measured latency.
+"""Proxy accuracy of an arch with supernet weights (latency is predicted by :mod:`nasloc.latency`).
 
 The proxy evaluation extracts the arch's standalone model from the supernet (its logits equal the
 subnet's), re-estimates its BatchNorm statistics on a few training batches when it has BatchNorm
@@ -7,14 +7,10 @@ top-1 on the validation split.
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
-from typing import Any, Callable
-
-import torch
-from torch import nn
+from typing import Any
 
 from .arch import Arch
 from .data import DataSplits, halve_val, load_dataset
@@ -85,32 +81,3 @@ def make_evaluator(supernet: Supernet, splits: Any, batch_size: int = 256, seed:
     val = make_loader(splits.val, batch_size, train=False, **common)
     calib = make_loader(splits.train, min(batch_size, len(splits.train)), train=True, augment="none", **common)
     return ProxyEvaluator(supernet, val, calib)
-
-
-@dataclass(frozen=True)
-class LatencyFactory:
-    """Picklable (for worker processes): ``LatencyFactory(device)()`` is ``arch -> median forward ms`` on ``device``."""
-
-    device: str = "cpu"
-
-    def __call__(self) -> Callable[[Arch], float]:
-        return lambda arch: measure_latency(arch, self.device)
-
-
-@torch.no_grad()
-def measure_latency(arch: Arch, device: str | torch.device = "cpu", batch_size: int = 1, repeats: int = 10) -> float:
-    """Median forward time in milliseconds of the standalone model at the arch's resolution."""
-    device = torch.device(device)
-    model: nn.Module = LocalityViT(arch).to(device).eval()
-    x = torch.randn(batch_size, arch.in_chans, arch.img_size, arch.img_size, device=device)
-    model(x)  # warm-up: allocations and kernel selection
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        model(x)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - start)
-    return 1000 * sorted(times)[len(times) // 2]

@@ -23,10 +23,11 @@ from .arch import Arch
 from .checkpoint import load_checkpoint, save_checkpoint
 from .data import DataSplits, halve_val, load_dataset
 from .errors import NaslocError
-from .evaluate import EvaluatorSpec, LatencyFactory, make_evaluator
+from .evaluate import EvaluatorSpec, make_evaluator
 from .export import export_model
 from .fileio import atomic_path
 from .flops import count
+from .latency import LatencyFactory
 from .models import LocalityViT
 from .report import serve_dashboard, write_csv, write_pareto_html, write_summary, write_tables
 from .run import PARETO_CSV, PARETO_HTML, SELECTION_CSV, TRIALS_CSV, RunDir, RunOptions, RunRecord
@@ -36,6 +37,7 @@ from .selection import (RungTrainer, SelectionConfig, SelectionResult, TrainerSp
                         selection_rows)
 from .space import SearchSpace
 from .reconnect import storage_errors_unmasked
+from .sampler import LatencyBudget
 from .storage import check_storage, open_storage
 from .supernet import Supernet
 from .supernet_train import Band, SupernetConfig, fingerprint, load_supernet, train_supernet
@@ -215,7 +217,7 @@ def queue_seed_designs(space: SearchSpace, record: RunRecord) -> None:
     options = record.options
     with optuna_quiet(True):
         study = open_study(options.storage, record.study_name, objectives=options.objectives,
-                           budget_macs=options.budget,
+                           budget_macs=options.budget, latency_budget_ms=options.latency_budget,
                            meta={"space": space.name, "sampler": options.sampler, "seed": options.seed})
     enqueue_warm_start(study, space, reference_archs(space, options.budget), options.trials)
 
@@ -235,30 +237,33 @@ def search_phase(supernet: Supernet, splits: DataSplits, space: SearchSpace, che
          + (f", {workers} {'Ray trials' if options.backend == 'ray' else 'processes'} at a time" if workers > 1 else ""))
     device = next(supernet.parameters()).device
     spec = EvaluatorSpec.for_run(record, checkpoint, str(device))
-    latency = LatencyFactory(str(device)) if "latency" in options.objectives else None
+    latency = LatencyFactory(str(options.space), device.type, record.num_classes)
     settings = _search_settings(record)
     if options.backend == "ray":
         from .ray_search import run_ray_search
 
         resources = {"cpu": 1, "gpu": 1} if device.type == "cuda" else {"cpu": 1}
+        if "latency" in options.objectives:
+            latency()  # the table is built here, once, with a progress bar; the workers read it
         return run_ray_search(space, spec, ray_address=options.ray_address, max_concurrent=workers,
-                              results_dir=str(run.ray_dir), latency_factory=latency,
-                              resources_per_trial=resources, **settings)
+                              results_dir=str(run.ray_dir), resources_per_trial=resources,
+                              latency_factory=latency if "latency" in options.objectives else None, **settings)
+    settings.update(_latency_settings(options, latency))
     evaluate = make_evaluator(supernet, splits, seed=options.seed)
     if workers == 1:
-        return _search(space, evaluate, latency, settings)
+        return _search(space, evaluate, settings)
 
     # queue_seed_designs made the study before the workers start, so that they do not race to create it.
     threads = max(1, torch.get_num_threads() // workers)
     context = multiprocessing.get_context("spawn")  # fork would copy torch's thread pools mid-use
-    processes = [context.Process(target=_search_worker, args=(spec, latency, settings, threads), daemon=True,
+    processes = [context.Process(target=_search_worker, args=(spec, settings, threads), daemon=True,
                                  name=f"nasloc-search-{i}") for i in range(1, workers)]
     for process in processes:
         process.start()
     saved_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        study = _search(space, evaluate, latency, settings)
+        study = _search(space, evaluate, settings)
         for process in processes:
             process.join()
     finally:
@@ -281,18 +286,28 @@ def _search_settings(record: RunRecord) -> dict[str, Any]:
                 sampler=options.sampler, seed=options.seed, objectives=options.objectives)
 
 
-def _search(space: SearchSpace, evaluate: Callable[[Arch], float], latency: LatencyFactory | None, settings: dict[str, Any],
+def _latency_settings(options: RunOptions, factory: LatencyFactory) -> dict[str, Any]:
+    """The latency objective and budget of the plain search: the latency table's predictions (the table is built
+    here, before any worker starts, with a progress bar the first time)."""
+    if "latency" not in options.objectives and options.latency_budget is None:
+        return {}
+    model = factory()
+    budget = None if options.latency_budget is None else LatencyBudget(options.latency_budget, model)
+    return dict(latency=model if "latency" in options.objectives else None, latency_budget=budget)
+
+
+def _search(space: SearchSpace, evaluate: Callable[[Arch], float], settings: dict[str, Any],
             progress: bool = True) -> optuna.Study:
     """The plain Optuna search in this process (one trial at a time)."""
     with storage_errors_unmasked():  # a database server that stayed away: one line, not Optuna's UnboundLocalError
-        return run_search(space, evaluate, latency=latency() if latency else None, workers=1, progress=progress, **settings)
+        return run_search(space, evaluate, workers=1, progress=progress, **settings)
 
 
-def _search_worker(spec: EvaluatorSpec, latency: LatencyFactory | None, settings: dict[str, Any], threads: int) -> None:
-    """A spawned search process of ``workers`` N: the same study, evaluator and supernet weights."""
+def _search_worker(spec: EvaluatorSpec, settings: dict[str, Any], threads: int) -> None:
+    """A spawned search process of ``workers`` N: the same study, evaluator, supernet weights and latency table."""
     torch.set_num_threads(threads)
     evaluate = spec()
-    _search(evaluate.supernet.space, evaluate, latency, settings, progress=False)
+    _search(evaluate.supernet.space, evaluate, settings, progress=False)
 
 
 # ------------------------------------------------------------------------------------ report

@@ -38,6 +38,9 @@ SELECTION_CSV = "selection.csv"
 SELECT_INITS = ("scratch", "supernet")  # the first is the default: it ranked better (bench/bench_selection.py)
 
 
+_ADDED_OPTIONS = ("latency_budget",)  # options newer than some run.json files (issue 16)
+
+
 class RunError(NaslocError):
     """A folder that is not a readable run folder; the message is one line."""
 
@@ -53,6 +56,7 @@ class RunOptions:
     """
 
     budget: float  # multiply-adds per image at the space's deploy resolution
+    latency_budget: float | None = None  # ms per batch-1 forward on the search's device, as the latency table predicts
     space: Path | str = "imagenet"
     objectives: tuple[str, ...] = ("top1", "macs")
     dataset: str = "digits"
@@ -149,12 +153,13 @@ class RunRecord:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "RunRecord":
-        """The record of :meth:`to_dict`; raises KeyError naming the first missing key."""
-        keys = [f.name for f in fields(RunOptions)] + [f.name for f in fields(cls) if f.name != "options"]
-        missing = [key for key in keys if key not in data]
+        """The record of :meth:`to_dict`; raises KeyError naming the first missing key (options added since the
+        record was written take their defaults)."""
+        keys = [f.name for f in fields(RunOptions) if f.name not in _ADDED_OPTIONS]
+        missing = [key for key in keys + [f.name for f in fields(cls) if f.name != "options"] if key not in data]
         if missing:
             raise KeyError(missing[0])
-        options = RunOptions(**{f.name: data[f.name] for f in fields(RunOptions)})
+        options = RunOptions(**{f.name: data[f.name] for f in fields(RunOptions) if f.name in data})
         return cls(options, int(data["num_classes"]), tuple(data["mean"]), tuple(data["std"]), data["study_name"])
 
 

@@ -1,4 +1,5 @@
-"""The budget-aware sampler of a search: Optuna's samplers, seeded per trial and kept within the MACs budget.
+"""The budget-aware sampler of a search: Optuna's samplers, seeded per trial and kept within the MACs budget (and
+the latency budget, when there is one).
 
 Seeds: the sampler of trial *k* is seeded with ``(seed, k)`` (:class:`TrialSeededSampler`), so one process
 with a given seed always suggests the same archs, a resumed study does not replay the suggestions of its
@@ -18,18 +19,22 @@ import math
 import random
 import threading
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import optuna
 from optuna.samplers import BaseSampler
 from optuna.trial import FrozenTrial, TrialState
 
-from .space import RandomChooser, ReplayChooser, SearchSpace, option_label
+from .arch import Arch
+from .flops import count
+from .space import Chooser, RandomChooser, ReplayChooser, SearchSpace, option_label
+from .space_files import SpaceError
 
 SAMPLERS = ("nsga2", "tpe", "random")
 TPE_STARTUP_TRIALS = 10  # Optuna's default, set explicitly: the feasible start covers exactly these trials
 _MAX_PENDING = 1024  # per-trial state kept for trials that never finished (killed) before the oldest is dropped
+LATENCY_TRIES = 8  # MACs bounds tried to bring a proposal within the latency budget
 
 
 def make_sampler(name: str, seed: int, population_size: int | None = None) -> BaseSampler:
@@ -76,15 +81,29 @@ def trial_seed(seed: int, number: int) -> int:
 
 # ------------------------------------------------------------------------------------------- strategies
 @dataclass(frozen=True)
+class LatencyBudget:
+    """A second budget beside the MACs one: ``predict(arch)``, the latency table's prediction in milliseconds
+    (:class:`nasloc.latency.LatencyModel`), at most ``limit_ms``."""
+
+    limit_ms: float
+    predict: Callable[[Arch], float]
+
+    def excess(self, arch: Arch) -> float:
+        """Predicted milliseconds over the budget (within it when <= 0)."""
+        return self.predict(arch) - self.limit_ms
+
+
+@dataclass(frozen=True)
 class FeasibleStart:
-    """The decisions (Optuna labels) of a random arch within the budget, for the trials a sampler would
+    """The decisions (Optuna labels) of a random arch within the budget(s), for the trials a sampler would
     draw uniformly at random (:meth:`SearchSpace.decisions_in_band`)."""
 
     space: SearchSpace
     budget_macs: float
+    latency: LatencyBudget | None = None
 
     def __call__(self, rng: random.Random) -> dict[str, Any]:
-        return _labels(self.space.decisions_in_band(rng, 0.0, self.budget_macs))
+        return _labels(_within_budgets(self.space, rng, self.budget_macs, self.latency))
 
 
 @dataclass(frozen=True)
@@ -95,10 +114,34 @@ class BudgetRepair:
 
     space: SearchSpace
     budget_macs: float
+    latency: LatencyBudget | None = None
 
     def __call__(self, proposal: dict[str, Any], rng: random.Random) -> dict[str, Any]:
         start = ReplayChooser(proposal, RandomChooser(rng), labels=True)
-        return _labels(self.space.decisions_in_band(rng, 0.0, self.budget_macs, start=start))
+        return _labels(_within_budgets(self.space, rng, self.budget_macs, self.latency, start))
+
+
+def _within_budgets(space: SearchSpace, rng: random.Random, budget_macs: float, latency: LatencyBudget | None,
+                    start: Chooser | None = None) -> dict[str, Any]:
+    """The decisions of :meth:`SearchSpace.decisions_in_band` within ``budget_macs`` (from ``start`` if given).
+
+    Under a latency budget too, decisions over it are drawn (or walked from ``start``) again under a MACs
+    bound lowered by the latency's excess (latency grows with MACs), at most :data:`LATENCY_TRIES` times; the
+    last decisions are returned even if still over it (the trial's constraint then keeps it from evaluation).
+    """
+    bound = budget_macs
+    decisions = space.decisions_in_band(rng, 0.0, bound, start=start)
+    for _ in range(LATENCY_TRIES if latency is not None else 0):
+        arch = space.build(ReplayChooser(decisions, RandomChooser(rng)))
+        predicted = latency.predict(arch)
+        if predicted <= latency.limit_ms:
+            break
+        bound = min(bound, count(arch).macs) * latency.limit_ms / predicted
+        try:
+            decisions = space.decisions_in_band(rng, 0.0, bound, start=start)
+        except SpaceError:  # no arch of the space is that small
+            break
+    return decisions
 
 
 def _labels(decisions: dict[str, Any]) -> dict[str, Any]:
@@ -115,7 +158,8 @@ class TrialSeededSampler(BaseSampler):
     resumed one does not replay its first suggestions (a plain ``RandomSampler(seed)`` would) and
     concurrent workers do not suggest the same archs.
 
-    Budget-aware proposals (when ``space`` and ``budget_macs`` are given):
+    Budget-aware proposals (when ``space`` and ``budget_macs`` are given; within ``latency_budget`` too when
+    one is given):
 
     - :class:`FeasibleStart` for the trials the sampler would draw uniformly at random (all of random
       search, TPE's first :data:`TPE_STARTUP_TRIALS`, NSGA-II's first population);
@@ -127,13 +171,14 @@ class TrialSeededSampler(BaseSampler):
     """
 
     def __init__(self, name: str, seed: int, population_size: int | None = None, *,
-                 space: SearchSpace | None = None, budget_macs: float | None = None):
+                 space: SearchSpace | None = None, budget_macs: float | None = None,
+                 latency_budget: LatencyBudget | None = None):
         make_sampler(name, seed, population_size)  # unknown names fail here
         if (space is None) != (budget_macs is None):
             raise ValueError("a feasible start needs both space and budget_macs")
         self.name, self.seed, self.population_size = name, int(seed), population_size
-        self.feasible_start = None if space is None else FeasibleStart(space, float(budget_macs))
-        self.repair = None if space is None else BudgetRepair(space, float(budget_macs))
+        self.feasible_start = None if space is None else FeasibleStart(space, float(budget_macs), latency_budget)
+        self.repair = None if space is None else BudgetRepair(space, float(budget_macs), latency_budget)
         self._lock = threading.Lock()
         self._samplers: dict[int, BaseSampler] = {}
         self._plans: dict[int, dict[str, Any]] = {}  # in-budget decisions (Optuna labels) per trial number

@@ -2,7 +2,8 @@
 
 One trial = one arch. The objective suggests the arch gene by gene (define-by-run, :meth:`SearchSpace.suggest`),
 counts its MACs and parameters analytically, stores the arch on the trial and sets the budget constraint
-``macs_budget = macs - budget_macs`` (feasible when <= 0) *before* anything is evaluated. An arch over
+``macs_budget = macs - budget_macs`` (feasible when <= 0) *before* anything is evaluated; under a latency budget
+also ``latency_budget = predicted ms - budget`` (the latency table's prediction, :mod:`nasloc.latency`). An arch over
 budget is not evaluated at all: it gets pessimistic values (top-1 0, its real MACs and params, infinite
 latency) and costs only its storage writes. The sampler's random phase (all of random search, TPE's first
 trials, NSGA-II's first population) is drawn within the budget and NSGA-II children over budget are
@@ -43,13 +44,14 @@ from optuna.trial import FrozenTrial, TrialState
 
 from .arch import Arch
 from .flops import count
-from .sampler import TrialSeededSampler, resolve_population_size
+from .sampler import LatencyBudget, TrialSeededSampler, resolve_population_size
 from .space import RecordingChooser, SearchSpace, option_label
 from .storage import fail_stale_trials, open_storage, this_worker
 
 #: Objective names and their directions. top1 is the proxy top-1 accuracy (%) with supernet weights.
 OBJECTIVES: dict[str, str] = {"top1": "maximize", "macs": "minimize", "params": "minimize", "latency": "minimize"}
 CONSTRAINT = "macs_budget"
+LATENCY_CONSTRAINT = "latency_budget"  # predicted ms - the latency budget, with --latency-budget
 #: User attribute naming the seed design a warm-start trial was queued for.
 SEED_DESIGN_ATTR = "seed_design"
 #: States that count towards ``n_trials``: done, or being run by some worker (or queued).
@@ -77,10 +79,13 @@ def pessimistic_values(objectives: Sequence[str], macs: int, params: int) -> lis
     return [known[o] for o in objectives]
 
 
-def record_arch(trial: Any, arch: Arch, budget_macs: float) -> tuple[int, int]:
-    """Store the arch and its cost on ``trial`` and set the budget constraint; returns (macs, params).
+def record_arch(trial: Any, arch: Arch, budget_macs: float,
+                latency_budget: LatencyBudget | None = None) -> tuple[int, int, bool]:
+    """Store the arch and its cost on ``trial`` and set the budget constraint(s); returns (macs, params, whether
+    the arch is within every budget).
 
-    Shared by the plain objective and the Ray backend, so both leave the same user attributes.
+    With ``latency_budget``, the predicted latency (ms) is stored as ``latency`` and constrained too. Shared by
+    the plain objective and the Ray backend, so both leave the same user attributes.
     """
     cost = count(arch)
     trial.set_user_attr("arch", arch.to_dict())
@@ -88,16 +93,24 @@ def record_arch(trial: Any, arch: Arch, budget_macs: float) -> tuple[int, int]:
     trial.set_user_attr("macs", int(cost.macs))
     trial.set_user_attr("params", int(cost.params))
     trial.set_constraint(CONSTRAINT, float(cost.macs - budget_macs))
-    return int(cost.macs), int(cost.params)
+    within = cost.macs <= budget_macs
+    if latency_budget is not None:
+        excess = latency_budget.excess(arch)
+        trial.set_user_attr("latency", excess + latency_budget.limit_ms)
+        trial.set_constraint(LATENCY_CONSTRAINT, excess)
+        within = within and excess <= 0
+    return int(cost.macs), int(cost.params), within
 
 
 class Objective:
     """The Optuna objective of a search (picklable when ``evaluate`` and ``latency`` are).
 
     ``evaluate(arch) -> top-1 %`` (proxy accuracy; NaN allowed, the trial then fails) and the optional
-    ``latency(arch) -> float`` run only for archs within budget. User attributes left on every trial:
-    ``arch`` (dict), ``arch_json``, ``macs``, ``params``, ``worker`` (host:pid), ``evaluated``; and, when evaluated,
-    ``top1``, ``eval_seconds`` (and ``latency``); ``fail_reason`` for a failed evaluation.
+    ``latency(arch) -> float`` (the latency table's prediction in ms) run only for archs within budget: the MACs
+    budget and, when given, ``latency_budget``. User attributes left on every trial: ``arch`` (dict),
+    ``arch_json``, ``macs``, ``params``, ``worker`` (host:pid), ``evaluated`` (and ``latency`` under a latency
+    budget); and, when evaluated, ``top1``, ``eval_seconds`` (and ``latency``); ``fail_reason`` for a failed
+    evaluation.
     """
 
     def __init__(
@@ -108,15 +121,17 @@ class Objective:
         budget_macs: float,
         objectives: Sequence[str] = ("top1", "macs"),
         latency: Callable[[Arch], float] | None = None,
+        latency_budget: LatencyBudget | None = None,
     ):
         self.space, self.evaluate, self.latency = space, evaluate, latency
-        self.budget_macs = float(budget_macs)
+        self.budget_macs, self.latency_budget = float(budget_macs), latency_budget
         self.objectives = check_objectives(objectives, latency)
 
     def __call__(self, trial: optuna.Trial) -> list[float]:
         arch = self.space.suggest(trial)
-        macs, params = record_arch(trial, arch, self.budget_macs)  # the constraint is set before evaluating
-        if macs > self.budget_macs:
+        # the constraints are set before evaluating
+        macs, params, within = record_arch(trial, arch, self.budget_macs, self.latency_budget)
+        if not within:
             trial.set_user_attr("evaluated", False)
             return pessimistic_values(self.objectives, macs, params)
         start = time.perf_counter()
@@ -214,11 +229,12 @@ def open_study(
     budget_macs: float,
     sampler: BaseSampler | None = None,
     meta: dict[str, Any] | None = None,
+    latency_budget_ms: float | None = None,
 ) -> optuna.Study:
-    """Create the study, or load it to resume; a resumed study must have the same objectives and budget.
+    """Create the study, or load it to resume; a resumed study must have the same objectives and budgets.
 
-    The budget, objectives and ``meta`` are stored as study user attributes when it is created. A
-    different budget is refused: the feasibility of every stored trial was set against the old one.
+    The budgets, objectives and ``meta`` are stored as study user attributes when it is created. A
+    different budget (MACs or latency) is refused: the feasibility of every stored trial was set against the old one.
     """
     objectives = tuple(objectives)
     if not isinstance(storage, BaseStorage):
@@ -246,8 +262,14 @@ def open_study(
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ExperimentalWarning)
             study.set_metric_names(list(objectives))
+    stored_latency = study.user_attrs.get("latency_budget_ms") if stored is not None else latency_budget_ms
+    if stored_latency != latency_budget_ms:
+        raise ValueError(f"study {study_name!r} was searched with a latency budget of {stored_latency} ms, not "
+                         f"{latency_budget_ms} ms: its trials' feasibility is set against the old budget; "
+                         "use another study (run) name")
     if stored is None:
         study.set_user_attr("budget_macs", float(budget_macs))
+        study.set_user_attr("latency_budget_ms", latency_budget_ms)
         study.set_user_attr("macs_convention", "1 multiply-add = 1 FLOP, per image at the space's deploy resolution")
         for key, value in (meta or {}).items():
             study.set_user_attr(key, value)
@@ -350,6 +372,7 @@ def run_search(
     seed: int = 0,
     objectives: Sequence[str] = ("top1", "macs"),
     latency: Callable[[Arch], float] | None = None,
+    latency_budget: LatencyBudget | None = None,
     progress: bool = True,
     workers: int = 1,
     population_size: int | None = None,
@@ -365,16 +388,20 @@ def run_search(
     A NaN accuracy fails its trial and the search goes on; any other exception from ``evaluate``
     stops the search (the trial is FAIL, rerun to resume). ``warm_start`` ({name: arch}, e.g. the seed
     designs at the budget) become the first trials of a new study (:func:`enqueue_warm_start`).
+    ``latency_budget`` is a second budget (the latency table's prediction), kept like the MACs one: by the
+    sampler, and by a constraint set before any evaluation.
     """
     if n_trials < 0:
         raise ValueError("n_trials must be >= 0")
     if workers < 1:
         raise ValueError("workers must be >= 1")
-    objective = Objective(space, evaluate, budget_macs=budget_macs, objectives=objectives, latency=latency)
+    objective = Objective(space, evaluate, budget_macs=budget_macs, objectives=objectives, latency=latency,
+                          latency_budget=latency_budget)
+    limit_ms = None if latency_budget is None else latency_budget.limit_ms
     study = open_study(storage, study_name, objectives=objective.objectives, budget_macs=budget_macs,
-                       meta={"space": space.name, "sampler": sampler, "seed": seed})
+                       meta={"space": space.name, "sampler": sampler, "seed": seed}, latency_budget_ms=limit_ms)
     study.sampler = TrialSeededSampler(sampler, seed, resolve_population_size(study, sampler, population_size, n_trials),
-                                       space=space, budget_macs=budget_macs)
+                                       space=space, budget_macs=budget_macs, latency_budget=latency_budget)
     fail_stale_trials(study)
     enqueue_warm_start(study, space, warm_start or {}, n_trials)
     remaining = trials_to_start(study, n_trials)
@@ -399,15 +426,16 @@ def run_search(
 
 # ------------------------------------------------------------------------------------------- results
 def is_feasible(trial: FrozenTrial, budget_macs: float | None = None) -> bool | None:
-    """Within budget? Against ``budget_macs`` when given (from the stored MACs), else the stored constraint.
+    """Within budget? Against ``budget_macs`` when given (from the stored MACs), else the stored constraints
+    (MACs, and latency under a latency budget).
 
     None when the trial has no MACs yet (it failed or was cut before its arch was suggested).
     """
     macs = trial.user_attrs.get("macs")
     if budget_macs is not None:
         return None if macs is None else macs <= budget_macs
-    constraint = trial.constraints.get(CONSTRAINT)
-    return None if constraint is None else constraint <= 0
+    constraints = trial.constraints
+    return None if CONSTRAINT not in constraints else all(value <= 0 for value in constraints.values())
 
 
 def evaluated_feasible_trials(study: optuna.Study, budget_macs: float) -> list[FrozenTrial]:

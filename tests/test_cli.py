@@ -58,7 +58,7 @@ def handled(monkeypatch: pytest.MonkeyPatch) -> list:
     """Stand-ins for the pipeline and exporter, recording what they receive (the options; the export's arguments)."""
     calls: list = []
     for name, function, record in (("nasloc.pipeline", "run_pipeline", calls.append),
-                                   ("nasloc.export", "export_trial", lambda *args: calls.append(args))):
+                                   ("nasloc.export", "export_trial", lambda *args, **options: calls.append(args))):
         module = types.ModuleType(name)
         setattr(module, function, record)
         monkeypatch.setitem(sys.modules, name, module)

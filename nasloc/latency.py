@@ -1,0 +1,248 @@
+"""Latency on the user's own device: a lookup table of measured parts, summed, plus a fitted constant.
+
+Every distinct part of the archs of a space (:mod:`nasloc.latency_parts`: stem, block halves at their token
+map, downsampling, shortcuts, head) is timed once on the target device, with torch eager under
+``torch.inference_mode`` or with ONNX Runtime on the CPU. An arch's latency is the sum of its parts plus a
+constant fitted against a few end-to-end measurements (what the parts miss: the Python loop over the blocks,
+caches warmed by the previous part), in microseconds. The constant is the median gap between measured and
+summed times, the least-absolute-deviations fit: on a shared machine one measurement taken while another
+process ran would move a least-squares (mean) constant by its whole excess.
+
+The table is a JSON file per target, keyed by the device's name, torch/timm/onnxruntime versions, threads,
+backend, batch size and resolution, under ``~/.cache/nasloc/latency/`` (or ``$NASLOC_LATENCY_DIR``), written
+atomically. The first use for a space measures its parts with a progress bar; later ones reuse them and
+measure nothing.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import random
+import re
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import torch
+
+from .arch import Arch
+from .errors import NaslocError
+from .fileio import write_atomic
+from .latency_parts import arch_parts, probe, space_parts
+from .space import SearchSpace
+
+BACKENDS = ("torch", "onnxruntime")
+CACHE_ENV = "NASLOC_LATENCY_DIR"
+DEFAULT_CACHE = Path("~/.cache/nasloc/latency")
+FIT_ARCHS = 5  # end-to-end measurements the constant is fitted on
+FIT_SEED = 1_000_003  # the fit's archs; reports draw theirs from other seeds
+_SAVE_EVERY = 200  # parts measured between two writes of the table (an interrupted build keeps its work)
+
+
+class LatencyError(NaslocError):
+    """A latency target that cannot be measured here; the message is one line."""
+
+
+# ------------------------------------------------------------------------------------------- timing
+@dataclass(frozen=True)
+class Target:
+    """Where latency is measured: ``device`` (cpu or cuda), ``backend`` (torch, or onnxruntime on the CPU), batch."""
+
+    device: str = "cpu"
+    backend: str = "torch"
+    batch_size: int = 1
+
+    def __post_init__(self) -> None:
+        if self.backend not in BACKENDS:
+            raise LatencyError(f"backend {self.backend!r}: choose from {', '.join(BACKENDS)}")
+        if self.backend == "onnxruntime" and self.device != "cpu":
+            raise LatencyError("the onnxruntime backend runs on the CPU: use --device cpu")
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise LatencyError("--device cuda: no CUDA device here")
+
+    def device_name(self) -> str:
+        if self.device == "cuda":
+            return torch.cuda.get_device_name()
+        return _cpu_name()
+
+    def versions(self) -> dict[str, str]:
+        import timm
+
+        versions = {"torch": torch.__version__, "timm": timm.__version__}
+        if self.backend == "onnxruntime":
+            from .onnx_export import onnxruntime
+
+            versions["onnxruntime"] = onnxruntime().__version__
+        return versions
+
+    def time_us(self, module: torch.nn.Module, x: torch.Tensor) -> float:
+        """Median time of ``module(x)`` in microseconds."""
+        if self.backend == "onnxruntime":
+            from .onnx_export import ort_runner
+
+            return median_time_us(ort_runner(module, x))
+        device = torch.device(self.device)
+        module, x = module.to(device).eval(), x.to(device)
+        sync = torch.cuda.synchronize if device.type == "cuda" else None
+        with torch.inference_mode():
+            return median_time_us(lambda: module(x), sync)
+
+
+def median_time_us(run: Callable[[], Any], sync: Callable[[], None] | None = None, warmup: int = 2,
+                   min_runs: int = 5, max_runs: int = 50, min_seconds: float = 0.02) -> float:
+    """Median wall time of ``run()`` in microseconds, after ``warmup`` runs: at least ``min_runs``, more (up to
+    ``max_runs``) until ``min_seconds`` are spent, so that fast parts get enough runs for a stable median."""
+    for _ in range(warmup):
+        run()
+    times: list[float] = []
+    while len(times) < min_runs or (len(times) < max_runs and sum(times) < min_seconds):
+        if sync is not None:
+            sync()
+        start = time.perf_counter()
+        run()
+        if sync is not None:
+            sync()
+        times.append(time.perf_counter() - start)
+    return 1e6 * statistics.median(times)
+
+
+def measure_arch_us(arch: Arch, target: Target) -> float:
+    """End-to-end latency of the standalone model of ``arch`` (random weights) on ``target``, in microseconds."""
+    from .models import LocalityViT
+
+    x = torch.randn(target.batch_size, arch.in_chans, arch.img_size, arch.img_size)
+    return target.time_us(LocalityViT(arch), x)
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+# ------------------------------------------------------------------------------------------- model
+@dataclass(frozen=True)
+class LatencyModel:
+    """``arch -> milliseconds`` (the search's latency objective and budget): the parts of the arch from the
+    table, summed, plus the fitted constant. Plain data, so it pickles to worker processes."""
+
+    parts: dict[str, float]
+    constant_us: float = 0.0
+
+    def parts_us(self, arch: Arch) -> float:
+        try:
+            return sum(count * self.parts[key] for key, count in arch_parts(arch).items())
+        except KeyError as missing:
+            raise LatencyError(f"the latency table has no entry for {missing}: build it for this space "
+                               "(nasloc latency --space ...)") from None
+
+    def predict_us(self, arch: Arch) -> float:
+        return self.parts_us(arch) + self.constant_us
+
+    def __call__(self, arch: Arch) -> float:
+        return self.predict_us(arch) / 1000
+
+
+# ------------------------------------------------------------------------------------------- table
+@dataclass
+class LatencyTable:
+    """The measured parts of one target at one resolution, and the constants fitted per space (a JSON file)."""
+
+    path: Path
+    meta: dict[str, Any]
+    parts: dict[str, float] = field(default_factory=dict)
+    fits: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    @classmethod
+    def open(cls, target: Target, img_size: int, cache_dir: str | Path | None = None) -> "LatencyTable":
+        """The table of ``target`` at ``img_size`` px; empty if it was never built."""
+        meta = {"device": target.device_name(), "device_type": target.device, "backend": target.backend,
+                "versions": target.versions(), "threads": torch.get_num_threads(), "batch_size": target.batch_size,
+                "img_size": img_size}
+        folder = Path(cache_dir or os.environ.get(CACHE_ENV) or DEFAULT_CACHE).expanduser()
+        table = cls(folder / _file_name(meta), meta)
+        if table.path.is_file():
+            try:
+                stored = json.loads(table.path.read_text())
+                table.parts, table.fits = dict(stored["parts"]), dict(stored["fits"])
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                raise LatencyError(f"{table.path}: unreadable latency table ({e}); delete it to rebuild") from None
+        return table
+
+    def save(self) -> None:
+        write_atomic(self.path, json.dumps({**self.meta, "parts": self.parts, "fits": self.fits}, indent=1))
+
+    def measure(self, keys: Iterable[str], target: Target, progress: bool = True) -> int:
+        """Time the parts of ``keys`` the table lacks (saving as it goes); returns how many were timed."""
+        from tqdm.auto import tqdm
+
+        missing = sorted(set(keys) - set(self.parts))
+        if not missing:
+            return 0
+        bar = tqdm(missing, desc=f"latency table ({self.meta['device']})", unit="part", disable=not progress,
+                   dynamic_ncols=True)
+        with bar:
+            for i, key in enumerate(bar, 1):
+                module, x = probe(key, target.batch_size)
+                self.parts[key] = target.time_us(module, x)
+                if i % _SAVE_EVERY == 0:
+                    self.save()
+        self.save()
+        return len(missing)
+
+    def fit(self, space: SearchSpace, target: Target, archs: int = FIT_ARCHS) -> float:
+        """Fit the constant of ``space`` (the median gap) on ``archs`` random archs timed end to end."""
+        model = LatencyModel(self.parts)
+        rng = random.Random(FIT_SEED)
+        sample = [space.sample(rng) for _ in range(archs)]
+        gaps = [measure_arch_us(arch, target) - model.parts_us(arch) for arch in sample]
+        self.fits[space.name] = {"constant_us": statistics.median(gaps), "archs": archs}
+        self.save()
+        return self.fits[space.name]["constant_us"]
+
+    def model(self, space: SearchSpace) -> LatencyModel:
+        return LatencyModel(dict(self.parts), self.fits.get(space.name, {}).get("constant_us", 0.0))
+
+
+def _file_name(meta: dict[str, Any]) -> str:
+    versions = "-".join(f"{name}{version}" for name, version in meta["versions"].items())
+    name = (f"{meta['device']}-{meta['backend']}-{versions}-{meta['threads']}threads-batch{meta['batch_size']}-"
+            f"{meta['img_size']}px.json")
+    return re.sub(r"[^A-Za-z0-9.+_-]+", "_", name)
+
+
+def build_latency_model(space: SearchSpace, target: Target, *, cache_dir: str | Path | None = None,
+                        refresh: bool = False, progress: bool = True) -> tuple[LatencyModel, LatencyTable]:
+    """The latency model of ``space`` on ``target``: its table built (missing parts timed) and its constant
+    fitted where needed; ``refresh`` times everything again."""
+    table = LatencyTable.open(target, space.img_size, cache_dir)
+    if refresh:
+        table.parts, table.fits = {}, {}
+    measured = table.measure(space_parts(space), target, progress)
+    if measured or space.name not in table.fits:
+        table.fit(space, target)
+    return table.model(space), table
+
+
+@dataclass(frozen=True)
+class LatencyFactory:
+    """Picklable (for worker processes): ``LatencyFactory(space, device)()`` is the space's :class:`LatencyModel`
+    on ``device`` (``arch -> predicted ms``), built on first use and read from its file after that."""
+
+    space: str
+    device: str = "cpu"
+    num_classes: int | None = None
+    cache_dir: str | None = None
+
+    def __call__(self) -> LatencyModel:
+        space = SearchSpace.load(self.space)
+        if self.num_classes is not None:
+            space = space.for_classes(self.num_classes)
+        return build_latency_model(space, Target(self.device), cache_dir=self.cache_dir)[0]
