@@ -9,6 +9,7 @@ in multiply-adds); the handlers import what they need themselves.
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -96,10 +97,15 @@ def _search(options: RunOptions) -> None:
 
 
 def _export(request: tuple[Path, int, Path | None, bool]) -> None:
-    from nasloc.export import export_trial
+    from nasloc.export import CONFIG_NAME, export_trial
 
     run, trial, out, onnx = request
-    export_trial(run, trial, out, onnx=onnx)
+    folder = export_trial(run, trial, out, onnx=onnx)
+    if onnx:
+        record = json.loads((folder / CONFIG_NAME).read_text())["nasloc"]["onnx"]
+        print(f"[nasloc] {folder / record['file']}: max abs difference to torch {record['max_abs_diff']:.2e}; "
+              f"ONNX Runtime latency {record['onnxruntime_latency_ms']:.3f} ms (batch 1, "
+              f"{record['latency_threads']} thread(s))")
 
 
 def _check_ranking(request: dict[str, Any]) -> None:

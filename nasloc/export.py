@@ -4,6 +4,7 @@
     ├── config.json         architecture "nasloc_vit", num_classes, model_args (= the arch), pretrained_cfg,
     │                       and a "nasloc" block (MACs, params, trial, accuracies, budget, ...)
     ├── model.safetensors   the weights (never a pickle)
+    ├── model.onnx          on request (``onnx=True``, ``nasloc export --onnx``): the model at ``img_size``
     └── arch.yaml           the arch, for humans (``Arch.from_yaml`` reads it back)
 
 Reload anywhere (``import nasloc`` registers the family with timm)::
@@ -23,6 +24,10 @@ resolution the ``nasloc`` block's ``train_img_size`` names. Loading resamples th
 
 MACs count one multiply-add as one FLOP (the fvcore and seed-paper convention), per image at the
 exported arch's ``img_size``.
+
+The ONNX file (:mod:`nasloc.onnx_export`, torch's exporter) takes one image at ``img_size``; it is checked
+against the torch model on a random image (max abs difference at most 1e-4, else no export) and timed with
+ONNX Runtime on the CPU; both numbers go into the ``nasloc`` block's ``onnx`` entry.
 """
 from __future__ import annotations
 
@@ -40,17 +45,20 @@ from torch import nn
 from .arch import Arch
 from .errors import NaslocError, first_line
 from .models import LocalityViT
-from .models.locality_vit import pretrained_cfg as _pretrained_cfg
+from .models.locality_vit import checkpoint_filter_fn, pretrained_cfg as _pretrained_cfg
+from .onnx_export import OnnxError, export_checked
 from .run import RunDir, RunError
 from .seeds import GENERIC
 from .storage import StorageError
 from .train import unwrap
 from .trials import trial_model
 
-__all__ = ["ExportError", "export_model", "export_arch", "export_trial", "CONFIG_NAME", "WEIGHTS_NAME", "ARCH_NAME"]
+__all__ = ["ExportError", "export_model", "export_arch", "export_trial", "CONFIG_NAME", "WEIGHTS_NAME", "ONNX_NAME",
+           "ARCH_NAME"]
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
+ONNX_NAME = "model.onnx"
 ARCH_NAME = "arch.yaml"
 INTERPOLATIONS = ("bicubic", "bilinear", "nearest", "lanczos", "box", "hamming")
 MACS_UNIT = "multiply-adds per image at img_size x img_size (one multiply-add = one FLOP, as in fvcore)"
@@ -75,6 +83,7 @@ def export_model(
     interpolation: str | None = None,
     label_names: Sequence[str] | None = None,
     overwrite: bool = False,
+    onnx: bool = False,
 ) -> Path:
     """Write ``model`` (a standalone :class:`LocalityViT`) as a timm model folder; returns the folder.
 
@@ -94,18 +103,22 @@ def export_model(
         interpolation: resize interpolation (default ``bicubic``).
         label_names: one name per class; stored where timm keeps them.
         overwrite: replace ``out_dir`` if it is an earlier export (never any other folder).
+        onnx: also write ``model.onnx`` (the model at ``img_size``), checked against torch and timed with
+            ONNX Runtime (needs ``pip install 'nasloc[onnx]'``).
 
     Raises:
         ExportError: the weights do not fit the arch, an argument is invalid, ``out_dir`` exists
-            (without ``overwrite``), or writing failed. No folder is left behind.
+            (without ``overwrite``), the ONNX model differs from torch's, or writing failed. No folder is
+            left behind.
     """
     model = _standalone(model)
     state = _cpu_state_dict(model.state_dict())
     _check_weights(model.arch, state, LocalityViT(model.arch).state_dict())
     info = {**(info or {}), "train_img_size": model.arch.img_size}
-    return _write_export(_at_resolution(model.arch, img_size), state, out_dir, info=info, mean=mean, std=std,
-                         crop_pct=crop_pct, interpolation=interpolation, label_names=label_names,
-                         overwrite=overwrite)
+    arch = _at_resolution(model.arch, img_size)
+    return _write_export(arch, state, out_dir, info=info, mean=mean, std=std, crop_pct=crop_pct,
+                         interpolation=interpolation, label_names=label_names, overwrite=overwrite,
+                         onnx_model=_deployed(arch, state) if onnx else None)
 
 
 def export_arch(
@@ -146,13 +159,13 @@ def export_arch(
 
 
 def export_trial(run_dir: str | os.PathLike, trial: int, out_dir: str | os.PathLike | None = None, *,
-                 overwrite: bool = False) -> Path:
+                 overwrite: bool = False, onnx: bool = False) -> Path:
     """Export trial ``trial`` of the Optuna study of a run folder; returns the folder.
 
     The model and its weights are :func:`nasloc.trials.trial_model`'s (retrained, else extracted from the
     supernet), exported at the search space's deploy resolution with the run's normalisation; the trial's
     number, values and scalar user attributes go into the ``nasloc`` block. ``out_dir`` defaults to
-    ``run_dir/export/trial-<N>``.
+    ``run_dir/export/trial-<N>``. ``onnx``: add ``model.onnx`` (see :func:`export_model`).
 
     Raises:
         ExportError: no run record or study, no such trial, no arch or no weights for it, or as
@@ -164,7 +177,7 @@ def export_trial(run_dir: str | os.PathLike, trial: int, out_dir: str | os.PathL
         raise ExportError(str(e)) from None
     out_dir = Path(out_dir) if out_dir is not None else RunDir(Path(run_dir)).trial_export(found.info["trial"])
     return export_model(found.model, out_dir, img_size=found.deploy_img_size, info=found.info,
-                        mean=found.record.mean, std=found.record.std, overwrite=overwrite)
+                        mean=found.record.mean, std=found.record.std, overwrite=overwrite, onnx=onnx)
 
 
 # ================================================================================== checks
@@ -177,6 +190,13 @@ def _standalone(model: nn.Module) -> LocalityViT:
         raise ExportError("a Supernet cannot be exported as such; export supernet.extract(arch) instead")
     if not isinstance(model, LocalityViT):
         raise ExportError(f"export_model needs a nasloc LocalityViT, got {type(model).__name__}")
+    return model
+
+
+def _deployed(arch: Arch, state: dict[str, torch.Tensor]) -> LocalityViT:
+    """The exported model as ``timm.create_model`` rebuilds it: ``arch`` at its resolution, the weights resampled."""
+    model = LocalityViT(arch).eval()
+    model.load_state_dict(checkpoint_filter_fn(state, model))
     return model
 
 
@@ -334,7 +354,7 @@ def _config(arch: Arch, info: Mapping[str, Any] | None, mean, std, crop_pct, int
 
 # ================================================================================== writing
 def _write_export(arch: Arch, state: dict[str, torch.Tensor], out_dir: str | os.PathLike, *, info, mean, std,
-                  crop_pct, interpolation, label_names, overwrite: bool) -> Path:
+                  crop_pct, interpolation, label_names, overwrite: bool, onnx_model: LocalityViT | None) -> Path:
     from safetensors.torch import save_file
 
     out_dir = Path(out_dir).expanduser().absolute()
@@ -349,8 +369,13 @@ def _write_export(arch: Arch, state: dict[str, torch.Tensor], out_dir: str | os.
     tmp, done = None, False
     try:
         tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=out_dir.parent))
-        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, allow_nan=False) + "\n")
         save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        if onnx_model is not None:
+            try:
+                config["nasloc"]["onnx"] = export_checked(onnx_model, tmp / ONNX_NAME, arch.img_size, arch.in_chans)
+            except OnnxError as e:
+                raise ExportError(str(e)) from None
+        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, allow_nan=False) + "\n")
         (tmp / ARCH_NAME).write_text(
             "# nasloc arch of this export (Arch.from_yaml reads it; config.json's model_args is the same)\n"
             + arch.to_yaml()
