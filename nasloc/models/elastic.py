@@ -160,9 +160,9 @@ class ElasticConv2d(nn.Conv2d):
         weight = centre_crop_kernel(weight, kernel)
         bias = None if self.bias is None else self.bias[:c_out]
         padding = dilation * (kernel // 2) if self.same_padding else 0
-        if not self.depthwise:
-            return F.conv2d(x, weight, bias, self.stride, padding, dilation)
-        return _depthwise_channels_last(x, weight, bias, self.stride, padding, dilation)
+        if self.depthwise and x.stride(1) == 1:  # a map viewed from tokens (B, N, C)
+            return _depthwise_channels_last(x, weight, bias, self.stride, padding, dilation)
+        return F.conv2d(x, weight, bias, self.stride, padding, dilation, c_in if self.depthwise else 1)
 
     @torch.no_grad()
     def load_slice_(self, src: "ElasticConv2d") -> None:
@@ -173,12 +173,13 @@ class ElasticConv2d(nn.Conv2d):
 
 
 def _depthwise_channels_last(x: Tensor, weight: Tensor, bias: Tensor | None, stride, padding: int, dilation: int) -> Tensor:
-    """Depth-wise conv on channels-last memory, forward and backward.
+    """Depth-wise conv of a map viewed from tokens, on channels-last memory forward and backward.
 
     The maps of the locality branches are views of (B, N, C) tokens: channels-last strides, but with the
     auxiliary tokens in the batch stride, and so are the gradients that come back through the tokens.
     oneDNN runs a depth-wise conv and its input gradient 3-7x faster on channels-last-contiguous tensors
     than on any other layout (it would reorder them on a slow path), so both are made contiguous first.
+    Maps already in NCHW (the conv stems) stay so: their batch norms would pay for mixed layouts.
     """
     y = F.conv2d(x.contiguous(memory_format=torch.channels_last), weight, bias, stride, padding, dilation, x.shape[1])
     if y.requires_grad:
