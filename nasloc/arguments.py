@@ -210,6 +210,10 @@ def add_search_arguments(parser: argparse.ArgumentParser) -> None:
     effort.add_argument("--select-init", choices=SELECT_INITS, default=DEFAULTS["select_init"],
                         help="selection candidates start from scratch (it ranked better: results/benchmarks.md) "
                              "or from their supernet weights (fine-tuning) (default: %(default)s)")
+    effort.add_argument("--batch-size", metavar="N", type=_int_in(1), default=DEFAULTS["batch_size"],
+                        help="images per step of the supernet training and of the selection's short trainings "
+                             "(larger keeps a GPU busy; the selection scales its lr with it, the supernet keeps "
+                             "its lr) (default: %(default)s)")
     effort.add_argument("--retrain-top-k", metavar="K", type=_int_in(0), default=DEFAULTS["retrain_top_k"],
                         help="best candidates of the selection (or, without it, Pareto-optimal subnets by "
                              "proxy) to retrain from scratch; 0 skips retraining (default: %(default)s)")

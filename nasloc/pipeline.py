@@ -171,7 +171,7 @@ def default_retrain_size(space: SearchSpace, dataset: str, proxy_size: int) -> i
 def train_phase(supernet: Supernet, splits: DataSplits, space: SearchSpace, options: RunOptions, run: RunDir,
                 device: torch.device) -> Path:
     band = Band(max(space.macs_range()[0], BAND_LOW * options.budget), options.budget)
-    cfg = SupernetConfig(epochs=options.supernet_epochs, seed=options.seed)
+    cfg = SupernetConfig(epochs=options.supernet_epochs, batch_size=options.batch_size, seed=options.seed)
     _say(f"[nasloc] 1/6 supernet: {cfg.epochs} epochs, sandwich rule in the band {format_macs(band.lo)} - {format_macs(band.hi)}")
     result = train_supernet(supernet, splits, band, cfg, run.supernet_dir, device=str(device))
     if cfg.epochs == 0 and not result.checkpoint.exists():
@@ -335,7 +335,7 @@ def selection_phase(study: optuna.Study, supernet: Supernet, splits: DataSplits,
     band_low = max(space.macs_range()[0], BAND_LOW * options.budget)
     candidates = search_candidates(study, options.budget, options.select_top_k, band_low)
     config = SelectionConfig(epochs=options.select_epochs, top_k=options.select_top_k, init=options.select_init,
-                             seed=options.seed)
+                             batch_size=options.batch_size, seed=options.seed)
     _say(f"[nasloc] 4/6 selection: {len(candidates)} candidates ({sum(not c.source.isdigit() for c in candidates)} "
          f"seed designs), rungs up to {config.epochs} epochs from {config.init}, {len(splits.val)} "
          f"held-out images")

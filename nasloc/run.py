@@ -67,6 +67,7 @@ class RunOptions:
     select_top_k: int = 8
     select_epochs: int = 4
     select_init: str = "scratch"
+    batch_size: int = 64  # images per step of the supernet training and of the selection's trainings
     retrain_top_k: int = 2
     retrain_epochs: int = 5
     retrain_img_size: int | None = None
