@@ -45,23 +45,28 @@ class TokenMixer(nn.Module):
             q, k, v = self.life(x, geo, self.q, self.k, self.v)
         else:
             q, k, v = (lin(x, dim, use_bias=qkv_bias) for lin in (self.q, self.k, self.v))
-        q, k, v = (split_heads(t, heads) for t in (q, k, v))
         if block.mixer == "global":
-            out = F.scaled_dot_product_attention(q, k, v)
+            out = merge_heads(F.scaled_dot_product_attention(*(split_heads(t, heads) for t in (q, k, v))))
         else:
             out = self._local(q, k, v, geo, heads, block, window, dilate_kernel)
-        return self.proj(merge_heads(out), dim)
+        return self.proj(out, dim)
 
     def _local(self, q: Tensor, k: Tensor, v: Tensor, geo: Geometry, heads: int, block: Block, window: int, dilate_kernel: int) -> Tensor:
+        """q, k, v: (B, N, C) tokens; returns the mixed tokens (B, N, C), heads merged."""
         n = geo.n_aux
-        q_img, k_img, v_img = q[:, :, n:], k[:, :, n:], v[:, :, n:]
+        # split, not slicing: backward then joins the parts once, where each slice would scatter its
+        # gradient into a zero-filled full-size tensor and the slices' gradients would be summed
+        (q_aux, q_img), (_, k_img), (_, v_img) = (t.split([n, t.shape[1] - n], dim=1) for t in (q, k, v))
         if block.mixer == "dilated":
-            out_img = dilated_attention(q_img, k_img, v_img, geo, block.dilations, dilate_kernel)
+            heads_img = [split_heads(t, heads) for t in (q_img, k_img, v_img)]
+            out_img = merge_heads(dilated_attention(*heads_img, geo, block.dilations, dilate_kernel))
         else:
-            out_img = window_attention(q_img, k_img, v_img, geo, window, self.rel_pos(heads))
+            out_img = window_attention(q_img, k_img, v_img, geo, window, self.rel_pos(heads), heads)
         if not n:
             return out_img
-        out_aux = F.scaled_dot_product_attention(q[:, :, :n], k_img, v_img)  # aggregate
+        k_heads, v_heads = split_heads(k_img, heads), split_heads(v_img, heads)
+        out_aux = F.scaled_dot_product_attention(split_heads(q_aux, heads), k_heads, v_heads)  # aggregate
         if block.mixer == "window" and geo.n_global:
-            out_img = out_img + broadcast(q_img, out_aux[:, :, geo.n_cls :], self.global_kv, heads)
-        return torch.cat([out_aux, out_img], dim=2)
+            glb = broadcast(split_heads(q_img, heads), out_aux[:, :, geo.n_cls :], self.global_kv, heads)
+            out_img = (out_img.view_as(glb.transpose(1, 2)) + glb.transpose(1, 2)).flatten(2)  # no merge copy
+        return torch.cat([merge_heads(out_aux), out_img], dim=1)

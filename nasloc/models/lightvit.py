@@ -39,18 +39,19 @@ class RelPosBias(nn.Module):
         return self.table(self.table.value.shape[0], heads)[self.index].permute(2, 0, 1)
 
 
-def window_attention(q: Tensor, k: Tensor, v: Tensor, geo: Geometry, window: int, bias: Tensor) -> Tensor:
-    """q, k, v: (B, heads, H*W, d) image tokens; attention inside non-overlapping windows."""
-    b, heads, n, d = q.shape
-    rows, cols = geo.height // window, geo.width // window
+def window_attention(q: Tensor, k: Tensor, v: Tensor, geo: Geometry, window: int, bias: Tensor, heads: int) -> Tensor:
+    """q, k, v: (B, H*W, C) image tokens; attention inside non-overlapping windows, heads merged back
+    into (B, H*W, C). Windows are cut from and put back into the token layout directly: one copy each."""
+    b, n, c = q.shape
+    rows, cols, d = geo.height // window, geo.width // window, c // heads
 
     def partition(t: Tensor) -> Tensor:
-        t = t.reshape(b, heads, rows, window, cols, window, d).permute(0, 2, 4, 1, 3, 5, 6)
+        t = t.reshape(b, rows, window, cols, window, heads, d).permute(0, 1, 3, 5, 2, 4, 6)
         return t.reshape(b * rows * cols, heads, window * window, d)
 
     out = F.scaled_dot_product_attention(partition(q), partition(k), partition(v), attn_mask=bias.to(q.dtype))
-    out = out.reshape(b, rows, cols, heads, window, window, d).permute(0, 3, 1, 4, 2, 5, 6)
-    return out.reshape(b, heads, n, d)
+    out = out.reshape(b, rows, cols, heads, window, window, d).permute(0, 1, 4, 2, 5, 3, 6)
+    return out.reshape(b, n, c)
 
 
 def broadcast(q_img: Tensor, aggregated: Tensor, global_kv: ElasticLinear, heads: int) -> Tensor:
