@@ -66,6 +66,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", default="4e-3", help="AdamW lr per 512 images (nasloc train scales it to the batch)")
     p.add_argument("--supernet-epochs", type=int, default=5)
+    p.add_argument("--search-batch-size", type=int, default=64, help="run_search --batch-size (supernet, selection)")
     p.add_argument("--trials", type=int, default=60)
     p.add_argument("--select-top-k", type=int, default=8)
     p.add_argument("--select-epochs", type=int, default=4)
@@ -166,8 +167,8 @@ class Protocol:
         search_key = f"{budget}/search/{sampler}"
 
         def run() -> dict:
-            search = self.rec.get(search_key)
-            model = f"{search['run_dir']}:{search['pick']['search_trial']}"
+            pick = self.rec.get(search_key)["pick"]
+            model = self._arch_file(f"{budget}/{sampler}-trial{pick['search_trial']}", pick["arch"])
             return self._train(key, model, seed, export_as=f"nasloc_{sampler}")
         return Unit(key, (search_key,), run)
 
@@ -179,7 +180,7 @@ class Protocol:
             if c["source"] in DESIGNS.values():
                 continue
             key = f"{budget}/rank/{c['search_trial']}"
-            model = f"{search['run_dir']}:{c['search_trial']}"
+            model = self._arch_file(f"{budget}/nsga2-trial{c['search_trial']}", c["arch"])
             units.append(Unit(key, (f"{budget}/search/nsga2",), lambda k=key, m=model: self._train(k, m, 0)))
         return units
 
@@ -190,16 +191,20 @@ class Protocol:
     # ------------------------------------------------------------------------ what a unit runs
     def _design_file(self, budget: str, design: str) -> Path:
         """The seed design's arch as a JSON file (nasloc train --model takes it)."""
-        path = self.work / "archs" / budget / f"{design}.json"
-        if not path.exists():
-            from nasloc.seeds import reference_archs
-            from nasloc.space import SearchSpace
-            space = SearchSpace.load("cifar").for_classes(10)
-            arch = reference_archs(space, float(budget[:-1]) * 1e9)[DESIGNS[design]]
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(arch.to_dict()))
-            tmp.rename(path)
+        from nasloc.seeds import reference_archs
+        from nasloc.space import SearchSpace
+        space = SearchSpace.load("cifar").for_classes(10)
+        arch = reference_archs(space, float(budget[:-1]) * 1e9)[DESIGNS[design]]
+        return self._arch_file(f"{budget}/{design}", arch.to_dict())
+
+    def _arch_file(self, name: str, arch: dict) -> Path:
+        """An arch as a JSON file for nasloc train --model (the record holds the archs, so a unit can run on
+        another machine than its search)."""
+        path = self.work / "archs" / f"{name}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(arch))
+        tmp.rename(path)
         return path
 
     def _train(self, key: str, model: str | Path, seed: int, export_as: str | None = None) -> dict:
@@ -229,14 +234,15 @@ class Protocol:
                    "--dataset", "imagefolder", "--data-dir", str(self.data), "--proxy-img-size", "32",
                    "--supernet-epochs", str(a.supernet_epochs), "--trials", str(a.trials), "--sampler", sampler,
                    "--select-top-k", str(a.select_top_k), "--select-epochs", str(a.select_epochs),
-                   "--retrain-top-k", "0", "--device", a.device, "--seed", "0", "--run-name", name,
+                   "--batch-size", str(a.search_batch_size), "--retrain-top-k", "0", "--device", a.device, "--seed", "0", "--run-name", name,
                    "--results-dir", str(self.work / "runs")]
         run_dir = self.work / "runs" / name
         wall, cpu = self._execute_once(key, command, run_dir / "selection.csv", run_dir / "costs.json")
-        proxy = {int(r["number"]): float(r["top1"]) for r in _csv(run_dir / "trials.csv") if r["top1"]}
+        trials = {int(r["number"]): r for r in _csv(run_dir / "trials.csv")}
         candidates = [dict(source=r["source"], search_trial=int(r["search_trial"]), rank=int(r["rank"]),
                            state=r["state"], macs=float(r["macs"]), params=int(float(r["params"])),
-                           proxy_top1=proxy.get(int(r["search_trial"])),
+                           proxy_top1=float(trials[int(r["search_trial"])]["top1"]),
+                           arch=json.loads(trials[int(r["search_trial"])]["arch_json"]),
                            scores={k: float(v) for k, v in r.items() if k.startswith("top1@") and v})
                       for r in _csv(run_dir / "selection.csv")]
         return dict(run_dir=str(run_dir), pick=candidates[0], candidates=candidates, wall_s=wall, cpu_s=cpu,
@@ -327,7 +333,8 @@ def work_through(protocol: Protocol, rec: Record) -> None:
         rec.put(ready.key, result)
         if rec.get(f"failed/{ready.key}") is not None:
             rec.put(f"failed/{ready.key}", None)  # an earlier failure, now mended
-        log(f"done {ready.key}: " + (f"top-1 {result['top1']:.2f}" if "top1" in result else f"pick {result['pick']}"))
+        log(f"done {ready.key}: " + (f"top-1 {result['top1']:.2f}" if "top1" in result else
+                                     f"pick {result['pick']['source']} (search trial {result['pick']['search_trial']})"))
 
 
 def main(argv: list[str] | None = None) -> None:

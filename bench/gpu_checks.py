@@ -1,0 +1,93 @@
+"""CUDA path checks of the models, run by bench/gpu_evidence.sh on a GPU machine (CPU only: it says so and stops).
+
+Every mechanism (the seed designs of search_spaces/cifar.yaml and random archs of it, which mix them):
+- the CUDA fp32 forward equals the CPU one (eval mode, max abs difference printed, fail above 1e-4);
+- an AMP training step (autocast as nasloc.train uses it: bf16 where supported, else fp16) gives a finite loss and
+  finite gradients, and its gradients point the way of the fp32 ones (cosine similarity printed, fail below 0.99);
+- dilated attention's backward: CUDA fp32 gradients equal the CPU ones (max abs difference, fail above 1e-4).
+One line per check, ``CHECK <name>: ok|FAIL <numbers>``; the exit status is the number of failures.
+"""
+from __future__ import annotations
+
+import copy
+import random
+import sys
+from dataclasses import replace
+
+import torch
+import torch.nn.functional as F
+
+from nasloc.arch import Arch, Block
+from nasloc.models import LocalityViT
+from nasloc.seeds import reference_archs
+from nasloc.space import SearchSpace
+from nasloc.train import amp_dtype
+
+
+def archs_to_check() -> dict[str, Arch]:
+    space = SearchSpace.load("cifar").for_classes(10)
+    archs = dict(reference_archs(space, 0.03e9))
+    rng = random.Random(0)
+    archs.update({f"random {i}": space.sample(rng) for i in range(4)})
+    return archs
+
+
+def gradients(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    """All parameter gradients of one cross-entropy step, flattened (autocast when dtype is given)."""
+    model.zero_grad(set_to_none=True)
+    with torch.autocast(x.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        loss = F.cross_entropy(model(x).float(), y)
+    if not torch.isfinite(loss):
+        raise AssertionError(f"loss {loss.item()}")
+    loss.backward()
+    return torch.cat([p.grad.flatten().float() for p in model.parameters() if p.grad is not None])
+
+
+def check_arch(name: str, arch: Arch, dev: torch.device) -> list[str]:
+    failures = []
+    torch.manual_seed(0)
+    cpu_model = LocalityViT(arch).eval()
+    gpu_model = copy.deepcopy(cpu_model).to(dev)
+    x = torch.randn(8, 3, arch.img_size, arch.img_size)
+    y = torch.randint(0, arch.num_classes, (8,))
+    with torch.no_grad():
+        forward_diff = (gpu_model(x.to(dev)).cpu() - cpu_model(x)).abs().max().item()
+    cpu_model.train()
+    gpu_model.train()
+    fp32_cpu = gradients(cpu_model, x, y, None)
+    fp32_gpu = gradients(gpu_model, x.to(dev), y.to(dev), None)
+    grad_diff = (fp32_gpu.cpu() - fp32_cpu).abs().max().item()
+    amp = gradients(gpu_model, x.to(dev), y.to(dev), amp_dtype(None, dev))
+    finite = bool(torch.isfinite(amp).all())
+    cosine = F.cosine_similarity(amp, fp32_gpu, dim=0).item()
+    ok = forward_diff <= 1e-4 and grad_diff <= 1e-4 and finite and cosine >= 0.99
+    print(f"CHECK {name}: {'ok' if ok else 'FAIL'} forward cuda-cpu {forward_diff:.1e}, fp32 grads cuda-cpu "
+          f"{grad_diff:.1e}, AMP grads finite {finite}, cosine(AMP, fp32) {cosine:.4f} [{arch.describe()}]", flush=True)
+    if not ok:
+        failures.append(name)
+    return failures
+
+
+def main() -> int:
+    if not torch.cuda.is_available():
+        print("CHECK cuda: FAIL no CUDA device")
+        return 1
+    dev = torch.device("cuda")
+    print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, AMP dtype {amp_dtype(None, dev)}")
+    archs = archs_to_check()
+    plain = archs["plain ViT"]  # 3 heads: one dilation rate each
+    stage = replace(plain.stages[0], blocks=tuple(Block(mixer="dilated", dilations=(1, 2, 3)) for _ in plain.stages[0].blocks))
+    archs["dilated rates 1,2,3"] = replace(plain, stages=(stage,))
+    failures = []
+    for name, arch in archs.items():
+        try:
+            failures += check_arch(name, arch, dev)
+        except Exception as e:  # report and go on: one broken mechanism should not hide the others
+            print(f"CHECK {name}: FAIL {type(e).__name__}: {e}", flush=True)
+            failures.append(name)
+    print(f"gpu_checks: {len(archs) - len(failures)}/{len(archs)} ok")
+    return len(failures)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
