@@ -252,7 +252,7 @@ def latency_command(*, space: Path, device: str, backend: str, batch_size: int, 
     time them end to end; prints a table and, last, the median absolute error (returned, in %)."""
     import random
 
-    from .latency import Target, build_latency_model, measure_arch_us
+    from .latency import Target, build_latency_model, measure_archs_us
     from .space import SearchSpace
 
     target = Target(device, backend, batch_size)
@@ -265,10 +265,10 @@ def latency_command(*, space: Path, device: str, backend: str, batch_size: int, 
     _say(f"[nasloc] fitted constant: {model.constant_us:.0f} us (archs timed end to end: "
          f"{table.fits[loaded.name]['archs']})")
     rng = random.Random(seed)
+    sample = [loaded.sample(rng) for _ in range(archs)]
     rows, errors = [], []
-    for i in range(archs):
-        arch = loaded.sample(rng)
-        predicted, measured = model.predict_us(arch), measure_arch_us(arch, target)
+    for i, (arch, measured) in enumerate(zip(sample, measure_archs_us(sample, target))):
+        predicted = model.predict_us(arch)
         errors.append(100 * abs(predicted - measured) / measured)
         rows.append((str(i + 1), f"{count(arch).macs / 1e6:.1f}", f"{predicted / 1000:.3f}", f"{measured / 1000:.3f}",
                      f"{errors[-1]:.1f}"))

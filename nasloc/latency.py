@@ -8,13 +8,14 @@ caches warmed by the previous part), in microseconds. The constant is the median
 summed times, the least-absolute-deviations fit: on a shared machine one measurement taken while another
 process ran would move a least-squares (mean) constant by its whole excess.
 
-The table is a JSON file per target, keyed by the device's name, torch/timm/onnxruntime versions, threads,
-backend, batch size and resolution, under ``~/.cache/nasloc/latency/`` (or ``$NASLOC_LATENCY_DIR``), written
+The table is a JSON file per target, keyed by the device's name, torch/timm/onnxruntime versions, a hash of
+nasloc's model code (a faster block is timed again), threads, backend, batch size and resolution, under ``~/.cache/nasloc/latency/`` (or ``$NASLOC_LATENCY_DIR``), written
 atomically. The first use for a space measures its parts with a progress bar; later ones reuse them and
 measure nothing.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
@@ -71,7 +72,7 @@ class Target:
     def versions(self) -> dict[str, str]:
         import timm
 
-        versions = {"torch": torch.__version__, "timm": timm.__version__}
+        versions = {"torch": torch.__version__, "timm": timm.__version__, "models": _models_fingerprint()}
         if self.backend == "onnxruntime":
             from .onnx_export import onnxruntime
 
@@ -79,22 +80,26 @@ class Target:
         return versions
 
     def time_us(self, module: torch.nn.Module, x: torch.Tensor) -> float:
-        """Median time of ``module(x)`` in microseconds."""
+        """Time of ``module(x)`` in microseconds (:func:`fastest_time_us`)."""
         if self.backend == "onnxruntime":
             from .onnx_export import ort_runner
 
-            return median_time_us(ort_runner(module, x))
+            return fastest_time_us(ort_runner(module, x))
         device = torch.device(self.device)
         module, x = module.to(device).eval(), x.to(device)
         sync = torch.cuda.synchronize if device.type == "cuda" else None
         with torch.inference_mode():
-            return median_time_us(lambda: module(x), sync)
+            return fastest_time_us(lambda: module(x), sync)
 
 
-def median_time_us(run: Callable[[], Any], sync: Callable[[], None] | None = None, warmup: int = 2,
-                   min_runs: int = 5, max_runs: int = 50, min_seconds: float = 0.02) -> float:
-    """Median wall time of ``run()`` in microseconds, after ``warmup`` runs: at least ``min_runs``, more (up to
-    ``max_runs``) until ``min_seconds`` are spent, so that fast parts get enough runs for a stable median."""
+def fastest_time_us(run: Callable[[], Any], sync: Callable[[], None] | None = None, warmup: int = 2,
+                    min_runs: int = 5, max_runs: int = 50, min_seconds: float = 0.02) -> float:
+    """Wall time of the fastest run of ``run()`` in microseconds, after ``warmup`` runs: at least ``min_runs``,
+    more (up to ``max_runs``) until ``min_seconds`` are spent.
+
+    The fastest, not the median: other processes only ever add time, so on a shared machine the fastest run
+    is the most repeatable estimate of what the device itself takes (on an idle device the two agree). Parts
+    and whole models are timed alike, so their sums compare."""
     for _ in range(warmup):
         run()
     times: list[float] = []
@@ -106,15 +111,31 @@ def median_time_us(run: Callable[[], Any], sync: Callable[[], None] | None = Non
         if sync is not None:
             sync()
         times.append(time.perf_counter() - start)
-    return 1e6 * statistics.median(times)
+    return 1e6 * min(times)
 
 
-def measure_arch_us(arch: Arch, target: Target) -> float:
-    """End-to-end latency of the standalone model of ``arch`` (random weights) on ``target``, in microseconds."""
+def measure_archs_us(archs: list[Arch], target: Target, rounds: int = 3, together: int = 8) -> list[float]:
+    """End-to-end latency of the standalone model of each arch (random weights) on ``target``, in microseconds:
+    ``together`` archs at a time are timed in ``rounds`` interleaved rounds and each keeps its fastest, so that
+    a burst of load from another process slows one round of one arch, not the result."""
     from .models import LocalityViT
 
-    x = torch.randn(target.batch_size, arch.in_chans, arch.img_size, arch.img_size)
-    return target.time_us(LocalityViT(arch), x)
+    fastest = []
+    for first in range(0, len(archs), together):
+        models = [(LocalityViT(arch), torch.randn(target.batch_size, arch.in_chans, arch.img_size, arch.img_size))
+                  for arch in archs[first:first + together]]
+        rounds_us = [[target.time_us(*model) for model in models] for _ in range(rounds)]
+        fastest += [min(times) for times in zip(*rounds_us)]
+    return fastest
+
+
+def _models_fingerprint() -> str:
+    """A hash of the code the parts run (nasloc/models and the probes): a table outlives no change to it."""
+    package = Path(__file__).parent
+    digest = hashlib.sha1()
+    for path in sorted([*package.joinpath("models").glob("*.py"), package / "latency_parts.py"]):
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:10]
 
 
 def _cpu_name() -> str:
@@ -202,7 +223,7 @@ class LatencyTable:
         model = LatencyModel(self.parts)
         rng = random.Random(FIT_SEED)
         sample = [space.sample(rng) for _ in range(archs)]
-        gaps = [measure_arch_us(arch, target) - model.parts_us(arch) for arch in sample]
+        gaps = [measured - model.parts_us(arch) for arch, measured in zip(sample, measure_archs_us(sample, target))]
         self.fits[space.name] = {"constant_us": statistics.median(gaps), "archs": archs}
         self.save()
         return self.fits[space.name]["constant_us"]

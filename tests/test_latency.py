@@ -89,7 +89,7 @@ def test_the_table_is_built_once_then_reused(cache: Path, monkeypatch: pytest.Mo
         raise AssertionError("a second run measured something")
 
     monkeypatch.setattr(nasloc.latency, "probe", measuring)
-    monkeypatch.setattr(nasloc.latency, "measure_arch_us", measuring)
+    monkeypatch.setattr(nasloc.latency, "measure_archs_us", measuring)
     again, _ = build_latency_model(space, Target(), progress=False)
     assert again == model
     arch = space.sample(random.Random(1))
