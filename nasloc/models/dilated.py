@@ -106,17 +106,21 @@ def _group_backward(
     """
     pad = rate * (kernel // 2)
     k, v = (t[:, :, pad : pad + geo.height, pad : pad + geo.width] for t in (k, v))
+    centre = kernel * kernel // 2  # the query's own position: its key is always in the map
     regions = _regions(geo, kernel, rate)
+    others = [(o, region) for o, region in enumerate(regions) if o != centre]
     grad_attn = torch.zeros_like(attn)  # zeros, not empty: 0 * garbage could be NaN
-    grad_v = torch.zeros_like(q)
-    for o, (at_q, at_k) in enumerate(regions):
+    grad_attn[centre] = torch.linalg.vecdot(grad, v)
+    grad_v = attn[centre].unsqueeze(-1) * grad  # the centre term starts each sum: no zero-filled start
+    for o, (at_q, at_k) in others:
         grad_attn[o][at_q] = torch.linalg.vecdot(grad[at_q], v[at_k])
         grad_v[at_k].addcmul_(attn[o][at_q].unsqueeze(-1), grad[at_q])
     # softmax backward over the offsets, then the logit scale
     grad_logits = attn * (grad_attn - (attn * grad_attn).sum(0)) * q.shape[-1] ** -0.5
-    grad_q, grad_k = torch.zeros_like(q), torch.zeros_like(q)
-    for g, (at_q, at_k) in zip(grad_logits.unbind(0), regions):
-        g = g[at_q].unsqueeze(-1)
+    g = grad_logits[centre].unsqueeze(-1)
+    grad_q, grad_k = g * k, g * q
+    for o, (at_q, at_k) in others:
+        g = grad_logits[o][at_q].unsqueeze(-1)
         grad_q[at_q].addcmul_(g, k[at_k])
         grad_k[at_k].addcmul_(g, q[at_q])
     return grad_q, grad_k, grad_v
