@@ -10,13 +10,12 @@ image tokens. With ``life`` the projections become LIFE's multi-scale qkv (:mod:
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..arch import Block
 from .dilated import dilated_attention
 from .elastic import ElasticLinear
-from .layout import Geometry, merge_heads, split_heads
+from .layout import Geometry, attend, merge_heads, split_heads
 from .life import MultiScaleQKV
 from .lightvit import RelPosBias, broadcast, window_attention
 
@@ -46,7 +45,7 @@ class TokenMixer(nn.Module):
         else:
             q, k, v = (lin(x, dim, use_bias=qkv_bias) for lin in (self.q, self.k, self.v))
         if block.mixer == "global":
-            out = merge_heads(F.scaled_dot_product_attention(*(split_heads(t, heads) for t in (q, k, v))))
+            out = merge_heads(attend(*(split_heads(t, heads) for t in (q, k, v))))
         else:
             out = self._local(q, k, v, geo, heads, block, window, dilate_kernel)
         return self.proj(out, dim)
@@ -65,7 +64,7 @@ class TokenMixer(nn.Module):
         if not n:
             return out_img
         k_heads, v_heads = split_heads(k_img, heads), split_heads(v_img, heads)
-        out_aux = F.scaled_dot_product_attention(split_heads(q_aux, heads), k_heads, v_heads)  # aggregate
+        out_aux = attend(split_heads(q_aux, heads), k_heads, v_heads)  # aggregate
         if block.mixer == "window" and geo.n_global:
             glb = broadcast(split_heads(q_img, heads), out_aux[:, :, geo.n_cls :], self.global_kv, heads)
             out_img = (out_img.view_as(glb.transpose(1, 2)) + glb.transpose(1, 2)).flatten(2)  # no merge copy

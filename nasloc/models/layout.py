@@ -9,7 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 
 @dataclass(frozen=True)
@@ -64,3 +66,17 @@ def merge_heads(t: Tensor) -> Tensor:
     """(B, heads, N, d) -> (B, N, heads * d)."""
     b, h, n, d = t.shape
     return t.transpose(1, 2).reshape(b, n, h * d)
+
+
+# cuDNN's fused attention returned NaN gradients under bf16 autocast for some supernet subnets (the global
+# tokens' aggregation: a few queries over all image tokens) on an H200 with torch 2.11, where CUDA fp32 and
+# the CPU were right (bench/gpu_checks.py --supernet); the other fused backends are used instead.
+_CUDA_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
+def attend(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None) -> Tensor:
+    """Softmax attention of (B, heads, N, d) queries over keys and values: fused SDPA, not cuDNN's on CUDA."""
+    if q.is_cuda:
+        with sdpa_kernel(_CUDA_SDPA_BACKENDS):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .elastic import ElasticLayerNorm, ElasticLinear, ElasticParameter
-from .layout import Geometry, merge_heads, split_heads
+from .layout import Geometry, attend, merge_heads, split_heads
 
 
 class RelPosBias(nn.Module):
@@ -49,7 +49,7 @@ def window_attention(q: Tensor, k: Tensor, v: Tensor, geo: Geometry, window: int
         t = t.reshape(b, rows, window, cols, window, heads, d).permute(0, 1, 3, 5, 2, 4, 6)
         return t.reshape(b * rows * cols, heads, window * window, d)
 
-    out = F.scaled_dot_product_attention(partition(q), partition(k), partition(v), attn_mask=bias.to(q.dtype))
+    out = attend(partition(q), partition(k), partition(v), attn_mask=bias.to(q.dtype))
     out = out.reshape(b, rows, cols, heads, window, window, d).permute(0, 1, 4, 2, 5, 3, 6)
     return out.reshape(b, n, c)
 
@@ -59,7 +59,7 @@ def broadcast(q_img: Tensor, aggregated: Tensor, global_kv: ElasticLinear, heads
     ``global_kv`` projects those to their keys and values."""
     glb = merge_heads(aggregated)
     k_g, v_g = global_kv(glb, glb.shape[-1]).chunk(2, dim=-1)
-    return F.scaled_dot_product_attention(q_img, split_heads(k_g, heads), split_heads(v_g, heads))
+    return attend(q_img, split_heads(k_g, heads), split_heads(v_g, heads))
 
 
 class BiAttnGate(nn.Module):
