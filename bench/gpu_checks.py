@@ -1,10 +1,12 @@
 """CUDA path checks of the models, run by bench/gpu_evidence.sh on a GPU machine (CPU only: it says so and stops).
 
 Every mechanism (the seed designs of search_spaces/cifar.yaml and random archs of it, which mix them):
-- the CUDA fp32 forward equals the CPU one (eval mode, max abs difference printed, fail above 1e-4);
+- the CUDA fp32 forward equals the CPU one (eval mode, max abs difference printed, fail above 1e-4), and so do the
+  gradients (relative difference, fail above 1e-3: CUDA convolutions run in TF32);
 - an AMP training step (autocast as nasloc.train uses it: bf16 where supported, else fp16) gives a finite loss and
   finite gradients, and its gradients point the way of the fp32 ones (cosine similarity printed, fail below 0.99);
-- dilated attention's backward: CUDA fp32 gradients equal the CPU ones (max abs difference, fail above 1e-4).
+- dilated attention's backward: the same on a net of dilated blocks only;
+- with ``--supernet``: subnets of the supernet (elastic, sliced layers) in two MACs bands, the same checks.
 One line per check, ``CHECK <name>: ok|FAIL <numbers>``; the exit status is the number of failures.
 """
 from __future__ import annotations
@@ -56,15 +58,57 @@ def check_arch(name: str, arch: Arch, dev: torch.device) -> list[str]:
     gpu_model.train()
     fp32_cpu = gradients(cpu_model, x, y, None)
     fp32_gpu = gradients(gpu_model, x.to(dev), y.to(dev), None)
-    grad_diff = (fp32_gpu.cpu() - fp32_cpu).abs().max().item()
+    # relative: CUDA's convolutions run in TF32 by default, which moves deep nets' gradients by ~1e-4 absolute
+    grad_diff = ((fp32_gpu.cpu() - fp32_cpu).norm() / fp32_cpu.norm()).item()
     amp = gradients(gpu_model, x.to(dev), y.to(dev), amp_dtype(None, dev))
     finite = bool(torch.isfinite(amp).all())
     cosine = F.cosine_similarity(amp, fp32_gpu, dim=0).item()
-    ok = forward_diff <= 1e-4 and grad_diff <= 1e-4 and finite and cosine >= 0.99
-    print(f"CHECK {name}: {'ok' if ok else 'FAIL'} forward cuda-cpu {forward_diff:.1e}, fp32 grads cuda-cpu "
+    ok = forward_diff <= 1e-4 and grad_diff <= 1e-3 and finite and cosine >= 0.99
+    print(f"CHECK {name}: {'ok' if ok else 'FAIL'} forward cuda-cpu {forward_diff:.1e}, fp32 grads cuda-cpu relative "
           f"{grad_diff:.1e}, AMP grads finite {finite}, cosine(AMP, fp32) {cosine:.4f} [{arch.describe()}]", flush=True)
     if not ok:
         failures.append(name)
+    return failures
+
+
+def check_supernet(dev: torch.device, band_high: float, n: int = 12) -> list[str]:
+    """Subnets of the weight-sharing supernet (sliced, elastic layers): CUDA fp32 equals CPU, AMP grads finite."""
+    from nasloc.supernet import Supernet
+    space = SearchSpace.load("cifar").for_classes(10)
+    torch.manual_seed(0)
+    cpu_net = Supernet(space, 32).train()
+    gpu_net = copy.deepcopy(cpu_net).to(dev)
+    rng = random.Random(1)
+    failures = []
+    for i in range(n):
+        arch = space.sample_in_band(rng, 20e6, band_high)
+        x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
+        name = f"supernet subnet {i} (<= {band_high / 1e6:.0f} MMACs)"
+        try:
+            grads = []
+            for net, d in ((cpu_net, "cpu"), (gpu_net, dev)):
+                net.zero_grad(set_to_none=True)
+                out = net(x.to(d), arch)
+                F.cross_entropy(out, y.to(d)).backward()
+                grads.append((out.detach().cpu(), torch.cat([p.grad.flatten().cpu() for p in net.parameters()
+                                                             if p.grad is not None])))
+                if dev.type == "cuda":
+                    torch.cuda.synchronize()  # an illegal access is reported here, by the subnet that made it
+            out_diff = (grads[0][0] - grads[1][0]).abs().max().item()
+            grad_diff = ((grads[0][1] - grads[1][1]).norm() / grads[0][1].norm()).item()
+            gpu_net.zero_grad(set_to_none=True)
+            with torch.autocast(dev.type, dtype=amp_dtype(None, dev)):
+                amp_out = gpu_net(x.to(dev), arch).float()
+            F.cross_entropy(amp_out, y.to(dev)).backward()
+            finite = all(bool(torch.isfinite(p.grad).all()) for p in gpu_net.parameters() if p.grad is not None)
+            ok = out_diff <= 1e-3 and grad_diff <= 1e-3 and finite
+            print(f"CHECK {name}: {'ok' if ok else 'FAIL'} output cuda-cpu {out_diff:.1e}, grads relative "
+                  f"{grad_diff:.1e}, AMP grads finite {finite} [{arch.describe()}]", flush=True)
+        except Exception as e:
+            ok = False
+            print(f"CHECK {name}: FAIL {type(e).__name__}: {str(e)[:300]} [{arch.describe()}]", flush=True)
+        if not ok:
+            failures.append(name)
     return failures
 
 
@@ -85,7 +129,12 @@ def main() -> int:
         except Exception as e:  # report and go on: one broken mechanism should not hide the others
             print(f"CHECK {name}: FAIL {type(e).__name__}: {e}", flush=True)
             failures.append(name)
-    print(f"gpu_checks: {len(archs) - len(failures)}/{len(archs)} ok")
+    total = len(archs)
+    if "--supernet" in sys.argv:
+        for high in (0.03e9, 0.1e9):
+            failures += check_supernet(dev, high)
+            total += 12
+    print(f"gpu_checks: {total - len(failures)}/{total} ok")
     return len(failures)
 
 

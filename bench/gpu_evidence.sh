@@ -52,7 +52,7 @@ evidence=$!
 # 3. the CUDA path, while the evidence runs
 {
   echo "== gpu_checks"
-  $PY bench/gpu_checks.py
+  $PY bench/gpu_checks.py --supernet
   echo "== pipeline on $DEVICE (tiny space, digits): supernet with AMP, search, selection, retrain, export"
   $PY run_search.py --budget 1.5M --space tiny --device "$DEVICE" --supernet-epochs 1 --trials 8 --select-top-k 2 \
     --select-epochs 2 --retrain-top-k 1 --retrain-epochs 1 --results-dir "$SCRATCH/runs" 2>&1 | grep "^\[nasloc\]\|rror"
