@@ -1,0 +1,182 @@
+"""Tables and plot of the full-scale CIFAR-10 evidence (bench/evidence_full.py), from its record.json.
+
+    .venv/bin/python bench/evidence_full_report.py results/evidence_full/record.json [--plot results/evidence_full/accuracy_vs_macs]
+
+Prints markdown: per budget, every design and pick (top-1 of each seed, mean, spread = half the range, MACs,
+params, training time), what each nasloc pick cost (supernet + search + selection) next to training every seed
+design once, the ranking study (Kendall tau and top-3 precision of the proxy and of the selection against the
+recipe's top-1, and the seed-to-seed tau as the noise ceiling), and the issue's targets. Units not yet recorded
+are listed as pending. With --plot: accuracy vs MACs of every design and seed as plotly HTML, and a PNG when
+matplotlib is installed. Nothing is recomputed but means, spreads and Kendall tau.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from evidence_full import DESIGNS, SAMPLERS  # noqa: E402
+
+from nasloc.ranking import kendall_tau, top_k_precision  # noqa: E402
+
+PICKS = {f"nasloc_{s}": s for s in SAMPLERS}
+
+
+def trainings(rec: dict, budget: str) -> dict[str, list[dict]]:
+    """Design or pick name -> its recorded trainings, by seed."""
+    out = {}
+    for name in list(DESIGNS) + list(PICKS):
+        kind, label = ("pick", PICKS[name]) if name in PICKS else ("seed", name)
+        seeds = sorted(k for k in rec if k.startswith(f"{budget}/{kind}/{label}/s") and rec[k])
+        out[name] = [rec[k] for k in seeds]
+    return out
+
+
+def spread(values: list[float]) -> float:
+    return (max(values) - min(values)) / 2 if len(values) > 1 else float("nan")
+
+
+def design_table(rec: dict, budget: str) -> list[str]:
+    lines = [f"| design | top-1 per seed (%) | mean (%) | spread (%) | MMACs | params (M) | minutes per training |",
+             "|---|---|---|---|---|---|---|"]
+    for name, runs in trainings(rec, budget).items():
+        if not runs:
+            lines.append(f"| {name} | pending | | | | | |")
+            continue
+        top1 = [r["top1"] for r in runs]
+        minutes = [r["wall_s"] / 60 for r in runs if r.get("wall_s")]
+        shown_minutes = f"{statistics.mean(minutes):.1f}" if minutes else "n/a"
+        lines.append(f"| {name} | {', '.join(f'{t:.2f}' for t in top1)} | {statistics.mean(top1):.2f} | "
+                     f"{spread(top1):.2f} | {runs[0]['macs'] / 1e6:.1f} | {runs[0]['params'] / 1e6:.3f} | "
+                     f"{shown_minutes} |")
+    return lines
+
+
+def costs(rec: dict, budget: str) -> list[str]:
+    lines = []
+    seed_trainings = [trainings(rec, budget)[d] for d in DESIGNS]
+    once = [runs[0] for runs in seed_trainings if runs and runs[0].get("wall_s")]
+    if once:
+        lines.append(f"Training every seed design once (the user's alternative): {sum(r['wall_s'] for r in once) / 3600:.2f} h "
+                     f"wall, {sum(r['cpu_s'] for r in once) / 3600:.2f} CPU-hours ({len(once)} of {len(DESIGNS)} designs recorded).")
+    for sampler in SAMPLERS:
+        search = rec.get(f"{budget}/search/{sampler}")
+        if not search:
+            lines.append(f"nasloc {sampler}: search pending.")
+            continue
+        pick = search["pick"]
+        lines.append(f"nasloc {sampler}: supernet + search + selection {search['wall_s'] / 3600:.2f} h wall, "
+                     f"{search['cpu_s'] / 3600:.2f} CPU-hours ({search['supernet_epochs']} supernet epochs, "
+                     f"{search['trials']} trials, selection of {len(search['candidates'])} candidates up to "
+                     f"{search['select_epochs']} epochs); pick: {pick['source']} (search trial {pick['search_trial']}, "
+                     f"{pick['macs'] / 1e6:.1f} MMACs).")
+    return lines
+
+
+def ranking(rec: dict, budget: str) -> list[str]:
+    """The NSGA-II run's selection candidates, each trained once (seed 0) with the recipe."""
+    search = rec.get(f"{budget}/search/nsga2")
+    if not search:
+        return ["Ranking: pending (the NSGA-II search)."]
+    rows = []
+    for c in search["candidates"]:
+        design = next((d for d, label in DESIGNS.items() if label == c["source"]), None)
+        key = f"{budget}/seed/{design}/s0" if design else f"{budget}/rank/{c['search_trial']}"
+        if rec.get(key):
+            rows.append((c, rec[key]["top1"]))
+    lines = [f"Ranking: {len(rows)} of {len(search['candidates'])} candidates trained."]
+    if len(rows) >= 3:
+        real = [top1 for _, top1 in rows]
+        for name, score in (("proxy (supernet top-1)", [c["proxy_top1"] for c, _ in rows]),
+                            ("selection (rank)", [-c["rank"] for c, _ in rows])):
+            tau, p = kendall_tau(score, real)
+            lines.append(f"- {name}: Kendall tau {tau:.2f} (p {p:.2f}), top-3 precision "
+                         f"{top_k_precision(score, real, 3)}/3")
+    pairs = [(runs[0]["top1"], runs[1]["top1"]) for runs in trainings(rec, budget).values() if len(runs) > 1]
+    if len(pairs) >= 3:
+        tau, _ = kendall_tau(*zip(*pairs))
+        lines.append(f"- seed 0 vs seed 1 of the {len(pairs)} designs and picks (noise ceiling): Kendall tau {tau:.2f}")
+    lines += ["", "| source | search trial | MMACs | proxy top-1 (%) | selection rank | recipe top-1 (%) |",
+              "|---|---|---|---|---|---|"]
+    lines += [f"| {c['source']} | {c['search_trial']} | {c['macs'] / 1e6:.1f} | {c['proxy_top1']:.2f} | {c['rank']} | "
+              f"{top1:.2f} |" for c, top1 in sorted(rows, key=lambda r: -r[1])]
+    return lines
+
+
+def targets(rec: dict, budget: str) -> list[str]:
+    runs = trainings(rec, budget)
+    seeds = {d: [r["top1"] for r in runs[d]] for d in DESIGNS if runs[d]}
+    lines = []
+    for pick in PICKS:
+        if not runs[pick] or len(seeds) < len(DESIGNS):
+            lines.append(f"- {pick}: pending")
+            continue
+        mean = statistics.mean(r["top1"] for r in runs[pick])
+        best = max(seeds, key=lambda d: statistics.mean(seeds[d]))
+        margin = mean - statistics.mean(seeds[best])
+        noise = max((spread(v) for v in seeds.values() if len(v) > 1), default=float("nan"))
+        lines.append(f"- {pick}: mean {mean:.2f} %, {margin:+.2f} points over the best seed design ({best}); "
+                     f"largest seed spread {noise:.2f}; beats every seed design by more than their spread: "
+                     f"{'yes' if margin > noise else 'no'}; >= 75 %: {'yes' if mean >= 75 else 'no'}")
+    return lines
+
+
+def plot(rec: dict, budgets: list[str], path: Path) -> list[Path]:
+    points = [(budget, name, run["macs"] / 1e6, run["top1"], run["seed"])
+              for budget in budgets for name, runs in trainings(rec, budget).items() for run in runs]
+    import plotly.graph_objects as go
+    fig = go.Figure()
+    for name in list(DESIGNS) + list(PICKS):
+        mine = [p for p in points if p[1] == name]
+        fig.add_trace(go.Scatter(x=[p[2] for p in mine], y=[p[3] for p in mine], mode="markers", name=name,
+                                 marker=dict(symbol="star" if name in PICKS else "circle", size=12 if name in PICKS else 8),
+                                 text=[f"{p[0]} seed {p[4]}" for p in mine]))
+    fig.update_layout(title="CIFAR-10 val top-1 vs MACs (bench/evidence_full.py)", xaxis_title="MMACs per image (32 px)",
+                      yaxis_title="val top-1 (%)")
+    written = [path.with_suffix(".html")]
+    fig.write_html(written[0], include_plotlyjs="cdn")  # 12 KB instead of 4.8 MB in git; the browser fetches plotly.js
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("(no PNG: pip install matplotlib)", file=sys.stderr)
+        return written
+    fig2, ax = plt.subplots(figsize=(7, 4.5))
+    for name in list(DESIGNS) + list(PICKS):
+        mine = [p for p in points if p[1] == name]
+        ax.scatter([p[2] for p in mine], [p[3] for p in mine], label=name, marker="*" if name in PICKS else "o",
+                   s=120 if name in PICKS else 30)
+    ax.set_xlabel("MMACs per image (32 px)")
+    ax.set_ylabel("val top-1 (%)")
+    ax.set_title("CIFAR-10: seed designs and nasloc picks")
+    ax.legend(fontsize=8)
+    fig2.tight_layout()
+    written.append(path.with_suffix(".png"))
+    fig2.savefig(written[1], dpi=110)
+    return written
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("record", type=Path)
+    p.add_argument("--plot", type=Path, help="path stem of the HTML and PNG plot")
+    args = p.parse_args()
+    rec = {k: v for k, v in json.loads(args.record.read_text()).items() if v is not None}
+    protocol = rec["protocol"]
+    budgets = [f"{float(b):g}G" for b in protocol["budgets"].split(",")]
+    print(f"Protocol: {protocol['epochs']} epochs, batch {protocol['batch_size']}, lr {protocol['lr']} per 512, "
+          f"{protocol['seeds']} seeds, device {protocol['device']}\n")
+    for budget in budgets:
+        print(f"### {budget}MACs\n")
+        for section in (design_table, costs, ranking, targets):
+            print("\n".join(section(rec, budget)) + "\n")
+    if args.plot:
+        print("plot: " + ", ".join(str(p) for p in plot(rec, budgets, args.plot)))
+
+
+if __name__ == "__main__":
+    main()
