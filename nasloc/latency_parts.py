@@ -165,6 +165,29 @@ def _variant(ref: Arch, *, dims: dict[int, int], heads: dict[int, int] | None = 
 
 
 # ------------------------------------------------------------------------------------------- probes
+class Probe(nn.Module):
+    """One part of a LocalityViT, called as :meth:`LocalityViT.run_blocks` and ``forward`` call it."""
+
+    def __init__(self, arch: Arch, kind: str):
+        super().__init__()
+        self.arch, self.kind = arch, kind
+        self.model = LocalityViT(arch).eval()
+        self.geo = Geometry(arch.grid(0), arch.grid(0), int(arch.cls_token), arch.global_tokens)
+
+    def forward(self, x: Tensor) -> Tensor:
+        model, arch, geo = self.model, self.arch, self.geo
+        if self.kind == "stem":
+            return model.embed(x, arch)[0]
+        if self.kind == "head":
+            return model.head_forward(model.norm(x), arch)
+        if self.kind == "downsample":
+            return model.stages[1].downsample(x, geo, arch.stages[1].dim)
+        if self.kind == "shortcut":
+            return x + model.stages[0].blocks[0].shortcut(x, geo, arch.shortcuts[0].kernels)
+        stage = arch.stages[0]
+        return model.stages[0].blocks[0](x, geo, arch, stage, stage.blocks[0], arch.window_size(0))
+
+
 def probe(key: str, batch_size: int) -> tuple[Probe, Tensor]:
     """(module, input) whose ``module(input)`` runs the part ``key`` on ``batch_size`` images (CPU, eval mode)."""
     kind, f = split_key(key)
@@ -198,26 +221,3 @@ def _probe_arch(f: dict[str, Any], dims: list[int], **fields: Any) -> Arch:
 
 def _tokens_input(f: dict[str, Any], dim: int, batch_size: int) -> Tensor:
     return torch.randn(batch_size, f["cls"] + f["global_tokens"] + f["grid"] ** 2, dim)
-
-
-class Probe(nn.Module):
-    """One part of a LocalityViT, called as :meth:`LocalityViT.run_blocks` and ``forward`` call it."""
-
-    def __init__(self, arch: Arch, kind: str):
-        super().__init__()
-        self.arch, self.kind = arch, kind
-        self.model = LocalityViT(arch).eval()
-        self.geo = Geometry(arch.grid(0), arch.grid(0), int(arch.cls_token), arch.global_tokens)
-
-    def forward(self, x: Tensor) -> Tensor:
-        model, arch, geo = self.model, self.arch, self.geo
-        if self.kind == "stem":
-            return model.embed(x, arch)[0]
-        if self.kind == "head":
-            return model.head_forward(model.norm(x), arch)
-        if self.kind == "downsample":
-            return model.stages[1].downsample(x, geo, arch.stages[1].dim)
-        if self.kind == "shortcut":
-            return x + model.stages[0].blocks[0].shortcut(x, geo, arch.shortcuts[0].kernels)
-        stage = arch.stages[0]
-        return model.stages[0].blocks[0](x, geo, arch, stage, stage.blocks[0], arch.window_size(0))
