@@ -30,8 +30,9 @@ Seeds with no runnable official code here: the DW shortcut's ``models/vit.py`` n
 installed), LIFE's ``deit.py`` imports ``_init_vit_weights`` (gone from timm 1.0) and LocalViT's
 ``LocalVisionTransformer`` passes timm 0.3's positional arguments to timm 1.0's ``VisionTransformer``.
 
-Timing: steps run model after model, the order rotated each round so that load from other jobs hits all
-alike; each model's time is the median over ``--steps`` rounds after ``--warmup``. One thread by default.
+Timing: steps run model after model, the order rotated each round; a ratio is the median over ``--steps``
+rounds (after ``--warmup``) of the ratio within each round, which cancels most of the bursts of load from
+other jobs; ms per step are plain medians. One thread by default.
 """
 from __future__ import annotations
 
@@ -190,8 +191,9 @@ def train_step(model: nn.Module, x: Tensor, y: Tensor) -> Step:
     return run
 
 
-def race(steps: dict[str, Step], rounds: int, warmup: int) -> dict[str, float]:
-    """Median seconds per step of each model, the models interleaved (order rotated every round)."""
+def race(steps: dict[str, Step], rounds: int, warmup: int) -> dict[str, list[float]]:
+    """Seconds per step of each model in every timed round, the models interleaved (order rotated every
+    round, so that no model always runs first or after the same one)."""
     names = list(steps)
     times: dict[str, list[float]] = {n: [] for n in names}
     for r in range(warmup + rounds):
@@ -200,11 +202,19 @@ def race(steps: dict[str, Step], rounds: int, warmup: int) -> dict[str, float]:
             steps[name]()
             if r >= warmup:
                 times[name].append(time.perf_counter() - start)
-    return {n: statistics.median(t) for n, t in times.items()}
+    return times
 
 
-def params_m(model: nn.Module) -> float:
-    return sum(p.numel() for p in model.parameters()) / 1e6
+def speed_ratio(times: dict[str, list[float]], fast: str, slow: str) -> float:
+    """img/s of ``fast`` over img/s of ``slow``: the median over rounds of the ratio within each round.
+
+    Load from other jobs comes in bursts of seconds; steps of one round run back to back, so the ratio
+    within a round cancels most of it, where a ratio of two medians would not."""
+    return statistics.median(s / f for f, s in zip(times[fast], times[slow]))
+
+
+def median_ms(times: dict[str, list[float]], name: str) -> str:
+    return f"{1e3 * statistics.median(times[name]):.0f}" if name in times else "-"
 
 
 # ------------------------------------------------------------------------------------ sections
@@ -233,10 +243,10 @@ def imagenet_section(args: argparse.Namespace, dirs: dict[str, Path]) -> None:
             steps = {n: eval_step(m, x) if mode == "eval" else train_step(m, x, y) for n, m in models.items()}
             t = race(steps, args.steps, args.warmup)
             has_official = "official" in t
-            vs_official = f"**{t['official'] / t['nasloc']:.2f}**" if has_official else "(no official code given)"
-            official_deit = f"{t['deit'] / t['official']:.2f}" if has_official else "-"
-            ms = ", ".join(f"{1e3 * t[n]:.0f}" if n in t else "-" for n in ("nasloc", "official", "deit"))
-            print(f"| {preset} | {mode} | {vs_official} | {t['deit'] / t['nasloc']:.2f} | {official_deit} | {ms} |",
+            vs_official = f"**{speed_ratio(t, 'nasloc', 'official'):.2f}**" if has_official else "(no official code given)"
+            official_deit = f"{speed_ratio(t, 'official', 'deit'):.2f}" if has_official else "-"
+            ms = ", ".join(median_ms(t, n) for n in ("nasloc", "official", "deit"))
+            print(f"| {preset} | {mode} | {vs_official} | {speed_ratio(t, 'nasloc', 'deit'):.2f} | {official_deit} | {ms} |",
                   flush=True)
 
 
@@ -259,7 +269,8 @@ def cifar_section(args: argparse.Namespace) -> None:
         models = {"nasloc": nasloc.LocalityViT(arch), "timm": timm_twin(twin)}
         t = race({n: train_step(m, x, y) for n, m in models.items()}, args.steps, args.warmup)
         print(f"| {label} | {arch.describe()} | {count(arch).macs / 1e6:.1f} / {count(twin).macs / 1e6:.1f} "
-              f"| **{t['timm'] / t['nasloc']:.2f}** | {1e3 * t['nasloc']:.0f}, {1e3 * t['timm']:.0f} |", flush=True)
+              f"| **{speed_ratio(t, 'nasloc', 'timm'):.2f}** | {median_ms(t, 'nasloc')}, {median_ms(t, 'timm')} |",
+              flush=True)
 
 
 def main() -> int:
