@@ -9,8 +9,8 @@ summed times, the least-absolute-deviations fit: on a shared machine one measure
 process ran would move a least-squares (mean) constant by its whole excess.
 
 The table is a JSON file per target, keyed by the device's name, torch/timm/onnxruntime versions, a hash of
-nasloc's model code (a faster block is timed again), threads, backend, batch size and resolution, under ``~/.cache/nasloc/latency/`` (or ``$NASLOC_LATENCY_DIR``), written
-atomically. The first use for a space measures its parts with a progress bar; later ones reuse them and
+nasloc's model code (a faster block is timed again), threads, backend, batch size and resolution, under
+``~/.cache/nasloc/latency/`` (or ``$NASLOC_LATENCY_DIR``), written atomically. The first use for a space measures its parts with a progress bar; later ones reuse them and
 measure nothing.
 """
 from __future__ import annotations
@@ -23,9 +23,10 @@ import random
 import re
 import statistics
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
@@ -50,11 +51,13 @@ class LatencyError(NaslocError):
 # ------------------------------------------------------------------------------------------- timing
 @dataclass(frozen=True)
 class Target:
-    """Where latency is measured: ``device`` (cpu or cuda), ``backend`` (torch, or onnxruntime on the CPU), batch."""
+    """Where latency is measured: ``device`` (cpu or cuda), ``backend`` (torch, or onnxruntime on the CPU), batch,
+    and the intra-op threads (0: torch's number in the process that measures)."""
 
     device: str = "cpu"
     backend: str = "torch"
     batch_size: int = 1
+    threads: int = 0
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -79,17 +82,31 @@ class Target:
             versions["onnxruntime"] = onnxruntime().__version__
         return versions
 
-    def time_us(self, module: torch.nn.Module, x: torch.Tensor) -> float:
-        """Time of ``module(x)`` in microseconds (:func:`fastest_time_us`)."""
-        if self.backend == "onnxruntime":
-            from .onnx_export import ort_runner
+    def thread_count(self) -> int:
+        return self.threads or torch.get_num_threads()
 
-            return fastest_time_us(ort_runner(module, x))
-        device = torch.device(self.device)
-        module, x = module.to(device).eval(), x.to(device)
-        sync = torch.cuda.synchronize if device.type == "cuda" else None
-        with torch.inference_mode():
-            return fastest_time_us(lambda: module(x), sync)
+    def time_us(self, module: torch.nn.Module, x: torch.Tensor) -> float:
+        """Time of ``module(x)`` in microseconds (:func:`fastest_time_us`), with :meth:`thread_count` threads."""
+        with _torch_threads(self.thread_count()):
+            if self.backend == "onnxruntime":
+                from .onnx_export import ort_runner
+
+                return fastest_time_us(ort_runner(module, x))
+            device = torch.device(self.device)
+            module, x = module.to(device).eval(), x.to(device)
+            sync = torch.cuda.synchronize if device.type == "cuda" else None
+            with torch.inference_mode():
+                return fastest_time_us(lambda: module(x), sync)
+
+
+@contextmanager
+def _torch_threads(threads: int) -> Iterator[None]:
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
 
 
 def fastest_time_us(run: Callable[[], Any], sync: Callable[[], None] | None = None, warmup: int = 2,
@@ -185,7 +202,7 @@ class LatencyTable:
     def open(cls, target: Target, img_size: int, cache_dir: str | Path | None = None) -> "LatencyTable":
         """The table of ``target`` at ``img_size`` px; empty if it was never built."""
         meta = {"device": target.device_name(), "device_type": target.device, "backend": target.backend,
-                "versions": target.versions(), "threads": torch.get_num_threads(), "batch_size": target.batch_size,
+                "versions": target.versions(), "threads": target.thread_count(), "batch_size": target.batch_size,
                 "img_size": img_size}
         folder = Path(cache_dir or os.environ.get(CACHE_ENV) or DEFAULT_CACHE).expanduser()
         table = cls(folder / _file_name(meta), meta)
@@ -255,15 +272,18 @@ def build_latency_model(space: SearchSpace, target: Target, *, cache_dir: str | 
 @dataclass(frozen=True)
 class LatencyFactory:
     """Picklable (for worker processes): ``LatencyFactory(space, device)()`` is the space's :class:`LatencyModel`
-    on ``device`` (``arch -> predicted ms``), built on first use and read from its file after that."""
+    on ``device`` (``arch -> predicted ms``), built on first use and read from its file after that. ``threads``
+    (0: the calling process's) names the table, so that a worker with fewer threads reads the driver's."""
 
     space: str
     device: str = "cpu"
     num_classes: int | None = None
+    threads: int = 0
     cache_dir: str | None = None
 
     def __call__(self) -> LatencyModel:
         space = SearchSpace.load(self.space)
         if self.num_classes is not None:
             space = space.for_classes(self.num_classes)
-        return build_latency_model(space, Target(self.device), cache_dir=self.cache_dir)[0]
+        target = Target(self.device, threads=self.threads)
+        return build_latency_model(space, target, cache_dir=self.cache_dir)[0]

@@ -237,7 +237,7 @@ def search_phase(supernet: Supernet, splits: DataSplits, space: SearchSpace, che
          + (f", {workers} {'Ray trials' if options.backend == 'ray' else 'processes'} at a time" if workers > 1 else ""))
     device = next(supernet.parameters()).device
     spec = EvaluatorSpec.for_run(record, checkpoint, str(device))
-    latency = LatencyFactory(str(options.space), device.type, record.num_classes)
+    latency = LatencyFactory(str(options.space), device.type, record.num_classes, torch.get_num_threads())
     settings = _search_settings(record)
     if options.backend == "ray":
         from .ray_search import run_ray_search

@@ -95,8 +95,15 @@ def test_the_table_is_built_once_then_reused(cache: Path, monkeypatch: pytest.Mo
     arch = space.sample(random.Random(1))
     assert again.predict_us(arch) == pytest.approx(model.parts_us(arch) + model.constant_us)
     assert LatencyFactory("tiny_columnar")()(arch) == pytest.approx(model.predict_us(arch) / 1000)
-    # another batch size is another table
+    # another batch size is another table; a worker process with fewer threads reads the table of the driver's
     assert LatencyTable.open(Target(batch_size=4), space.img_size).path != table.path
+    threads = torch.get_num_threads()
+    torch.set_num_threads(threads + 1)
+    try:
+        assert LatencyTable.open(Target(threads=threads), space.img_size).path == table.path
+        assert LatencyFactory("tiny_columnar", threads=threads)() == model
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_a_prediction_is_its_parts_summed_plus_the_constant() -> None:
