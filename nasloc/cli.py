@@ -97,11 +97,13 @@ def _search(options: RunOptions) -> None:
 
 
 def _export(request: tuple[Path, int, Path | None, bool]) -> None:
-    from nasloc.export import CONFIG_NAME, export_trial
+    from nasloc.export import export_trial
 
     run, trial, out, onnx = request
     folder = export_trial(run, trial, out, onnx=onnx)
     if onnx:
+        from nasloc.export import CONFIG_NAME
+
         record = json.loads((folder / CONFIG_NAME).read_text())["nasloc"]["onnx"]
         print(f"[nasloc] {folder / record['file']}: max abs difference to torch {record['max_abs_diff']:.2e}; "
               f"ONNX Runtime latency {record['onnxruntime_latency_ms']:.3f} ms (batch 1, "
