@@ -109,3 +109,14 @@ def test_nasloc_export_onnx_prints_the_difference(tmp_path: Path, monkeypatch: p
     assert exported == [True]
     line = capsys.readouterr().out.strip().splitlines()[-1]
     assert "max abs difference to torch" in line and "ONNX Runtime latency" in line
+
+
+def test_the_onnxruntime_backend_times_a_part() -> None:
+    from nasloc.latency import Target
+    from nasloc.latency_parts import probe, space_parts
+    from nasloc.space import SearchSpace
+
+    key = min(space_parts(SearchSpace.load("tiny")), key=len)
+    module, x = probe(key, batch_size=1)
+    assert Target("cpu", "onnxruntime").time_us(module, x) > 0
+    assert "onnxruntime" in Target("cpu", "onnxruntime").versions()
