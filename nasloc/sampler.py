@@ -34,7 +34,7 @@ from .space_files import SpaceError
 SAMPLERS = ("nsga2", "tpe", "random")
 TPE_STARTUP_TRIALS = 10  # Optuna's default, set explicitly: the feasible start covers exactly these trials
 _MAX_PENDING = 1024  # per-trial state kept for trials that never finished (killed) before the oldest is dropped
-LATENCY_TRIES = 8  # MACs bounds tried to bring a proposal within the latency budget
+LATENCY_TRIES = 16  # MACs bounds tried to bring a proposal within the latency budget
 
 
 def make_sampler(name: str, seed: int, population_size: int | None = None) -> BaseSampler:
@@ -126,8 +126,9 @@ def _within_budgets(space: SearchSpace, rng: random.Random, budget_macs: float, 
     """The decisions of :meth:`SearchSpace.decisions_in_band` within ``budget_macs`` (from ``start`` if given).
 
     Under a latency budget too, decisions over it are drawn (or walked from ``start``) again under a MACs
-    bound lowered by the latency's excess (latency grows with MACs), at most :data:`LATENCY_TRIES` times; the
-    last decisions are returned even if still over it (the trial's constraint then keeps it from evaluation).
+    bound lowered by the latency's excess (latency grows with MACs); where no arch of the space is that small,
+    drawn again at random under the last bound. At most :data:`LATENCY_TRIES` times: the last decisions are
+    returned even if still over it (the trial's constraint then keeps it from evaluation).
     """
     bound = budget_macs
     decisions = space.decisions_in_band(rng, 0.0, bound, start=start)
@@ -136,11 +137,12 @@ def _within_budgets(space: SearchSpace, rng: random.Random, budget_macs: float, 
         predicted = latency.predict(arch)
         if predicted <= latency.limit_ms:
             break
-        bound = min(bound, count(arch).macs) * latency.limit_ms / predicted
+        lower = min(bound, count(arch).macs) * latency.limit_ms / predicted
         try:
-            decisions = space.decisions_in_band(rng, 0.0, bound, start=start)
+            decisions = space.decisions_in_band(rng, 0.0, lower, start=start)
+            bound = lower
         except SpaceError:  # no arch of the space is that small
-            break
+            decisions = space.decisions_in_band(rng, 0.0, bound)
     return decisions
 
 
