@@ -9,6 +9,8 @@ Budget: under a tight budget most uniform archs and most NSGA-II children are ov
 evaluated. Two strategies, composed by the sampler as Optuna's NSGA-II composes its crossover and selection,
 keep proposals within it: :class:`FeasibleStart` draws the trials a sampler would draw uniformly at random
 within the budget, and :class:`BudgetRepair` walks an over-budget joint proposal (an NSGA-II child) into it.
+Under a :class:`LatencyBudget` too (the latency table's prediction), both draw again under a lower MACs bound
+until the arch is within it as well.
 
 Enqueued trials (``study.enqueue_trial``, e.g. the seed designs of a warm start) run as they were queued:
 the strategies leave them alone, and NSGA-II counts them in their generation (:meth:`TrialSeededSampler.before_trial`).
