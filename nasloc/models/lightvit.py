@@ -49,7 +49,9 @@ def window_attention(q: Tensor, k: Tensor, v: Tensor, geo: Geometry, window: int
         t = t.reshape(b, rows, window, cols, window, heads, d).permute(0, 1, 3, 5, 2, 4, 6)
         return t.reshape(b * rows * cols, heads, window * window, d)
 
-    out = attend(partition(q), partition(k), partition(v), attn_mask=bias.to(q.dtype))
+    # a 4-D mask: SDPA's fused CPU kernel takes it (a 3-D one sends inference to the 2x slower math path)
+    mask = bias.to(q.dtype).unsqueeze(0)
+    out = attend(partition(q), partition(k), partition(v), attn_mask=mask)
     out = out.reshape(b, rows, cols, heads, window, window, d).permute(0, 1, 4, 2, 5, 3, 6)
     return out.reshape(b, n, c)
 
