@@ -17,7 +17,8 @@ from torch import nn
 
 from nasloc.arch import Arch
 from nasloc.data import DataSplits, load_dataset
-from nasloc.evaluate import EvaluatorSpec, ProxyEvaluator, make_evaluator, measure_latency
+from nasloc.evaluate import EvaluatorSpec, ProxyEvaluator, make_evaluator
+from nasloc.latency import Target, measure_archs_us
 from nasloc.models import LocalityViT
 from nasloc.space import SearchSpace
 from nasloc.space_files import SPACES_DIR
@@ -162,8 +163,8 @@ def test_evaluator_rebuilt_from_the_checkpoint_agrees(columnar):
         assert rebuilt(arch) == evaluator(arch)
 
 
-def test_measure_latency_is_positive(columnar):
+def test_end_to_end_latency_is_positive_and_grows_with_the_batch(columnar):
     supernet, _, _ = columnar
     arch = _band_archs(supernet, COLUMNAR_BAND, 2)[0]
-    ms = measure_latency(arch, "cpu", batch_size=2, repeats=3)
-    assert math.isfinite(ms) and ms > 0
+    one, many = (measure_archs_us([arch], Target(batch_size=b), rounds=2)[0] for b in (1, 32))
+    assert math.isfinite(one) and 0 < one < many
