@@ -24,7 +24,7 @@ from .arch import Arch
 from .errors import NaslocError
 from .fileio import write_atomic
 from .run import PARETO_CSV, PARETO_HTML, TRIALS_CSV, RunDir, RunRecord
-from .search import evaluated_feasible_trials, pareto_trials
+from .search import LATENCY_CONSTRAINT, evaluated_feasible_trials, pareto_trials
 from .units import format_macs
 
 if TYPE_CHECKING:
@@ -40,11 +40,16 @@ COLUMNS = (
 
 
 # ------------------------------------------------------------------------------------------- tables
+def _within_latency_budget(trial: FrozenTrial) -> bool:
+    return trial.constraints.get(LATENCY_CONSTRAINT, 0.0) <= 0  # no latency budget: no such constraint
+
+
 def trial_rows(study: optuna.Study, budget_macs: float) -> list[dict[str, Any]]:
     """One row per trial (every state), by trial number; empty cells for what a trial doesn't have.
 
     ``top1`` is empty for trials that were not evaluated (over budget, or failed): it was not measured,
-    whatever pessimistic value the sampler was told. ``feasible`` is against ``budget_macs``.
+    whatever pessimistic value the sampler was told. ``feasible`` is against ``budget_macs`` and, under a
+    latency budget, against that one too (the trial's latency constraint).
     """
     on_front = {t.number for t in pareto_trials(study, budget_macs)}
     rows = []
@@ -61,7 +66,7 @@ def trial_rows(study: optuna.Study, budget_macs: float) -> list[dict[str, Any]]:
             "params": params,
             "mparams": None if params is None else params / 1e6,
             "latency": attrs.get("latency"),
-            "feasible": None if macs is None else macs <= budget_macs,
+            "feasible": None if macs is None else macs <= budget_macs and _within_latency_budget(trial),
             "evaluated": attrs.get("evaluated"),
             "pareto": trial.number in on_front,
             "datetime_start": None if start is None else start.isoformat(sep=" ", timespec="seconds"),

@@ -17,6 +17,7 @@ from nasloc.cli import main, search_main
 from nasloc.flops import count
 from nasloc.latency import LatencyError, LatencyFactory, LatencyModel, LatencyTable, Target, build_latency_model
 from nasloc.latency_parts import arch_parts, probe, space_parts, split_key
+from nasloc.report import trial_rows
 from nasloc.run import STUDY_NAME
 from nasloc.sampler import LatencyBudget
 from nasloc.search import CONSTRAINT, LATENCY_CONSTRAINT, run_search
@@ -150,6 +151,23 @@ def test_a_latency_budget_search_evaluates_nothing_over_either_budget(cache: Pat
     with pytest.raises(ValueError, match="latency budget"):  # a resumed study keeps its budgets
         run_search(space, lambda arch: 50.0, budget_macs=budget_macs, storage=f"sqlite:///{cache.parent / 'study.db'}",
                    study_name="s", n_trials=16, objectives=("top1", "latency"), latency=model, progress=False)
+
+
+def test_trials_csv_counts_a_trial_over_the_latency_budget_as_infeasible(cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(Target, "time_us", lambda self, module, x: _fake_time_us(module, x))
+    space = SearchSpace.load("tiny")
+    model, _ = build_latency_model(space, Target(), progress=False)
+    rng = random.Random(0)
+    archs = [space.sample(rng) for _ in range(40)]
+    budget_macs = max(count(a).macs for a in archs)
+    limit = sorted(model(a) for a in archs)[1]  # so tight that the sampler's draws cannot all keep it
+    study = run_search(space, lambda arch: 50.0, budget_macs=budget_macs, storage=f"sqlite:///{cache.parent / 't.db'}",
+                       study_name="t", n_trials=12, sampler="random", objectives=("top1", "latency"), latency=model,
+                       latency_budget=LatencyBudget(limit, model), progress=False)
+    trials = sorted(study.trials, key=lambda t: t.number)
+    feasible = [r["feasible"] for r in trial_rows(study, budget_macs)]
+    assert feasible == [t.user_attrs["macs"] <= budget_macs and t.user_attrs["latency"] <= limit for t in trials]
+    assert any(t.user_attrs["macs"] <= budget_macs and not ok for t, ok in zip(trials, feasible))
 
 
 def test_run_search_py_with_a_latency_budget_on_digits(tmp_path: Path, cache: Path,
