@@ -39,6 +39,10 @@ def spread(values: list[float]) -> float:
     return (max(values) - min(values)) / 2 if len(values) > 1 else float("nan")
 
 
+def _shown_spread(values: list[float]) -> str:
+    return f"{spread(values):.2f}" if len(values) > 1 else "(1 seed)"
+
+
 def design_table(rec: dict, budget: str) -> list[str]:
     lines = [f"| design | top-1 per seed (%) | mean (%) | spread (%) | MMACs | params (M) | minutes per training |",
              "|---|---|---|---|---|---|---|"]
@@ -50,7 +54,7 @@ def design_table(rec: dict, budget: str) -> list[str]:
         minutes = [r["wall_s"] / 60 for r in runs if r.get("wall_s")]
         shown_minutes = f"{statistics.mean(minutes):.1f}" if minutes else "n/a"
         lines.append(f"| {name} | {', '.join(f'{t:.2f}' for t in top1)} | {statistics.mean(top1):.2f} | "
-                     f"{spread(top1):.2f} | {runs[0]['macs'] / 1e6:.1f} | {runs[0]['params'] / 1e6:.3f} | "
+                     f"{_shown_spread(top1)} | {runs[0]['macs'] / 1e6:.1f} | {runs[0]['params'] / 1e6:.3f} | "
                      f"{shown_minutes} |")
     return lines
 
