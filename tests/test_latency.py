@@ -128,12 +128,17 @@ def test_the_onnxruntime_backend_is_cpu_only() -> None:
 
 
 # ------------------------------------------------------------------------------------------- search
-def test_a_latency_budget_search_evaluates_nothing_over_either_budget(cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def _tiny_space_with_fake_table(monkeypatch: pytest.MonkeyPatch) -> tuple[SearchSpace, LatencyModel, list[Arch]]:
+    """The tiny space, its latency table from fake timings, and 40 of its archs."""
     monkeypatch.setattr(Target, "time_us", lambda self, module, x: _fake_time_us(module, x))
     space = SearchSpace.load("tiny")
     model, _ = build_latency_model(space, Target(), progress=False)
     rng = random.Random(0)
-    archs = [space.sample(rng) for _ in range(40)]
+    return space, model, [space.sample(rng) for _ in range(40)]
+
+
+def test_a_latency_budget_search_evaluates_nothing_over_either_budget(cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    space, model, archs = _tiny_space_with_fake_table(monkeypatch)
     budget_macs = sorted(count(a).macs for a in archs)[30]
     limit = sorted(model(a) for a in archs)[15]  # about half the archs within each budget
     evaluated: list[Arch] = []
@@ -154,11 +159,7 @@ def test_a_latency_budget_search_evaluates_nothing_over_either_budget(cache: Pat
 
 
 def test_trials_csv_counts_a_trial_over_the_latency_budget_as_infeasible(cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(Target, "time_us", lambda self, module, x: _fake_time_us(module, x))
-    space = SearchSpace.load("tiny")
-    model, _ = build_latency_model(space, Target(), progress=False)
-    rng = random.Random(0)
-    archs = [space.sample(rng) for _ in range(40)]
+    space, model, archs = _tiny_space_with_fake_table(monkeypatch)
     budget_macs = max(count(a).macs for a in archs)
     limit = sorted(model(a) for a in archs)[1]  # so tight that the sampler's draws cannot all keep it
     study = run_search(space, lambda arch: 50.0, budget_macs=budget_macs, storage=f"sqlite:///{cache.parent / 't.db'}",
