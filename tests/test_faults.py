@@ -264,7 +264,9 @@ def test_workers_ride_out_a_postgresql_restart_and_give_up_in_one_line(finished:
             workers = [Process(search, logs / f"worker-{i}") for i in (1, 2)]
             poll(lambda: completed(url) >= 3, workers[0], "three trials completed", interval=0.1)
             command = stop_server(url)
-            time.sleep(3)  # the workers' calls fail meanwhile
+            for worker in workers:  # each notices at its next storage call, which a loaded machine can delay
+                poll(lambda w=worker: "lost the connection" in w.err.read_text(errors="replace"), worker,
+                     "the worker noticing the outage", interval=0.1, timeout=40)  # < the 60 s of retries
             restarted = start_server(command, port)
             assert completed(url) < WORKER_TRIALS and all(w.alive() for w in workers), "the search ended first"
             for worker in workers:
