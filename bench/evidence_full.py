@@ -263,17 +263,17 @@ class Protocol:
         """Run one command to its end (its log beside the record); (wall seconds, CPU seconds of it and its children)."""
         env = dict(os.environ, OMP_NUM_THREADS=str(self.args.threads), MKL_NUM_THREADS=str(self.args.threads),
                    PYTHONUNBUFFERED="1")
-        logs = Path(self.args.out) / "logs"
-        logs.mkdir(parents=True, exist_ok=True)
+        log = Path(self.args.out) / "logs" / (key.replace("/", "-") + ".log")
+        log.parent.mkdir(parents=True, exist_ok=True)
         started = time.time()
-        with open(logs / (key.replace("/", "-") + ".log"), "a") as out:
+        with open(log, "a") as out:
             child = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
             self.children.add(child)
             _, status, usage = os.wait4(child.pid, 0)
             self.children.discard(child)
             child.returncode = os.waitstatus_to_exitcode(status)
         if child.returncode != 0:
-            raise RuntimeError(f"{key}: exit {child.returncode} (log: {logs / (key.replace('/', '-') + '.log')})")
+            raise RuntimeError(f"{key}: exit {child.returncode} (log: {log})")
         return time.time() - started, usage.ru_utime + usage.ru_stime
 
     def stop(self) -> None:

@@ -34,11 +34,14 @@ def archs_to_check() -> dict[str, Arch]:
     return archs
 
 
-def gradients(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
-    """All parameter gradients of one cross-entropy step, flattened (autocast when dtype is given)."""
+def gradients(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, dtype: torch.dtype | None,
+              arch: Arch | None = None) -> torch.Tensor:
+    """All parameter gradients of one cross-entropy step, flattened (autocast when dtype is given); with ``arch``
+    the model is a supernet and runs that subnet."""
     model.zero_grad(set_to_none=True)
     with torch.autocast(x.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-        loss = F.cross_entropy(model(x).float(), y)
+        out = model(x) if arch is None else model(x, arch)
+        loss = F.cross_entropy(out.float(), y)
     if not torch.isfinite(loss):
         raise AssertionError(f"loss {loss.item()}")
     loss.backward()
@@ -85,22 +88,15 @@ def check_supernet(dev: torch.device, band_high: float, n: int = 12) -> list[str
         x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
         name = f"supernet subnet {i} (<= {band_high / 1e6:.0f} MMACs)"
         try:
-            grads = []
-            for net, d in ((cpu_net, "cpu"), (gpu_net, dev)):
-                net.zero_grad(set_to_none=True)
-                out = net(x.to(d), arch)
-                F.cross_entropy(out, y.to(d)).backward()
-                grads.append((out.detach().cpu(), torch.cat([p.grad.flatten().cpu() for p in net.parameters()
-                                                             if p.grad is not None])))
-                if dev.type == "cuda":
-                    torch.cuda.synchronize()  # an illegal access is reported here, by the subnet that made it
-            out_diff = (grads[0][0] - grads[1][0]).abs().max().item()
-            grad_diff = ((grads[0][1] - grads[1][1]).norm() / grads[0][1].norm()).item()
-            gpu_net.zero_grad(set_to_none=True)
-            with torch.autocast(dev.type, dtype=amp_dtype(None, dev)):
-                amp_out = gpu_net(x.to(dev), arch).float()
-            F.cross_entropy(amp_out, y.to(dev)).backward()
-            finite = all(bool(torch.isfinite(p.grad).all()) for p in gpu_net.parameters() if p.grad is not None)
+            with torch.no_grad():
+                out_diff = (gpu_net(x.to(dev), arch).cpu() - cpu_net(x, arch)).abs().max().item()
+            cpu_grads = gradients(cpu_net, x, y, None, arch)
+            gpu_grads = gradients(gpu_net, x.to(dev), y.to(dev), None, arch).cpu()
+            if dev.type == "cuda":
+                torch.cuda.synchronize()  # an illegal access is reported here, by the subnet that made it
+            grad_diff = ((gpu_grads - cpu_grads).norm() / cpu_grads.norm()).item()
+            amp = gradients(gpu_net, x.to(dev), y.to(dev), amp_dtype(None, dev), arch)
+            finite = bool(torch.isfinite(amp).all())
             ok = out_diff <= 1e-3 and grad_diff <= 1e-3 and finite
             print(f"CHECK {name}: {'ok' if ok else 'FAIL'} output cuda-cpu {out_diff:.1e}, grads relative "
                   f"{grad_diff:.1e}, AMP grads finite {finite} [{arch.describe()}]", flush=True)
