@@ -277,28 +277,23 @@ def _reference_dilated(q, k, v, height, width, dilations, kernel):
     return out
 
 
-STRATEGIES = ["shift", "dense"]  # both forms on every check (auto picks dense on maps this small)
-
-
-@pytest.mark.parametrize("strategy", STRATEGIES)
 @pytest.mark.parametrize("dilations,kernel", [((1, 2, 1), 3), ((3, 1, 2, 1), 3), ((2, 2), 5)])
-def test_dilated_attention_matches_reference(dilations, kernel, strategy):
+def test_dilated_attention_matches_reference(dilations, kernel):
     torch.manual_seed(0)
     heads, side = len(dilations), 6
     q, k, v = (torch.randn(2, heads, side * side, 4) for _ in range(3))
-    out = dilated_attention(q, k, v, Geometry(side, side, 0, 0), dilations, kernel, strategy)
+    out = dilated_attention(q, k, v, Geometry(side, side, 0, 0), dilations, kernel)
     torch.testing.assert_close(out, _reference_dilated(q, k, v, side, side, dilations, kernel), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("strategy", STRATEGIES)
 @pytest.mark.parametrize("dilations,side,kernel", [((1, 2, 1), 5, 3), ((2, 1, 2), 4, 3), ((3, 1), 2, 3), ((2, 3), 3, 5)])
-def test_dilated_attention_gradients_match_reference(dilations, side, kernel, strategy):
-    # The shift form's backward is hand-written. Maps of 2-3 tokens a side put whole offsets outside the map.
+def test_dilated_attention_gradients_match_reference(dilations, side, kernel):
+    # The backward is hand-written. Maps of 2-3 tokens a side put whole offsets outside the map.
     torch.manual_seed(0)
     shape = (2, len(dilations), side * side, 3)
     q, k, v = (torch.randn(shape, dtype=torch.float64, requires_grad=True) for _ in range(3))
     grad_out = torch.randn(shape, dtype=torch.float64)
-    out = dilated_attention(q, k, v, Geometry(side, side, 0, 0), dilations, kernel, strategy)
+    out = dilated_attention(q, k, v, Geometry(side, side, 0, 0), dilations, kernel)
     expected = _reference_dilated(q, k, v, side, side, dilations, kernel)
     torch.testing.assert_close(out, expected)
     grads = torch.autograd.grad(out, (q, k, v), grad_out)
@@ -306,42 +301,29 @@ def test_dilated_attention_gradients_match_reference(dilations, side, kernel, st
         torch.testing.assert_close(got, want)
 
 
-@pytest.mark.parametrize("strategy", STRATEGIES)
 @pytest.mark.parametrize("dilations", [(1, 2, 3), (2, 1, 2)])
-def test_dilated_attention_keeps_padding_out_of_the_softmax(dilations, strategy):
+def test_dilated_attention_keeps_padding_out_of_the_softmax(dilations):
     # All values 1: any convex combination of real keys is exactly 1. The official code lets zero-padded
     # keys (value 0) into the softmax, which would give 4/9 at a corner with q = 0.
     heads, side = len(dilations), 5
     geo = Geometry(side, side, 0, 0)
     v = torch.ones(1, heads, side * side, 8)
     for q in (torch.zeros(1, heads, side * side, 8), torch.randn(1, heads, side * side, 8)):
-        out = dilated_attention(q, torch.randn_like(q), v, geo, dilations, 3, strategy)
+        out = dilated_attention(q, torch.randn_like(q), v, geo, dilations, 3)
         torch.testing.assert_close(out, torch.ones_like(out))
 
 
-def test_dilated_attention_picks_dense_on_small_maps_only(monkeypatch):
-    # auto: the masked SDPA up to 16 k*k tokens, the shifted products beyond, whatever the map
-    calls = []
-    monkeypatch.setattr(nasloc.models.dilated, "neighbourhood_mask",
-                        lambda *a: calls.append(a[:2]) or torch.zeros(1, 1, a[0] * a[1], a[0] * a[1]))
-    for side in (4, 12, 13, 20):
-        q = torch.randn(1, 1, side * side, 4)
-        dilated_attention(q, q, q, Geometry(side, side, 0, 0), (1,), 3)
-    assert calls == [(4, 4), (12, 12)]
-
-
-@pytest.mark.parametrize("strategy", STRATEGIES)
-def test_dilated_attention_is_local(strategy):
+def test_dilated_attention_is_local():
     # changing a key outside a query's neighbourhood must not change that query's output
     torch.manual_seed(0)
     side, geo = 8, Geometry(8, 8, 0, 0)
     q, k, v = (torch.randn(1, 1, side * side, 4) for _ in range(3))
-    out = dilated_attention(q, k, v, geo, (2,), 3, strategy)
+    out = dilated_attention(q, k, v, geo, (2,), 3)
     k2, v2 = k.clone(), v.clone()
     far = 7 * side + 7  # (7, 7); query (0, 0) at rate 2 sees rows/cols {0, 2}
     k2[:, :, far] += 10
     v2[:, :, far] += 10
-    out2 = dilated_attention(q, k2, v2, geo, (2,), 3, strategy)
+    out2 = dilated_attention(q, k2, v2, geo, (2,), 3)
     assert torch.equal(out[:, :, 0], out2[:, :, 0])
     assert not torch.equal(out[:, :, far], out2[:, :, far])
 

@@ -10,12 +10,6 @@ gathered (1 x d) @ (d x k*k) matmuls by far (``results/benchmarks.md``). Trainin
 hand-written backward (no double backward) that accumulates into in-map slices, instead of
 autograd's full-size zero gradient for every shifted view.
 
-On small maps (H*W <= 16 k*k, e.g. 8x8 at CIFAR scale) one fused SDPA over all keys, with the
-neighbourhoods as an additive mask, is faster than the k*k shifted products although it multiplies every
-key (2.0-2.3x in training at 8x8 on one CPU thread, break-even near 14x14: ``bench/bench_dilated.py``).
-Both forms give the same output. MACs stay those of the neighbourhoods, as published and as
-``nasloc.flops`` counts them: fvcore's trace runs the shift form, which computes exactly those.
-
 Border handling differs from the official code on purpose: there, zero-padded keys outside the
 map enter the softmax with logit 0 and value 0 (a corner query at rate 2 gets 4/9 of its mass
 from padding); here padded keys are masked out of the softmax.
@@ -25,15 +19,12 @@ downsampling in :mod:`.downsample`, the conditional position encoding in :mod:`.
 """
 from __future__ import annotations
 
-from functools import lru_cache
-from typing import Literal
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from .layout import Geometry, attend
+from .layout import Geometry
 
 
 Heads = slice | list[int]  # the heads of one rate: a slice (a view) when they are adjacent
@@ -179,44 +170,10 @@ class _DilatedAttention(torch.autograd.Function):
         return *(g.flatten(2, 3) for g in grads), None, None, None
 
 
-# dense pays H*W keys per query for the k*k it needs; below this ratio its fused kernel still wins
-DENSE_MAX_KEYS_RATIO = 16
-Strategy = Literal["auto", "shift", "dense"]
-
-
-def dilated_attention(
-    q: Tensor, k: Tensor, v: Tensor, geo: Geometry, dilations: tuple[int, ...], kernel: int, strategy: Strategy = "auto"
-) -> Tensor:
-    """q, k, v: (B, heads, H*W, d) image tokens; ``dilations`` has one rate per head.
-
-    ``strategy``: ``shift`` (shifted products), ``dense`` (masked SDPA) or ``auto`` (dense on small maps,
-    shift otherwise and always under a jit trace, so that fvcore counts the neighbourhoods' MACs).
-    """
-    if strategy == "auto":
-        small = geo.height * geo.width <= DENSE_MAX_KEYS_RATIO * kernel * kernel
-        strategy = "dense" if small and not torch.jit.is_tracing() else "shift"
-    if strategy == "dense":
-        return attend(q, k, v, attn_mask=neighbourhood_mask(geo.height, geo.width, dilations, kernel, q.device, q.dtype))
+def dilated_attention(q: Tensor, k: Tensor, v: Tensor, geo: Geometry, dilations: tuple[int, ...], kernel: int) -> Tensor:
+    """q, k, v: (B, heads, H*W, d) image tokens; ``dilations`` has one rate per head."""
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         return _DilatedAttention.apply(q, k, v, geo, dilations, kernel)
     # No gradient (inference, and fvcore's trace, which would see the Function as one opaque op):
     # the same forward, plain, keeping nothing for a backward.
     return _forward(q, k, v, geo, dilations, kernel)[0]
-
-
-@lru_cache(maxsize=64)
-def neighbourhood_mask(
-    height: int, width: int, dilations: tuple[int, ...], kernel: int, device: torch.device, dtype: torch.dtype
-) -> Tensor:
-    """(1, heads, H*W, H*W) additive mask: 0 where the key is in the query's dilated neighbourhood, -inf
-    elsewhere (an additive float mask: SDPA's fused CPU kernel is faster with it than with a bool one)."""
-    rows, cols = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
-    dy = rows.flatten()[None, :] - rows.flatten()[:, None]  # key row - query row, (queries, keys)
-    dx = cols.flatten()[None, :] - cols.flatten()[:, None]
-    reach = kernel // 2
-    inside = torch.stack([
-        (dy % rate == 0) & (dx % rate == 0) & (dy.abs() <= reach * rate) & (dx.abs() <= reach * rate)
-        for rate in dilations
-    ])
-    mask = torch.zeros(inside.shape, dtype=dtype).masked_fill_(~inside, float("-inf"))
-    return mask.unsqueeze(0).to(device)
