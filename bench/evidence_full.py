@@ -251,16 +251,19 @@ class Protocol:
 
     def _execute_once(self, key: str, command: list[str], product: Path, costs: Path) -> tuple[float | None, float | None]:
         """Run the command unless its product exists from an earlier run (then the costs it wrote are returned):
-        a unit whose command finished but whose recording failed is not run again. An interrupted command's
-        time is lost: the costs are those of the attempt that finished."""
+        a unit whose command finished but whose recording failed is not run again. ``costs`` holds the time
+        spent so far, rewritten every minute while the command runs, so that a unit resumed after an
+        interruption counts its earlier attempts too (each to within a minute)."""
         if not product.exists():
-            wall, cpu = self._execute(key, command)
-            costs.write_text(json.dumps(dict(wall_s=wall, cpu_s=cpu)))
+            earlier = json.loads(costs.read_text()) if costs.exists() else dict(wall_s=0.0, cpu_s=0.0)
+            self._execute(key, command, lambda wall, cpu: _write_json(
+                costs, dict(wall_s=earlier["wall_s"] + wall, cpu_s=earlier["cpu_s"] + cpu)))
         recorded = json.loads(costs.read_text()) if costs.exists() else dict(wall_s=None, cpu_s=None)
         return recorded["wall_s"], recorded["cpu_s"]
 
-    def _execute(self, key: str, command: list[str]) -> tuple[float, float]:
-        """Run one command to its end (its log beside the record); (wall seconds, CPU seconds of it and its children)."""
+    def _execute(self, key: str, command: list[str], spent: Callable[[float, float], None]) -> None:
+        """Run one command to its end (its log beside the record), telling ``spent`` its wall seconds and the CPU
+        seconds of it and its children every minute and when it ends (killed or not)."""
         env = dict(os.environ, OMP_NUM_THREADS=str(self.args.threads), MKL_NUM_THREADS=str(self.args.threads),
                    PYTHONUNBUFFERED="1")
         log = Path(self.args.out) / "logs" / (key.replace("/", "-") + ".log")
@@ -269,17 +272,50 @@ class Protocol:
         with open(log, "a") as out:
             child = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
             self.children.add(child)
-            _, status, usage = os.wait4(child.pid, 0)
+            while True:
+                pid, status, usage = os.wait4(child.pid, os.WNOHANG)
+                if pid:
+                    break
+                spent(time.time() - started, _cpu_seconds(child.pid))
+                time.sleep(min(60.0, 1.0 + time.time() - started))  # short commands are not held up a minute
             self.children.discard(child)
             child.returncode = os.waitstatus_to_exitcode(status)
+        spent(time.time() - started, usage.ru_utime + usage.ru_stime)  # a killed attempt's time counts too
         if child.returncode != 0:
             raise RuntimeError(f"{key}: exit {child.returncode} (log: {log})")
-        return time.time() - started, usage.ru_utime + usage.ru_stime
 
     def stop(self) -> None:
         self.stopping.set()
         for child in list(self.children):
             child.send_signal(signal.SIGTERM)
+
+
+def _cpu_seconds(pid: int) -> float:
+    """CPU seconds of a running process, its reaped children and its live children (Linux /proc; 0 elsewhere)."""
+    tick = os.sysconf("SC_CLK_TCK")
+
+    def own(p: int, reaped: bool) -> float:
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # gone, or no /proc
+            return 0.0
+        utime, stime, cutime, cstime = (int(f) for f in fields[11:15])
+        return (utime + stime + (cutime + cstime if reaped else 0)) / tick
+
+    try:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        children = []
+    return own(pid, True) + sum(own(int(c), True) for c in children)
+
+
+def _write_json(path: Path, value: dict) -> None:
+    """Atomically; nothing until the command has made its folder (nasloc train refuses a folder it did not make)."""
+    if not path.parent.is_dir():
+        return
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(value))
+    tmp.rename(path)
 
 
 def _export_fp16(export: Path, target: Path) -> Path:

@@ -39,6 +39,11 @@ def spread(values: list[float]) -> float:
     return (max(values) - min(values)) / 2 if len(values) > 1 else float("nan")
 
 
+def fully_timed(run: dict) -> bool:
+    """Whether a unit's wall and CPU seconds cover all its attempts (``timing_partial`` says why not)."""
+    return bool(run.get("wall_s")) and not run.get("timing_partial")
+
+
 def _shown_spread(values: list[float]) -> str:
     return f"{spread(values):.2f}" if len(values) > 1 else "(1 seed)"
 
@@ -51,8 +56,8 @@ def design_table(rec: dict, budget: str) -> list[str]:
             lines.append(f"| {name} | pending | | | | | |")
             continue
         top1 = [r["top1"] for r in runs]
-        minutes = [r["wall_s"] / 60 for r in runs if r.get("wall_s")]
-        shown_minutes = f"{statistics.mean(minutes):.1f}" if minutes else "n/a"
+        minutes = [r["wall_s"] / 60 for r in runs if fully_timed(r)]
+        shown_minutes = f"{statistics.mean(minutes):.1f}" if minutes else "n/a (timing partial)"
         lines.append(f"| {name} | {', '.join(f'{t:.2f}' for t in top1)} | {statistics.mean(top1):.2f} | "
                      f"{_shown_spread(top1)} | {runs[0]['macs'] / 1e6:.1f} | {runs[0]['params'] / 1e6:.3f} | "
                      f"{shown_minutes} |")
@@ -62,18 +67,20 @@ def design_table(rec: dict, budget: str) -> list[str]:
 def costs(rec: dict, budget: str) -> list[str]:
     lines = []
     seed_trainings = [trainings(rec, budget)[d] for d in DESIGNS]
-    once = [runs[0] for runs in seed_trainings if runs and runs[0].get("wall_s")]
+    once = [next(r for r in runs if fully_timed(r)) for runs in seed_trainings if any(map(fully_timed, runs))]
     if once:
         lines.append(f"Training every seed design once (the user's alternative): {sum(r['wall_s'] for r in once) / 3600:.2f} h "
-                     f"wall, {sum(r['cpu_s'] for r in once) / 3600:.2f} CPU-hours ({len(once)} of {len(DESIGNS)} designs recorded).")
+                     f"wall, {sum(r['cpu_s'] for r in once) / 3600:.2f} CPU-hours ({len(once)} of {len(DESIGNS)} designs "
+                     "with a fully timed training).")
     for sampler in SAMPLERS:
         search = rec.get(f"{budget}/search/{sampler}")
         if not search:
             lines.append(f"nasloc {sampler}: search pending.")
             continue
         pick = search["pick"]
-        lines.append(f"nasloc {sampler}: supernet + search + selection {search['wall_s'] / 3600:.2f} h wall, "
-                     f"{search['cpu_s'] / 3600:.2f} CPU-hours ({search['supernet_epochs']} supernet epochs, "
+        at_least = "" if fully_timed(search) else "at least "  # an attempt before the last was not timed
+        lines.append(f"nasloc {sampler}: supernet + search + selection {at_least}{search['wall_s'] / 3600:.2f} h wall, "
+                     f"{at_least}{search['cpu_s'] / 3600:.2f} CPU-hours ({search['supernet_epochs']} supernet epochs, "
                      f"{search['trials']} trials, selection of {len(search['candidates'])} candidates up to "
                      f"{search['select_epochs']} epochs); pick: {pick['source']} (search trial {pick['search_trial']}, "
                      f"{pick['macs'] / 1e6:.1f} MMACs).")
