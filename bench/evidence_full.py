@@ -217,12 +217,12 @@ class Protocol:
                    "--label-smoothing", "0.1", "--mixup", "0", "--cutmix", "0", "--randaugment", "",
                    "--drop-path", "0", "--grad-clip", "5", "--ema-decay", "0", "--workers", str(a.loader_workers),
                    "--device", a.device, "--out", str(out)]
-        wall, cpu = self._execute_once(key, command, out / "export" / "config.json", out / "costs.json")
+        timing = self._execute_once(key, command, out / "export" / "config.json", out / "costs.json")
         config = json.loads((out / "export" / "config.json").read_text())
         info = config["nasloc"]  # macs and params by the analytic counter (equal to fvcore's)
         result = dict(model=str(model), seed=seed, epochs=a.epochs, top1=info["val_top1"], macs=info["macs"],
                       params=info["params"],
-                      wall_s=wall, cpu_s=cpu, device=a.device, command=_shown(command))
+                      **timing, device=a.device, command=_shown(command))
         if export_as and seed == 0 and key.startswith(f"{self.budgets[0]}/"):
             result["export"] = os.path.relpath(_export_fp16(out / "export", Path(a.exports) / export_as), ROOT)
         return result
@@ -237,7 +237,7 @@ class Protocol:
                    "--batch-size", str(a.search_batch_size), "--retrain-top-k", "0", "--device", a.device, "--seed", "0", "--run-name", name,
                    "--results-dir", str(self.work / "runs")]
         run_dir = self.work / "runs" / name
-        wall, cpu = self._execute_once(key, command, run_dir / "selection.csv", run_dir / "costs.json")
+        timing = self._execute_once(key, command, run_dir / "selection.csv", run_dir / "costs.json")
         trials = {int(r["number"]): r for r in _csv(run_dir / "trials.csv")}
         candidates = [dict(source=r["source"], search_trial=int(r["search_trial"]), rank=int(r["rank"]),
                            state=r["state"], macs=float(r["macs"]), params=int(float(r["params"])),
@@ -245,21 +245,28 @@ class Protocol:
                            arch=json.loads(trials[int(r["search_trial"])]["arch_json"]),
                            scores={k: float(v) for k, v in r.items() if k.startswith("top1@") and v})
                       for r in _csv(run_dir / "selection.csv")]
-        return dict(run_dir=str(run_dir), pick=candidates[0], candidates=candidates, wall_s=wall, cpu_s=cpu,
+        return dict(run_dir=str(run_dir), pick=candidates[0], candidates=candidates, **timing,
                     trials=a.trials, supernet_epochs=a.supernet_epochs, select_top_k=a.select_top_k,
                     select_epochs=a.select_epochs, device=a.device, command=_shown(command))
 
-    def _execute_once(self, key: str, command: list[str], product: Path, costs: Path) -> tuple[float | None, float | None]:
-        """Run the command unless its product exists from an earlier run (then the costs it wrote are returned):
-        a unit whose command finished but whose recording failed is not run again. ``costs`` holds the time
-        spent so far, rewritten every minute while the command runs, so that a unit resumed after an
-        interruption counts its earlier attempts too (each to within a minute)."""
+    def _execute_once(self, key: str, command: list[str], product: Path, costs: Path) -> dict:
+        """Run the command unless its product exists from an earlier run; returns its ``wall_s`` and ``cpu_s``.
+
+        A unit whose command finished but whose recording failed is not run again. ``costs`` holds the time
+        spent so far, rewritten every minute while the command runs and when it ends, so that a unit resumed
+        after an interruption counts its earlier attempts too. A unit that had begun before units were timed
+        so (its folder there, no ``costs``) gets ``timing_partial``: the report leaves it out of the costs.
+        """
         if not product.exists():
-            earlier = json.loads(costs.read_text()) if costs.exists() else dict(wall_s=0.0, cpu_s=0.0)
+            if costs.exists():
+                earlier = json.loads(costs.read_text())
+            else:
+                earlier = dict(wall_s=0.0, cpu_s=0.0)
+                if costs.parent.is_dir() and any(costs.parent.iterdir()):
+                    earlier["timing_partial"] = "an attempt before the last was not timed (it began before units were)"
             self._execute(key, command, lambda wall, cpu: _write_json(
-                costs, dict(wall_s=earlier["wall_s"] + wall, cpu_s=earlier["cpu_s"] + cpu)))
-        recorded = json.loads(costs.read_text()) if costs.exists() else dict(wall_s=None, cpu_s=None)
-        return recorded["wall_s"], recorded["cpu_s"]
+                costs, {**earlier, "wall_s": earlier["wall_s"] + wall, "cpu_s": earlier["cpu_s"] + cpu}))
+        return json.loads(costs.read_text()) if costs.exists() else dict(wall_s=None, cpu_s=None)
 
     def _execute(self, key: str, command: list[str], spent: Callable[[float, float], None]) -> None:
         """Run one command to its end (its log beside the record), telling ``spent`` its wall seconds and the CPU
