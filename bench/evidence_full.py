@@ -393,14 +393,24 @@ def main(argv: list[str] | None = None) -> None:
         w.start()
         time.sleep(1)  # claims are taken in order
     deadline = time.time() + args.minutes * 60 if args.minutes else float("inf")
-    while any(w.is_alive() for w in workers) and time.time() < deadline:
-        time.sleep(2)
+    signal.signal(signal.SIGTERM, _interrupt)  # a killed study must not leave its commands running on their own
+    try:
+        while any(w.is_alive() for w in workers) and time.time() < deadline:
+            time.sleep(2)
+        reason = f"after {args.minutes} min"
+    except KeyboardInterrupt:
+        reason = "on a signal"
     if any(w.is_alive() for w in workers):
-        log(f"stopping after {args.minutes} min: running units are killed and stay unrecorded")
+        log(f"stopping {reason}: running units are killed and stay unrecorded (their time so far is kept)")
         protocol.stop()
         for w in workers:
             w.join(timeout=60)
     log("done")
+
+
+def _interrupt(signum: int, frame) -> None:
+    signal.signal(signum, signal.SIG_IGN)  # once: a second signal must not cut the stopping short
+    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":
