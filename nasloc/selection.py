@@ -225,6 +225,8 @@ def alive_candidates(study: optuna.Study) -> list[FrozenTrial]:
 def _close_rung(study: optuna.Study, epochs: int, rungs: list[int]) -> None:
     """After every alive candidate has reported ``epochs``: prune the worse ones, or complete the last rung."""
     for frozen in alive_candidates(study):
+        if frozen.last_step != epochs:  # went on past this rung in an earlier attempt: its next rung, still
+            continue  # being reported, is judged when that one is complete (the pruner judges the last step)
         if epochs == rungs[-1]:
             study.tell(frozen.number, frozen.intermediate_values[epochs])
         elif optuna.trial.Trial(study, frozen._trial_id).should_prune():

@@ -109,6 +109,35 @@ def test_a_rerun_resumes_without_training_a_reported_rung_again(space, tmp_path)
         run_selection(cands, trainer, storage, max_epochs=4, say=lambda m: None)
 
 
+def test_a_rerun_in_the_middle_of_a_rung_judges_it_only_when_it_is_complete(space, tmp_path):
+    # Interrupted after 2 of the 4 survivors of rung 1 reported rung 2 (the two best): the rerun must not judge
+    # rung 2 on those two alone (keeping 1 of 2), but on all four once the other two have reported (keeping 2).
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    cands = [Candidate(f"c{i}", a, i) for i, a in enumerate(archs(space, 8))]
+    quality = {f"c{i}": q for i, q in enumerate([8, 1, 7, 3, 5, 2, 6, 4])}  # survivors c0, c2, c4, c6
+
+    class Crash(Exception):
+        pass
+
+    trained_at_2 = []
+
+    def crashing(number, candidate, epochs):
+        if epochs == 2:
+            if len(trained_at_2) == 2:
+                raise Crash
+            trained_at_2.append(candidate.source)
+        return Trainer(quality)(number, candidate, epochs)
+
+    with pytest.raises(Crash):
+        run_selection(cands, crashing, storage, max_epochs=4, say=lambda m: None)
+    assert trained_at_2 == ["c0", "c2"]
+    trainer = Trainer(quality)
+    result = run_selection(cands, trainer, storage, max_epochs=4, say=lambda m: None)
+    assert trainer.calls == [("c4", 2), ("c6", 2), ("c0", 4), ("c2", 4)]
+    complete = [t.user_attrs["source"] for t in result.study.get_trials() if t.state == TrialState.COMPLETE]
+    assert sorted(complete) == ["c0", "c2"]  # as without the interruption
+
+
 def test_search_candidates_cover_the_upper_budget_and_add_the_seed_designs(space):
     from nasloc.flops import count
 
