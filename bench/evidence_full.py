@@ -36,6 +36,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Callable
 
@@ -165,12 +166,33 @@ class Protocol:
     def _pick(self, budget: str, sampler: str, seed: int) -> Unit:
         key = f"{budget}/pick/{sampler}/s{seed}"
         search_key = f"{budget}/search/{sampler}"
+        search = self._searched(budget, sampler)
+        design = search and self._seed_design_picked(budget, search["pick"])
+        if design:  # the selection picked a seed design: the same command as that design's training, not rerun
+            same = f"{budget}/seed/{design}/s{seed}"
+            return Unit(key, (search_key, same), lambda: self._same_as(same, seed, export_as=f"nasloc_{sampler}"))
 
         def run() -> dict:
             pick = self.rec.get(search_key)["pick"]
             model = self._arch_file(f"{budget}/{sampler}-trial{pick['search_trial']}", pick["arch"])
             return self._train(key, model, seed, export_as=f"nasloc_{sampler}")
         return Unit(key, (search_key,), run)
+
+    def _seed_design_picked(self, budget: str, pick: dict) -> str | None:
+        """The design whose arch the pick is (a seed design can win the selection), else None."""
+        design = next((d for d, label in DESIGNS.items() if label == pick["source"]), None)
+        if design and json.loads(self._design_file(budget, design).read_text()) == pick["arch"]:
+            return design
+        return None
+
+    def _same_as(self, unit: str, seed: int, export_as: str) -> dict:
+        """A pick that is a seed design: that design's training (same arch, recipe and seed), marked as such."""
+        result = dict(self.rec.get(unit), same_as=unit)
+        result.pop("export", None)
+        if seed == 0:
+            design_export = self.work / unit / "export"
+            result["export"] = os.path.relpath(_export_fp16(design_export, Path(self.args.exports) / export_as), ROOT)
+        return result
 
     def _ranking(self, budget: str) -> list[Unit]:
         """Each selection candidate of the NSGA-II run that is not a seed design (those are trained anyway)."""
@@ -191,11 +213,7 @@ class Protocol:
     # ------------------------------------------------------------------------ what a unit runs
     def _design_file(self, budget: str, design: str) -> Path:
         """The seed design's arch as a JSON file (nasloc train --model takes it)."""
-        from nasloc.seeds import reference_archs
-        from nasloc.space import SearchSpace
-        space = SearchSpace.load("cifar").for_classes(10)
-        arch = reference_archs(space, float(budget[:-1]) * 1e9)[DESIGNS[design]]
-        return self._arch_file(f"{budget}/{design}", arch.to_dict())
+        return self._arch_file(f"{budget}/{design}", _design_arch(budget, design))
 
     def _arch_file(self, name: str, arch: dict) -> Path:
         """An arch as a JSON file for nasloc train --model (the record holds the archs, so a unit can run on
@@ -298,6 +316,15 @@ class Protocol:
         self.stopping.set()
         for child in list(self.children):
             child.send_signal(signal.SIGTERM)
+
+
+@lru_cache(maxsize=None)
+def _design_arch(budget: str, design: str) -> dict:
+    """A seed design's arch (nasloc.seeds.reference_archs: the largest of its mechanism within the budget)."""
+    from nasloc.seeds import reference_archs
+    from nasloc.space import SearchSpace
+    space = SearchSpace.load("cifar").for_classes(10)
+    return reference_archs(space, float(budget[:-1]) * 1e9)[DESIGNS[design]].to_dict()
 
 
 def _cpu_seconds(pid: int) -> float:

@@ -35,6 +35,11 @@ def trainings(rec: dict, budget: str) -> dict[str, list[dict]]:
     return out
 
 
+def seed_design_of(run: dict) -> str | None:
+    """The seed design a pick's training is (``same_as`` its unit), when the selection picked a seed design."""
+    return run["same_as"].split("/")[2] if run.get("same_as") else None
+
+
 def spread(values: list[float]) -> float:
     return (max(values) - min(values)) / 2 if len(values) > 1 else float("nan")
 
@@ -58,7 +63,8 @@ def design_table(rec: dict, budget: str) -> list[str]:
         top1 = [r["top1"] for r in runs]
         minutes = [r["wall_s"] / 60 for r in runs if fully_timed(r)]
         shown_minutes = f"{statistics.mean(minutes):.1f}" if minutes else "n/a (timing partial)"
-        lines.append(f"| {name} | {', '.join(f'{t:.2f}' for t in top1)} | {statistics.mean(top1):.2f} | "
+        shown = f"{name} (= {seed_design_of(runs[0])})" if seed_design_of(runs[0]) else name
+        lines.append(f"| {shown} | {', '.join(f'{t:.2f}' for t in top1)} | {statistics.mean(top1):.2f} | "
                      f"{_shown_spread(top1)} | {runs[0]['macs'] / 1e6:.1f} | {runs[0]['params'] / 1e6:.3f} | "
                      f"{shown_minutes} |")
     return lines
@@ -129,7 +135,9 @@ def targets(rec: dict, budget: str) -> list[str]:
         best = max(seeds, key=lambda d: statistics.mean(seeds[d]))
         margin = mean - statistics.mean(seeds[best])
         noise = max((spread(v) for v in seeds.values() if len(v) > 1), default=float("nan"))
-        lines.append(f"- {pick}: mean {mean:.2f} %, {margin:+.2f} points over the best seed design ({best}); "
+        itself = seed_design_of(runs[pick][0])
+        lines.append(f"- {pick}: mean {mean:.2f} %{f' (the seed design {itself} itself)' if itself else ''}, "
+                     f"{margin:+.2f} points over the best seed design ({best}); "
                      f"largest seed spread {noise:.2f}; beats every seed design by more than their spread: "
                      f"{'yes' if margin > noise else 'no'}; >= 75 %: {'yes' if mean >= 75 else 'no'}")
     return lines
