@@ -37,7 +37,7 @@ from .checkpoint import load_checkpoint, resume_checkpoint, save_checkpoint
 from .data import DataSplits
 from .loader import make_loader
 from .errors import NaslocError, TrainingDiverged
-from .space import SearchSpace
+from .space import FREE, SearchSpace
 from .space_files import SpaceError
 from .supernet import Supernet
 from .train import amp_dtype, resolve_device, setup_distributed
@@ -88,19 +88,25 @@ class SandwichSampler:
     NASViT). Uniform archs of the whole band would follow the space's density instead (in the cifar space at
     0.03 GMACs: half of them in the band's top quarter, 4 % in its lowest). Parts that the space cannot
     reach are left out (none left: the whole band); a draw that misses its part takes an arch of the whole band.
+
+    In a space that searches the stem, the largest and smallest archs are those of one stem per step, drawn in
+    turn (:attr:`extremes` holds each stem's pair). The stem changes what every shared block sees, and the
+    extremes are the most trained subnets (the largest also teaches the others): left to MACs alone both would
+    always take the cheap patch stem, and a supernet trained so rated conv-stem archs 2-4 points below their
+    patch-stem twins while short trainings from scratch ranked them first (results/evidence_full/README.md).
     """
 
     def __init__(self, supernet: Supernet, band: Band, random_subnets: int, sub_bands: int = SupernetConfig.sub_bands):
         space = supernet.space
         self.space, self.band, self.random_subnets = space, band, random_subnets
-        self.largest = space.extreme(largest=True, lo=band.lo, hi=band.hi)
-        self.smallest = space.extreme(largest=False, lo=band.lo, hi=band.hi)
+        self.extremes = _extremes_per_stem(space, band)
         parts = [part for part in band.split(sub_bands) if _reachable(space, part)] if sub_bands > 1 else []
         self.parts = parts or [band]
 
     def step(self, rng: random.Random) -> list[Arch]:
+        largest, smallest = rng.choice(self.extremes) if len(self.extremes) > 1 else self.extremes[0]
         randoms = [self._random(rng) for _ in range(self.random_subnets)]
-        return [self.largest, self.smallest, *randoms]
+        return [largest, smallest, *randoms]
 
     def _random(self, rng: random.Random) -> Arch:
         # One part draws nothing for its choice: sub_bands=1 gives the same archs as sampling the whole band.
@@ -109,6 +115,21 @@ class SandwichSampler:
             return self.space.sample_in_band(rng, part.lo, part.hi)
         except SpaceError:
             return self.space.sample_in_band(rng, self.band.lo, self.band.hi)
+
+
+def _extremes_per_stem(space: SearchSpace, band: Band) -> list[tuple[Arch, Arch]]:
+    """(largest, smallest) arch of the band for each stem the space searches that can reach the band (one pair
+    for a space that does not search the stem)."""
+    pairs = []
+    for stem in space.stem or (None,):
+        fixed = None if stem is None else (lambda name, options, stem=stem: stem if name == "stem" else FREE)
+        try:
+            pairs.append(tuple(space.extreme(largest, lo=band.lo, hi=band.hi, fixed=fixed) for largest in (True, False)))
+        except SpaceError:  # this stem has no arch in the band
+            continue
+    if not pairs:
+        raise SpaceError(f"{space.source}: no arch found with MACs in [{band.lo:.4g}, {band.hi:.4g}]")
+    return pairs
 
 
 def _reachable(space: SearchSpace, band: Band) -> bool:

@@ -97,7 +97,8 @@ def straight(few_digits, tmp_path_factory):
 # ---------------------------------------------------------------------------------------------- sampler
 def test_sandwich_sampler_gives_largest_smallest_and_random_archs_inside_the_band():
     sampler = SandwichSampler(Supernet(SearchSpace.load(SPACE)), BAND, random_subnets=3)
-    largest, smallest = count(sampler.largest).macs, count(sampler.smallest).macs
+    (largest_arch, smallest_arch), = sampler.extremes  # one stem in this space: one pair
+    largest, smallest = count(largest_arch).macs, count(smallest_arch).macs
     width = BAND.hi - BAND.lo
     assert BAND.hi - 0.05 * width <= largest <= BAND.hi  # at the edges of the band, not merely inside it
     assert BAND.lo <= smallest <= BAND.lo + 0.05 * width
@@ -105,7 +106,7 @@ def test_sandwich_sampler_gives_largest_smallest_and_random_archs_inside_the_ban
     randoms = []
     for _ in range(8):
         archs = sampler.step(rng)
-        assert len(archs) == 5 and archs[0] == sampler.largest and archs[1] == sampler.smallest
+        assert len(archs) == 5 and archs[0] == largest_arch and archs[1] == smallest_arch
         randoms += archs[2:]
     macs = [count(a).macs for a in randoms]
     assert all(BAND.lo <= m <= BAND.hi for m in macs), macs
@@ -114,6 +115,22 @@ def test_sandwich_sampler_gives_largest_smallest_and_random_archs_inside_the_ban
     # The same seed gives the same archs: every DDP rank trains the same subnets at every step.
     again = random.Random(0)
     assert [a for _ in range(8) for a in sampler.step(again)[2:]] == randoms
+
+
+def test_each_searched_stem_gets_its_own_largest_and_smallest_arch_in_turn():
+    # By MACs alone the extremes would always take the cheaper patch stem, and the shared blocks would be
+    # trained mostly on its features (the conv stem only in random subnets, never as the teacher).
+    space = SearchSpace.load("tiny_columnar")
+    band = Band(1.5e5, 4e5)
+    sampler = SandwichSampler(Supernet(space), band, random_subnets=1)
+    assert [(large.stem, small.stem) for large, small in sampler.extremes] == [("patch", "patch"), ("conv", "conv")]
+    for large, small in sampler.extremes:  # each stem's own extremes, inside the band
+        assert band.lo <= count(small).macs < count(large).macs <= band.hi
+        assert count(large).macs >= band.hi - 0.1 * (band.hi - band.lo)
+    rng = random.Random(0)
+    firsts = [sampler.step(rng)[:2] for _ in range(40)]
+    assert all(tuple(pair) in sampler.extremes for pair in firsts)
+    assert 10 <= sum(large.stem == "conv" for large, _ in firsts) <= 30
 
 
 def test_random_archs_spread_evenly_over_the_macs_band():
