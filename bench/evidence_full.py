@@ -42,6 +42,7 @@ from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from evidence_cifar import ROOT, Record, log  # noqa: E402  (claims and the merged JSON record)
+from nasloc.fileio import write_atomic  # noqa: E402
 
 DESIGNS = {  # export folder name -> nasloc.seeds.MECHANISMS key
     "plain": "plain ViT", "dw_shortcut": "DW shortcut", "localvit": "LocalViT FFN", "life": "LIFE",
@@ -181,7 +182,7 @@ class Protocol:
     def _seed_design_picked(self, budget: str, pick: dict) -> str | None:
         """The design whose arch the pick is (a seed design can win the selection), else None."""
         design = next((d for d, label in DESIGNS.items() if label == pick["source"]), None)
-        if design and json.loads(self._design_file(budget, design).read_text()) == pick["arch"]:
+        if design and json.loads(json.dumps(_design_arch(budget, design))) == pick["arch"]:  # as JSON, like the pick
             return design
         return None
 
@@ -220,10 +221,7 @@ class Protocol:
         another machine than its search)."""
         path = self.work / "archs" / f"{name}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(arch))
-        tmp.rename(path)
-        return path
+        return write_atomic(path, json.dumps(arch))
 
     def _train(self, key: str, model: str | Path, seed: int, export_as: str | None = None) -> dict:
         a = self.args
@@ -331,28 +329,24 @@ def _cpu_seconds(pid: int) -> float:
     """CPU seconds of a running process, its reaped children and its live children (Linux /proc; 0 elsewhere)."""
     tick = os.sysconf("SC_CLK_TCK")
 
-    def own(p: int, reaped: bool) -> float:
+    def own(p: int) -> float:  # its user and system time, and those of its children it has reaped
         try:
             fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
         except OSError:  # gone, or no /proc
             return 0.0
-        utime, stime, cutime, cstime = (int(f) for f in fields[11:15])
-        return (utime + stime + (cutime + cstime if reaped else 0)) / tick
+        return sum(int(f) for f in fields[11:15]) / tick
 
     try:
         children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
     except OSError:
         children = []
-    return own(pid, True) + sum(own(int(c), True) for c in children)
+    return own(pid) + sum(own(int(c)) for c in children)
 
 
 def _write_json(path: Path, value: dict) -> None:
     """Atomically; nothing until the command has made its folder (nasloc train refuses a folder it did not make)."""
-    if not path.parent.is_dir():
-        return
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(value))
-    tmp.rename(path)
+    if path.parent.is_dir():
+        write_atomic(path, json.dumps(value))
 
 
 def _export_fp16(export: Path, target: Path) -> Path:
