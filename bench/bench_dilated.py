@@ -1,20 +1,23 @@
-"""Dilated attention: forward + backward wall-clock of the shift-and-multiply implementation
-(``nasloc.models.dilated.dilated_attention``) vs the pre-change unfold baseline and vs global attention.
+"""Dilated attention: forward + backward wall-clock of nasloc's two implementations
+(``nasloc.models.dilated``: the fused CPU kernel and the eager shift and multiply) vs the first unfold
+implementation and vs global attention.
 
-Per shape, three implementations get the same q, k, v (B, heads, H*W, d), laid out as the model makes them
+Per shape, four implementations get the same q, k, v (B, heads, H*W, d), laid out as the model makes them
 (views of one (B, H*W, heads, d) tensor each) and the same output gradient:
 
-* ``new``: ``dilated_attention`` as it is now (kernel 3, one dilation rate per head);
-* ``old``: the pre-change baseline, copied below unchanged: neighbourhoods gathered with ``F.unfold``,
-  then a batched (1 x d) @ (d x k*k) matmul per position;
+* ``fused``: ``fused_dilated_attention``, the C++ kernel that ``dilated_attention`` takes on the CPU
+  (kernel 3, one dilation rate per head);
+* ``eager``: ``shift_multiply_attention``, what it takes elsewhere (CUDA, traces, exports);
+* ``unfold``: the first implementation, copied below unchanged: neighbourhoods gathered with
+  ``F.unfold``, then a batched (1 x d) @ (d x k*k) matmul per position;
 * ``SDPA``: global attention over all H*W tokens, ``F.scaled_dot_product_attention`` (more MACs: H*W keys
   per query instead of k*k, but one fused kernel).
 
-A step is forward + backward (into q, k, v). The implementations run interleaved (new, old, SDPA, then the
-next repeat in a rotated order) so that load from other jobs hits all alike; each time is the median over
-``--repeats`` steps after ``--warmup`` steps. Before timing, new and old are checked to agree: the largest
-absolute difference of the outputs and of the three input gradients is printed. Ratios are speed-ups
-(t_old / t_new, t_SDPA / t_new): above 1, the new implementation is faster.
+A step is forward + backward (into q, k, v). The implementations run interleaved (in a rotated order from
+one repeat to the next) so that load from other jobs hits all alike; each time is the median over
+``--repeats`` steps after ``--warmup`` steps. Before timing, fused, eager and unfold are checked to agree:
+the largest absolute difference of the outputs and of the three input gradients from the fused kernel's is
+printed. Ratios are speed-ups of the fused kernel (t_other / t_fused): above 1, it is faster.
 
     .venv/bin/python bench/bench_dilated.py
     .venv/bin/python bench/bench_dilated.py --repeats 5 --shapes cifar
@@ -33,7 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import nasloc
-from nasloc.models.dilated import dilated_attention
+from nasloc.models.dilated import fused_dilated_attention, shift_multiply_attention
 from nasloc.models.layout import Geometry
 
 KERNEL = 3
@@ -54,7 +57,7 @@ SHAPES = {
 }
 
 
-# ------------------------------------------------------- pre-change baseline (unfold), for reference only
+# ------------------------------------------------------- the first implementation (unfold), for reference only
 def _old_neighbourhoods(t: Tensor, geo: Geometry, kernel: int, rate: int) -> Tensor:
     """(B, g, H*W, d) -> (B, g, H*W, k*k, d): the dilated kxk neighbourhood of every position."""
     b, g, n, d = t.shape
@@ -79,8 +82,8 @@ def _old_dilated_group(q: Tensor, k: Tensor, v: Tensor, geo: Geometry, kernel: i
     return (logits.softmax(-1) @ values).squeeze(-2)
 
 
-def old_dilated_attention(q: Tensor, k: Tensor, v: Tensor, geo: Geometry, dilations: tuple[int, ...], kernel: int) -> Tensor:
-    """The pre-change ``nasloc.models.dilated.dilated_attention`` (unfold + batched matmul)."""
+def unfold_dilated_attention(q: Tensor, k: Tensor, v: Tensor, geo: Geometry, dilations: tuple[int, ...], kernel: int) -> Tensor:
+    """The first ``nasloc.models.dilated.dilated_attention`` (unfold + batched matmul)."""
     outputs, order = [], []
     for rate in sorted(set(dilations)):
         heads = [h for h, r in enumerate(dilations) if r == rate]
@@ -110,8 +113,9 @@ def parse_args() -> argparse.Namespace:
 def implementations(shape: Shape) -> dict[str, Attention]:
     geo = Geometry(shape.side, shape.side, 0, 0)
     return {
-        "new": lambda q, k, v: dilated_attention(q, k, v, geo, shape.rates, KERNEL),
-        "old": lambda q, k, v: old_dilated_attention(q, k, v, geo, shape.rates, KERNEL),
+        "fused": lambda q, k, v: fused_dilated_attention(q, k, v, geo, shape.rates, KERNEL),
+        "eager": lambda q, k, v: shift_multiply_attention(q, k, v, geo, shape.rates, KERNEL),
+        "unfold": lambda q, k, v: unfold_dilated_attention(q, k, v, geo, shape.rates, KERNEL),
         "SDPA": F.scaled_dot_product_attention,
     }
 
@@ -133,11 +137,14 @@ def step(attention: Attention, leaves: list[Tensor], grad_out: Tensor) -> tuple[
 
 
 def max_differences(impls: dict[str, Attention], leaves: list[Tensor], grad_out: Tensor) -> tuple[float, float]:
-    """Largest |new - old| of the output and of the q, k, v gradients."""
-    new_out, new_grads = step(impls["new"], leaves, grad_out)
-    old_out, old_grads = step(impls["old"], leaves, grad_out)
-    grads = max((a - b).abs().max().item() for a, b in zip(new_grads, old_grads))
-    return (new_out - old_out).abs().max().item(), grads
+    """Largest |fused - other| over eager and unfold, of the output and of the q, k, v gradients."""
+    fused_out, fused_grads = step(impls["fused"], leaves, grad_out)
+    diff_out = diff_grad = 0.0
+    for other in ("eager", "unfold"):
+        out, grads = step(impls[other], leaves, grad_out)
+        diff_out = max(diff_out, (fused_out - out).abs().max().item())
+        diff_grad = max(diff_grad, *((a - b).abs().max().item() for a, b in zip(fused_grads, grads)))
+    return diff_out, diff_grad
 
 
 def median_ms(impls: dict[str, Attention], leaves: list[Tensor], grad_out: Tensor, repeats: int, warmup: int) -> dict[str, float]:
@@ -166,9 +173,9 @@ def main() -> None:
         f"load average {os.getloadavg()[0]:.1f}, kernel {KERNEL}, median of {args.repeats} interleaved steps after "
         f"{args.warmup} warm-up; nasloc from {os.path.dirname(nasloc.__file__)}\n"
     )
-    print("| shape | B, heads, map, d, rates | MMACs dilated / global | old (ms) | new (ms) | SDPA (ms) "
-          "| t_old / t_new | t_SDPA / t_new | max abs diff out | max abs diff grad |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| shape | B, heads, map, d, rates | MMACs dilated / global | fused (ms) | eager (ms) | unfold (ms) | SDPA (ms) "
+          "| t_eager / t_fused | t_unfold / t_fused | t_SDPA / t_fused | max abs diff out | max abs diff grad |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for name in args.shapes:
         shape = SHAPES[name]
         impls = implementations(shape)
@@ -178,8 +185,9 @@ def main() -> None:
         config = f"{shape.batch}, {shape.heads}, {shape.side}x{shape.side}, {shape.head_dim}, {shape.rates}"
         print(
             f"| {name} | {config} | {macs(shape, KERNEL**2):.0f} / {macs(shape, shape.side**2):.0f} "
-            f"| {ms['old']:.1f} | {ms['new']:.1f} | {ms['SDPA']:.1f} "
-            f"| **{ms['old'] / ms['new']:.2f}x** | {ms['SDPA'] / ms['new']:.2f}x | {diff_out:.1e} | {diff_grad:.1e} |",
+            f"| {ms['fused']:.1f} | {ms['eager']:.1f} | {ms['unfold']:.1f} | {ms['SDPA']:.1f} "
+            f"| **{ms['eager'] / ms['fused']:.2f}x** | {ms['unfold'] / ms['fused']:.2f}x | {ms['SDPA'] / ms['fused']:.2f}x "
+            f"| {diff_out:.1e} | {diff_grad:.1e} |",
             flush=True,
         )
 

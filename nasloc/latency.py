@@ -34,6 +34,7 @@ from .arch import Arch
 from .errors import NaslocError
 from .fileio import write_atomic
 from .latency_parts import arch_parts, probe, space_parts
+from .models import native
 from .space import SearchSpace
 
 BACKENDS = ("torch", "onnxruntime")
@@ -147,10 +148,12 @@ def measure_archs_us(archs: list[Arch], target: Target, rounds: int = 3, togethe
 
 
 def _models_fingerprint() -> str:
-    """A hash of the code the parts run (nasloc/models and the probes): a table outlives no change to it."""
+    """A hash of the code the parts run (nasloc/models with its C++ kernels, and the probes), and of whether
+    those kernels are switched on: a table outlives no change to it."""
     package = Path(__file__).parent
-    digest = hashlib.sha1()
-    for path in sorted([*package.joinpath("models").glob("*.py"), package / "latency_parts.py"]):
+    models = package / "models"
+    digest = hashlib.sha1(str(native.enabled()).encode())
+    for path in sorted([*models.rglob("*.py"), *models.rglob("*.cpp"), package / "latency_parts.py"]):
         digest.update(path.read_bytes())
     return digest.hexdigest()[:10]
 

@@ -18,7 +18,7 @@ import nasloc
 from nasloc.arch import Arch, Block, Shortcut, Stage
 from nasloc.flops import count, fvcore_macs
 from nasloc.models import LocalityViT
-from nasloc.models.dilated import dilated_attention
+from nasloc.models.dilated import fused_dilated_attention, shift_multiply_attention
 from nasloc.models.layout import Geometry
 from nasloc.models.locality_vit import pretrained_cfg
 from nasloc.seeds import GENERIC, PRESETS
@@ -258,6 +258,12 @@ def test_life_rejects_dims_not_divisible_by_3():
 
 
 # ------------------------------------------------------------------------------ dilated attention
+# Both implementations against the same references: the fused CPU kernel and the eager shift and multiply.
+@pytest.fixture(params=["fused", "shift_multiply"])
+def dilated_attention(request):
+    return {"fused": fused_dilated_attention, "shift_multiply": shift_multiply_attention}[request.param]
+
+
 def _reference_dilated(q, k, v, height, width, dilations, kernel):
     """Per query, softmax over the in-map keys of its dilated kxk neighbourhood (loops; slow but obvious)."""
     b, heads, n, d = q.shape
@@ -278,7 +284,7 @@ def _reference_dilated(q, k, v, height, width, dilations, kernel):
 
 
 @pytest.mark.parametrize("dilations,kernel", [((1, 2, 1), 3), ((3, 1, 2, 1), 3), ((2, 2), 5)])
-def test_dilated_attention_matches_reference(dilations, kernel):
+def test_dilated_attention_matches_reference(dilated_attention, dilations, kernel):
     torch.manual_seed(0)
     heads, side = len(dilations), 6
     q, k, v = (torch.randn(2, heads, side * side, 4) for _ in range(3))
@@ -287,7 +293,7 @@ def test_dilated_attention_matches_reference(dilations, kernel):
 
 
 @pytest.mark.parametrize("dilations,side,kernel", [((1, 2, 1), 5, 3), ((2, 1, 2), 4, 3), ((3, 1), 2, 3), ((2, 3), 3, 5)])
-def test_dilated_attention_gradients_match_reference(dilations, side, kernel):
+def test_dilated_attention_gradients_match_reference(dilated_attention, dilations, side, kernel):
     # The backward is hand-written. Maps of 2-3 tokens a side put whole offsets outside the map.
     torch.manual_seed(0)
     shape = (2, len(dilations), side * side, 3)
@@ -302,7 +308,7 @@ def test_dilated_attention_gradients_match_reference(dilations, side, kernel):
 
 
 @pytest.mark.parametrize("dilations", [(1, 2, 3), (2, 1, 2)])
-def test_dilated_attention_keeps_padding_out_of_the_softmax(dilations):
+def test_dilated_attention_keeps_padding_out_of_the_softmax(dilated_attention, dilations):
     # All values 1: any convex combination of real keys is exactly 1. The official code lets zero-padded
     # keys (value 0) into the softmax, which would give 4/9 at a corner with q = 0.
     heads, side = len(dilations), 5
@@ -313,7 +319,7 @@ def test_dilated_attention_keeps_padding_out_of_the_softmax(dilations):
         torch.testing.assert_close(out, torch.ones_like(out))
 
 
-def test_dilated_attention_is_local():
+def test_dilated_attention_is_local(dilated_attention):
     # changing a key outside a query's neighbourhood must not change that query's output
     torch.manual_seed(0)
     side, geo = 8, Geometry(8, 8, 0, 0)

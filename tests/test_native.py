@@ -1,0 +1,77 @@
+"""The fused CPU kernel of dilated attention (``nasloc/models/csrc``): built here, equal to the eager form,
+used where it should be and nowhere else, and a failed build falls back with a warning (issue 19).
+
+``test_models.py`` checks both implementations against a reference written from the paper's formula.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from nasloc.models import native
+from nasloc.models.dilated import dilated_attention, fused_dilated_attention, shift_multiply_attention
+from nasloc.models.layout import Geometry, split_heads
+
+
+def test_the_kernel_builds_on_this_machine():
+    # the machine has a C++ compiler (gcc) and the ninja package: a failure here is a real build failure
+    assert native.load("dilated_attention") is not None
+
+
+def _model_layout(batch: int, heads: int, geo: Geometry, d: int, dtype: torch.dtype) -> list[torch.Tensor]:
+    """q, k, v as the model makes them: views of (B, aux + H*W, heads * d) after the auxiliary tokens."""
+    n = geo.n_aux + geo.height * geo.width
+    leaves = [torch.randn(batch, n, heads * d, dtype=dtype, requires_grad=True) for _ in range(3)]
+    return leaves, [split_heads(t[:, geo.n_aux :], heads) for t in leaves]
+
+
+@pytest.mark.parametrize(
+    "dilations,height,width,n_aux,kernel",
+    [((1, 2, 3), 8, 8, 0, 3), ((3, 1, 2, 1), 7, 5, 9, 3), ((2, 2), 6, 6, 1, 5), ((4, 1), 3, 3, 0, 3)],
+)
+def test_fused_equals_shift_multiply_in_float32(dilations, height, width, n_aux, kernel):
+    # issue 19: outputs within 1e-5 of the eager implementation; strided views, rates out of order, borders
+    torch.manual_seed(0)
+    geo = Geometry(height, width, 1 if n_aux else 0, max(0, n_aux - 1))
+    leaves, qkv = _model_layout(3, len(dilations), geo, 16, torch.float32)
+    grad_out = torch.randn(3, len(dilations), height * width, 16)
+    results = []
+    for attention in (fused_dilated_attention, shift_multiply_attention):
+        out = attention(*qkv, geo, dilations, kernel)
+        results.append((out, *torch.autograd.grad(out, leaves, grad_out)))
+        with torch.no_grad():
+            torch.testing.assert_close(attention(*qkv, geo, dilations, kernel), out, atol=0, rtol=0)
+    for fused, eager in zip(*results):
+        assert (fused - eager).abs().max().item() <= 1e-5
+
+
+def test_fused_gradients_pass_gradcheck():
+    torch.manual_seed(0)
+    geo = Geometry(4, 5, 0, 0)
+    q, k, v = (torch.randn(2, 3, 20, 4, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    assert torch.autograd.gradcheck(lambda q, k, v: fused_dilated_attention(q, k, v, geo, (1, 2, 3), 3), (q, k, v))
+
+
+def test_dilated_attention_takes_the_kernel_on_the_cpu_and_the_eager_form_when_disabled(monkeypatch):
+    geo = Geometry(4, 4, 0, 0)
+    q, k, v = (torch.randn(1, 2, 16, 8, requires_grad=True) for _ in range(3))
+    assert "Fused" in dilated_attention(q, k, v, geo, (1, 2), 3).grad_fn.name()
+    monkeypatch.setenv("NASLOC_NATIVE", "0")
+    assert "Fused" not in dilated_attention(q, k, v, geo, (1, 2), 3).grad_fn.name()
+
+
+def test_a_trace_sees_the_eager_ops():
+    # fvcore counts a jit trace: it must see shift and multiply (vecdot, addcmul_), not one opaque call;
+    # test_models checks that those counts equal the analytic MACs
+    geo = Geometry(4, 4, 0, 0)
+    q, k, v = (torch.randn(1, 2, 16, 8) for _ in range(3))
+    graph = str(torch.jit.trace(lambda q, k, v: dilated_attention(q, k, v, geo, (1, 2), 3), (q, k, v)).graph)
+    assert "aten::linalg_vecdot" in graph and "aten::addcmul_" in graph
+
+
+def test_a_failed_build_warns_once_and_falls_back(tmp_path, monkeypatch):
+    (tmp_path / "broken.cpp").write_text("this is not C++\n")
+    monkeypatch.setattr(native, "_SOURCES", tmp_path)
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "builds"))
+    with pytest.warns(UserWarning, match="could not be built"):
+        assert native.load.__wrapped__("broken") is None
