@@ -1,5 +1,6 @@
-"""The fused CPU kernel of dilated attention (``nasloc/models/csrc``): built here, equal to the eager form,
-used where it should be and nowhere else, and a failed build falls back with a warning (issue 19).
+"""The fused CPU kernels (``nasloc/models/csrc``): dilated attention and the weight gradient of depth-wise
+convs. Built here, equal to the eager forms, used where they should be and nowhere else, and a failed
+build falls back with a warning (issue 19).
 
 ``test_models.py`` checks both implementations against a reference written from the paper's formula.
 """
@@ -9,6 +10,7 @@ import pytest
 import torch
 
 from nasloc.models import native
+from nasloc.models.elastic import _channels_last_conv
 from nasloc.models.dilated import dilated_attention, fused_dilated_attention, shift_multiply_attention
 from nasloc.models.layout import Geometry, split_heads
 
@@ -75,3 +77,30 @@ def test_a_failed_build_warns_once_and_falls_back(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "builds"))
     with pytest.warns(UserWarning, match="could not be built"):
         assert native.load.__wrapped__("broken") is None
+
+
+# ------------------------------------------------------------------ depth-wise conv weight gradient
+@pytest.mark.parametrize("kernel,dilation,bias", [(5, 1, True), (7, 1, False), (5, 2, True), (3, 1, True)])
+def test_depthwise_conv_gradients_equal_onednn(kernel, dilation, bias, monkeypatch):
+    # kernels above 3x3 take the fused weight gradient; 3x3 stays oneDNN's (faster there)
+    torch.manual_seed(0)
+    x = torch.randn(4, 24, 7, 9, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(24, 1, kernel, kernel, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(24, dtype=torch.float64, requires_grad=True) if bias else None
+    leaves = [t for t in (x, weight, b) if t is not None]
+    grad = torch.randn(4, 24, 7, 9, dtype=torch.float64)
+    results = []
+    for switch in ("1", "0"):
+        monkeypatch.setenv("NASLOC_NATIVE", switch)
+        y = _channels_last_conv(x, weight, b, 1, dilation * (kernel // 2), dilation, 24)
+        assert ("Depthwise" in y.grad_fn.name()) == (switch == "1" and kernel > 3)
+        results.append((y, *torch.autograd.grad(y, leaves, grad)))
+    for fused, onednn in zip(*results):
+        torch.testing.assert_close(fused, onednn)
+
+
+def test_depthwise_conv_weight_gradient_passes_gradcheck():
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 6, 6, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(5, 1, 5, 5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, w: _channels_last_conv(x, w, None, 1, 2, 1, 5), (x, weight))

@@ -19,6 +19,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
+
+from . import native
 
 
 def grouped_slice(t: Tensor, sizes: tuple[tuple[int, int], ...]) -> Tensor:
@@ -182,10 +185,50 @@ def _channels_last_conv(
     and activations then run channels-last end to end (mixed layouts would slow the norms' backward), and
     a map turns into tokens as a view.
     """
-    y = F.conv2d(x.contiguous(memory_format=torch.channels_last), weight, bias, stride, padding, dilation, groups)
+    x = x.contiguous(memory_format=torch.channels_last)
+    if _DepthwiseConv.takes(x, weight, stride, padding, dilation, groups):
+        y = _DepthwiseConv.apply(x, weight, bias, padding, dilation)
+    else:
+        y = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
     if y.requires_grad:
-        y.register_hook(lambda grad: grad.contiguous(memory_format=torch.channels_last))
+        y.register_hook(lambda grad: None if grad is None else grad.contiguous(memory_format=torch.channels_last))
     return y
+
+
+class _DepthwiseConv(torch.autograd.Function):
+    """A depth-wise conv (stride 1, same padding) whose weight gradient comes from a fused CPU kernel.
+
+    For kernels above 3x3, oneDNN computes that gradient with its generic grouped kernel, 10-15x slower
+    than the forward (``csrc/depthwise_conv.cpp``); the forward and the input gradient stay oneDNN's.
+    """
+
+    @staticmethod
+    def takes(x: Tensor, weight: Tensor, stride, padding: int, dilation: int, groups: int) -> bool:
+        kernel = weight.shape[-1]
+        depthwise = groups == x.shape[1] == weight.shape[0]
+        same_size = stride in (1, (1, 1)) and padding == dilation * (kernel // 2)
+        return (kernel > 3 and depthwise and same_size and torch.is_grad_enabled() and weight.requires_grad
+                and native.usable(x, weight) and native.load("depthwise_conv") is not None)
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, padding: int, dilation: int) -> Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.padding, ctx.dilation, ctx.has_bias = padding, dilation, bias is not None
+        return F.conv2d(x, weight, bias, 1, padding, dilation, x.shape[1])
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
+        x, weight = ctx.saved_tensors
+        grad = grad.contiguous(memory_format=torch.channels_last)
+        pad, dil = [ctx.padding] * 2, [ctx.dilation] * 2
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.ops.aten.convolution_backward(
+                grad, x, weight, None, [1, 1], pad, dil, False, [0, 0], x.shape[1], [True, False, False])[0]
+        grad_w = native.load("depthwise_conv").weight_grad(grad, x, weight.shape[-1], ctx.padding, ctx.dilation)
+        grad_b = grad.sum((0, 2, 3)) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return grad_x, grad_w, grad_b, None, None
 
 
 class ElasticParameter(nn.Module):
