@@ -3,9 +3,9 @@
 :func:`dilated_attention` is sliding-window dilated attention (SWDA). Every image query attends to
 its kxk neighbourhood sampled with the dilation rate of its head. Two implementations, same outputs:
 
-* on the CPU, a fused C++ kernel (``csrc/dilated_attention.cpp``, compiled on first use by
-  :mod:`.native`): each query visits its neighbourhood once, 2.4-6.5x faster than the eager form
-  (forward + backward, ``bench/bench_dilated.py``);
+* on the CPU, the fused kernel of :mod:`.neighbourhood` (C++, compiled on first use): each query
+  visits its neighbourhood once, 2.7-5.3x faster than the eager form (forward + backward,
+  ``bench/bench_dilated.py``);
 * elsewhere (CUDA, fvcore's trace, ONNX export, or where the kernel cannot be built), shift and
   multiply in eager ops, below.
 
@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from . import native
+from . import neighbourhood
 from .layout import Geometry
 
 
@@ -178,44 +178,14 @@ class _DilatedAttention(torch.autograd.Function):
         return *(g.flatten(2, 3) for g in grads), None, None, None
 
 
-class _FusedDilatedAttention(torch.autograd.Function):
-    """The same attention by the fused CPU kernel of ``csrc/dilated_attention.cpp``."""
-
-    @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, geo: Geometry, dilations: tuple[int, ...], kernel: int) -> Tensor:
-        out, attn = _kernel().forward(q, k, v, geo.height, geo.width, list(dilations), kernel)
-        ctx.save_for_backward(q, k, v, attn)
-        ctx.geo, ctx.dilations, ctx.kernel = geo, dilations, kernel
-        return out
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, ...]:
-        geo = ctx.geo
-        grads = _kernel().backward(
-            _unit_stride(grad_out), *ctx.saved_tensors, geo.height, geo.width, list(ctx.dilations), ctx.kernel
-        )
-        return *grads, None, None, None
-
-
-def _kernel():
-    return native.load("dilated_attention")
-
-
-def _unit_stride(t: Tensor) -> Tensor:
-    return t if t.stride(-1) == 1 else t.contiguous()
-
-
 def _needs_grad(*tensors: Tensor) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
 def fused_dilated_attention(q: Tensor, k: Tensor, v: Tensor, geo: Geometry, dilations: tuple[int, ...], kernel: int) -> Tensor:
-    """:func:`dilated_attention` by the fused CPU kernel (which must be available: :func:`native.load`)."""
-    q, k, v = (_unit_stride(t) for t in (q, k, v))
-    if _needs_grad(q, k, v):
-        return _FusedDilatedAttention.apply(q, k, v, geo, dilations, kernel)
-    return _kernel().forward(q, k, v, geo.height, geo.width, list(dilations), kernel)[0]
+    """:func:`dilated_attention` by the fused CPU kernel (which must be available: :func:`neighbourhood.available`)."""
+    keys, head_table = neighbourhood.dilated_tables(geo.height, geo.width, kernel, tuple(dilations))
+    return neighbourhood.neighbourhood_attention(q, k, v, keys, head_table)
 
 
 def shift_multiply_attention(q: Tensor, k: Tensor, v: Tensor, geo: Geometry, dilations: tuple[int, ...], kernel: int) -> Tensor:
@@ -233,6 +203,6 @@ def dilated_attention(q: Tensor, k: Tensor, v: Tensor, geo: Geometry, dilations:
     The fused CPU kernel where it runs (CPU floats, eager mode, built); shift and multiply elsewhere (CUDA,
     fvcore's trace, ONNX export), with the same outputs.
     """
-    if native.usable(q, k, v) and _kernel() is not None:
+    if neighbourhood.available(q, k, v):
         return fused_dilated_attention(q, k, v, geo, dilations, kernel)
     return shift_multiply_attention(q, k, v, geo, dilations, kernel)

@@ -32,7 +32,10 @@ class Geometry:
 
 
 def split_aux(x: Tensor, geo: Geometry) -> tuple[Tensor, Tensor]:
-    return x[:, : geo.n_aux], x[:, geo.n_aux :]
+    # split, not two slices: backward joins the two gradients once, where each slice would scatter its
+    # gradient into a zero-filled full-size tensor and the two would then be summed
+    aux, img = x.split([geo.n_aux, x.shape[1] - geo.n_aux], dim=1)
+    return aux, img
 
 
 def join_aux(aux: Tensor, img: Tensor) -> Tensor:

@@ -1,0 +1,189 @@
+// Attention of every query over its own small set of keys, fused: DilateFormer's dilated k x k
+// neighbourhoods and LightViT's windows (with their relative position bias). Each query visits its
+// keys once, keeps its logits in registers and writes its output row; nothing of size (N, keys, d) is
+// built. The eager forms read whole maps once per key offset or copy windows out and back, which is
+// memory-bound on small maps (results/benchmarks.md, issue 19).
+//
+// Layout: q, k, v, out, grad are (B, heads, N, d) with unit stride along d (any other strides, as
+// split_heads makes them). keys is (tables, N, K) int64: the token index of key slot o of query n, or
+// -1 for none (outside the map, left out of the softmax); head_table (heads,) says which table a head
+// uses. bias, if defined, is (heads, N, K), added to the scaled logits. attn is (B, heads, N, K),
+// 0 for missing keys. Work is split over (batch, head) pairs: every pair writes only its own slices of
+// out, grad_q, grad_k, grad_v and grad_bias, so the scatter of the backward needs no atomics.
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+
+#include <cmath>
+#include <limits>
+#include <vector>
+
+namespace {
+
+struct Strides {
+  int64_t batch, head, token;  // the stride along d is 1
+  explicit Strides(const at::Tensor& t) : batch(t.stride(0)), head(t.stride(1)), token(t.stride(2)) {}
+  int64_t at(int64_t b, int64_t h) const { return b * batch + h * head; }
+};
+
+template <typename T>
+inline T dot(const T* a, const T* b, int64_t d) {
+  T acc = 0;
+#pragma omp simd reduction(+ : acc)
+  for (int64_t c = 0; c < d; ++c) acc += a[c] * b[c];
+  return acc;
+}
+
+template <typename T>
+inline void axpy(T alpha, const T* x, T* y, int64_t d) {
+#pragma omp simd
+  for (int64_t c = 0; c < d; ++c) y[c] += alpha * x[c];
+}
+
+struct Plan {  // what both passes share
+  int64_t batch, heads, tokens, d, slots;
+  const int64_t* keys;        // (tables, N, K)
+  const int64_t* head_table;  // (heads,)
+  const int64_t* keys_of(int64_t h, int64_t n) const { return keys + (head_table[h] * tokens + n) * slots; }
+};
+
+Plan plan(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& head_table) {
+  return {q.size(0), q.size(1), q.size(2), q.size(3), keys.size(2), keys.data_ptr<int64_t>(),
+          head_table.data_ptr<int64_t>()};
+}
+
+template <typename T>
+void forward(const Plan& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& bias,
+             at::Tensor& out, at::Tensor& attn) {
+  const T scale = T(1) / std::sqrt(T(p.d));
+  const Strides sq(q), sk(k), sv(v), so(out);
+  const T *qp = q.data_ptr<T>(), *kp = k.data_ptr<T>(), *vp = v.data_ptr<T>();
+  const T* bp = bias.defined() ? bias.data_ptr<T>() : nullptr;
+  T *op = out.data_ptr<T>(), *ap = attn.data_ptr<T>();
+  at::parallel_for(0, p.batch * p.heads, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> logits(p.slots);
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t b = bh / p.heads, h = bh % p.heads;
+      const T *qh = qp + sq.at(b, h), *kh = kp + sk.at(b, h), *vh = vp + sv.at(b, h);
+      T* oh = op + so.at(b, h);
+      for (int64_t n = 0; n < p.tokens; ++n) {
+        const int64_t* keys = p.keys_of(h, n);
+        const T* qn = qh + n * sq.token;
+        const T* bn = bp ? bp + (h * p.tokens + n) * p.slots : nullptr;
+        T top = -std::numeric_limits<T>::infinity();
+        for (int64_t o = 0; o < p.slots; ++o) {
+          if (keys[o] < 0) continue;
+          logits[o] = scale * dot(qn, kh + keys[o] * sk.token, p.d) + (bn ? bn[o] : T(0));
+          top = std::max(top, logits[o]);
+        }
+        T total = 0;
+        for (int64_t o = 0; o < p.slots; ++o) {
+          logits[o] = keys[o] < 0 ? T(0) : std::exp(logits[o] - top);
+          total += logits[o];
+        }
+        T* on = oh + n * so.token;
+        T* an = ap + (bh * p.tokens + n) * p.slots;
+        for (int64_t c = 0; c < p.d; ++c) on[c] = 0;
+        for (int64_t o = 0; o < p.slots; ++o) {
+          an[o] = logits[o] / total;
+          if (keys[o] >= 0) axpy(an[o], vh + keys[o] * sv.token, on, p.d);
+        }
+      }
+    }
+  });
+}
+
+template <typename T>
+void backward(const Plan& p, const at::Tensor& grad, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+              const at::Tensor& attn, at::Tensor& grad_q, at::Tensor& grad_k, at::Tensor& grad_v,
+              at::Tensor& grad_logits) {
+  const T scale = T(1) / std::sqrt(T(p.d));
+  const Strides sg(grad), sq(q), sk(k), sv(v), sgq(grad_q), sgk(grad_k), sgv(grad_v);
+  const T *gp = grad.data_ptr<T>(), *qp = q.data_ptr<T>(), *kp = k.data_ptr<T>(), *vp = v.data_ptr<T>();
+  const T* ap = attn.data_ptr<T>();
+  T *gqp = grad_q.data_ptr<T>(), *gkp = grad_k.data_ptr<T>(), *gvp = grad_v.data_ptr<T>();
+  T* glp = grad_logits.defined() ? grad_logits.data_ptr<T>() : nullptr;  // (B, heads, N, K): the bias's
+  at::parallel_for(0, p.batch * p.heads, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> grad_attn(p.slots);
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t b = bh / p.heads, h = bh % p.heads;
+      const T *gh = gp + sg.at(b, h), *qh = qp + sq.at(b, h), *kh = kp + sk.at(b, h), *vh = vp + sv.at(b, h);
+      T *gqh = gqp + sgq.at(b, h), *gkh = gkp + sgk.at(b, h), *gvh = gvp + sgv.at(b, h);
+      for (int64_t n = 0; n < p.tokens; ++n) {  // grad_k and grad_v are sums: start them at 0
+        for (int64_t c = 0; c < p.d; ++c) gkh[n * sgk.token + c] = gvh[n * sgv.token + c] = 0;
+      }
+      for (int64_t n = 0; n < p.tokens; ++n) {
+        const int64_t* keys = p.keys_of(h, n);
+        const T *gn = gh + n * sg.token, *qn = qh + n * sq.token, *an = ap + (bh * p.tokens + n) * p.slots;
+        T* gln = glp ? glp + (bh * p.tokens + n) * p.slots : nullptr;
+        // softmax backward: d logit_o = a_o * (d a_o - sum_o' a_o' d a_o'), with d a_o = grad . v_o
+        T weighted = 0;
+        for (int64_t o = 0; o < p.slots; ++o) {
+          if (keys[o] < 0) continue;
+          grad_attn[o] = dot(gn, vh + keys[o] * sv.token, p.d);
+          weighted += an[o] * grad_attn[o];
+        }
+        T* gqn = gqh + n * sgq.token;
+        for (int64_t c = 0; c < p.d; ++c) gqn[c] = 0;
+        for (int64_t o = 0; o < p.slots; ++o) {
+          if (keys[o] < 0) {
+            if (gln) gln[o] = 0;
+            continue;
+          }
+          const T logit = an[o] * (grad_attn[o] - weighted);
+          if (gln) gln[o] = logit;
+          axpy(logit * scale, kh + keys[o] * sk.token, gqn, p.d);
+          axpy(logit * scale, qn, gkh + keys[o] * sgk.token, p.d);
+          axpy(an[o], gn, gvh + keys[o] * sgv.token, p.d);
+        }
+      }
+    }
+  });
+}
+
+void check(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu() && t.dim() == 4 && t.stride(3) == 1, name,
+              ": expected a CPU tensor (B, heads, N, d) with unit stride along d");
+}
+
+void check_tables(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& head_table) {
+  TORCH_CHECK(keys.dim() == 3 && keys.size(1) == q.size(2) && keys.is_contiguous() &&
+                  keys.scalar_type() == at::kLong, "keys: expected contiguous int64 (tables, N, K)");
+  TORCH_CHECK(head_table.numel() == q.size(1) && head_table.is_contiguous() && head_table.scalar_type() == at::kLong,
+              "head_table: expected one contiguous int64 table index per head");
+}
+
+std::vector<at::Tensor> attention_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                          const at::Tensor& keys, const at::Tensor& head_table,
+                                          const c10::optional<at::Tensor>& bias) {
+  for (const auto& [t, name] : {std::pair{q, "q"}, {k, "k"}, {v, "v"}}) check(t, name);
+  check_tables(q, keys, head_table);
+  at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
+  const Plan p = plan(q, keys, head_table);
+  auto out = at::empty_like(q);  // keeps the head-interleaved strides of q: merging heads stays a view
+  auto attn = at::empty({p.batch, p.heads, p.tokens, p.slots}, q.options());
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "neighbourhood_forward", [&] { forward<scalar_t>(p, q, k, v, b, out, attn); });
+  return {out, attn};
+}
+
+// grad_q, grad_k, grad_v and, with bias_grad, the gradient of the bias summed over the batch
+std::vector<at::Tensor> attention_backward(const at::Tensor& grad, const at::Tensor& q, const at::Tensor& k,
+                                           const at::Tensor& v, const at::Tensor& attn, const at::Tensor& keys,
+                                           const at::Tensor& head_table, bool bias_grad) {
+  for (const auto& [t, name] : {std::pair{grad, "grad"}, {q, "q"}, {k, "k"}, {v, "v"}}) check(t, name);
+  check_tables(q, keys, head_table);
+  const Plan p = plan(q, keys, head_table);
+  auto grad_q = at::empty_like(q), grad_k = at::empty_like(k), grad_v = at::empty_like(v);
+  at::Tensor grad_logits = bias_grad ? at::empty_like(attn) : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "neighbourhood_backward", [&] {
+    backward<scalar_t>(p, grad, q, k, v, attn.contiguous(), grad_q, grad_k, grad_v, grad_logits);
+  });
+  return {grad_q, grad_k, grad_v, bias_grad ? grad_logits.sum(0) : at::Tensor()};
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("forward", &attention_forward, "neighbourhood attention forward: (out, attn)");
+  m.def("backward", &attention_backward, "neighbourhood attention backward: (grad_q, grad_k, grad_v, grad_bias)");
+}
