@@ -19,7 +19,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import neighbourhood
 from .elastic import ElasticLayerNorm, ElasticLinear, ElasticParameter
 from .layout import Geometry, attend, merge_heads, split_heads
 
@@ -42,16 +41,7 @@ class RelPosBias(nn.Module):
 
 def window_attention(q: Tensor, k: Tensor, v: Tensor, geo: Geometry, window: int, bias: Tensor, heads: int) -> Tensor:
     """q, k, v: (B, H*W, C) image tokens; attention inside non-overlapping windows, heads merged back
-    into (B, H*W, C). ``bias``: (heads, w*w, w*w) from :class:`RelPosBias`.
-
-    On the CPU the fused kernel of :mod:`.neighbourhood` reads each window in place; elsewhere windows
-    are cut from and put back into the token layout directly (one copy each) for a fused SDPA."""
-    if neighbourhood.available(q, k, v, bias):
-        keys, position = neighbourhood.window_tables(geo.height, geo.width, window)
-        out = neighbourhood.neighbourhood_attention(
-            *(split_heads(t, heads) for t in (q, k, v)), keys, torch.zeros(heads, dtype=torch.long), bias[:, position]
-        )
-        return merge_heads(out)
+    into (B, H*W, C). Windows are cut from and put back into the token layout directly: one copy each."""
     b, n, c = q.shape
     rows, cols, d = geo.height // window, geo.width // window, c // heads
 

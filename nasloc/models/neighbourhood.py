@@ -1,16 +1,17 @@
 """Attention of each image query over its own few keys, by one fused CPU kernel
 (``csrc/neighbourhood_attention.cpp``, built by :mod:`.native`).
 
-Both local mixers are this computation with a different key set per query: DilateFormer's dilated
-k x k neighbourhood (:mod:`.dilated`) and LightViT's window, with its relative position bias
-(:mod:`.lightvit`). A mixer describes its key sets as index tables, made once per geometry:
+DilateFormer's dilated k x k neighbourhoods (:mod:`.dilated`) are described as index tables, made once
+per geometry:
 
 * ``keys`` (tables, N, K) int64: the token index of key slot ``o`` of query ``n``, -1 for none (a key
   outside the map, left out of the softmax);
 * ``head_table`` (heads,): the table each head uses (dilated attention: one table per rate).
 
-The kernel runs where :func:`available` says so (CPU floats in eager mode); the mixers keep their eager
-forms for CUDA, fvcore's trace and ONNX export, with the same outputs (``tests/test_native.py``).
+The kernel runs where :func:`available` says so (CPU floats in eager mode); the eager form stays for
+CUDA, fvcore's trace and ONNX export, with the same outputs (``tests/test_native.py``). LightViT's
+windows are the same computation with 16-49 keys and a bias, but there the kernel measured 1.07-1.14x
+(4x4 windows, training) and 0.41-0.47x (7x7) of partition + SDPA, so they keep SDPA.
 """
 from __future__ import annotations
 
@@ -37,31 +38,41 @@ def _unit_stride(t: Tensor) -> Tensor:
 
 class _NeighbourhoodAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, keys: Tensor, head_table: Tensor, bias: Tensor | None) -> Tensor:
-        out, attn = _kernel().forward(q, k, v, keys, head_table, bias)
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, keys: Tensor, head_table: Tensor) -> Tensor:
+        out, attn = _kernel().forward(q, k, v, keys, head_table)
         ctx.save_for_backward(q, k, v, attn, keys, head_table)
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
-        bias_grad = ctx.needs_input_grad[5]
-        grad_q, grad_k, grad_v, grad_bias = _kernel().backward(_unit_stride(grad), *ctx.saved_tensors, bias_grad)
-        return grad_q, grad_k, grad_v, None, None, grad_bias if bias_grad else None
+        grad_q, grad_k, grad_v = _kernel().backward(_unit_stride(grad), *ctx.saved_tensors)
+        return grad_q, grad_k, grad_v, None, None
 
 
-def neighbourhood_attention(
-    q: Tensor, k: Tensor, v: Tensor, keys: Tensor, head_table: Tensor, bias: Tensor | None = None
-) -> Tensor:
-    """q, k, v: (B, heads, N, d); ``bias`` (heads, N, K) is added to the scaled logits. Returns (B, heads, N, d)
-    with q's strides (a view of (B, N, heads, d) when q is one, as :func:`.layout.split_heads` makes it)."""
+def neighbourhood_attention(q: Tensor, k: Tensor, v: Tensor, keys: Tensor, head_table: Tensor) -> Tensor:
+    """q, k, v: (B, heads, N, d). Returns (B, heads, N, d) with q's strides (a view of (B, N, heads, d)
+    when q is one, as :func:`.layout.split_heads` makes it)."""
     q, k, v = (_unit_stride(t) for t in (q, k, v))
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, bias)):
-        return _NeighbourhoodAttention.apply(q, k, v, keys, head_table, bias)
-    return _kernel().forward(q, k, v, keys, head_table, bias)[0]
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        return _NeighbourhoodAttention.apply(q, k, v, keys, head_table)
+    return _kernel().forward(q, k, v, keys, head_table)[0]
 
 
-@functools.cache
+def _tables(make):
+    """Cached per geometry; made outside inference mode, so that training may save them for its backward
+    after an evaluation built them."""
+
+    @functools.cache
+    @functools.wraps(make)
+    def cached(*args):
+        with torch.inference_mode(False):
+            return make(*args)
+
+    return cached
+
+
+@_tables
 def dilated_tables(height: int, width: int, kernel: int, dilations: tuple[int, ...]) -> tuple[Tensor, Tensor]:
     """One table per distinct rate: the k x k keys of each query at that rate, row-major (unfold's order)."""
     rates = sorted(set(dilations))
@@ -74,15 +85,3 @@ def dilated_tables(height: int, width: int, kernel: int, dilations: tuple[int, .
         inside = (ky >= 0) & (ky < height) & (kx >= 0) & (kx < width)
         tables.append(torch.where(inside, ky * width + kx, -1).reshape(height * width, kernel * kernel))
     return torch.stack(tables), torch.tensor([rates.index(r) for r in dilations])
-
-
-@functools.cache
-def window_tables(height: int, width: int, window: int) -> tuple[Tensor, Tensor]:
-    """The keys of each query (its window's tokens, row-major) and its position inside the window, which
-    picks its row of the relative position bias. The map is tiled exactly (window divides its sides)."""
-    ys, xs = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
-    inner = torch.arange(window)
-    top, left = (ys // window * window).reshape(-1, 1, 1), (xs // window * window).reshape(-1, 1, 1)
-    keys = (top + inner.reshape(1, -1, 1)) * width + left + inner.reshape(1, 1, -1)
-    position = (ys % window * window + xs % window).reshape(-1)
-    return keys.reshape(1, height * width, window * window), position

@@ -1,15 +1,15 @@
-// Attention of every query over its own small set of keys, fused: DilateFormer's dilated k x k
-// neighbourhoods and LightViT's windows (with their relative position bias). Each query visits its
-// keys once, keeps its logits in registers and writes its output row; nothing of size (N, keys, d) is
-// built. The eager forms read whole maps once per key offset or copy windows out and back, which is
-// memory-bound on small maps (results/benchmarks.md, issue 19).
+// Attention of every query over its own small set of keys, fused (DilateFormer's dilated k x k
+// neighbourhoods). Each query visits its keys once, keeps its logits in registers and writes its
+// output row; nothing of size (N, keys, d) is built. The eager form reads whole maps once per key
+// offset, which is memory-bound on small maps (results/benchmarks.md, issue 19). For windows of 49
+// keys a batched GEMM (SDPA over partitioned windows) is faster than this kernel: it is not used there.
 //
 // Layout: q, k, v, out, grad are (B, heads, N, d) with unit stride along d (any other strides, as
 // split_heads makes them). keys is (tables, N, K) int64: the token index of key slot o of query n, or
 // -1 for none (outside the map, left out of the softmax); head_table (heads,) says which table a head
-// uses. bias, if defined, is (heads, N, K), added to the scaled logits. attn is (B, heads, N, K),
-// 0 for missing keys. Work is split over (batch, head) pairs: every pair writes only its own slices of
-// out, grad_q, grad_k, grad_v and grad_bias, so the scatter of the backward needs no atomics.
+// uses. attn is (B, heads, N, K), 0 for missing keys. Work is split over (batch, head) pairs: every
+// pair writes only its own slices of out, grad_q, grad_k and grad_v, so the scatter of the backward
+// needs no atomics.
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
@@ -53,12 +53,11 @@ Plan plan(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& head_ta
 }
 
 template <typename T>
-void forward(const Plan& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& bias,
-             at::Tensor& out, at::Tensor& attn) {
+void forward(const Plan& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out,
+             at::Tensor& attn) {
   const T scale = T(1) / std::sqrt(T(p.d));
   const Strides sq(q), sk(k), sv(v), so(out);
   const T *qp = q.data_ptr<T>(), *kp = k.data_ptr<T>(), *vp = v.data_ptr<T>();
-  const T* bp = bias.defined() ? bias.data_ptr<T>() : nullptr;
   T *op = out.data_ptr<T>(), *ap = attn.data_ptr<T>();
   at::parallel_for(0, p.batch * p.heads, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> logits(p.slots);
@@ -69,11 +68,10 @@ void forward(const Plan& p, const at::Tensor& q, const at::Tensor& k, const at::
       for (int64_t n = 0; n < p.tokens; ++n) {
         const int64_t* keys = p.keys_of(h, n);
         const T* qn = qh + n * sq.token;
-        const T* bn = bp ? bp + (h * p.tokens + n) * p.slots : nullptr;
         T top = -std::numeric_limits<T>::infinity();
         for (int64_t o = 0; o < p.slots; ++o) {
           if (keys[o] < 0) continue;
-          logits[o] = scale * dot(qn, kh + keys[o] * sk.token, p.d) + (bn ? bn[o] : T(0));
+          logits[o] = scale * dot(qn, kh + keys[o] * sk.token, p.d);
           top = std::max(top, logits[o]);
         }
         T total = 0;
@@ -95,14 +93,12 @@ void forward(const Plan& p, const at::Tensor& q, const at::Tensor& k, const at::
 
 template <typename T>
 void backward(const Plan& p, const at::Tensor& grad, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-              const at::Tensor& attn, at::Tensor& grad_q, at::Tensor& grad_k, at::Tensor& grad_v,
-              at::Tensor& grad_logits) {
+              const at::Tensor& attn, at::Tensor& grad_q, at::Tensor& grad_k, at::Tensor& grad_v) {
   const T scale = T(1) / std::sqrt(T(p.d));
   const Strides sg(grad), sq(q), sk(k), sv(v), sgq(grad_q), sgk(grad_k), sgv(grad_v);
   const T *gp = grad.data_ptr<T>(), *qp = q.data_ptr<T>(), *kp = k.data_ptr<T>(), *vp = v.data_ptr<T>();
   const T* ap = attn.data_ptr<T>();
   T *gqp = grad_q.data_ptr<T>(), *gkp = grad_k.data_ptr<T>(), *gvp = grad_v.data_ptr<T>();
-  T* glp = grad_logits.defined() ? grad_logits.data_ptr<T>() : nullptr;  // (B, heads, N, K): the bias's
   at::parallel_for(0, p.batch * p.heads, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> grad_attn(p.slots);
     for (int64_t bh = begin; bh < end; ++bh) {
@@ -115,7 +111,6 @@ void backward(const Plan& p, const at::Tensor& grad, const at::Tensor& q, const 
       for (int64_t n = 0; n < p.tokens; ++n) {
         const int64_t* keys = p.keys_of(h, n);
         const T *gn = gh + n * sg.token, *qn = qh + n * sq.token, *an = ap + (bh * p.tokens + n) * p.slots;
-        T* gln = glp ? glp + (bh * p.tokens + n) * p.slots : nullptr;
         // softmax backward: d logit_o = a_o * (d a_o - sum_o' a_o' d a_o'), with d a_o = grad . v_o
         T weighted = 0;
         for (int64_t o = 0; o < p.slots; ++o) {
@@ -126,14 +121,10 @@ void backward(const Plan& p, const at::Tensor& grad, const at::Tensor& q, const 
         T* gqn = gqh + n * sgq.token;
         for (int64_t c = 0; c < p.d; ++c) gqn[c] = 0;
         for (int64_t o = 0; o < p.slots; ++o) {
-          if (keys[o] < 0) {
-            if (gln) gln[o] = 0;
-            continue;
-          }
-          const T logit = an[o] * (grad_attn[o] - weighted);
-          if (gln) gln[o] = logit;
-          axpy(logit * scale, kh + keys[o] * sk.token, gqn, p.d);
-          axpy(logit * scale, qn, gkh + keys[o] * sgk.token, p.d);
+          if (keys[o] < 0) continue;
+          const T g = an[o] * (grad_attn[o] - weighted) * scale;
+          axpy(g, kh + keys[o] * sk.token, gqn, p.d);
+          axpy(g, qn, gkh + keys[o] * sgk.token, p.d);
           axpy(an[o], gn, gvh + keys[o] * sgv.token, p.d);
         }
       }
@@ -154,36 +145,32 @@ void check_tables(const at::Tensor& q, const at::Tensor& keys, const at::Tensor&
 }
 
 std::vector<at::Tensor> attention_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                          const at::Tensor& keys, const at::Tensor& head_table,
-                                          const c10::optional<at::Tensor>& bias) {
+                                          const at::Tensor& keys, const at::Tensor& head_table) {
   for (const auto& [t, name] : {std::pair{q, "q"}, {k, "k"}, {v, "v"}}) check(t, name);
   check_tables(q, keys, head_table);
-  at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
   const Plan p = plan(q, keys, head_table);
   auto out = at::empty_like(q);  // keeps the head-interleaved strides of q: merging heads stays a view
   auto attn = at::empty({p.batch, p.heads, p.tokens, p.slots}, q.options());
-  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "neighbourhood_forward", [&] { forward<scalar_t>(p, q, k, v, b, out, attn); });
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "neighbourhood_forward", [&] { forward<scalar_t>(p, q, k, v, out, attn); });
   return {out, attn};
 }
 
-// grad_q, grad_k, grad_v and, with bias_grad, the gradient of the bias summed over the batch
 std::vector<at::Tensor> attention_backward(const at::Tensor& grad, const at::Tensor& q, const at::Tensor& k,
                                            const at::Tensor& v, const at::Tensor& attn, const at::Tensor& keys,
-                                           const at::Tensor& head_table, bool bias_grad) {
+                                           const at::Tensor& head_table) {
   for (const auto& [t, name] : {std::pair{grad, "grad"}, {q, "q"}, {k, "k"}, {v, "v"}}) check(t, name);
   check_tables(q, keys, head_table);
   const Plan p = plan(q, keys, head_table);
   auto grad_q = at::empty_like(q), grad_k = at::empty_like(k), grad_v = at::empty_like(v);
-  at::Tensor grad_logits = bias_grad ? at::empty_like(attn) : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "neighbourhood_backward", [&] {
-    backward<scalar_t>(p, grad, q, k, v, attn.contiguous(), grad_q, grad_k, grad_v, grad_logits);
+    backward<scalar_t>(p, grad, q, k, v, attn.contiguous(), grad_q, grad_k, grad_v);
   });
-  return {grad_q, grad_k, grad_v, bias_grad ? grad_logits.sum(0) : at::Tensor()};
+  return {grad_q, grad_k, grad_v};
 }
 
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward", &attention_forward, "neighbourhood attention forward: (out, attn)");
-  m.def("backward", &attention_backward, "neighbourhood attention backward: (grad_q, grad_k, grad_v, grad_bias)");
+  m.def("backward", &attention_backward, "neighbourhood attention backward: (grad_q, grad_k, grad_v)");
 }
