@@ -13,7 +13,9 @@ from nasloc.models import native
 from nasloc.models.elastic import _channels_last_conv
 from nasloc.models.dilated import dilated_attention, fused_dilated_attention, shift_multiply_attention
 from nasloc.models.layout import Geometry, split_heads
-from nasloc.models.neighbourhood import dilated_tables
+from nasloc.models.elastic import ElasticLinear
+from nasloc.models.lightvit import broadcast
+from nasloc.models.neighbourhood import dilated_tables, neighbourhood_attention
 
 
 @pytest.mark.parametrize("stem", ["neighbourhood_attention", "depthwise_conv"])
@@ -45,6 +47,23 @@ def test_fused_equals_shift_multiply_in_float32(dilations, height, width, n_aux,
         results.append((out, *torch.autograd.grad(out, leaves, grad_out)))
         with torch.no_grad():
             torch.testing.assert_close(attention(*qkv, geo, dilations, kernel), out, atol=0, rtol=0)
+    for fused, eager in zip(*results):
+        assert (fused - eager).abs().max().item() <= 1e-5
+
+
+def test_fused_broadcast_equals_sdpa(monkeypatch):
+    # LightViT's broadcast: image queries over the few global tokens (and there are fewer keys than queries)
+    torch.manual_seed(0)
+    q = torch.randn(3, 20, 4, 8).transpose(1, 2).requires_grad_()
+    aggregated = torch.randn(3, 4, 5, 8, requires_grad=True)
+    global_kv = ElasticLinear(32, 32, out_groups=2)
+    grad_out = torch.randn(3, 4, 20, 8)
+    results = []
+    for switch in ("1", "0"):
+        monkeypatch.setenv("NASLOC_NATIVE", switch)
+        out = broadcast(q, aggregated, global_kv, 4)
+        assert ("Neighbourhood" in out.grad_fn.name()) == (switch == "1")
+        results.append((out, *torch.autograd.grad(out, (q, aggregated, global_kv.weight), grad_out)))
     for fused, eager in zip(*results):
         assert (fused - eager).abs().max().item() <= 1e-5
 
@@ -117,3 +136,10 @@ def test_depthwise_conv_weight_gradient_passes_gradcheck():
     x = torch.randn(2, 5, 6, 6, dtype=torch.float64, requires_grad=True)
     weight = torch.randn(5, 1, 5, 5, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda x, w: _channels_last_conv(x, w, None, 1, 2, 1, 5), (x, weight))
+
+
+def test_a_key_index_beyond_the_keys_is_refused():
+    q, k, v = (torch.randn(1, 1, n, 4) for n in (3, 2, 2))
+    keys = torch.tensor([[[0, 1], [1, 2], [0, -1]]])
+    with pytest.raises(RuntimeError, match="beyond the keys"):
+        neighbourhood_attention(q, k, v, keys, torch.zeros(1, dtype=torch.long))

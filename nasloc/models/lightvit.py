@@ -4,7 +4,7 @@
   (:meth:`~nasloc.models.LocalityViT.embed`). In the ``window`` mixer they first *aggregate* (their
   queries attend over all image tokens, in :class:`~nasloc.models.attention.TokenMixer`) and then
   :func:`broadcast` (image queries attend over the aggregated global tokens, added to the local
-  result).
+  result; on the CPU by the fused kernel of :mod:`.neighbourhood`).
 * :func:`window_attention`: non-overlapping window attention with a relative position bias
   (:class:`RelPosBias`).
 * :class:`BiAttnGate`: the BiDim attention of the FFN (``ffn: bidim``; channel gate x spatial gate
@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import neighbourhood
 from .elastic import ElasticLayerNorm, ElasticLinear, ElasticParameter
 from .layout import Geometry, attend, merge_heads, split_heads
 
@@ -60,8 +61,11 @@ def broadcast(q_img: Tensor, aggregated: Tensor, global_kv: ElasticLinear, heads
     """Image queries (B, heads, H*W, d) attend over the aggregated global tokens (B, heads, G, d);
     ``global_kv`` projects those to their keys and values."""
     glb = merge_heads(aggregated)
-    k_g, v_g = global_kv(glb, glb.shape[-1]).chunk(2, dim=-1)
-    return attend(q_img, split_heads(k_g, heads), split_heads(v_g, heads))
+    k_g, v_g = (split_heads(t, heads) for t in global_kv(glb, glb.shape[-1]).chunk(2, dim=-1))
+    if neighbourhood.available(q_img, k_g, v_g):  # CPU SDPA is slow with so few keys
+        return neighbourhood.neighbourhood_attention(
+            q_img, k_g, v_g, *neighbourhood.every_key_tables(q_img.shape[2], k_g.shape[2], heads))
+    return attend(q_img, k_g, v_g)
 
 
 class BiAttnGate(nn.Module):

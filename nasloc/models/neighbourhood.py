@@ -1,11 +1,13 @@
 """Attention of each image query over its own few keys, by one fused CPU kernel
 (``csrc/neighbourhood_attention.cpp``, built by :mod:`.native`).
 
-DilateFormer's dilated k x k neighbourhoods (:mod:`.dilated`) are described as index tables, made once
-per geometry:
+Two mechanisms use it: DilateFormer's dilated k x k neighbourhoods (:mod:`.dilated`), and LightViT's
+broadcast, where every image query attends over the few aggregated global tokens (:mod:`.lightvit`;
+CPU SDPA is slow with 4-8 keys: the kernel is 1.1-2x faster in training). Key sets are index tables,
+made once per geometry:
 
-* ``keys`` (tables, N, K) int64: the token index of key slot ``o`` of query ``n``, -1 for none (a key
-  outside the map, left out of the softmax);
+* ``keys`` (tables, N, K) int64: the index, among the M keys, of key slot ``o`` of query ``n``, -1 for
+  none (a key outside the map, left out of the softmax);
 * ``head_table`` (heads,): the table each head uses (dilated attention: one table per rate).
 
 The kernel runs where :func:`available` says so (CPU floats in eager mode); the eager form stays for
@@ -51,8 +53,8 @@ class _NeighbourhoodAttention(torch.autograd.Function):
 
 
 def neighbourhood_attention(q: Tensor, k: Tensor, v: Tensor, keys: Tensor, head_table: Tensor) -> Tensor:
-    """q, k, v: (B, heads, N, d). Returns (B, heads, N, d) with q's strides (a view of (B, N, heads, d)
-    when q is one, as :func:`.layout.split_heads` makes it)."""
+    """q: (B, heads, N, d); k, v: (B, heads, M, d). Returns (B, heads, N, d) with q's strides (a view of
+    (B, N, heads, d) when q is one, as :func:`.layout.split_heads` makes it)."""
     q, k, v = (_unit_stride(t) for t in (q, k, v))
     if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
         return _NeighbourhoodAttention.apply(q, k, v, keys, head_table)
@@ -85,3 +87,9 @@ def dilated_tables(height: int, width: int, kernel: int, dilations: tuple[int, .
         inside = (ky >= 0) & (ky < height) & (kx >= 0) & (kx < width)
         tables.append(torch.where(inside, ky * width + kx, -1).reshape(height * width, kernel * kernel))
     return torch.stack(tables), torch.tensor([rates.index(r) for r in dilations])
+
+
+@_tables
+def every_key_tables(queries: int, keys: int, heads: int) -> tuple[Tensor, Tensor]:
+    """Every query over all ``keys`` keys (LightViT's broadcast over the global tokens)."""
+    return torch.arange(keys).expand(1, queries, keys).contiguous(), torch.zeros(heads, dtype=torch.long)

@@ -4,10 +4,10 @@
 // offset, which is memory-bound on small maps (results/benchmarks.md, issue 19). For windows of 49
 // keys a batched GEMM (SDPA over partitioned windows) is faster than this kernel: it is not used there.
 //
-// Layout: q, k, v, out, grad are (B, heads, N, d) with unit stride along d (any other strides, as
-// split_heads makes them). keys is (tables, N, K) int64: the token index of key slot o of query n, or
-// -1 for none (outside the map, left out of the softmax); head_table (heads,) says which table a head
-// uses. attn is (B, heads, N, K), 0 for missing keys. Work is split over (batch, head) pairs: every
+// Layout: q, out, grad are (B, heads, N, d) and k, v (B, heads, M, d), with unit stride along d (any
+// other strides, as split_heads makes them). keys is (tables, N, K) int64: the token (< M) of key slot
+// o of query n, or -1 for none (outside the map, left out of the softmax); head_table (heads,) says
+// which table a head uses. attn is (B, heads, N, K), 0 for missing keys. Work is split over (batch, head) pairs: every
 // pair writes only its own slices of out, grad_q, grad_k and grad_v, so the scatter of the backward
 // needs no atomics.
 #include <torch/extension.h>
@@ -41,14 +41,14 @@ inline void axpy(T alpha, const T* x, T* y, int64_t d) {
 }
 
 struct Plan {  // what both passes share
-  int64_t batch, heads, tokens, d, slots;
+  int64_t batch, heads, tokens, key_tokens, d, slots;
   const int64_t* keys;        // (tables, N, K)
   const int64_t* head_table;  // (heads,)
   const int64_t* keys_of(int64_t h, int64_t n) const { return keys + (head_table[h] * tokens + n) * slots; }
 };
 
-Plan plan(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& head_table) {
-  return {q.size(0), q.size(1), q.size(2), q.size(3), keys.size(2), keys.data_ptr<int64_t>(),
+Plan plan(const at::Tensor& q, const at::Tensor& k, const at::Tensor& keys, const at::Tensor& head_table) {
+  return {q.size(0), q.size(1), q.size(2), k.size(2), q.size(3), keys.size(2), keys.data_ptr<int64_t>(),
           head_table.data_ptr<int64_t>()};
 }
 
@@ -105,7 +105,7 @@ void backward(const Plan& p, const at::Tensor& grad, const at::Tensor& q, const 
       const int64_t b = bh / p.heads, h = bh % p.heads;
       const T *gh = gp + sg.at(b, h), *qh = qp + sq.at(b, h), *kh = kp + sk.at(b, h), *vh = vp + sv.at(b, h);
       T *gqh = gqp + sgq.at(b, h), *gkh = gkp + sgk.at(b, h), *gvh = gvp + sgv.at(b, h);
-      for (int64_t n = 0; n < p.tokens; ++n) {  // grad_k and grad_v are sums: start them at 0
+      for (int64_t n = 0; n < p.key_tokens; ++n) {  // grad_k and grad_v are sums: start them at 0
         for (int64_t c = 0; c < p.d; ++c) gkh[n * sgk.token + c] = gvh[n * sgv.token + c] = 0;
       }
       for (int64_t n = 0; n < p.tokens; ++n) {
@@ -137,9 +137,10 @@ void check(const at::Tensor& t, const char* name) {
               ": expected a CPU tensor (B, heads, N, d) with unit stride along d");
 }
 
-void check_tables(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& head_table) {
+void check_tables(const at::Tensor& q, const at::Tensor& k, const at::Tensor& keys, const at::Tensor& head_table) {
   TORCH_CHECK(keys.dim() == 3 && keys.size(1) == q.size(2) && keys.is_contiguous() &&
                   keys.scalar_type() == at::kLong, "keys: expected contiguous int64 (tables, N, K)");
+  TORCH_CHECK(keys.max().item<int64_t>() < k.size(2), "keys: a token index beyond the keys");
   TORCH_CHECK(head_table.numel() == q.size(1) && head_table.is_contiguous() && head_table.scalar_type() == at::kLong,
               "head_table: expected one contiguous int64 table index per head");
 }
@@ -147,8 +148,8 @@ void check_tables(const at::Tensor& q, const at::Tensor& keys, const at::Tensor&
 std::vector<at::Tensor> attention_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                           const at::Tensor& keys, const at::Tensor& head_table) {
   for (const auto& [t, name] : {std::pair{q, "q"}, {k, "k"}, {v, "v"}}) check(t, name);
-  check_tables(q, keys, head_table);
-  const Plan p = plan(q, keys, head_table);
+  check_tables(q, k, keys, head_table);
+  const Plan p = plan(q, k, keys, head_table);
   auto out = at::empty_like(q);  // keeps the head-interleaved strides of q: merging heads stays a view
   auto attn = at::empty({p.batch, p.heads, p.tokens, p.slots}, q.options());
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "neighbourhood_forward", [&] { forward<scalar_t>(p, q, k, v, out, attn); });
@@ -159,8 +160,8 @@ std::vector<at::Tensor> attention_backward(const at::Tensor& grad, const at::Ten
                                            const at::Tensor& v, const at::Tensor& attn, const at::Tensor& keys,
                                            const at::Tensor& head_table) {
   for (const auto& [t, name] : {std::pair{grad, "grad"}, {q, "q"}, {k, "k"}, {v, "v"}}) check(t, name);
-  check_tables(q, keys, head_table);
-  const Plan p = plan(q, keys, head_table);
+  check_tables(q, k, keys, head_table);
+  const Plan p = plan(q, k, keys, head_table);
   auto grad_q = at::empty_like(q), grad_k = at::empty_like(k), grad_v = at::empty_like(v);
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "neighbourhood_backward", [&] {
     backward<scalar_t>(p, grad, q, k, v, attn.contiguous(), grad_q, grad_k, grad_v);
