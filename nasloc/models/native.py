@@ -59,9 +59,9 @@ def enabled() -> bool:
 
 @functools.cache
 def load(stem: str) -> ModuleType | None:
-    """The compiled kernel ``csrc/<stem>.cpp``, or None (with one warning) where it cannot be built."""
-    if not enabled():
-        return None
+    """The compiled kernel ``csrc/<stem>.cpp``, or None (with one warning) where it cannot be built.
+
+    Callers ask :func:`usable` first, which honours ``NASLOC_NATIVE=0`` (this result is cached)."""
     source = _SOURCES / f"{stem}.cpp"
     try:
         # its import warns that no CUDA runtime is found, which is irrelevant to a CPU kernel
