@@ -11,11 +11,12 @@ its kxk neighbourhood sampled with the dilation rate of its head. Two implementa
 
 Shift and multiply: heads with equal rates are computed together; the key and value maps are
 zero-padded once, and for each of the k*k offsets the shifted view gives one logit per query
-(``linalg.vecdot``) and one term of the output (``addcmul_``). Real neighbourhoods, so MACs are H*W*k*k*C per product, not
-(H*W)^2*C; ``nasloc.flops.fvcore_macs`` counts these two ops. Element-wise products beat the
-gathered (1 x d) @ (d x k*k) matmuls by far (``results/benchmarks.md``). Training goes through a
-hand-written backward (no double backward) that accumulates into in-map slices, instead of
-autograd's full-size zero gradient for every shifted view.
+(``linalg.vecdot``) and one term of the output (``addcmul_``). Real neighbourhoods, so MACs are
+H*W*k*k*C per product, not (H*W)^2*C; ``nasloc.flops.fvcore_macs`` counts these two ops.
+Element-wise products beat the gathered (1 x d) @ (d x k*k) matmuls by far
+(``results/benchmarks.md``). Training goes through a hand-written backward (no double backward) that
+accumulates into in-map slices, instead of autograd's full-size zero gradient for every shifted
+view.
 
 Border handling differs from the official code on purpose: there, zero-padded keys outside the
 map enter the softmax with logit 0 and value 0 (a corner query at rate 2 gets 4/9 of its mass
