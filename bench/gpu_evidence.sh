@@ -31,6 +31,9 @@ if [ -d .gpu/whl ] && ! $PY -c "import optuna, fvcore" 2>/dev/null; then
   export PYTHONPATH="$SCRATCH/site${PYTHONPATH:+:$PYTHONPATH}"
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+# nasloc's fused kernels are CPU-only; compiling them here (about 80 s, if a compiler is there at all) would
+# spend device time on the CPU references of the checks, which are better eager anyway
+export NASLOC_NATIVE=${NASLOC_NATIVE:-0}
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null
   nproc
   $PY -c "import torch, timm, optuna; print('torch', torch.__version__, 'timm', timm.__version__, 'optuna', optuna.__version__)"
