@@ -171,7 +171,8 @@ class Protocol:
         design = search and self._seed_design_picked(budget, search["pick"])
         if design:  # the selection picked a seed design: the same command as that design's training, not rerun
             same = f"{budget}/seed/{design}/s{seed}"
-            return Unit(key, (search_key, same), lambda: self._same_as(same, seed, export_as=f"nasloc_{sampler}"))
+            export_as = f"nasloc_{sampler}" if seed == 0 else None
+            return Unit(key, (search_key, same), lambda: self._same_as(same, export_as))
 
         def run() -> dict:
             pick = self.rec.get(search_key)["pick"]
@@ -186,23 +187,30 @@ class Protocol:
             return design
         return None
 
-    def _same_as(self, unit: str, seed: int, export_as: str) -> dict:
-        """A pick that is a seed design: that design's training (same arch, recipe and seed), marked as such."""
+    def _same_as(self, unit: str, export_as: str | None = None) -> dict:
+        """The result of ``unit``'s training for a unit that would run the same command (same arch, recipe and
+        seed: a pick that is a seed design, the ranking training of the pick), marked as such; exported again
+        under ``export_as`` if given."""
         result = dict(self.rec.get(unit), same_as=unit)
         result.pop("export", None)
-        if seed == 0:
-            design_export = self.work / unit / "export"
-            result["export"] = os.path.relpath(_export_fp16(design_export, Path(self.args.exports) / export_as), ROOT)
+        if export_as:
+            trained = self.work / unit / "export"
+            result["export"] = os.path.relpath(_export_fp16(trained, Path(self.args.exports) / export_as), ROOT)
         return result
 
     def _ranking(self, budget: str) -> list[Unit]:
-        """Each selection candidate of the NSGA-II run that is not a seed design (those are trained anyway)."""
+        """Each selection candidate of the NSGA-II run that is not a seed design (those are trained anyway); the
+        pick's seed-0 training is its ranking training."""
         search = self._searched(budget, "nsga2")
         units = []
         for c in search["candidates"]:
             if c["source"] in DESIGNS.values():
                 continue
             key = f"{budget}/rank/{c['search_trial']}"
+            if c["search_trial"] == search["pick"]["search_trial"]:
+                pick = f"{budget}/pick/nsga2/s0"
+                units.append(Unit(key, (pick,), lambda p=pick: self._same_as(p)))
+                continue
             model = self._arch_file(f"{budget}/nsga2-trial{c['search_trial']}", c["arch"])
             units.append(Unit(key, (f"{budget}/search/nsga2",), lambda k=key, m=model: self._train(k, m, 0)))
         return units
