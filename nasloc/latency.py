@@ -159,13 +159,7 @@ def _models_fingerprint() -> str:
 
 
 def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    return native.cpuinfo("model name") or platform.processor() or platform.machine()
 
 
 # ------------------------------------------------------------------------------------------- model

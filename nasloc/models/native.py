@@ -29,19 +29,21 @@ _SOURCES = Path(__file__).parent / "csrc"
 _FLAGS = ["-O3", "-march=native", "-fopenmp"]
 
 
-def _cpu_features() -> str:
-    """The CPU's instruction-set flags (Linux), so a shared cache never hands a build to a CPU that lacks them."""
+def cpuinfo(key: str) -> str | None:
+    """The value of the first ``key`` line of /proc/cpuinfo (Linux), else None."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return line
+            if line.startswith(key):
+                return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return os.uname().machine
+    return None
 
 
 def _build_name(source: Path) -> str:
-    key = hashlib.sha256(source.read_bytes() + " ".join(_FLAGS).encode() + _cpu_features().encode())
+    # the CPU's instruction-set flags: a shared cache never hands a build to a CPU that lacks them
+    cpu = cpuinfo("flags") or os.uname().machine
+    key = hashlib.sha256(source.read_bytes() + " ".join(_FLAGS).encode() + cpu.encode())
     return f"nasloc_{source.stem}_{key.hexdigest()[:12]}"
 
 
