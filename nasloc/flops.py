@@ -187,7 +187,10 @@ def _qkv(arch: Arch, c: int, n: int, img: int, block: Block) -> Cost:
     if block.life:  # s1 (bias), DW3, PW2, DW5, PW3
         pointwise = linear(n, c, c, bias=False)
         return linear(n, c, c) + pointwise + pointwise + dwconv(img, c, 3, bias=False) + dwconv(img, c, 5, bias=False)
-    return linear(n, c, 3 * c, bias=arch.qkv_bias)
+    if block.mixer == "global":
+        return linear(n, c, 3 * c, bias=arch.qkv_bias)
+    # local mixers: no query reads the keys and values of the auxiliary tokens, so they are not made
+    return linear(n, c, c, bias=arch.qkv_bias) + linear(img, c, 2 * c, bias=arch.qkv_bias)
 
 
 def _mixer(arch: Arch, s: int, block: Block) -> Cost:

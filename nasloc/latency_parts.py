@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from .arch import Arch, Block, Shortcut, Stage
 from .models import LocalityViT
-from .models.layout import Geometry
+from .models.layout import Geometry, Tokens
 from .space import SearchSpace
 
 
@@ -175,17 +175,19 @@ class Probe(nn.Module):
         self.geo = Geometry(arch.grid(0), arch.grid(0), int(arch.cls_token), arch.global_tokens)
 
     def forward(self, x: Tensor) -> Tensor:
+        """x: images (stem) or tokens (B, n_aux + H*W, C), joined; returns a tensor (ONNX takes no other)."""
         model, arch, geo = self.model, self.arch, self.geo
         if self.kind == "stem":
-            return model.embed(x, arch)[0]
+            return model.embed(x, arch)[0].whole()
         if self.kind == "head":
             return model.head_forward(model.norm(x), arch)
+        tokens = Tokens.of_joined(x, geo.n_aux)  # a block converts as it needs (a small copy at latency batches)
         if self.kind == "downsample":
-            return model.stages[1].downsample(x, geo, arch.stages[1].dim)
+            return model.stages[1].downsample(tokens, geo, arch.stages[1].dim).whole()
         if self.kind == "shortcut":
-            return x + model.stages[0].blocks[0].shortcut(x, geo, arch.shortcuts[0].kernels)
+            return tokens.img + model.stages[0].blocks[0].shortcut(tokens.img, geo, arch.shortcuts[0].kernels)
         stage = arch.stages[0]
-        return model.stages[0].blocks[0](x, geo, arch, stage, stage.blocks[0], arch.window_size(0))
+        return model.stages[0].blocks[0](tokens, geo, arch, stage, stage.blocks[0], arch.window_size(0)).whole()
 
 
 def probe(key: str, batch_size: int) -> tuple[Probe, Tensor]:

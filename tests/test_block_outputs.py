@@ -20,7 +20,7 @@ from torch import Tensor
 from nasloc.arch import Arch, Block, Shortcut
 from nasloc.models import LocalityViT
 from nasloc.models.dw_shortcut import DWShortcut
-from nasloc.models.layout import Geometry
+from nasloc.models.layout import Geometry, Tokens
 from nasloc.models.locality_vit import LocalityBlock
 from nasloc.seeds import columnar, dilateformer, lightvit
 from nasloc.space import SearchSpace
@@ -181,14 +181,11 @@ def block_reference(blk: LocalityBlock, x: Tensor, geo: Geometry, arch: Arch, st
     return x + mlp_reference(blk.ffn, layer_norm(x, blk.norm2), geo, block.ffn_kernel, arch.ffn == "bidim")
 
 
-def shortcut_reference(sc: DWShortcut, x: Tensor, geo: Geometry, kernels: tuple[int, ...]) -> Tensor:
-    def body(m: Tensor) -> Tensor:
-        act = F.gelu(m)
-        return sum(dwconv(batch_norm(act, sc.branches[f"k{k}"].norm), sc.branches[f"k{k}"].conv, k) for k in kernels)
-
-    out = on_image(x, geo, body)
-    out[:, : geo.n_aux] = 0
-    return out
+def shortcut_reference(sc: DWShortcut, img: Tensor, geo: Geometry, kernels: tuple[int, ...]) -> Tensor:
+    """The term added to the image tokens (the shortcut's input and output are image tokens alone)."""
+    act = F.gelu(tokens_to_map(img, geo))
+    out = sum(dwconv(batch_norm(act, sc.branches[f"k{k}"].norm), sc.branches[f"k{k}"].conv, k) for k in kernels)
+    return out.flatten(2).permute(0, 2, 1)
 
 
 # ----------------------------------------------------------------------------- recording the model
@@ -202,6 +199,18 @@ def record_calls(model: torch.nn.Module) -> tuple[list, list]:
 
     handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (LocalityBlock, DWShortcut))]
     return calls, handles
+
+
+def joined(value):
+    """A recorded block input or output as one (B, n_aux + H*W, C) tensor (shortcuts: image tokens)."""
+    return value.whole() if isinstance(value, Tokens) else value
+
+
+def run_module(module, x: Tensor, args) -> Tensor:
+    """``module`` called as the model calls it (``args`` recorded), on ``x`` given and returned as :func:`joined`."""
+    if isinstance(module, DWShortcut):
+        return module(x, *args[1:])
+    return module(Tokens.of_joined(x, args[1].n_aux), *args[1:]).whole()
 
 
 def reference_of(module, args) -> Tensor:
@@ -237,8 +246,8 @@ def check_against_reference(model: torch.nn.Module, run, reference_model: torch.
     seen = set()
     with torch.no_grad():
         for name, args, output in calls:
-            expected = reference_of(ref_modules[name], args)
-            diff = (output - expected).abs().max().item()
+            expected = reference_of(ref_modules[name], (joined(args[0]), *args[1:]))
+            diff = (joined(output) - expected).abs().max().item()
             assert diff <= TOL, f"{name}: max abs difference {diff:.2e}"
             seen |= mechanisms(args)
     assert calls
@@ -315,9 +324,9 @@ def test_standalone_block_gradients_equal_the_reference(name):
     for name_, args, _ in calls:
         module = model.get_submodule(name_)
         params = [p for p in module.parameters() if p.requires_grad]
-        x_in = args[0].detach().requires_grad_()
-        cotangent = torch.randn_like(args[0])
-        got = torch.autograd.grad(module(x_in, *args[1:]), [x_in, *params], cotangent, allow_unused=True)
+        x_in = joined(args[0]).detach().requires_grad_()
+        cotangent = torch.randn_like(x_in)
+        got = torch.autograd.grad(run_module(module, x_in, args), [x_in, *params], cotangent, allow_unused=True)
         want = torch.autograd.grad(reference_of(module, (x_in, *args[1:])), [x_in, *params], cotangent,
                                    allow_unused=True)
         for (pname, _), g, w in zip([("input", None), *module.named_parameters()], got, want):

@@ -9,13 +9,14 @@ image tokens. With ``life`` the projections become LIFE's multi-scale qkv (:mod:
 """
 from __future__ import annotations
 
-import torch
+from typing import Callable
+
 from torch import Tensor, nn
 
 from ..arch import Block
 from .dilated import dilated_attention
 from .elastic import ElasticLinear
-from .layout import Geometry, attend, merge_heads, split_heads
+from .layout import Geometry, Tokens, attend, merge_heads, split_heads, tokenwise
 from .life import MultiScaleQKV
 from .lightvit import RelPosBias, broadcast, window_attention
 
@@ -38,34 +39,38 @@ class TokenMixer(nn.Module):
         self.global_kv = ElasticLinear(dim, dim, out_groups=2) if broadcast else None
         self.proj = ElasticLinear(dim, dim)
 
-    def forward(self, x: Tensor, geo: Geometry, heads: int, block: Block, qkv_bias: bool, window: int, dilate_kernel: int) -> Tensor:
-        dim = x.shape[-1]
+    def forward(self, x: Tokens, geo: Geometry, heads: int, block: Block, qkv_bias: bool, window: int, dilate_kernel: int) -> Tokens:
+        dim = x.dim
+
+        def project(lin: ElasticLinear) -> Callable[[Tensor], Tensor]:
+            return lambda t: lin(t, dim, use_bias=qkv_bias)
+
         if block.life:
             q, k, v = self.life(x, geo, self.q, self.k, self.v)
-        else:
-            q, k, v = (lin(x, dim, use_bias=qkv_bias) for lin in (self.q, self.k, self.v))
+        elif block.mixer == "global":
+            x = x.in_form(joined=True)  # one join before the projections, not one per q, k and v
+            q, k, v = (tokenwise(project(lin), x) for lin in (self.q, self.k, self.v))
+        else:  # no query of a local mixer reads the auxiliary tokens' keys and values, so they are not made
+            q = tokenwise(project(self.q), x)
+            k, v = (Tokens.of_parts(None, project(lin)(x.img)) for lin in (self.k, self.v))
         if block.mixer == "global":
-            out = merge_heads(attend(*(split_heads(t, heads) for t in (q, k, v))))
-        else:
-            out = self._local(q, k, v, geo, heads, block, window, dilate_kernel)
-        return self.proj(out, dim)
+            out = merge_heads(attend(*(split_heads(t.whole(), heads) for t in (q, k, v))))
+            return Tokens.of_joined(self.proj(out, dim), geo.n_aux)
+        return tokenwise(lambda t: self.proj(t, dim), self._local(q, k, v, geo, heads, block, window, dilate_kernel))
 
-    def _local(self, q: Tensor, k: Tensor, v: Tensor, geo: Geometry, heads: int, block: Block, window: int, dilate_kernel: int) -> Tensor:
-        """q, k, v: (B, N, C) tokens; returns the mixed tokens (B, N, C), heads merged."""
-        n = geo.n_aux
-        # split, not slicing: backward then joins the parts once, where each slice would scatter its
-        # gradient into a zero-filled full-size tensor and the slices' gradients would be summed
-        (q_aux, q_img), (_, k_img), (_, v_img) = (t.split([n, t.shape[1] - n], dim=1) for t in (q, k, v))
+    def _local(self, q: Tokens, k: Tokens, v: Tokens, geo: Geometry, heads: int, block: Block, window: int,
+               dilate_kernel: int) -> Tokens:
+        """Image queries attend to their neighbourhood, auxiliary queries to every image token; heads merged."""
         if block.mixer == "dilated":
-            heads_img = [split_heads(t, heads) for t in (q_img, k_img, v_img)]
+            heads_img = [split_heads(t.img, heads) for t in (q, k, v)]
             out_img = merge_heads(dilated_attention(*heads_img, geo, block.dilations, dilate_kernel))
         else:
-            out_img = window_attention(q_img, k_img, v_img, geo, window, self.rel_pos(heads), heads)
-        if not n:
-            return out_img
-        k_heads, v_heads = split_heads(k_img, heads), split_heads(v_img, heads)
-        out_aux = attend(split_heads(q_aux, heads), k_heads, v_heads)  # aggregate
+            out_img = window_attention(q.img, k.img, v.img, geo, window, self.rel_pos(heads), heads)
+        if q.aux is None:
+            return Tokens.of_parts(None, out_img)
+        k_heads, v_heads = split_heads(k.img, heads), split_heads(v.img, heads)
+        out_aux = attend(split_heads(q.aux, heads), k_heads, v_heads)  # aggregate
         if block.mixer == "window" and geo.n_global:
-            glb = broadcast(split_heads(q_img, heads), out_aux[:, :, geo.n_cls :], self.global_kv, heads)
+            glb = broadcast(split_heads(q.img, heads), out_aux[:, :, geo.n_cls :], self.global_kv, heads)
             out_img = (out_img.view_as(glb.transpose(1, 2)) + glb.transpose(1, 2)).flatten(2)  # no merge copy
-        return torch.cat([merge_heads(out_aux), out_img], dim=1)
+        return Tokens.of_parts(merge_heads(out_aux), out_img)

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from ..arch import Arch
 from .elastic import ElasticBatchNorm2d, ElasticConv2d, ElasticLayerNorm, ElasticLinear
-from .layout import Geometry, join_aux, split_aux, to_map, to_tokens
+from .layout import Geometry, Tokens, to_map, to_tokens
 
 
 class AuxProjection(nn.Module):
@@ -34,10 +34,9 @@ class ConvDownsample(nn.Module):
         self.norm = ElasticBatchNorm2d(dim_out)
         self.aux = AuxProjection(dim_in, dim_out, eps) if aux else None
 
-    def forward(self, x: Tensor, geo: Geometry, dim_out: int) -> Tensor:
-        aux, img = split_aux(x, geo)
-        img = to_tokens(self.norm(self.conv(to_map(img, geo), dim_out)))
-        return join_aux(self.aux(aux, dim_out), img) if self.aux is not None else img
+    def forward(self, x: Tokens, geo: Geometry, dim_out: int) -> Tokens:
+        img = to_tokens(self.norm(self.conv(to_map(x.img, geo), dim_out)))
+        return Tokens.of_parts(None if x.aux is None else self.aux(x.aux, dim_out), img)
 
 
 class MergeDownsample(nn.Module):
@@ -48,15 +47,15 @@ class MergeDownsample(nn.Module):
         self.residual = ElasticLinear(dim_in, dim_out, bias=False)
         self.aux = AuxProjection(dim_in, dim_out, eps) if aux else None
 
-    def forward(self, x: Tensor, geo: Geometry, dim_out: int) -> Tensor:
-        aux, img = split_aux(x, geo)
+    def forward(self, x: Tokens, geo: Geometry, dim_out: int) -> Tokens:
+        img = x.img
         b, _, c = img.shape
         grid = img.reshape(b, geo.height, geo.width, c)
         quads = [grid[:, 0::2, 0::2], grid[:, 1::2, 0::2], grid[:, 0::2, 1::2], grid[:, 1::2, 1::2]]
         main = self.reduction(self.norm(torch.cat(quads, dim=-1)), dim_out).flatten(1, 2)
         pooled = to_tokens(F.max_pool2d(to_map(img, geo), 2))
         img = main + self.residual(pooled, dim_out)
-        return join_aux(self.aux(aux, dim_out), img) if self.aux is not None else img
+        return Tokens.of_parts(None if x.aux is None else self.aux(x.aux, dim_out), img)
 
 
 def make_downsample(arch: Arch, dim_in: int, dim_out: int, aux: bool) -> nn.Module:

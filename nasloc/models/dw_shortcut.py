@@ -10,12 +10,11 @@ used at the same time, and a shared centre would collapse {3, 5} into one 5x5 co
 """
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .elastic import ElasticBatchNorm2d, ElasticConv2d
-from .layout import Geometry, join_aux, split_aux, to_map, to_tokens
+from .layout import Geometry, to_map, to_tokens
 
 
 class DWBranch(nn.Module):
@@ -33,9 +32,8 @@ class DWShortcut(nn.Module):
         super().__init__()
         self.branches = nn.ModuleDict({f"k{k}": DWBranch(dim, k) for k in kernels})
 
-    def forward(self, x: Tensor, geo: Geometry, kernels: tuple[int, ...]) -> Tensor:
-        """x: the tokens entering the first bypassed block; returns the term added after the last."""
-        aux, img = split_aux(x, geo)
+    def forward(self, img: Tensor, geo: Geometry, kernels: tuple[int, ...]) -> Tensor:
+        """img: the image tokens entering the first bypassed block; returns the term added to the image
+        tokens after the last (the auxiliary tokens get none)."""
         activated = F.gelu(to_map(img, geo))  # shared by the branches: GELU has no weights
-        local = sum(self.branches[f"k{k}"](activated) for k in kernels)
-        return join_aux(torch.zeros_like(aux), to_tokens(local))
+        return to_tokens(sum(self.branches[f"k{k}"](activated) for k in kernels))

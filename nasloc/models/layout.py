@@ -1,12 +1,18 @@
-"""Token layout shared by all blocks: ``(B, n_aux + H*W, C)``, auxiliary tokens first.
+"""Token layout shared by all blocks: :class:`Tokens`, auxiliary and image tokens, joined or apart.
 
-Auxiliary tokens are the class token (if any) followed by the LightViT global tokens (if any).
-Convolutional parts of the locality mechanisms see only the image tokens, as a ``(B, C, H, W)`` map;
-attention sees the tokens split into heads, ``(B, heads, N, C / heads)``.
+Auxiliary tokens are the class token (if any) followed by the LightViT global tokens (if any), ``(B, n_aux,
+C)``; the image tokens are ``(B, H*W, C)``, row-major. Convolutional parts of the locality mechanisms see the
+image tokens as a ``(B, C, H, W)`` map: a contiguous ``(B, H*W, C)`` tensor is that map in channels-last
+layout, a free view, but in one joined tensor the image tokens of each sample are offset by the auxiliary
+ones, so each conv copied them out and each result was joined back (a copy forward and another backward:
+9 % of the every-mechanism arch's training step). Blocks with such parts therefore keep the two apart, and
+global attention, which needs them joined, keeps them joined (:class:`Tokens`).
+Attention sees the tokens split into heads, ``(B, heads, N, C / heads)``.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -31,15 +37,85 @@ class Geometry:
         return Geometry(self.height // 2, self.width // 2, self.n_cls, self.n_global)
 
 
-def split_aux(x: Tensor, geo: Geometry) -> tuple[Tensor, Tensor]:
-    # split, not two slices: backward joins the two gradients once, where each slice would scatter its
-    # gradient into a zero-filled full-size tensor and the two would then be summed
-    aux, img = x.split([geo.n_aux, x.shape[1] - geo.n_aux], dim=1)
-    return aux, img
+class Tokens:
+    """A feature sequence: ``aux`` (B, n_aux, C; None when the arch has none) and ``img`` (B, H*W, C), held
+    joined in one tensor or apart, in the form that the op which made it produced.
+
+    Ops take whichever form they are given (:func:`tokenwise`) or ask for the one they need (:meth:`whole`,
+    :attr:`aux`, :attr:`img`); a form is made once, on first use, and kept. A conversion costs a copy (a join
+    forward, or a split whose backward joins the gradients), so each block starts in the form its parts need
+    (:meth:`~nasloc.models.locality_vit.LocalityBlock.runs_joined`): global attention without convs runs
+    joined, everything else apart, where the image tokens are a dense (B, C, H, W) channels-last map for free.
+    """
+
+    __slots__ = ("n_aux", "made_joined", "_joined", "_parts")
+
+    def __init__(self, n_aux: int, joined: Tensor | None = None, parts: tuple[Tensor | None, Tensor] | None = None):
+        self.n_aux, self._joined, self._parts = n_aux, joined, parts
+        self.made_joined = joined is not None
+
+    @classmethod
+    def of_joined(cls, x: Tensor, n_aux: int) -> "Tokens":
+        """From (B, n_aux + H*W, C), auxiliary tokens first."""
+        return cls(n_aux, joined=x)
+
+    @classmethod
+    def of_parts(cls, aux: Tensor | None, img: Tensor) -> "Tokens":
+        return cls(0 if aux is None else aux.shape[1], parts=(aux, img))
+
+    def whole(self) -> Tensor:
+        """(B, n_aux + H*W, C), auxiliary tokens first."""
+        if self._joined is None:
+            aux, img = self._parts
+            self._joined = img if aux is None else torch.cat([aux, img], dim=1)
+        return self._joined
+
+    def parts(self) -> tuple[Tensor | None, Tensor]:
+        # split, not two slices: backward joins the two gradients once, where each slice would scatter its
+        # gradient into a zero-filled full-size tensor and the two would then be summed
+        if self._parts is None:
+            x = self._joined
+            self._parts = (None, x) if not self.n_aux else tuple(x.split([self.n_aux, x.shape[1] - self.n_aux], dim=1))
+        return self._parts
+
+    @property
+    def dim(self) -> int:
+        return (self._joined if self._joined is not None else self._parts[1]).shape[-1]
+
+    @property
+    def aux(self) -> Tensor | None:
+        return self.parts()[0]
+
+    @property
+    def img(self) -> Tensor:
+        return self.parts()[1]
+
+    def in_form(self, joined: bool) -> "Tokens":
+        """The same tokens, made joined or apart."""
+        if joined:
+            return self if self.made_joined else Tokens.of_joined(self.whole(), self.n_aux)
+        return Tokens.of_parts(*self.parts()) if self.made_joined else self
 
 
-def join_aux(aux: Tensor, img: Tensor) -> Tensor:
-    return torch.cat([aux, img], dim=1) if aux.shape[1] else img
+def tokenwise(fn: Callable[..., Tensor], *xs: Tokens) -> Tokens:
+    """``fn`` acting on each token alone (a linear layer, a norm, an activation, an elementwise op of several
+    sequences) applied to every token, in the form of the first sequence."""
+    if xs[0].made_joined:
+        return Tokens.of_joined(fn(*(x.whole() for x in xs)), xs[0].n_aux)
+    parts = [x.parts() for x in xs]
+    aux = None if parts[0][0] is None else fn(*(p[0] for p in parts))
+    return Tokens.of_parts(aux, fn(*(p[1] for p in parts)))
+
+
+def add(x: Tokens, y: Tokens) -> Tokens:
+    return tokenwise(torch.add, x, y)
+
+
+def token_mean(x: Tokens) -> Tensor:
+    """(B, 1, C): the mean over all tokens, auxiliary ones included."""
+    if x.made_joined or x.aux is None:
+        return x.whole().mean(1, keepdim=True)
+    return (x.aux.sum(1, keepdim=True) + x.img.sum(1, keepdim=True)) / (x.aux.shape[1] + x.img.shape[1])
 
 
 def to_map(tokens: Tensor, geo: Geometry) -> Tensor:
@@ -53,10 +129,9 @@ def to_tokens(feature_map: Tensor) -> Tensor:
     return feature_map.flatten(2).transpose(1, 2)
 
 
-def map_image_tokens(x: Tensor, geo: Geometry, fn) -> Tensor:
-    """Apply ``fn`` (map -> map with the same spatial size) to the image tokens; aux tokens pass as they are."""
-    aux, img = split_aux(x, geo)
-    return join_aux(aux, to_tokens(fn(to_map(img, geo))))
+def on_map(img: Tensor, geo: Geometry, fn: Callable[[Tensor], Tensor]) -> Tensor:
+    """``fn`` (map -> map of the same size) applied to image tokens (B, H*W, C), seen as a (B, C, H, W) map."""
+    return to_tokens(fn(to_map(img, geo)))
 
 
 def split_heads(t: Tensor, heads: int) -> Tensor:

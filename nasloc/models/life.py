@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from .elastic import ElasticConv2d, ElasticLinear
-from .layout import Geometry, map_image_tokens
+from .layout import Geometry, Tokens, on_map, tokenwise
 
 
 class MultiScaleQKV(nn.Module):
@@ -30,12 +30,19 @@ class MultiScaleQKV(nn.Module):
         self.dw5 = ElasticConv2d(dim, dim, 5, bias=False, depthwise=True)
 
     def forward(
-        self, x: Tensor, geo: Geometry, s1: ElasticLinear, pw2: ElasticLinear, pw3: ElasticLinear
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        dim = x.shape[-1]
-        scale1 = s1(x, dim)
-        scale2 = pw2(map_image_tokens(scale1, geo, self.dw3), dim, use_bias=False)
-        scale3 = pw3(map_image_tokens(scale2, geo, self.dw5), dim, use_bias=False)
-        thirds = [s.split(dim // 3, dim=-1) for s in (scale1, scale2, scale3)]
-        q, k, v = (torch.cat([t[i] for t in thirds], dim=-1) for i in range(3))
-        return q, k, v
+        self, x: Tokens, geo: Geometry, s1: ElasticLinear, pw2: ElasticLinear, pw3: ElasticLinear
+    ) -> tuple[Tokens, Tokens, Tokens]:
+        dim = x.dim
+        scale1 = tokenwise(lambda t: s1(t, dim), x)
+        scale2 = tokenwise(lambda t: pw2(t, dim, use_bias=False), Tokens.of_parts(scale1.aux, on_map(scale1.img, geo, self.dw3)))
+        scale3 = tokenwise(lambda t: pw3(t, dim, use_bias=False), Tokens.of_parts(scale2.aux, on_map(scale2.img, geo, self.dw5)))
+        img = _regroup((scale1.img, scale2.img, scale3.img), dim)
+        aux = (None,) * 3 if x.aux is None else _regroup((scale1.aux, scale2.aux, scale3.aux), dim)
+        return tuple(Tokens.of_parts(a, i) for a, i in zip(aux, img))
+
+
+def _regroup(scales: tuple[Tensor, Tensor, Tensor], dim: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The scales' [q_i | k_i | v_i] thirds regrouped into Q = [q1 q2 q3], K and V."""
+    thirds = [s.split(dim // 3, dim=-1) for s in scales]
+    q, k, v = (torch.cat([t[i] for t in thirds], dim=-1) for i in range(3))
+    return q, k, v

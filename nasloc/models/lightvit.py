@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from . import neighbourhood
 from .elastic import ElasticLayerNorm, ElasticLinear, ElasticParameter
-from .layout import Geometry, attend, merge_heads, split_heads
+from .layout import Geometry, Tokens, attend, merge_heads, split_heads, token_mean, tokenwise
 
 
 class RelPosBias(nn.Module):
@@ -80,11 +80,15 @@ class BiAttnGate(nn.Module):
         self.channel_select = ElasticLinear(reduced, dim)
         self.spatial_select = ElasticLinear(reduced, 1, in_groups=2)
 
-    def forward(self, y: Tensor) -> Tensor:
-        dim = y.shape[-1]
-        z = self.norm(y)
-        glb = F.gelu(self.global_reduce(z.mean(1, keepdim=True), dim // 4))
-        loc = F.gelu(self.local_reduce(z, dim // 4))
+    def forward(self, y: Tokens) -> Tokens:
+        """Gates every token; the channel gate pools all of them, auxiliary ones included (as LightViT does)."""
+        dim = y.dim
+        z = tokenwise(self.norm, y)
+        glb = F.gelu(self.global_reduce(token_mean(z), dim // 4))
         channel = torch.sigmoid(self.channel_select(glb, dim))
-        spatial = torch.sigmoid(self.spatial_select(torch.cat([loc, glb.expand_as(loc)], dim=-1), 1))
-        return y * channel * spatial
+
+        def gate(t: Tensor, loc: Tensor) -> Tensor:
+            spatial = torch.sigmoid(self.spatial_select(torch.cat([loc, glb.expand_as(loc)], dim=-1), 1))
+            return t * channel * spatial
+
+        return tokenwise(gate, y, tokenwise(lambda t: F.gelu(self.local_reduce(t, dim // 4)), z))

@@ -18,7 +18,7 @@ from typing import Any, Iterable, Sequence
 
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import DropPath, resample_abs_pos_embed, resize_rel_pos_bias_table_simple, trunc_normal_
+from timm.layers import resample_abs_pos_embed, resize_rel_pos_bias_table_simple, trunc_normal_
 from timm.models import checkpoint
 from torch import Tensor, nn
 
@@ -28,7 +28,7 @@ from .downsample import make_downsample
 from .dw_shortcut import DWShortcut
 from .elastic import ElasticLayerNorm, ElasticLinear, ElasticParameter
 from .heads import Neck, pool
-from .layout import Geometry, to_map
+from .layout import Geometry, Tokens, add, to_map, tokenwise
 from .localvit import LocalityFFN
 from .mlp import Mlp
 from .pos_embed import ConvPosEnc
@@ -108,17 +108,40 @@ class LocalityBlock(nn.Module):
             self.norm2 = ElasticLayerNorm(dim, eps)
             self.ffn = Mlp(dim, stage.hidden, block.ffn_kernel, gate=cap.ffn_gate)
         self.shortcut = DWShortcut(dim, block.shortcut_kernels) if block.shortcut_kernels else None
-        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()  # nasloc's, on Tokens
 
-    def forward(self, x: Tensor, geo: Geometry, arch: Arch, stage: Stage, block: Block, window: int) -> Tensor:
+    @staticmethod
+    def runs_joined(arch: Arch, block: Block) -> bool:
+        """Whether the block runs on joined tokens (global attention, nothing that sees the image tokens alone)
+        or apart (:class:`~nasloc.models.layout.Tokens`)."""
+        return block.mixer == "global" and not (block.life or block.ffn_kernel or arch.cpe or arch.ffn == "localvit")
+
+    def forward(self, x: Tokens, geo: Geometry, arch: Arch, stage: Stage, block: Block, window: int) -> Tokens:
+        x = x.in_form(joined=self.runs_joined(arch, block))
         if arch.cpe:
-            x = self.cpe(x, geo)
-        mixed = self.attn(self.norm1(x), geo, stage.heads, block, arch.qkv_bias, window, arch.dilate_kernel)
-        x = x + self.drop_path(mixed)
+            x = Tokens.of_parts(x.aux, self.cpe(x.img, geo))
+        mixed = self.attn(tokenwise(self.norm1, x), geo, stage.heads, block, arch.qkv_bias, window, arch.dilate_kernel)
+        x = add(self.drop_path(mixed), x)  # in the form of the mixer's output
         if self.norm2 is None:  # LocalViT's FFN carries its own residual and no drop-path
             return self.ffn(x, geo, stage.hidden, block.ffn_kernel)
-        ffn = self.ffn(self.norm2(x), geo, stage.hidden, block.ffn_kernel, gate=arch.ffn == "bidim")
-        return x + self.drop_path(ffn)
+        ffn = self.ffn(tokenwise(self.norm2, x), geo, stage.hidden, block.ffn_kernel, gate=arch.ffn == "bidim")
+        return add(x, self.drop_path(ffn))
+
+
+class DropPath(nn.Module):
+    """timm's DropPath (stochastic depth) on :class:`Tokens`: one draw per sample drops the residual branch
+    for all of its tokens."""
+
+    def __init__(self, prob: float):
+        super().__init__()
+        self.prob = prob
+
+    def forward(self, x: Tokens) -> Tokens:
+        if not self.training:
+            return x
+        keep = 1 - self.prob
+        mask = x.img.new_empty(x.img.shape[0], 1, 1).bernoulli_(keep).div_(keep)
+        return tokenwise(lambda t: t * mask, x)
 
 
 class LocalityStage(nn.Module):
@@ -219,18 +242,22 @@ class LocalityViT(nn.Module):
         ]
 
     # -------------------------------------------------------------------------------- forward
-    def embed(self, x: Tensor, arch: Arch) -> tuple[Tensor, Geometry]:
-        dim = arch.stages[0].dim
-        tokens = self.stem(x, arch)
-        b = tokens.shape[0]
+    def embed(self, x: Tensor, arch: Arch) -> tuple[Tokens, Geometry]:
+        dim, n_cls = arch.stages[0].dim, int(arch.cls_token)
+        img = self.stem(x, arch)
+        b = img.shape[0]
+        aux = []
         if self.cls_token is not None:
-            tokens = torch.cat([self.cls_token(1, 1, dim).expand(b, -1, -1), tokens], dim=1)
-        if self.pos_embed is not None:
-            tokens = tokens + self.pos_embed(1, tokens.shape[1], dim)
+            aux.append(self.cls_token(1, 1, dim))
+        if self.pos_embed is not None:  # the class token has its own entry; global tokens have none
+            pos_cls, pos_img = self.pos_embed(1, n_cls + img.shape[1], dim).split([n_cls, img.shape[1]], dim=1)
+            img = img + pos_img
+            aux = [aux[0] + pos_cls] if n_cls else aux
         if arch.global_tokens:
-            tokens = torch.cat([tokens[:, : int(arch.cls_token)], self.global_tokens(1, arch.global_tokens, dim).expand(b, -1, -1), tokens[:, int(arch.cls_token) :]], dim=1)
+            aux.append(self.global_tokens(1, arch.global_tokens, dim))
         grid = arch.grid(0)
-        return tokens, Geometry(grid, grid, int(arch.cls_token), arch.global_tokens)
+        aux_tokens = torch.cat(aux, dim=1).expand(b, -1, -1) if aux else None
+        return Tokens.of_parts(aux_tokens, img), Geometry(grid, grid, n_cls, arch.global_tokens)
 
     def run_blocks(self, x: Tensor, arch: Arch):
         """Run the network block by block; yields (global block index, stage index, tokens, geometry)."""
@@ -244,7 +271,7 @@ class LocalityViT(nn.Module):
                 geo = geo.halved()
             block = stage.blocks[b]
             if index in starts:
-                pending = (x, block, starts[index])
+                pending = (x.img, block, starts[index])
             args = (geo, arch, stage_arch, stage_arch.blocks[b], arch.window_size(s))
             if self.grad_checkpointing and not torch.jit.is_scripting():
                 x = checkpoint(block, x, *args)
@@ -252,14 +279,14 @@ class LocalityViT(nn.Module):
                 x = block(x, *args)
             if pending is not None and index == pending[2].start + pending[2].span - 1:
                 shortcut_input, owner, shortcut = pending
-                x = x + owner.shortcut(shortcut_input, geo, shortcut.kernels)
+                x = Tokens.of_parts(x.aux, x.img + owner.shortcut(shortcut_input, geo, shortcut.kernels))
                 pending = None
             yield index, s, x, geo
 
     def features(self, x: Tensor, arch: Arch) -> Tensor:
         for *_, x, _geo in self.run_blocks(x, arch):
             pass
-        return self.norm(x)
+        return self.norm(x.whole())
 
     def head_forward(self, x: Tensor, arch: Arch, pre_logits: bool = False) -> Tensor:
         x = self.head_drop(pool(x, arch, self.neck))
@@ -292,15 +319,14 @@ class LocalityViT(nn.Module):
         intermediates = []
         for index, _s, tokens, geo in self.run_blocks(x, self.arch):
             if index in take:
-                img = tokens[:, geo.n_aux :]
-                img = self.norm(img) if norm else img
+                img = self.norm(tokens.img) if norm else tokens.img
                 intermediates.append(to_map(img, geo) if output_fmt == "NCHW" else img)
             if stop_early and index >= max_index:
                 break
             last = tokens
         if intermediates_only:
             return intermediates
-        return self.norm(last), intermediates
+        return self.norm(last.whole()), intermediates
 
     # -------------------------------------------------------------------------------- timm API
     @torch.jit.ignore

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .elastic import ElasticBatchNorm2d, ElasticConv2d, ElasticLinear
-from .layout import Geometry, join_aux, split_aux, to_map, to_tokens
+from .layout import Geometry, Tokens, to_map, to_tokens
 
 
 def se_channels(dim: int, hidden: int) -> int:
@@ -45,13 +45,13 @@ class LocalityFFN(nn.Module):
         self.fc2 = ElasticLinear(hidden, dim, bias=False)
         self.norm3 = ElasticBatchNorm2d(dim, eps=eps)
 
-    def forward(self, x: Tensor, geo: Geometry, hidden: int, kernel: int) -> Tensor:
+    def forward(self, x: Tokens, geo: Geometry, hidden: int, kernel: int) -> Tokens:
         """Returns x with the residual already added (aux tokens unchanged)."""
-        aux, img = split_aux(x, geo)
+        img = x.img
         dim = img.shape[-1]
         h = F.hardswish(self.norm1(to_map(self.fc1(img, hidden), geo)))
         if kernel:
             h = F.hardswish(self.norm2(self.conv(h, kernel=kernel)))
         h = self.se(h, se_channels(dim, hidden))
         y = self.norm3(to_map(self.fc2(to_tokens(h), dim), geo))
-        return join_aux(aux, img + to_tokens(y))
+        return Tokens.of_parts(x.aux, img + to_tokens(y))

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .elastic import ElasticConv2d, ElasticLinear
-from .layout import Geometry, map_image_tokens
+from .layout import Geometry, Tokens, on_map, tokenwise
 from .lightvit import BiAttnGate
 
 
@@ -25,9 +25,10 @@ class Mlp(nn.Module):
         self.fc2 = ElasticLinear(hidden, dim)
         self.gate = BiAttnGate(dim) if gate else None
 
-    def forward(self, x: Tensor, geo: Geometry, hidden: int, kernel: int, gate: bool = False) -> Tensor:
-        h = F.gelu(self.fc1(x, hidden))
+    def forward(self, x: Tokens, geo: Geometry, hidden: int, kernel: int, gate: bool = False) -> Tokens:
+        dim = x.dim
+        h = tokenwise(lambda t: F.gelu(self.fc1(t, hidden)), x)
         if kernel:
-            h = map_image_tokens(h, geo, lambda m: F.gelu(self.conv(m, kernel=kernel)))
-        y = self.fc2(h, x.shape[-1])
+            h = Tokens.of_parts(h.aux, on_map(h.img, geo, lambda m: F.gelu(self.conv(m, kernel=kernel))))
+        y = tokenwise(lambda t: self.fc2(t, dim), h)
         return self.gate(y) if gate else y

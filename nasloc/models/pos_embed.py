@@ -10,7 +10,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from .elastic import ElasticConv2d
-from .layout import Geometry, join_aux, split_aux, to_map, to_tokens
+from .layout import Geometry, on_map
 
 
 class ConvPosEnc(nn.Module):
@@ -18,6 +18,6 @@ class ConvPosEnc(nn.Module):
         super().__init__()
         self.conv = ElasticConv2d(dim, dim, 3, bias=True, depthwise=True)
 
-    def forward(self, x: Tensor, geo: Geometry) -> Tensor:
-        aux, img = split_aux(x, geo)
-        return join_aux(aux, img + to_tokens(self.conv(to_map(img, geo))))
+    def forward(self, img: Tensor, geo: Geometry) -> Tensor:
+        """img: image tokens (the auxiliary tokens get no position encoding)."""
+        return img + on_map(img, geo, self.conv)
