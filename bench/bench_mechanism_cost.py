@@ -24,7 +24,7 @@ from typing import Callable
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_official import every_mechanism_arch, race, train_step  # noqa: E402
+from bench_official import CLOCKS, every_mechanism_arch, race, train_step  # noqa: E402
 from nasloc.arch import Arch  # noqa: E402
 from nasloc.flops import count  # noqa: E402
 from nasloc.models import LocalityViT  # noqa: E402
@@ -72,6 +72,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=7)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--clock", choices=sorted(CLOCKS), default="wall", help="as in bench_official.py")
     return p.parse_args()
 
 
@@ -87,9 +88,9 @@ def main() -> None:
     x = torch.randn(args.batch, 3, 32, 32)
     y = torch.randint(0, 10, (args.batch,))
     steps = {name: train_step(LocalityViT(arch), x, y) for name, arch in models.items()}
-    times = race(steps, args.steps, args.warmup)
+    times = race(steps, args.steps, args.warmup, args.clock)
     print(f"{time.strftime('%Y-%m-%d %H:%M')}, torch {torch.__version__}, {args.threads} thread(s), load average "
-          f"{os.getloadavg()[0]:.1f}; {args.arch}, batch {args.batch} at 32 px, median of {args.steps} rounds\n")
+          f"{os.getloadavg()[0]:.1f}, {args.clock} clock; {args.arch}, batch {args.batch} at 32 px, median of {args.steps} rounds\n")
     print("| model | ms per step | MMACs | share of the step | share of the MACs |")
     print("|---|---|---|---|---|")
     t_arch, m_arch = statistics.median(times["arch"]), count(models["arch"]).macs

@@ -32,7 +32,9 @@ installed), LIFE's ``deit.py`` imports ``_init_vit_weights`` (gone from timm 1.0
 
 Timing: steps run model after model, the order rotated each round; a ratio is the median over ``--steps``
 rounds (after ``--warmup``) of the ratio within each round, which cancels most of the bursts of load from
-other jobs; ms per step are plain medians. One thread by default.
+other jobs; ms per step are plain medians. One thread by default. ``--clock cpu`` times steps by the process's
+CPU time instead of the wall clock: beside other jobs on a shared machine a one-thread step also waits for a
+core (a third of its wall time beside two busy one-thread jobs on 2 cores), and that wait is noise.
 """
 from __future__ import annotations
 
@@ -120,6 +122,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=5, help="timed rounds")
     p.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
+                   help="wall: elapsed time; cpu: this process's CPU time, which leaves out the time spent waiting "
+                        "for a core while other jobs run (a fair ratio at --threads 1 on a shared machine)")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args()
 
@@ -191,17 +196,21 @@ def train_step(model: nn.Module, x: Tensor, y: Tensor) -> Step:
     return run
 
 
-def race(steps: dict[str, Step], rounds: int, warmup: int) -> dict[str, list[float]]:
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+def race(steps: dict[str, Step], rounds: int, warmup: int, clock: str = "wall") -> dict[str, list[float]]:
     """Seconds per step of each model in every timed round, the models interleaved (order rotated every
-    round, so that no model always runs first or after the same one)."""
+    round, so that no model always runs first or after the same one), by the ``clock`` of :data:`CLOCKS`."""
+    now = CLOCKS[clock]
     names = list(steps)
     times: dict[str, list[float]] = {n: [] for n in names}
     for r in range(warmup + rounds):
         for name in names[r % len(names):] + names[: r % len(names)]:
-            start = time.perf_counter()
+            start = now()
             steps[name]()
             if r >= warmup:
-                times[name].append(time.perf_counter() - start)
+                times[name].append(now() - start)
     return times
 
 
@@ -241,7 +250,7 @@ def imagenet_section(args: argparse.Namespace, dirs: dict[str, Path]) -> None:
                 if mode == "train" and OFFICIAL[seed].train_fix:
                     OFFICIAL[seed].train_fix(models["official"])
             steps = {n: eval_step(m, x) if mode == "eval" else train_step(m, x, y) for n, m in models.items()}
-            t = race(steps, args.steps, args.warmup)
+            t = race(steps, args.steps, args.warmup, args.clock)
             has_official = "official" in t
             vs_official = f"**{speed_ratio(t, 'nasloc', 'official'):.2f}**" if has_official else "(no official code given)"
             official_deit = f"{speed_ratio(t, 'official', 'deit'):.2f}" if has_official else "-"
@@ -267,7 +276,7 @@ def cifar_section(args: argparse.Namespace) -> None:
         twin = matched_plain(arch)
         torch.manual_seed(args.seed)
         models = {"nasloc": nasloc.LocalityViT(arch), "timm": timm_twin(twin)}
-        t = race({n: train_step(m, x, y) for n, m in models.items()}, args.steps, args.warmup)
+        t = race({n: train_step(m, x, y) for n, m in models.items()}, args.steps, args.warmup, args.clock)
         print(f"| {label} | {arch.describe()} | {count(arch).macs / 1e6:.1f} / {count(twin).macs / 1e6:.1f} "
               f"| **{speed_ratio(t, 'nasloc', 'timm'):.2f}** | {median_ms(t, 'nasloc')}, {median_ms(t, 'timm')} |",
               flush=True)
@@ -278,7 +287,7 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     dirs = official_dirs(args.official_dir)
     print(f"{time.strftime('%Y-%m-%d %H:%M')}, torch {torch.__version__}, timm {timm.__version__}, "
-          f"{platform.machine()}, {args.threads} thread(s), load average {os.getloadavg()[0]:.1f}; median of "
+          f"{platform.machine()}, {args.threads} thread(s), load average {os.getloadavg()[0]:.1f}, {args.clock} clock; median of "
           f"{args.steps} interleaved rounds after {args.warmup} warm-up", flush=True)
     if "imagenet" in args.sections:
         imagenet_section(args, dirs)
