@@ -5,11 +5,14 @@ its split (validation = images 4500-4999 of each class, 5,000; training = the ot
 
 - ``<budget>/seed/<design>/s<k>``: ``nasloc train`` of a seed design (nasloc.seeds.reference_archs: the largest
   arch of each mechanism alone within the budget in search_spaces/cifar.yaml) with the standalone recipe, seed k;
-- ``<budget>/search/<sampler>``: ``run_search.py`` (supernet, search, selection; no retraining) with NSGA-II or
-  random search, equally long; its pick is the selection's rank 1;
-- ``<budget>/pick/<sampler>/s<k>``: ``nasloc train`` of that pick with the standalone recipe, seed k;
-- ``<budget>/rank/<trial>``: ``nasloc train`` (seed 0) of every other selection candidate of the NSGA-II run, so
-  that the proxy and selection scores of all its candidates can be ranked against the recipe's top-1.
+- ``<budget>/search/<sampler>``: ``run_search.py`` (supernet, search, selection) with NSGA-II or random search,
+  equally long; its retrain phase is run here with the standalone recipe instead of the product's short one:
+- ``<budget>/rank/<trial>`` (NSGA-II) and ``<budget>/final/<sampler>/<trial>`` (other samplers): ``nasloc train``
+  (seed 0) of a selection candidate. The first ``--retrain-top-k`` candidates of a selection are its finalists
+  (a seed design's training is its seed unit); the pick is the finalist with the best top-1, as the product
+  retrains the selection's best ``--retrain-top-k`` and exports the best retrained. Every NSGA-II candidate is
+  trained, so that the proxy and selection scores can be ranked against the recipe's top-1;
+- ``<budget>/pick/<sampler>/s<k>``: the pick with the standalone recipe, seed k (seed 0 is its finalist training).
 
 Each finished unit is merged into ``OUT/record.json`` at once (val top-1, MACs, params, wall and CPU seconds), so
 the script can be stopped at any moment and rerun: a finished unit is never run again, an unfinished training
@@ -43,6 +46,7 @@ from typing import Callable
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from evidence_cifar import ROOT, Record, log  # noqa: E402  (claims and the merged JSON record)
 from nasloc.fileio import write_atomic  # noqa: E402
+from nasloc.run import RunOptions  # noqa: E402
 
 DESIGNS = {  # export folder name -> nasloc.seeds.MECHANISMS key
     "plain": "plain ViT", "dw_shortcut": "DW shortcut", "localvit": "LocalViT FFN", "life": "LIFE",
@@ -72,6 +76,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--trials", type=int, default=60)
     p.add_argument("--select-top-k", type=int, default=8)
     p.add_argument("--select-epochs", type=int, default=4)
+    p.add_argument("--retrain-top-k", type=int, default=RunOptions.retrain_top_k,
+                   help="finalists per selection, trained with the recipe; the best is the pick (the product's "
+                        "--retrain-top-k and its default)")
     p.add_argument("--rank", action=argparse.BooleanOptionalAction, default=True,
                    help="train every selection candidate of the NSGA-II run once (the ranking study)")
     p.add_argument("--device", default="cpu")
@@ -79,7 +86,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--loader-workers", type=int, default=1, help="data loading processes of each command")
     p.add_argument("--jobs", type=int, default=1, help="units run at once by this process")
     p.add_argument("--minutes", type=float, default=0, help="stop (killing running units) after this long; 0 = never")
-    p.add_argument("--only", default="", help="comma list of unit kinds to run (seed,search,pick,rank); default all")
+    p.add_argument("--only", default="", help="comma list of unit kinds to run (seed,search,final,pick,rank); default all")
     return p.parse_args(argv)
 
 
@@ -122,7 +129,7 @@ class Protocol:
     def __init__(self, args: argparse.Namespace, data: Path, rec: Record):
         self.args, self.data, self.rec = args, data, rec
         self.work = Path(args.work)
-        self.kinds = set(args.only.split(",")) if args.only else {"seed", "search", "pick", "rank"}
+        self.kinds = set(args.only.split(",")) if args.only else {"seed", "search", "final", "pick", "rank"}
         self.stopping = threading.Event()
         self.children: set[subprocess.Popen] = set()
         self.lock = threading.Lock()
@@ -140,18 +147,22 @@ class Protocol:
 
     # ------------------------------------------------------------------------ which units, in what order
     def units(self) -> list[Unit]:
-        """Every unit known so far (picks and ranking archs appear once their search is recorded), by priority:
-        the searches first (the longest chains), then seed 0 of each design, the picks, then the other seeds."""
+        """Every unit known so far (finalists, picks and ranking archs appear once their search is recorded), by
+        priority: the searches first (the longest chains), then seed 0 of each design, the finalists and picks, the
+        other seeds, then the ranking trainings."""
         order: list[Unit] = []
         for budget in self.budgets:
             order += [self._search(budget, s) for s in SAMPLERS]
         for seed in range(self.args.seeds):
             for budget in self.budgets:
                 order += [self._seed(budget, d, seed) for d in DESIGNS]
+                if seed == 0:
+                    order += [u for s in SAMPLERS if self._searched(budget, s) for u in self._finalist_units(budget, s)]
                 order += [self._pick(budget, s, seed) for s in SAMPLERS if self._searched(budget, s)]
-            if seed == 0 and self.args.rank:
-                order += [u for b in self.budgets if self._searched(b, "nsga2") for u in self._ranking(b)]
-        return [u for u in order if u.key.split("/")[1] in self.kinds]
+        if self.args.rank:
+            order += [u for b in self.budgets if self._searched(b, "nsga2") for u in self._ranking(b)]
+        unique = {u.key: u for u in reversed(order)}  # a finalist of the NSGA-II run is also a ranking unit
+        return [unique[k] for k in dict.fromkeys(u.key for u in order) if k.split("/")[1] in self.kinds]
 
     @property
     def budgets(self) -> list[str]:
@@ -164,26 +175,50 @@ class Protocol:
         key = f"{budget}/seed/{design}/s{seed}"
         return Unit(key, (), lambda: self._train(key, self._design_file(budget, design), seed, export_as=design))
 
+    def _finalists(self, budget: str, sampler: str) -> list[tuple[dict, str]]:
+        """(candidate, key of its seed-0 recipe training) of the selection's first ``--retrain-top-k``."""
+        search = self._searched(budget, sampler)
+        return [(c, self._training_key(budget, sampler, c)) for c in search["candidates"][: self.args.retrain_top_k]]
+
+    def _training_key(self, budget: str, sampler: str, candidate: dict) -> str:
+        design = self._seed_design_of(budget, candidate)
+        if design:  # a seed design among the candidates: its own seed-0 training
+            return f"{budget}/seed/{design}/s0"
+        kind = "rank" if sampler == "nsga2" else f"final/{sampler}"
+        return f"{budget}/{kind}/{candidate['search_trial']}"
+
+    def _finalist_units(self, budget: str, sampler: str) -> list[Unit]:
+        return [self._candidate_unit(budget, sampler, c, key) for c, key in self._finalists(budget, sampler)
+                if "/seed/" not in key]
+
+    def _candidate_unit(self, budget: str, sampler: str, candidate: dict, key: str) -> Unit:
+        model = self._arch_file(f"{budget}/{sampler}-trial{candidate['search_trial']}", candidate["arch"])
+        return Unit(key, (f"{budget}/search/{sampler}",), lambda: self._train(key, model, 0))
+
     def _pick(self, budget: str, sampler: str, seed: int) -> Unit:
+        """The finalist with the best recipe top-1 (seed 0); seed 0 is that training itself, exported."""
         key = f"{budget}/pick/{sampler}/s{seed}"
         search_key = f"{budget}/search/{sampler}"
-        search = self._searched(budget, sampler)
-        design = search and self._seed_design_picked(budget, search["pick"])
-        if design:  # the selection picked a seed design: the same command as that design's training, not rerun
-            same = f"{budget}/seed/{design}/s{seed}"
-            export_as = f"nasloc_{sampler}" if seed == 0 else None
-            return Unit(key, (search_key, same), lambda: self._same_as(same, export_as))
+        finalists = self._finalists(budget, sampler) if self._searched(budget, sampler) else []
 
         def run() -> dict:
-            pick = self.rec.get(search_key)["pick"]
-            model = self._arch_file(f"{budget}/{sampler}-trial{pick['search_trial']}", pick["arch"])
-            return self._train(key, model, seed, export_as=f"nasloc_{sampler}")
-        return Unit(key, (search_key,), run)
+            candidate, trained = max(finalists, key=lambda f: self.rec.get(f[1])["top1"])
+            chosen = dict(pick_source=candidate["source"], pick_trial=candidate["search_trial"],
+                          finalists={k: self.rec.get(k)["top1"] for _, k in finalists})
+            design = self._seed_design_of(budget, candidate)
+            if seed == 0 or design:  # the same command as a training already recorded: not run twice
+                same = trained if seed == 0 else f"{budget}/seed/{design}/s{seed}"
+                return {**self._same_as(same, f"nasloc_{sampler}" if seed == 0 else None), **chosen}
+            model = self._arch_file(f"{budget}/{sampler}-trial{candidate['search_trial']}", candidate["arch"])
+            return {**self._train(key, model, seed), **chosen}
+        # a seed design among the finalists may be the pick: its training of this seed then comes first
+        designs = [d for d in (self._seed_design_of(budget, c) for c, _ in finalists) if d and seed]
+        return Unit(key, (search_key, *(k for _, k in finalists), *(f"{budget}/seed/{d}/s{seed}" for d in designs)), run)
 
-    def _seed_design_picked(self, budget: str, pick: dict) -> str | None:
-        """The design whose arch the pick is (a seed design can win the selection), else None."""
-        design = next((d for d, label in DESIGNS.items() if label == pick["source"]), None)
-        if design and json.loads(json.dumps(_design_arch(budget, design))) == pick["arch"]:  # as JSON, like the pick
+    def _seed_design_of(self, budget: str, candidate: dict) -> str | None:
+        """The design whose arch the candidate is (the seed designs compete in the selection), else None."""
+        design = next((d for d, label in DESIGNS.items() if label == candidate["source"]), None)
+        if design and json.loads(json.dumps(_design_arch(budget, design))) == candidate["arch"]:  # as JSON
             return design
         return None
 
@@ -199,21 +234,10 @@ class Protocol:
         return result
 
     def _ranking(self, budget: str) -> list[Unit]:
-        """Each selection candidate of the NSGA-II run that is not a seed design (those are trained anyway); the
-        pick's seed-0 training is its ranking training."""
+        """Each selection candidate of the NSGA-II run that is not a seed design (those are trained anyway)."""
         search = self._searched(budget, "nsga2")
-        units = []
-        for c in search["candidates"]:
-            if c["source"] in DESIGNS.values():
-                continue
-            key = f"{budget}/rank/{c['search_trial']}"
-            if c["search_trial"] == search["pick"]["search_trial"]:
-                pick = f"{budget}/pick/nsga2/s0"
-                units.append(Unit(key, (pick,), lambda p=pick: self._same_as(p)))
-                continue
-            model = self._arch_file(f"{budget}/nsga2-trial{c['search_trial']}", c["arch"])
-            units.append(Unit(key, (f"{budget}/search/nsga2",), lambda k=key, m=model: self._train(k, m, 0)))
-        return units
+        keyed = [(c, self._training_key(budget, "nsga2", c)) for c in search["candidates"]]
+        return [self._candidate_unit(budget, "nsga2", c, key) for c, key in keyed if "/seed/" not in key]
 
     def _search(self, budget: str, sampler: str) -> Unit:
         key = f"{budget}/search/{sampler}"
