@@ -12,6 +12,7 @@ import pytest
 import timm
 import timm.optim
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 
 import nasloc
@@ -480,3 +481,33 @@ def test_timm_overrides_reach_the_arch():
         assert model.eval()(torch.randn(1, 1, 96, 96)).shape == (1, 3)
     assert model.pos_embed.value.shape == (1, 1 + 36, 192)
     assert math.isclose(count(model.arch).params, n_params(model))
+
+
+class _CountCopies(TorchDispatchMode):
+    """Counts the ops that join or gather tokens into new memory (cat, and copies made to contiguous)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls: dict[str, int] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if name in ("cat", "clone", "_to_copy", "copy_"):
+            self.calls[name] = self.calls.get(name, 0) + 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("mixer", ["window", "dilated"])
+def test_local_blocks_with_convs_and_aux_tokens_join_nothing(mixer):
+    """Local blocks keep the auxiliary tokens apart from the image tokens (Tokens): their CPE, FFN conv and the
+    DW shortcut see the image tokens as a map without a copy, and nothing is joined back after them."""
+    arch = _columnar(Block(mixer=mixer, dilations=(1, 2, 1) if mixer == "dilated" else (), ffn_kernel=3), depth=2,
+                     window=4, cpe=True, global_tokens=2, shortcuts=(Shortcut(start=0, span=2, kernels=(3,)),))
+    model = LocalityViT(arch).eval()
+    tokens, geo = model.embed(torch.randn(2, 3, 32, 32), arch)
+    tokens = Tokens.of_parts(tokens.aux.contiguous(), tokens.img)
+    with torch.no_grad(), _CountCopies() as counted:
+        out = model.stages[0].blocks[0](tokens, geo, arch, arch.stages[0], arch.stages[0].blocks[0], 4)
+        out.img + model.stages[0].blocks[0].shortcut(out.img, geo, (3,))
+    assert not out.made_joined
+    assert counted.calls.get("cat", 0) == 0, counted.calls
