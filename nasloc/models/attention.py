@@ -39,7 +39,8 @@ class TokenMixer(nn.Module):
         self.global_kv = ElasticLinear(dim, dim, out_groups=2) if broadcast else None
         self.proj = ElasticLinear(dim, dim)
 
-    def forward(self, x: Tokens, geo: Geometry, heads: int, block: Block, qkv_bias: bool, window: int, dilate_kernel: int) -> Tokens:
+    def forward(self, x: Tokens, geo: Geometry, heads: int, block: Block, qkv_bias: bool, window: int,
+                dilate_kernel: int) -> Tokens:
         dim = x.dim
 
         def project(lin: ElasticLinear) -> Callable[[Tensor], Tensor]:

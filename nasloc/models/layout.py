@@ -80,7 +80,12 @@ class Tokens:
 
     @property
     def dim(self) -> int:
-        return (self._joined if self._joined is not None else self._parts[1]).shape[-1]
+        return self.either().shape[-1]
+
+    def either(self) -> Tensor:
+        """The joined tensor or the image tokens, whichever is made: for what both share (batch size, width,
+        dtype, device) without making a form."""
+        return self._joined if self._joined is not None else self._parts[1]
 
     @property
     def aux(self) -> Tensor | None:

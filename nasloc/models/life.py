@@ -33,9 +33,15 @@ class MultiScaleQKV(nn.Module):
         self, x: Tokens, geo: Geometry, s1: ElasticLinear, pw2: ElasticLinear, pw3: ElasticLinear
     ) -> tuple[Tokens, Tokens, Tokens]:
         dim = x.dim
+
+        def cascade(pointwise: ElasticLinear, depthwise: nn.Module, scale: Tokens) -> Tokens:
+            """The next scale: the depth-wise conv on the image tokens, then the pointwise linear on all."""
+            convolved = Tokens.of_parts(scale.aux, on_map(scale.img, geo, depthwise))
+            return tokenwise(lambda t: pointwise(t, dim, use_bias=False), convolved)
+
         scale1 = tokenwise(lambda t: s1(t, dim), x)
-        scale2 = tokenwise(lambda t: pw2(t, dim, use_bias=False), Tokens.of_parts(scale1.aux, on_map(scale1.img, geo, self.dw3)))
-        scale3 = tokenwise(lambda t: pw3(t, dim, use_bias=False), Tokens.of_parts(scale2.aux, on_map(scale2.img, geo, self.dw5)))
+        scale2 = cascade(pw2, self.dw3, scale1)
+        scale3 = cascade(pw3, self.dw5, scale2)
         img = _regroup((scale1.img, scale2.img, scale3.img), dim)
         aux = (None,) * 3 if x.aux is None else _regroup((scale1.aux, scale2.aux, scale3.aux), dim)
         return tuple(Tokens.of_parts(a, i) for a, i in zip(aux, img))

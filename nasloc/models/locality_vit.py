@@ -140,7 +140,8 @@ class DropPath(nn.Module):
         if not self.training:
             return x
         keep = 1 - self.prob
-        mask = x.img.new_empty(x.img.shape[0], 1, 1).bernoulli_(keep).div_(keep)
+        t = x.either()
+        mask = t.new_empty(t.shape[0], 1, 1).bernoulli_(keep).div_(keep)
         return tokenwise(lambda t: t * mask, x)
 
 
