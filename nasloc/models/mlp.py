@@ -10,7 +10,7 @@ fc1 -> GELU -> fc2. Two locality options act on it:
 from __future__ import annotations
 
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import nn
 
 from .elastic import ElasticConv2d, ElasticLinear
 from .layout import Geometry, Tokens, on_map, tokenwise
