@@ -304,6 +304,7 @@ class Protocol:
         spent so far, rewritten every minute while the command runs and when it ends, so that a unit resumed
         after an interruption counts its earlier attempts too. A unit that had begun before units were timed
         so (its folder there, no ``costs``) gets ``timing_partial``: the report leaves it out of the costs.
+        ``costs`` also lists the code each attempt started with (:func:`code_version`).
         """
         if not product.exists():
             if costs.exists():
@@ -312,6 +313,7 @@ class Protocol:
                 earlier = dict(wall_s=0.0, cpu_s=0.0)
                 if costs.parent.is_dir() and any(costs.parent.iterdir()):
                     earlier["timing_partial"] = "an attempt before the last was not timed (it began before units were)"
+            earlier["code"] = earlier.get("code", []) + [code_version()]
             self._execute(key, command, lambda wall, cpu: _write_json(
                 costs, {**earlier, "wall_s": earlier["wall_s"] + wall, "cpu_s": earlier["cpu_s"] + cpu}))
         return json.loads(costs.read_text()) if costs.exists() else dict(wall_s=None, cpu_s=None)
@@ -398,6 +400,15 @@ def _export_fp16(export: Path, target: Path) -> Path:
 def _csv(path: Path) -> list[dict]:
     with open(path, newline="") as f:
         return list(csv.DictReader(f))
+
+
+def code_version() -> str:
+    """The commit that a command starting now runs, with ``+edits`` when nasloc's files differ from it: the
+    commands import the working tree, so an edit reaches every unit that starts after it."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True).stdout.strip()
+    edited = git("status", "--porcelain", "--", "nasloc", "run_search.py", "pyproject.toml")
+    return (git("rev-parse", "--short", "HEAD") or "unknown") + ("+edits" if edited else "")
 
 
 def _shown(command: list[str]) -> str:
