@@ -192,8 +192,8 @@ class Protocol:
                 if "/seed/" not in key]
 
     def _candidate_unit(self, budget: str, sampler: str, candidate: dict, key: str) -> Unit:
-        model = self._arch_file(f"{budget}/{sampler}-trial{candidate['search_trial']}", candidate["arch"])
-        return Unit(key, (f"{budget}/search/{sampler}",), lambda: self._train(key, model, 0))
+        return Unit(key, (f"{budget}/search/{sampler}",),
+                    lambda: self._train(key, self._candidate_file(budget, sampler, candidate), 0))
 
     def _pick(self, budget: str, sampler: str, seed: int) -> Unit:
         """The finalist with the best recipe top-1 (seed 0); seed 0 is that training itself, exported."""
@@ -209,8 +209,7 @@ class Protocol:
             if seed == 0 or design:  # the same command as a training already recorded: not run twice
                 same = trained if seed == 0 else f"{budget}/seed/{design}/s{seed}"
                 return {**self._same_as(same, f"nasloc_{sampler}" if seed == 0 else None), **chosen}
-            model = self._arch_file(f"{budget}/{sampler}-trial{candidate['search_trial']}", candidate["arch"])
-            return {**self._train(key, model, seed), **chosen}
+            return {**self._train(key, self._candidate_file(budget, sampler, candidate), seed), **chosen}
         # a seed design among the finalists may be the pick: its training of this seed then comes first
         designs = [d for d in (self._seed_design_of(budget, c) for c, _ in finalists) if d and seed]
         return Unit(key, (search_key, *(k for _, k in finalists), *(f"{budget}/seed/{d}/s{seed}" for d in designs)), run)
@@ -247,6 +246,10 @@ class Protocol:
     def _design_file(self, budget: str, design: str) -> Path:
         """The seed design's arch as a JSON file (nasloc train --model takes it)."""
         return self._arch_file(f"{budget}/{design}", _design_arch(budget, design))
+
+    def _candidate_file(self, budget: str, sampler: str, candidate: dict) -> Path:
+        """A selection candidate's arch as a JSON file (written when its training starts, not per scheduling pass)."""
+        return self._arch_file(f"{budget}/{sampler}-trial{candidate['search_trial']}", candidate["arch"])
 
     def _arch_file(self, name: str, arch: dict) -> Path:
         """An arch as a JSON file for nasloc train --model (the record holds the archs, so a unit can run on
