@@ -19,7 +19,7 @@ import nasloc
 from nasloc.arch import Arch, Block, Shortcut, Stage
 from nasloc.flops import count, fvcore_macs
 from nasloc.models import LocalityViT
-from nasloc.models.dilated import fused_dilated_attention, shift_multiply_attention
+from nasloc.models.dilated import fused_dilated_attention, masked_dense_attention, shift_multiply_attention
 from nasloc.models.layout import Geometry, Tokens
 from nasloc.models.locality_vit import pretrained_cfg
 from nasloc.seeds import GENERIC, PRESETS
@@ -267,10 +267,12 @@ def test_life_rejects_dims_not_divisible_by_3():
 
 
 # ------------------------------------------------------------------------------ dilated attention
-# Both implementations against the same references: the fused CPU kernel and the eager shift and multiply.
-@pytest.fixture(params=["fused", "shift_multiply"])
+# Every implementation against the same references: the fused CPU kernel, the eager shift and multiply, and the
+# masked dense SDPA (CUDA's form for small maps, run here on the CPU).
+@pytest.fixture(params=["fused", "shift_multiply", "masked_dense"])
 def dilated_attention(request):
-    return {"fused": fused_dilated_attention, "shift_multiply": shift_multiply_attention}[request.param]
+    return {"fused": fused_dilated_attention, "shift_multiply": shift_multiply_attention,
+            "masked_dense": masked_dense_attention}[request.param]
 
 
 def _reference_dilated(q, k, v, height, width, dilations, kernel):
