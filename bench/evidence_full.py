@@ -24,7 +24,8 @@ CPU, one thread, in the background (the protocol of the issue: 0.03 GMACs, 10 ep
 
     nohup .venv/bin/python bench/evidence_full.py --threads 1 > results/evidence_full/log.txt 2>&1 &
 
-GPU (30 epochs, two budgets, parallel units): bench/gpu_evidence.sh.
+GPU (30 epochs, parallel units): bench/gpu_evidence.sh. ``--searches-from`` takes the searches of another record
+(the CPU study's), so that a short GPU window trains their finalists and the seed designs at 30 epochs.
 """
 from __future__ import annotations
 
@@ -81,6 +82,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "--retrain-top-k and its default)")
     p.add_argument("--rank", action=argparse.BooleanOptionalAction, default=True,
                    help="train every selection candidate of the NSGA-II run once (the ranking study)")
+    p.add_argument("--rank-top", type=int, default=0,
+                   help="with --rank, only the selection's first N candidates (0 = all)")
+    p.add_argument("--searches-from", default="",
+                   help="a record.json whose searches (supernet, search, selection) to take instead of running "
+                        "them, e.g. the CPU study's on a GPU, which then trains their candidates with its own recipe; "
+                        "their costs stay those measured where they ran")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=1, help="torch threads of each command")
     p.add_argument("--loader-workers", type=int, default=1, help="data loading processes of each command")
@@ -234,8 +241,8 @@ class Protocol:
 
     def _ranking(self, budget: str) -> list[Unit]:
         """Each selection candidate of the NSGA-II run that is not a seed design (those are trained anyway)."""
-        search = self._searched(budget, "nsga2")
-        keyed = [(c, self._training_key(budget, "nsga2", c)) for c in search["candidates"]]
+        candidates = self._searched(budget, "nsga2")["candidates"]
+        keyed = [(c, self._training_key(budget, "nsga2", c)) for c in candidates[: self.args.rank_top or None]]
         return [self._candidate_unit(budget, "nsga2", c, key) for c, key in keyed if "/seed/" not in key]
 
     def _search(self, budget: str, sampler: str) -> Unit:
@@ -450,12 +457,26 @@ def work_through(protocol: Protocol, rec: Record) -> None:
                                      f"pick {result['pick']['source']} (search trial {result['pick']['search_trial']})"))
 
 
+def import_searches(rec: Record, source: Path, args: argparse.Namespace) -> None:
+    """Record the searches of another study's record as this study's (marked ``imported_from``), for every budget
+    and sampler that this record lacks; one the source lacks stays a unit to run."""
+    theirs = json.loads(source.read_text())
+    for budget in (f"{float(b):g}G" for b in args.budgets.split(",")):
+        for sampler in SAMPLERS:
+            key = f"{budget}/search/{sampler}"
+            if rec.get(key) is None and theirs.get(key):
+                rec.put(key, dict(theirs[key], imported_from=str(source), imported_protocol=theirs.get("protocol")))
+                log(f"{key}: taken from {source}")
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rec = Record(out / "record.json")
     rec.put("protocol", {k: v for k, v in vars(args).items() if k not in ("jobs", "minutes", "only")})
+    if args.searches_from:
+        import_searches(rec, Path(args.searches_from), args)
     data = lay_out_split(args.cifar_tar, Path(args.data_root), args.small)
     protocol = Protocol(args, data, rec)
     workers = [threading.Thread(target=work_through, args=(protocol, rec), daemon=True) for _ in range(args.jobs)]

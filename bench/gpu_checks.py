@@ -6,14 +6,18 @@ Every mechanism (the seed designs of search_spaces/cifar.yaml and random archs o
 - an AMP training step (autocast as nasloc.train uses it: bf16 where supported, else fp16) gives a finite loss and
   finite gradients, and its gradients point the way of the fp32 ones (cosine similarity printed, fail below 0.99);
 - dilated attention's backward: the same on a net of dilated blocks only;
-- with ``--supernet``: subnets of the supernet (elastic, sliced layers) in two MACs bands, the same checks.
+- with ``--supernet``: subnets of the supernet (elastic, sliced layers) in two MACs bands, the same checks;
+- dilated attention on CUDA, masked dense SDPA (what small maps take) against shift and multiply: the largest
+  difference of outputs and gradients, and the forward + backward time of each under autocast (a ratio).
 One line per check, ``CHECK <name>: ok|FAIL <numbers>``; the exit status is the number of failures.
 """
 from __future__ import annotations
 
 import copy
 import random
+import statistics
 import sys
+import time
 from dataclasses import replace
 
 import torch
@@ -108,6 +112,45 @@ def check_supernet(dev: torch.device, band_high: float, n: int = 12) -> list[str
     return failures
 
 
+def check_dilated_forms(dev: torch.device, repeats: int = 20) -> list[str]:
+    """Masked dense SDPA vs shift and multiply on CUDA: equal outputs and gradients (fp32), and their speed
+    (forward + backward under autocast, median of ``repeats``) on the CIFAR maps, batch 256, 3 heads of 32."""
+    from nasloc.models.dilated import masked_dense_attention, shift_multiply_attention
+    from nasloc.models.layout import Geometry
+    failures = []
+    for side in (8, 16):
+        geo, dilations = Geometry(side, side, 0, 0), (1, 2, 3)
+        leaves = [torch.randn(256, 3, side * side, 32, device=dev, requires_grad=True) for _ in range(3)]
+        grad_out = torch.randn(256, 3, side * side, 32, device=dev)
+        results, times = [], []
+        for form in (shift_multiply_attention, masked_dense_attention):
+            out = form(*leaves, geo, dilations, 3)
+            results.append([out.detach(), *torch.autograd.grad(out, leaves, grad_out)])
+            times.append(_median_step_ms(lambda: form(*leaves, geo, dilations, 3), leaves, grad_out, dev, repeats))
+        diff = max((a - b).abs().max().item() for a, b in zip(*results))
+        ok = diff <= 1e-4
+        print(f"CHECK dilated {side}x{side} masked dense vs shift-multiply: {'ok' if ok else 'FAIL'} max diff "
+              f"{diff:.1e}; AMP fwd+bwd shift-multiply {times[0]:.2f} ms, dense {times[1]:.2f} ms (ratio {times[0] / times[1]:.2f})",
+              flush=True)
+        if not ok:
+            failures.append(f"dilated {side}x{side}")
+    return failures
+
+
+def _median_step_ms(forward, leaves: list[torch.Tensor], grad_out: torch.Tensor, dev: torch.device,
+                    repeats: int) -> float:
+    times = []
+    for _ in range(repeats + 3):
+        torch.cuda.synchronize(dev)
+        start = time.perf_counter()
+        with torch.autocast(dev.type, dtype=amp_dtype(None, dev)):
+            out = forward()
+        torch.autograd.grad(out, leaves, grad_out.to(out.dtype))
+        torch.cuda.synchronize(dev)
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times[3:])
+
+
 def main() -> int:
     if not torch.cuda.is_available():
         print("CHECK cuda: FAIL no CUDA device")
@@ -126,6 +169,8 @@ def main() -> int:
             print(f"CHECK {name}: FAIL {type(e).__name__}: {e}", flush=True)
             failures.append(name)
     total = len(archs)
+    failures += check_dilated_forms(dev)
+    total += 2
     if "--supernet" in sys.argv:
         for high in (0.03e9, 0.1e9):
             failures += check_supernet(dev, high)

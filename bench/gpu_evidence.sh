@@ -3,23 +3,30 @@
 #
 #   1. installs what the machine's image lacks from wheels in .gpu/whl (torch, torchvision, numpy, scikit-learn
 #      and friends are taken from the image; nasloc runs from this checkout through PYTHONPATH);
-#   2. starts the CIFAR-10 evidence (bench/evidence_full.py) at 30 epochs and two budgets, with parallel units,
-#      stopping after $MINUTES minutes; what finished is in $OUT/record.json;
+#   2. starts the CIFAR-10 evidence (bench/evidence_full.py) at 30 epochs, with parallel units, stopping after
+#      $MINUTES minutes; what finished is in $OUT/record.json. With $SEARCHES_FROM (a record.json, default
+#      .gpu/cpu_record.json when there is one) it takes that study's searches and trains, at 0.03 GMACs, the seed
+#      designs, the selection's finalists and picks and its first $RANK_TOP candidates (a whole protocol with its
+#      own supernets and searches does not fit a window of minutes); without, the whole protocol at two budgets;
 #   3. meanwhile checks the CUDA path: bench/gpu_checks.py (every mechanism: CUDA vs CPU, AMP gradients, dilated
 #      attention's backward), the whole pipeline on CUDA (supernet with AMP, search, selection, retrain, export),
 #      and `nasloc train` under torchrun with one process (DDP) and AMP.
 #
-# Prepare here:  .gpu/whl (see results/evidence_full/README.md) and .gpu/train.tar.gz (the CIFAR-10 JPEGs).
+# Prepare here:  .gpu/whl (see results/evidence_full/README.md), .gpu/train.tar.gz (the CIFAR-10 JPEGs) and
+#                .gpu/cpu_record.json (a copy of results/evidence_full/record.json).
 # Dry run on CPU: DEVICE=cpu SMALL=30 EPOCHS=1 SUPERNET_EPOCHS=1 TRIALS=14 MINUTES=6 bash bench/gpu_evidence.sh
 set -u
 OUT=${OUT:-/tmp/gpu-out}
 DEVICE=${DEVICE:-cuda}
 MINUTES=${MINUTES:-6.5}
 EPOCHS=${EPOCHS:-30}
+BATCH=${BATCH:-512}  # small nets on a big GPU are launch-bound: fewer, larger steps (the lr is scaled to it)
+SEARCHES_FROM=${SEARCHES_FROM:-$( [ -f .gpu/cpu_record.json ] && echo .gpu/cpu_record.json )}
+RANK_TOP=${RANK_TOP:-3}
 SMALL=${SMALL:-0}
 SUPERNET_EPOCHS=${SUPERNET_EPOCHS:-5}
 TRIALS=${TRIALS:-60}
-JOBS=${JOBS:-14}
+JOBS=${JOBS:-10}
 SCRATCH=${SCRATCH:-/tmp/nasloc-gpu}
 PY=${PY:-python3}
 mkdir -p "$OUT" "$SCRATCH"
@@ -45,7 +52,12 @@ $PY -c "import nasloc.pipeline, nasloc.commands" || { echo "nasloc does not impo
 #    (.gpu/record.json) makes it go on where that one stopped (finished units are not run again)
 mkdir -p "$SCRATCH/evidence"
 [ -f .gpu/record.json ] && [ ! -f "$SCRATCH/evidence/record.json" ] && cp .gpu/record.json "$SCRATCH/evidence/"
-$PY bench/evidence_full.py --device "$DEVICE" --budgets 0.03,0.1 --epochs "$EPOCHS" --batch-size 256 --search-batch-size 256 \
+if [ -n "$SEARCHES_FROM" ]; then
+  scope=(--searches-from "$SEARCHES_FROM" --budgets 0.03 --rank-top "$RANK_TOP" --only seed,final,pick,rank)
+else
+  scope=(--budgets 0.03,0.1)
+fi
+$PY bench/evidence_full.py --device "$DEVICE" "${scope[@]}" --epochs "$EPOCHS" --batch-size "$BATCH" --search-batch-size "$BATCH" \
   --supernet-epochs "$SUPERNET_EPOCHS" --trials "$TRIALS" --jobs "$JOBS" --threads 1 --loader-workers 0 \
   --minutes "$MINUTES" --small "$SMALL" --out "$SCRATCH/evidence" --work "$SCRATCH/work" --exports "$SCRATCH/exports" \
   --data-root "$SCRATCH/cifar-split" --cifar-tar "${CIFAR_TAR:-.gpu/train.tar.gz}" > "$OUT/evidence.log" 2>&1 &
