@@ -64,8 +64,8 @@ $PY bench/evidence_full.py --device "$DEVICE" "${scope[@]}" --epochs "$EPOCHS" -
 evidence=$!
 ( while kill -0 $evidence 2>/dev/null; do cp "$SCRATCH/evidence/record.json" "$OUT/" 2>/dev/null; sleep 15; done ) &
 
-# 3. the CUDA path, while the evidence runs
-{
+# 3. the CUDA path, while the evidence runs (CHECKS=0: not again, e.g. on a call that only finishes the evidence)
+[ "${CHECKS:-1}" = 1 ] && {
   echo "== gpu_checks"
   $PY bench/gpu_checks.py --supernet
   echo "== pipeline on $DEVICE (tiny space, digits): supernet with AMP, search, selection, retrain, export"
