@@ -87,7 +87,10 @@ def costs(rec: dict, budget: str) -> list[str]:
             continue
         first = search["pick"]  # the selection's rank 1
         at_least = "" if fully_timed(search) else "at least "  # an attempt before the last was not timed
-        lines.append(f"nasloc {sampler}: supernet + search + selection {at_least}{search['wall_s'] / 3600:.2f} h wall, "
+        # a search taken from another study (evidence_full.py --searches-from) cost what it cost there
+        where = f", on {search['imported_protocol']['device']} in {search['imported_from']}" \
+            if search.get("imported_from") else ""
+        lines.append(f"nasloc {sampler}{where}: supernet + search + selection {at_least}{search['wall_s'] / 3600:.2f} h wall, "
                      f"{at_least}{search['cpu_s'] / 3600:.2f} CPU-hours ({search['supernet_epochs']} supernet epochs, "
                      f"{search['trials']} trials, selection of {len(search['candidates'])} candidates up to "
                      f"{search['select_epochs']} epochs); selection rank 1: {first['source']} (search trial "
@@ -160,6 +163,8 @@ def targets(rec: dict, budget: str) -> list[str]:
 
 
 def plot(rec: dict, budgets: list[str], path: Path) -> list[Path]:
+    protocol = rec["protocol"]
+    title = f"CIFAR-10, {protocol['epochs']} epochs on {protocol['device']}: seed designs and nasloc picks"
     points = [(budget, name, run["macs"] / 1e6, run["top1"], run["seed"])
               for budget in budgets for name, runs in trainings(rec, budget).items() for run in runs]
     import plotly.graph_objects as go
@@ -169,7 +174,7 @@ def plot(rec: dict, budgets: list[str], path: Path) -> list[Path]:
         fig.add_trace(go.Scatter(x=[p[2] for p in mine], y=[p[3] for p in mine], mode="markers", name=name,
                                  marker=dict(symbol="star" if name in PICKS else "circle", size=12 if name in PICKS else 8),
                                  text=[f"{p[0]} seed {p[4]}" for p in mine]))
-    fig.update_layout(title="CIFAR-10 val top-1 vs MACs (bench/evidence_full.py)", xaxis_title="MMACs per image (32 px)",
+    fig.update_layout(title=f"{title} (bench/evidence_full.py)", xaxis_title="MMACs per image (32 px)",
                       yaxis_title="val top-1 (%)")
     written = [path.with_suffix(".html")]
     fig.write_html(written[0], include_plotlyjs="cdn")  # 12 KB instead of 4.8 MB in git; the browser fetches plotly.js
@@ -187,7 +192,7 @@ def plot(rec: dict, budgets: list[str], path: Path) -> list[Path]:
                    s=120 if name in PICKS else 30)
     ax.set_xlabel("MMACs per image (32 px)")
     ax.set_ylabel("val top-1 (%)")
-    ax.set_title("CIFAR-10: seed designs and nasloc picks")
+    ax.set_title(title)
     ax.legend(fontsize=8)
     fig2.tight_layout()
     written.append(path.with_suffix(".png"))
