@@ -94,7 +94,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--jobs", type=int, default=1, help="units run at once by this process")
     p.add_argument("--minutes", type=float, default=0, help="stop (killing running units) after this long; 0 = never")
     p.add_argument("--only", default="", help="comma list of unit kinds to run (seed,search,final,pick,rank); default all")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.searches_from and not Path(args.searches_from).is_file():
+        p.error(f"--searches-from {args.searches_from}: no such record; give the record.json of a study whose "
+                f"searches to take (e.g. results/evidence_full/record.json)")
+    return args
 
 
 # ------------------------------------------------------------------------------------------------ data
