@@ -7,7 +7,8 @@
 #      $MINUTES minutes; what finished is in $OUT/record.json. With $SEARCHES_FROM (a record.json, default
 #      .gpu/cpu_record.json when there is one) it takes that study's searches and trains, at 0.03 GMACs, the seed
 #      designs, the selection's finalists and picks and its first $RANK_TOP candidates (a whole protocol with its
-#      own supernets and searches does not fit a window of minutes); without, the whole protocol at two budgets;
+#      own supernets and searches does not fit a window of minutes); without (SEARCHES_FROM=), the whole protocol
+#      at $BUDGETS (default 0.03,0.1), e.g. SEARCHES_FROM= BUDGETS=0.1 for the 0.1 GMACs searches on the GPU;
 #   3. meanwhile checks the CUDA path: bench/gpu_checks.py (every mechanism: CUDA vs CPU, AMP gradients, dilated
 #      attention's backward), the whole pipeline on CUDA (supernet with AMP, search, selection, retrain, export),
 #      and `nasloc train` under torchrun with one process (DDP) and AMP.
@@ -53,9 +54,9 @@ $PY -c "import nasloc.pipeline, nasloc.commands" || { echo "nasloc does not impo
 mkdir -p "$SCRATCH/evidence"
 [ -f .gpu/record.json ] && [ ! -f "$SCRATCH/evidence/record.json" ] && cp .gpu/record.json "$SCRATCH/evidence/"
 if [ -n "$SEARCHES_FROM" ]; then
-  scope=(--searches-from "$SEARCHES_FROM" --budgets 0.03 --rank-top "$RANK_TOP" --only seed,final,pick,rank)
+  scope=(--searches-from "$SEARCHES_FROM" --budgets "${BUDGETS:-0.03}" --rank-top "$RANK_TOP" --only seed,final,pick,rank)
 else
-  scope=(--budgets 0.03,0.1)
+  scope=(--budgets "${BUDGETS:-0.03,0.1}")
 fi
 $PY bench/evidence_full.py --device "$DEVICE" "${scope[@]}" --epochs "$EPOCHS" --batch-size "$BATCH" --search-batch-size "$BATCH" \
   --supernet-epochs "$SUPERNET_EPOCHS" --trials "$TRIALS" --jobs "$JOBS" --threads 1 --loader-workers 0 \
