@@ -193,7 +193,7 @@ def plot(rec: dict, budgets: list[str], path: Path) -> list[Path]:
     ax.set_xlabel("MMACs per image (32 px)")
     ax.set_ylabel("val top-1 (%)")
     ax.set_title(title)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="lower left")  # the picks sit at the left, the designs at the budget on the right
     fig2.tight_layout()
     written.append(path.with_suffix(".png"))
     fig2.savefig(written[1], dpi=110)
