@@ -265,7 +265,7 @@ def write_summary(run: RunDir, record: RunRecord, space: SearchSpace, study: opt
     lines += ["", "## Seed mechanisms alone in this space (largest within budget)", "", "| design | proxy top-1 (%) | GMACs |", "|---|---|---|"]
     lines += [f"| {name} | {top1:.2f} | {macs / 1e9:.4f} |" for name, (macs, top1) in references.items()]
     if selection is not None:
-        lines += _selection_lines(selection)
+        lines += _selection_lines(selection, options.retrain_top_k)
     lines += ["", "## Retrained from scratch", "", "| trial | val top-1 (%) | proxy top-1 (%) | GMACs at deploy | params (M) |", "|---|---|---|---|---|"]
     lines += [f"| {r.trial} | {r.val_top1:.2f} | {r.proxy_top1:.2f} | {r.macs / 1e9:.4f} | {r.params / 1e6:.3f} |" for r in retrained]
     if export_dir is not None:
@@ -275,8 +275,8 @@ def write_summary(run: RunDir, record: RunRecord, space: SearchSpace, study: opt
     return run.summary
 
 
-def _selection_lines(selection: SelectionResult) -> list[str]:
-    from .selection import selection_rows
+def _selection_lines(selection: SelectionResult, finalists: int) -> list[str]:
+    from .selection import selection_rows, tied_note, tied_with_last_finalist
 
     rows = selection_rows(selection.study)
     rungs = selection.study.user_attrs["rungs"]
@@ -287,6 +287,9 @@ def _selection_lines(selection: SelectionResult) -> list[str]:
         scores = " | ".join("" if row[f"top1@{e}ep"] is None else f"{row[f'top1@{e}ep']:.2f}" for e in rungs)
         lines.append(f"| {row['rank']} | {row['source']} | {row['search_trial']} | {scores} | "
                      f"{row['macs'] / 1e9:.4f} | {row['locality']} |")
+    tied = tied_with_last_finalist(selection, finalists)
+    if tied:
+        lines += ["", f"Note: {tied_note(selection, tied, finalists)}."]
     return lines
 
 

@@ -12,8 +12,8 @@ from optuna.trial import TrialState
 
 from nasloc.arch import Arch
 from nasloc.search import SEED_DESIGN_ATTR
-from nasloc.selection import (Candidate, SynchronousHalvingPruner, rung_epochs, ranking, run_selection,
-                              search_candidates, selection_rows)
+from nasloc.selection import (Candidate, SelectionResult, SynchronousHalvingPruner, rung_epochs, ranking, run_selection,
+                              search_candidates, selection_rows, tied_note, tied_with_last_finalist)
 from nasloc.space import SearchSpace
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -213,3 +213,37 @@ def test_a_folder_of_another_arch_is_moved_aside_not_resumed(space, tmp_path):
         assert 0 <= trainer(0, second, 1) <= 100
     assert Arch.from_json((tmp_path / "trial_0.other-arch-1" / "arch.json").read_text()) == supernet.at_resolution(first.arch)
     assert (tmp_path / "trial_0.other-arch-1" / "last.pth").is_file()
+
+
+# ------------------------------------------------------------------------------- ties at the last rung
+def _ranked(*scores: tuple[str, dict[int, float]]) -> list:
+    return [optuna.trial.create_trial(state=TrialState.PRUNED, intermediate_values=values, user_attrs={"source": source})
+            for source, values in scores]
+
+
+# The NSGA-II selection of the CIFAR-10 evidence: four finalists within 1.5 points after 4 epochs on 2,500 images.
+EVIDENCE = _ranked(("36", {1: 41.72, 2: 48.36, 4: 53.44}), ("22", {1: 41.6, 2: 48.84, 4: 52.44}),
+                   ("49", {1: 38.28, 2: 45.72, 4: 52.24}), ("53", {1: 38.72, 2: 46.68, 4: 51.96}),
+                   ("DilateFormer", {1: 37.48, 2: 44.32}))
+
+
+def test_candidates_within_the_held_out_noise_of_the_last_finalist_are_tied_up_to_the_last_rung():
+    selection = SelectionResult(study=None, ranking=EVIDENCE, held_out=2500)
+    assert [t.user_attrs["source"] for t in tied_with_last_finalist(selection, 2)] == ["49", "53"]
+    assert [t.user_attrs["source"] for t in tied_with_last_finalist(selection, 3)] == ["53"]
+    note = tied_note(selection, tied_with_last_finalist(selection, 2), 2)
+    assert "ranks 3-4 (trial 49, trial 53)" in note and "--retrain-top-k 4" in note and "2500 held-out" in note
+
+
+def test_no_tie_beyond_two_standard_errors_or_without_a_held_out_size():
+    assert tied_with_last_finalist(SelectionResult(None, EVIDENCE, held_out=1_000_000), 2) == []  # SE 0.07 points
+    assert tied_with_last_finalist(SelectionResult(None, EVIDENCE, held_out=0), 2) == []
+    gap = _ranked(("1", {4: 60.0}), ("2", {4: 50.0}), ("3", {4: 49.9}))
+    assert tied_with_last_finalist(SelectionResult(None, gap, held_out=2500), 1) == []  # 10 points: 7 SE
+    for finalists in (0, 5):
+        assert tied_with_last_finalist(SelectionResult(None, EVIDENCE, held_out=2500), finalists) == []
+
+
+def test_a_diverged_candidate_is_never_tied():
+    ranked = _ranked(("1", {4: 50.0}), ("2", {4: math.nan}), ("3", {4: 49.9}))
+    assert tied_with_last_finalist(SelectionResult(None, ranked, held_out=2500), 1) == []
