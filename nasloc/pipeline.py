@@ -34,7 +34,7 @@ from .run import PARETO_CSV, PARETO_HTML, SELECTION_CSV, TRIALS_CSV, RunDir, Run
 from .search import SEED_DESIGN_ATTR, enqueue_warm_start, open_study, optuna_quiet, pareto_trials, run_search
 from .seeds import reference_archs
 from .selection import (RungTrainer, SelectionConfig, SelectionResult, TrainerSpec, run_selection, search_candidates,
-                        selection_rows, tied_note, tied_with_last_finalist)
+                        selection_rows, tied_note)
 from .space import SearchSpace
 from .reconnect import storage_errors_unmasked
 from .sampler import LatencyBudget
@@ -356,9 +356,9 @@ def selection_phase(study: optuna.Study, supernet: Supernet, splits: DataSplits,
                                reduction_factor=config.reduction_factor, say=_say)
     write_csv(selection_rows(result.study), run.root / SELECTION_CSV)
     result = replace(result, held_out=len(splits.val))
-    tied = tied_with_last_finalist(result, options.retrain_top_k)
-    if tied:
-        _say(f"[nasloc]   {tied_note(result, tied, options.retrain_top_k)}")
+    note = tied_note(result, options.retrain_top_k)
+    if note:
+        _say(f"[nasloc]   {note}")
     return result
 
 

@@ -276,7 +276,7 @@ def write_summary(run: RunDir, record: RunRecord, space: SearchSpace, study: opt
 
 
 def _selection_lines(selection: SelectionResult, finalists: int) -> list[str]:
-    from .selection import selection_rows, tied_note, tied_with_last_finalist
+    from .selection import selection_rows, tied_note
 
     rows = selection_rows(selection.study)
     rungs = selection.study.user_attrs["rungs"]
@@ -287,9 +287,9 @@ def _selection_lines(selection: SelectionResult, finalists: int) -> list[str]:
         scores = " | ".join("" if row[f"top1@{e}ep"] is None else f"{row[f'top1@{e}ep']:.2f}" for e in rungs)
         lines.append(f"| {row['rank']} | {row['source']} | {row['search_trial']} | {scores} | "
                      f"{row['macs'] / 1e9:.4f} | {row['locality']} |")
-    tied = tied_with_last_finalist(selection, finalists)
-    if tied:
-        lines += ["", f"Note: {tied_note(selection, tied, finalists)}."]
+    note = tied_note(selection, finalists)
+    if note:
+        lines += ["", f"Note: {note}."]
     return lines
 
 

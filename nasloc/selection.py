@@ -154,8 +154,12 @@ def tied_with_last_finalist(selection: SelectionResult, finalists: int, z: float
     return tied
 
 
-def tied_note(selection: SelectionResult, tied: Sequence[FrozenTrial], finalists: int) -> str:
-    """One sentence for the console and the summary on :func:`tied_with_last_finalist`'s result."""
+def tied_note(selection: SelectionResult, finalists: int) -> str:
+    """One sentence for the console and the summary on the candidates :func:`tied_with_last_finalist` finds,
+    "" when there are none."""
+    tied = tied_with_last_finalist(selection, finalists)
+    if not tied:
+        return ""
     names = ", ".join(f"trial {t.user_attrs['source']}" if t.user_attrs["source"].isdigit() else t.user_attrs["source"]
                       for t in tied)
     ranks = f"s {finalists + 1}-{finalists + len(tied)}" if len(tied) > 1 else f" {finalists + 1}"

@@ -231,13 +231,14 @@ def test_candidates_within_the_held_out_noise_of_the_last_finalist_are_tied_up_t
     selection = SelectionResult(study=None, ranking=EVIDENCE, held_out=2500)
     assert [t.user_attrs["source"] for t in tied_with_last_finalist(selection, 2)] == ["49", "53"]
     assert [t.user_attrs["source"] for t in tied_with_last_finalist(selection, 3)] == ["53"]
-    note = tied_note(selection, tied_with_last_finalist(selection, 2), 2)
+    note = tied_note(selection, 2)
     assert "ranks 3-4 (trial 49, trial 53)" in note and "--retrain-top-k 4" in note and "2500 held-out" in note
 
 
 def test_no_tie_beyond_two_standard_errors_or_without_a_held_out_size():
     assert tied_with_last_finalist(SelectionResult(None, EVIDENCE, held_out=1_000_000), 2) == []  # SE 0.07 points
     assert tied_with_last_finalist(SelectionResult(None, EVIDENCE, held_out=0), 2) == []
+    assert tied_note(SelectionResult(None, EVIDENCE, held_out=0), 2) == ""
     gap = _ranked(("1", {4: 60.0}), ("2", {4: 50.0}), ("3", {4: 49.9}))
     assert tied_with_last_finalist(SelectionResult(None, gap, held_out=2500), 1) == []  # 10 points: 7 SE
     for finalists in (0, 5):
