@@ -95,6 +95,10 @@ class Tokens:
     def img(self) -> Tensor:
         return self.parts()[1]
 
+    def with_img(self, img: Tensor) -> "Tokens":
+        """The same auxiliary tokens with new image tokens (what a conv on the image map returns), apart."""
+        return Tokens.of_parts(self.aux, img)
+
     def in_form(self, joined: bool) -> "Tokens":
         """The same tokens, made joined or apart."""
         if joined:

@@ -36,7 +36,7 @@ class MultiScaleQKV(nn.Module):
 
         def cascade(pointwise: ElasticLinear, depthwise: nn.Module, scale: Tokens) -> Tokens:
             """The next scale: the depth-wise conv on the image tokens, then the pointwise linear on all."""
-            convolved = Tokens.of_parts(scale.aux, on_map(scale.img, geo, depthwise))
+            convolved = scale.with_img(on_map(scale.img, geo, depthwise))
             return tokenwise(lambda t: pointwise(t, dim, use_bias=False), convolved)
 
         scale1 = tokenwise(lambda t: s1(t, dim), x)

@@ -119,7 +119,7 @@ class LocalityBlock(nn.Module):
     def forward(self, x: Tokens, geo: Geometry, arch: Arch, stage: Stage, block: Block, window: int) -> Tokens:
         x = x.in_form(joined=self.runs_joined(arch, block))
         if arch.cpe:
-            x = Tokens.of_parts(x.aux, self.cpe(x.img, geo))
+            x = x.with_img(self.cpe(x.img, geo))
         mixed = self.attn(tokenwise(self.norm1, x), geo, stage.heads, block, arch.qkv_bias, window, arch.dilate_kernel)
         x = add(self.drop_path(mixed), x)  # in the form of the mixer's output
         if self.norm2 is None:  # LocalViT's FFN carries its own residual and no drop-path
@@ -280,7 +280,7 @@ class LocalityViT(nn.Module):
                 x = block(x, *args)
             if pending is not None and index == pending[2].start + pending[2].span - 1:
                 shortcut_input, owner, shortcut = pending
-                x = Tokens.of_parts(x.aux, x.img + owner.shortcut(shortcut_input, geo, shortcut.kernels))
+                x = x.with_img(x.img + owner.shortcut(shortcut_input, geo, shortcut.kernels))
                 pending = None
             yield index, s, x, geo
 

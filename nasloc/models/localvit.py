@@ -54,4 +54,4 @@ class LocalityFFN(nn.Module):
             h = F.hardswish(self.norm2(self.conv(h, kernel=kernel)))
         h = self.se(h, se_channels(dim, hidden))
         y = self.norm3(to_map(self.fc2(to_tokens(h), dim), geo))
-        return Tokens.of_parts(x.aux, img + to_tokens(y))
+        return x.with_img(img + to_tokens(y))

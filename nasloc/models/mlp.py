@@ -29,6 +29,6 @@ class Mlp(nn.Module):
         dim = x.dim
         h = tokenwise(lambda t: F.gelu(self.fc1(t, hidden)), x)
         if kernel:
-            h = Tokens.of_parts(h.aux, on_map(h.img, geo, lambda m: F.gelu(self.conv(m, kernel=kernel))))
+            h = h.with_img(on_map(h.img, geo, lambda m: F.gelu(self.conv(m, kernel=kernel))))
         y = tokenwise(lambda t: self.fc2(t, dim), h)
         return self.gate(y) if gate else y
