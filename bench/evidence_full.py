@@ -177,7 +177,7 @@ class Protocol:
 
     @property
     def budgets(self) -> list[str]:
-        return [f"{float(b):g}G" for b in self.args.budgets.split(",")]
+        return budget_keys(self.args.budgets)
 
     def _searched(self, budget: str, sampler: str) -> dict | None:
         return self.rec.get(f"{budget}/search/{sampler}")
@@ -364,6 +364,11 @@ class Protocol:
             child.send_signal(signal.SIGTERM)
 
 
+def budget_keys(budgets: str) -> list[str]:
+    """``--budgets`` ("0.03,0.1", GMACs) as the record's key prefixes ("0.03G", "0.1G")."""
+    return [f"{float(b):g}G" for b in budgets.split(",")]
+
+
 @lru_cache(maxsize=None)
 def _design_arch(budget: str, design: str) -> dict:
     """A seed design's arch (nasloc.seeds.reference_archs: the largest of its mechanism within the budget)."""
@@ -465,7 +470,7 @@ def import_searches(rec: Record, source: Path, args: argparse.Namespace) -> None
     """Record the searches of another study's record as this study's (marked ``imported_from``), for every budget
     and sampler that this record lacks; one the source lacks stays a unit to run."""
     theirs = json.loads(source.read_text())
-    for budget in (f"{float(b):g}G" for b in args.budgets.split(",")):
+    for budget in budget_keys(args.budgets):
         for sampler in SAMPLERS:
             key = f"{budget}/search/{sampler}"
             if rec.get(key) is None and theirs.get(key):

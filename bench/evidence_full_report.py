@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from evidence_full import DESIGNS, SAMPLERS  # noqa: E402
+from evidence_full import DESIGNS, SAMPLERS, budget_keys  # noqa: E402
 
 from nasloc.ranking import kendall_tau, top_k_precision  # noqa: E402
 
@@ -207,7 +207,7 @@ def main() -> None:
     args = p.parse_args()
     rec = {k: v for k, v in json.loads(args.record.read_text()).items() if v is not None}
     protocol = rec["protocol"]
-    budgets = [f"{float(b):g}G" for b in protocol["budgets"].split(",")]
+    budgets = budget_keys(protocol["budgets"])
     print(f"Protocol: {protocol['epochs']} epochs, batch {protocol['batch_size']}, lr {protocol['lr']} per 512, "
           f"{protocol['seeds']} seeds, device {protocol['device']}\n")
     for budget in budgets:
