@@ -12,7 +12,8 @@ its split (validation = images 4500-4999 of each class, 5,000; training = the ot
   (a seed design's training is its seed unit); the pick is the finalist with the best top-1, as the product
   retrains the selection's best ``--retrain-top-k`` and exports the best retrained. Every NSGA-II candidate is
   trained, so that the proxy and selection scores can be ranked against the recipe's top-1;
-- ``<budget>/pick/<sampler>/s<k>``: the pick with the standalone recipe, seed k (seed 0 is its finalist training).
+- ``<budget>/pick/<sampler>/s<k>``: the pick with the standalone recipe, seed k (seed 0 is its finalist training);
+- ``<budget>/rank/<trial>/s<k>`` (with ``--rank-seeds`` above 1): a ranking candidate with seed k.
 
 Each finished unit is merged into ``OUT/record.json`` at once (val top-1, MACs, params, wall and CPU seconds), so
 the script can be stopped at any moment and rerun: a finished unit is never run again, an unfinished training
@@ -84,6 +85,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="train every selection candidate of the NSGA-II run once (the ranking study)")
     p.add_argument("--rank-top", type=int, default=0,
                    help="with --rank, only the selection's first N candidates (0 = all)")
+    p.add_argument("--rank-seeds", type=int, default=1,
+                   help="with --rank, trainings per candidate; with 2, seed 0 against seed 1 over the candidates is "
+                        "the noise ceiling of the ranking itself (one MACs band), and a 2-seed mean its target")
     p.add_argument("--searches-from", default="",
                    help="a record.json whose searches (supernet, search, selection) to take instead of running "
                         "them, e.g. the CPU study's on a GPU, which then trains their candidates with its own recipe; "
@@ -244,10 +248,23 @@ class Protocol:
         return result
 
     def _ranking(self, budget: str) -> list[Unit]:
-        """Each selection candidate of the NSGA-II run that is not a seed design (those are trained anyway)."""
+        """Each selection candidate of the NSGA-II run that is not a seed design (those are trained anyway), seed 0
+        of every one first, then seed 1 (``<budget>/rank/<trial>/s1``), and so on up to ``--rank-seeds``."""
         candidates = self._searched(budget, "nsga2")["candidates"]
         keyed = [(c, self._training_key(budget, "nsga2", c)) for c in candidates[: self.args.rank_top or None]]
-        return [self._candidate_unit(budget, "nsga2", c, key) for c, key in keyed if "/seed/" not in key]
+        keyed = [(c, key) for c, key in keyed if "/seed/" not in key]
+        return [self._candidate_unit(budget, "nsga2", c, key) for c, key in keyed] + \
+            [self._ranking_seed(budget, c, key, seed) for seed in range(1, self.args.rank_seeds) for c, key in keyed]
+
+    def _ranking_seed(self, budget: str, candidate: dict, seed0_key: str, seed: int) -> Unit:
+        """A candidate's training with another seed; the NSGA-II pick's is its pick unit of that seed (the same
+        command), so it is not run twice."""
+        key = f"{seed0_key}/s{seed}"
+        pick = self.rec.get(f"{budget}/pick/nsga2/s0")
+        if pick and pick["pick_trial"] == candidate["search_trial"] and seed < self.args.seeds:
+            same = f"{budget}/pick/nsga2/s{seed}"
+            return Unit(key, (same,), lambda: self._same_as(same))
+        return Unit(key, (seed0_key,), lambda: self._train(key, self._candidate_file(budget, "nsga2", candidate), seed))
 
     def _search(self, budget: str, sampler: str) -> Unit:
         key = f"{budget}/search/{sampler}"

@@ -106,33 +106,57 @@ def costs(rec: dict, budget: str) -> list[str]:
     return lines
 
 
+def candidate_seeds(rec: dict, budget: str, candidate: dict) -> list[float]:
+    """A selection candidate's recipe top-1 per seed (seed 0 first): its seed units when it is a seed design, else
+    its ranking units (``rank/<trial>``, ``rank/<trial>/s1``, ...); stops at the first seed not recorded."""
+    design = next((d for d, label in DESIGNS.items() if label == candidate["source"]), None)
+    base = f"{budget}/rank/{candidate['search_trial']}"
+    keys = [f"{budget}/seed/{design}/s{k}" if design else (base if k == 0 else f"{base}/s{k}") for k in range(9)]
+    top1 = []
+    for key in keys:
+        if not rec.get(key):
+            break
+        top1.append(rec[key]["top1"])
+    return top1
+
+
 def ranking(rec: dict, budget: str) -> list[str]:
-    """The NSGA-II run's selection candidates, each trained once (seed 0) with the recipe."""
+    """The NSGA-II run's selection candidates, each trained with the recipe (seed 0; more seeds where recorded)."""
     search = rec.get(f"{budget}/search/nsga2")
     if not search:
         return ["Ranking: pending (the NSGA-II search)."]
-    rows = []
-    for c in search["candidates"]:
-        design = next((d for d, label in DESIGNS.items() if label == c["source"]), None)
-        key = f"{budget}/seed/{design}/s0" if design else f"{budget}/rank/{c['search_trial']}"
-        if rec.get(key):
-            rows.append((c, rec[key]["top1"]))
+    rows = [(c, seeds) for c in search["candidates"] if (seeds := candidate_seeds(rec, budget, c))]
     lines = [f"Ranking: {len(rows)} of {len(search['candidates'])} candidates trained."]
-    if len(rows) >= 3:
-        real = [top1 for _, top1 in rows]
-        for name, score in (("proxy (supernet top-1)", [c["proxy_top1"] for c, _ in rows]),
-                            ("selection (rank)", [-c["rank"] for c, _ in rows])):
-            tau, p = kendall_tau(score, real)
-            lines.append(f"- {name}: Kendall tau {tau:.2f} (p {p:.2f}), top-3 precision "
-                         f"{top_k_precision(score, real, 3)}/3")
+    lines += _taus(rows, lambda seeds: seeds[0], "seed 0's top-1")
     pairs = [(runs[0]["top1"], runs[1]["top1"]) for runs in trainings(rec, budget).values() if len(runs) > 1]
     if len(pairs) >= 3:
         tau, _ = kendall_tau(*zip(*pairs))
         lines.append(f"- seed 0 vs seed 1 of the {len(pairs)} designs and picks (noise ceiling): Kendall tau {tau:.2f}")
-    lines += ["", "| source | search trial | MMACs | proxy top-1 (%) | selection rank | recipe top-1 (%) |",
+    twice = [(c, seeds) for c, seeds in rows if len(seeds) > 1]
+    if len(twice) >= 3:
+        # the candidates lie in one MACs band, closer together than the designs: their own noise ceiling
+        tau, p = kendall_tau([s[0] for _, s in twice], [s[1] for _, s in twice])
+        lines.append(f"- seed 0 vs seed 1 of the {len(twice)} candidates trained twice (the noise ceiling of this "
+                     f"ranking): Kendall tau {tau:.2f} (p {p:.2f})")
+        lines += _taus(twice, statistics.mean, "the mean of their seeds")
+    lines += ["", "| source | search trial | MMACs | proxy top-1 (%) | selection rank | recipe top-1 per seed (%) |",
               "|---|---|---|---|---|---|"]
     lines += [f"| {c['source']} | {c['search_trial']} | {c['macs'] / 1e6:.1f} | {c['proxy_top1']:.2f} | {c['rank']} | "
-              f"{top1:.2f} |" for c, top1 in sorted(rows, key=lambda r: -r[1])]
+              f"{', '.join(f'{t:.2f}' for t in seeds)} |" for c, seeds in sorted(rows, key=lambda r: -r[1][0])]
+    return lines
+
+
+def _taus(rows: list[tuple[dict, list[float]]], truth, against: str) -> list[str]:
+    """Kendall tau and top-3 precision of the proxy and of the selection against ``truth`` of each row's seeds."""
+    if len(rows) < 3:
+        return []
+    real = [truth(seeds) for _, seeds in rows]
+    lines = []
+    for name, score in (("proxy (supernet top-1)", [c["proxy_top1"] for c, _ in rows]),
+                        ("selection (rank)", [-c["rank"] for c, _ in rows])):
+        tau, p = kendall_tau(score, real)
+        lines.append(f"- {name} against {against} ({len(rows)} candidates): Kendall tau {tau:.2f} (p {p:.2f}), "
+                     f"top-3 precision {top_k_precision(score, real, 3)}/3")
     return lines
 
 
