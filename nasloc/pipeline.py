@@ -349,13 +349,12 @@ def selection_phase(study: optuna.Study, supernet: Supernet, splits: DataSplits,
         result = run_ray_selection(candidates, spec, storage, max_epochs=config.epochs,
                                    reduction_factor=config.reduction_factor, ray_address=options.ray_address,
                                    max_concurrent=options.workers, results_dir=run.ray_dir,
-                                   resources_per_trial=resources, say=_say)
+                                   resources_per_trial=resources, held_out=len(splits.val), say=_say)
     else:
         trainer = RungTrainer(supernet, splits, config, run.selection_dir, device=options.device)
         result = run_selection(candidates, trainer, storage, max_epochs=config.epochs,
-                               reduction_factor=config.reduction_factor, say=_say)
+                               reduction_factor=config.reduction_factor, held_out=len(splits.val), say=_say)
     write_csv(selection_rows(result.study), run.root / SELECTION_CSV)
-    result = replace(result, held_out=len(splits.val))
     note = tied_note(result, options.retrain_top_k)
     if note:
         _say(f"[nasloc]   {note}")

@@ -61,7 +61,7 @@ def _report_callback(study: optuna.Study, entries: list[dict[str, Any]]) -> Any:
 def run_ray_selection(candidates: Sequence[Candidate], trainer_factory: Callable[[], RungTrainer],
                       storage: BaseStorage, *, max_epochs: int, reduction_factor: int = 2,
                       ray_address: str | None = None, max_concurrent: int = 2, results_dir: str | Path,
-                      resources_per_trial: dict[str, float] | None = None,
+                      resources_per_trial: dict[str, float] | None = None, held_out: int = 0,
                       say: Callable[[str], None] = print) -> SelectionResult:
     """Run (or resume) the selection with Ray Tune's ASHA; returns the study and its ranking.
 
@@ -72,7 +72,7 @@ def run_ray_selection(candidates: Sequence[Candidate], trainer_factory: Callable
     from ray.tune.schedulers import ASHAScheduler
 
     rungs = rung_epochs(max_epochs, reduction_factor)
-    study = open_selection(candidates, storage, rungs, reduction_factor)
+    study = open_selection(candidates, storage, rungs, reduction_factor, held_out)
     alive = alive_candidates(study)
     if alive:
         say(f"[nasloc]   {len(alive)} candidates on Ray, up to {max_concurrent} at a time, ASHA over rungs {rungs}")
@@ -95,4 +95,4 @@ def run_ray_selection(candidates: Sequence[Candidate], trainer_factory: Callable
                                           callbacks=[_report_callback(study, entries)]))
             tuner.fit()
     close_unfinished(study, rungs)
-    return SelectionResult(study, ranking(study))
+    return SelectionResult(study, ranking(study), held_out)

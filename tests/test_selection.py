@@ -11,9 +11,10 @@ import pytest
 from optuna.trial import TrialState
 
 from nasloc.arch import Arch
+from nasloc.flops import count
 from nasloc.search import SEED_DESIGN_ATTR
 from nasloc.selection import (Candidate, SelectionResult, SynchronousHalvingPruner, rung_epochs, ranking, run_selection,
-                              search_candidates, selection_rows, tied_note, tied_with_last_finalist)
+                              leading_ties, search_candidates, selection_rows, tied_note)
 from nasloc.space import SearchSpace
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -139,8 +140,6 @@ def test_a_rerun_in_the_middle_of_a_rung_judges_it_only_when_it_is_complete(spac
 
 
 def test_search_candidates_cover_the_upper_budget_and_add_the_seed_designs(space):
-    from nasloc.flops import count
-
     study = optuna.create_study(directions=["maximize", "minimize"])
     pool = archs(space, 30, seed=1)
     budget = sorted(count(a).macs for a in pool)[-3]  # a few over budget
@@ -221,30 +220,65 @@ def _ranked(*scores: tuple[str, dict[int, float]]) -> list:
             for source, values in scores]
 
 
-# The NSGA-II selection of the CIFAR-10 evidence: four finalists within 1.5 points after 4 epochs on 2,500 images.
-EVIDENCE = _ranked(("36", {1: 41.72, 2: 48.36, 4: 53.44}), ("22", {1: 41.6, 2: 48.84, 4: 52.44}),
-                   ("49", {1: 38.28, 2: 45.72, 4: 52.24}), ("53", {1: 38.72, 2: 46.68, 4: 51.96}),
-                   ("DilateFormer", {1: 37.48, 2: 44.32}))
+# The NSGA-II selection of the CIFAR-10 evidence: four finalists within 1.5 points after 4 epochs on 2,500 images,
+# with their MMACs; after 10 epochs (and after 30) they finished in the order 49, 22, 53, 36.
+EVIDENCE_SCORES = [("36", {1: 41.72, 2: 48.36, 4: 53.44}, 24.8), ("22", {1: 41.6, 2: 48.84, 4: 52.44}, 25.7),
+                   ("49", {1: 38.28, 2: 45.72, 4: 52.24}, 29.0), ("53", {1: 38.72, 2: 46.68, 4: 51.96}, 25.4),
+                   ("DilateFormer", {1: 37.48, 2: 44.32}, 28.8)]
+EVIDENCE = _ranked(*((source, values) for source, values, _ in EVIDENCE_SCORES))
 
 
-def test_candidates_within_the_held_out_noise_of_the_last_finalist_are_tied_up_to_the_last_rung():
+def test_scores_within_two_standard_errors_of_the_best_lead_together():
+    assert leading_ties([53.44, 52.44, 52.24, 51.96], held_out=2500) == 4  # 2 SE of a difference: 2.8 points
+    assert leading_ties([53.44, 52.44, 52.24, 51.96], held_out=1_000_000) == 1  # SE 0.07 points
+    assert leading_ties([53.08, 52.36, 50.48, 50.20], held_out=2500) == 3  # 2.88 points behind: out
+    assert leading_ties([60.0, 50.0, 49.9], held_out=2500) == 1  # 10 points: 7 SE
+    assert leading_ties([50.0, math.nan, 49.9], held_out=2500) == 1  # a diverged candidate is never tied
+    assert leading_ties([50.0, 49.9], held_out=0) == 1  # no held-out size: no ties
+    assert leading_ties([], held_out=2500) == 0
+
+
+def _selection_study(rows, held_out):
+    study = optuna.create_study(direction="maximize")
+    study.set_user_attr("held_out", held_out)
+    for source, values, mmacs in rows:
+        last = max(values)
+        study.add_trial(optuna.trial.create_trial(
+            state=TrialState.COMPLETE if last == 4 else TrialState.PRUNED, value=values[last] if last == 4 else None,
+            intermediate_values=values, user_attrs=dict(source=source, arch={}, macs=int(mmacs * 1e6))))
+    return study
+
+
+def test_the_leaders_are_ranked_by_macs_the_largest_first_and_the_rest_by_score():
+    ranked = [t.user_attrs["source"] for t in ranking(_selection_study(EVIDENCE_SCORES, held_out=2500))]
+    assert ranked == ["49", "22", "53", "36", "DilateFormer"]
+    ranked = [t.user_attrs["source"] for t in ranking(_selection_study(EVIDENCE_SCORES, held_out=1_000_000))]
+    assert ranked == ["36", "22", "49", "53", "DilateFormer"]  # every difference decided: by score
+    assert [t.user_attrs["source"] for t in ranking(_selection_study(EVIDENCE_SCORES, held_out=0))][0] == "36"
+
+
+def test_a_selection_keeps_its_held_out_size_and_ranks_its_ties_by_macs(space, tmp_path):
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    cands = [Candidate(f"c{i}", a, i) for i, a in enumerate(archs(space, 4, seed=5))]
+    macs = {c.source: count(c.arch).macs for c in cands}
+    small, large = sorted(["c0", "c1"], key=macs.get)
+    assert macs[small] < macs[large]
+    quality = {small: 25.0, large: 24.8, "c2": 10.0, "c3": 5.0}  # the two finalists 0.4 points apart at 2 epochs
+    result = run_selection(cands, Trainer(quality), storage, max_epochs=2, held_out=2500, say=lambda m: None)
+    assert [t.user_attrs["source"] for t in result.ranking] == [large, small, "c2", "c3"]
+    assert result.held_out == 2500
+    again = run_selection(cands, Trainer(quality), storage, max_epochs=2, say=lambda m: None)  # resumed, size kept
+    assert [t.user_attrs["source"] for t in again.ranking][:2] == [large, small]
+    assert selection_rows(again.study)[0]["source"] == large
+
+
+def test_leaders_left_out_of_the_finalists_are_named_with_the_retrain_top_k_that_takes_them():
     selection = SelectionResult(study=None, ranking=EVIDENCE, held_out=2500)
-    assert [t.user_attrs["source"] for t in tied_with_last_finalist(selection, 2)] == ["49", "53"]
-    assert [t.user_attrs["source"] for t in tied_with_last_finalist(selection, 3)] == ["53"]
     note = tied_note(selection, 2)
     assert "ranks 3-4 (trial 49, trial 53)" in note and "--retrain-top-k 4" in note and "2500 held-out" in note
-
-
-def test_no_tie_beyond_two_standard_errors_or_without_a_held_out_size():
-    assert tied_with_last_finalist(SelectionResult(None, EVIDENCE, held_out=1_000_000), 2) == []  # SE 0.07 points
-    assert tied_with_last_finalist(SelectionResult(None, EVIDENCE, held_out=0), 2) == []
+    assert "rank 4 (trial 53)" in tied_note(selection, 3) and "--retrain-top-k 4 retrains it" in tied_note(selection, 3)
+    for finalists in (0, 4, 5):
+        assert tied_note(selection, finalists) == ""
+    assert tied_note(SelectionResult(None, EVIDENCE, held_out=1_000_000), 2) == ""
     assert tied_note(SelectionResult(None, EVIDENCE, held_out=0), 2) == ""
-    gap = _ranked(("1", {4: 60.0}), ("2", {4: 50.0}), ("3", {4: 49.9}))
-    assert tied_with_last_finalist(SelectionResult(None, gap, held_out=2500), 1) == []  # 10 points: 7 SE
-    for finalists in (0, 5):
-        assert tied_with_last_finalist(SelectionResult(None, EVIDENCE, held_out=2500), finalists) == []
-
-
-def test_a_diverged_candidate_is_never_tied():
-    ranked = _ranked(("1", {4: 50.0}), ("2", {4: math.nan}), ("3", {4: 49.9}))
-    assert tied_with_last_finalist(SelectionResult(None, ranked, held_out=2500), 1) == []
+    assert tied_note(SelectionResult(None, _ranked(("1", {4: 50.0}), ("2", {4: math.nan})), held_out=2500), 1) == ""
