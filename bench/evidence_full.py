@@ -34,6 +34,7 @@ import argparse
 import csv
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -191,9 +192,10 @@ class Protocol:
         return Unit(key, (), lambda: self._train(key, self._design_file(budget, design), seed, export_as=design))
 
     def _finalists(self, budget: str, sampler: str) -> list[tuple[dict, str]]:
-        """(candidate, key of its seed-0 recipe training) of the selection's first ``--retrain-top-k``."""
+        """(candidate, key of its seed-0 recipe training) of the selection's first ``--retrain-top-k``, in the
+        order of the selection ranking that nasloc has now (:func:`selection_order`)."""
         search = self._searched(budget, sampler)
-        return [(c, self._training_key(budget, sampler, c)) for c in search["candidates"][: self.args.retrain_top_k]]
+        return [(c, self._training_key(budget, sampler, c)) for c in selection_order(search)[: self.args.retrain_top_k]]
 
     def _training_key(self, budget: str, sampler: str, candidate: dict) -> str:
         design = self._seed_design_of(budget, candidate)
@@ -220,14 +222,25 @@ class Protocol:
             candidate, trained = max(finalists, key=lambda f: self.rec.get(f[1])["top1"])
             chosen = dict(pick_source=candidate["source"], pick_trial=candidate["search_trial"],
                           finalists={k: self.rec.get(k)["top1"] for _, k in finalists})
-            design = self._seed_design_of(budget, candidate)
-            if seed == 0 or design:  # the same command as a training already recorded: not run twice
-                same = trained if seed == 0 else f"{budget}/seed/{design}/s{seed}"
+            same = self._same_training(budget, sampler, candidate, trained, seed)
+            if same:  # the same command as a training already recorded: not run twice
                 return {**self._same_as(same, f"nasloc_{sampler}" if seed == 0 else None), **chosen}
             return {**self._train(key, self._candidate_file(budget, sampler, candidate), seed), **chosen}
-        # a seed design among the finalists may be the pick: its training of this seed then comes first
-        designs = [d for d in (self._seed_design_of(budget, c) for c, _ in finalists) if d and seed]
-        return Unit(key, (search_key, *(k for _, k in finalists), *(f"{budget}/seed/{d}/s{seed}" for d in designs)), run)
+        # a finalist may be the pick: its training of this seed as a seed design or a ranking unit then comes first
+        same = [self._same_training(budget, sampler, c, k, seed) for c, k in finalists] if seed else []
+        return Unit(key, (search_key, *(k for _, k in finalists), *filter(None, same)), run)
+
+    def _same_training(self, budget: str, sampler: str, candidate: dict, trained: str, seed: int) -> str | None:
+        """The unit that trains ``candidate`` with ``seed`` by the recipe, if another kind of unit does: seed 0 is
+        its finalist training, a seed design has its seed units, a ranking candidate its ranking seeds."""
+        design = self._seed_design_of(budget, candidate)
+        if seed == 0:
+            return trained
+        if design:
+            return f"{budget}/seed/{design}/s{seed}"
+        if sampler == "nsga2" and self.args.rank and seed < self.args.rank_seeds:
+            return f"{trained}/s{seed}"
+        return None
 
     def _seed_design_of(self, budget: str, candidate: dict) -> str | None:
         """The design whose arch the candidate is (the seed designs compete in the selection), else None."""
@@ -257,13 +270,8 @@ class Protocol:
             [self._ranking_seed(budget, c, key, seed) for seed in range(1, self.args.rank_seeds) for c, key in keyed]
 
     def _ranking_seed(self, budget: str, candidate: dict, seed0_key: str, seed: int) -> Unit:
-        """A candidate's training with another seed; the NSGA-II pick's is its pick unit of that seed (the same
-        command), so it is not run twice."""
+        """A candidate's training with another seed (the NSGA-II pick's unit of that seed takes its result)."""
         key = f"{seed0_key}/s{seed}"
-        pick = self.rec.get(f"{budget}/pick/nsga2/s0")
-        if pick and pick["pick_trial"] == candidate["search_trial"] and seed < self.args.seeds:
-            same = f"{budget}/pick/nsga2/s{seed}"
-            return Unit(key, (same,), lambda: self._same_as(same))
         return Unit(key, (seed0_key,), lambda: self._train(key, self._candidate_file(budget, "nsga2", candidate), seed))
 
     def _search(self, budget: str, sampler: str) -> Unit:
@@ -325,6 +333,7 @@ class Protocol:
                            scores={k: float(v) for k, v in r.items() if k.startswith("top1@") and v})
                       for r in _csv(run_dir / "selection.csv")]
         return dict(run_dir=str(run_dir), pick=candidates[0], candidates=candidates, **timing,
+                    held_out=logged_held_out(self._log(key)),
                     trials=a.trials, supernet_epochs=a.supernet_epochs, select_top_k=a.select_top_k,
                     select_epochs=a.select_epochs, device=a.device, command=_shown(command))
 
@@ -354,7 +363,7 @@ class Protocol:
         seconds of it and its children every minute and when it ends (killed or not)."""
         env = dict(os.environ, OMP_NUM_THREADS=str(self.args.threads), MKL_NUM_THREADS=str(self.args.threads),
                    PYTHONUNBUFFERED="1")
-        log = Path(self.args.out) / "logs" / (key.replace("/", "-") + ".log")
+        log = self._log(key)
         log.parent.mkdir(parents=True, exist_ok=True)
         started = time.time()
         with open(log, "a") as out:
@@ -375,6 +384,9 @@ class Protocol:
         if child.returncode != 0:
             raise RuntimeError(f"{key}: exit {child.returncode} (log: {log})")
 
+    def _log(self, key: str) -> Path:
+        return Path(self.args.out) / "logs" / (key.replace("/", "-") + ".log")
+
     def stop(self) -> None:
         self.stopping.set()
         for child in list(self.children):
@@ -384,6 +396,32 @@ class Protocol:
 def budget_keys(budgets: str) -> list[str]:
     """``--budgets`` ("0.03,0.1", GMACs) as the record's key prefixes ("0.03G", "0.1G")."""
     return [f"{float(b):g}G" for b in budgets.split(",")]
+
+
+def selection_order(search: dict) -> list[dict]:
+    """A recorded search's selection candidates in the order of ``nasloc.selection.ranking`` as it is now: the
+    product's function on an in-memory copy of the selection study (rung scores, MACs, the held-out size), so a
+    change of the ranking rule reaches a study's finalists without training anything again. A search recorded
+    without ``held_out`` keeps its order (no two scores count as tied)."""
+    import optuna
+    from optuna.trial import TrialState
+
+    from nasloc.search import optuna_quiet
+    from nasloc.selection import HELD_OUT_ATTR, ranking
+    with optuna_quiet(True):
+        study = optuna.create_study(direction="maximize")
+    study.set_user_attr(HELD_OUT_ATTR, search.get("held_out", 0))
+    for index, c in enumerate(search["candidates"]):  # trial numbers in the recorded order break equal scores
+        rungs = {int(k.removeprefix("top1@").removesuffix("ep")): v for k, v in c["scores"].items()}
+        study.add_trial(optuna.trial.create_trial(state=TrialState.PRUNED, intermediate_values=rungs,
+                                                  user_attrs=dict(index=index, arch=c["arch"], macs=c["macs"])))
+    return [search["candidates"][t.user_attrs["index"]] for t in ranking(study)]
+
+
+def logged_held_out(log: Path) -> int:
+    """The selection's held-out images as run_search.py printed them ("..., 2500 held-out images"); 0 if absent."""
+    found = re.findall(r"(\d+) held-out images", log.read_text()) if log.exists() else []
+    return int(found[-1]) if found else 0
 
 
 @lru_cache(maxsize=None)

@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from evidence_full import DESIGNS, SAMPLERS, budget_keys  # noqa: E402
+from evidence_full import DESIGNS, SAMPLERS, budget_keys, selection_order  # noqa: E402
 
 from nasloc.ranking import kendall_tau, top_k_precision  # noqa: E402
 
@@ -125,7 +125,9 @@ def ranking(rec: dict, budget: str) -> list[str]:
     search = rec.get(f"{budget}/search/nsga2")
     if not search:
         return ["Ranking: pending (the NSGA-II search)."]
-    rows = [(c, seeds) for c in search["candidates"] if (seeds := candidate_seeds(rec, budget, c))]
+    now = {c["source"]: rank for rank, c in enumerate(selection_order(search), 1)}  # the ranking nasloc has now
+    rows = [(dict(c, rank_now=now[c["source"]]), seeds) for c in search["candidates"]
+            if (seeds := candidate_seeds(rec, budget, c))]
     lines = [f"Ranking: {len(rows)} of {len(search['candidates'])} candidates trained."]
     lines += _taus(rows, lambda seeds: seeds[0], "seed 0's top-1")
     pairs = [(runs[0]["top1"], runs[1]["top1"]) for runs in trainings(rec, budget).values() if len(runs) > 1]
@@ -139,10 +141,10 @@ def ranking(rec: dict, budget: str) -> list[str]:
         lines.append(f"- seed 0 vs seed 1 of the {len(twice)} candidates trained twice (the noise ceiling of this "
                      f"ranking): Kendall tau {tau:.2f} (p {p:.2f})")
         lines += _taus(twice, statistics.mean, "the mean of their seeds")
-    lines += ["", "| source | search trial | MMACs | proxy top-1 (%) | selection rank | recipe top-1 per seed (%) |",
-              "|---|---|---|---|---|---|"]
+    lines += ["", "| source | search trial | MMACs | proxy top-1 (%) | selection rank as run | selection rank now | "
+              "recipe top-1 per seed (%) |", "|---|---|---|---|---|---|---|"]
     lines += [f"| {c['source']} | {c['search_trial']} | {c['macs'] / 1e6:.1f} | {c['proxy_top1']:.2f} | {c['rank']} | "
-              f"{', '.join(f'{t:.2f}' for t in seeds)} |" for c, seeds in sorted(rows, key=lambda r: -r[1][0])]
+              f"{c['rank_now']} | {', '.join(f'{t:.2f}' for t in seeds)} |" for c, seeds in sorted(rows, key=lambda r: -r[1][0])]
     return lines
 
 
@@ -153,7 +155,8 @@ def _taus(rows: list[tuple[dict, list[float]]], truth, against: str) -> list[str
     real = [truth(seeds) for _, seeds in rows]
     lines = []
     for name, score in (("proxy (supernet top-1)", [c["proxy_top1"] for c, _ in rows]),
-                        ("selection (rank)", [-c["rank"] for c, _ in rows])):
+                        ("selection (rank as run)", [-c["rank"] for c, _ in rows]),
+                        ("selection (rank now: ties by MACs)", [-c["rank_now"] for c, _ in rows])):
         tau, p = kendall_tau(score, real)
         lines.append(f"- {name} against {against} ({len(rows)} candidates): Kendall tau {tau:.2f} (p {p:.2f}), "
                      f"top-3 precision {top_k_precision(score, real, 3)}/3")
