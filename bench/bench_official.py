@@ -58,6 +58,7 @@ from torch import Tensor, nn
 import nasloc
 from nasloc.arch import Arch, Block, Shortcut, Stage
 from nasloc.flops import count
+from nasloc.model_spec import resolve_model
 from nasloc.seeds import PRESETS, reference_archs
 from nasloc.space import SearchSpace
 
@@ -119,6 +120,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--cifar-budget", type=float, default=0.03e9, help="MACs of the CIFAR reference archs")
     p.add_argument("--cifar-archs", nargs="+", default=None,
                    help="reference-arch names and/or 'every mechanism' (default: all but the plain ViT)")
+    p.add_argument("--cifar-models", nargs="+", default=[], metavar="M",
+                   help="more CIFAR archs to time, anything nasloc train --model takes that has an arch (an arch "
+                        "file, an export folder such as results/evidence/exports/nasloc_nsga2, RUN:TRIAL)")
     p.add_argument("--steps", type=int, default=5, help="timed rounds")
     p.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
     p.add_argument("--threads", type=int, default=1)
@@ -263,8 +267,13 @@ def cifar_section(args: argparse.Namespace) -> None:
     space = SearchSpace.load("cifar")
     archs = {k: a for k, a in reference_archs(space, args.cifar_budget).items() if k != "plain ViT"}
     archs["every mechanism"] = every_mechanism_arch(space)
-    if args.cifar_archs:
-        archs = {k: archs[k] for k in args.cifar_archs}
+    if args.cifar_archs or args.cifar_models:
+        archs = {k: archs[k] for k in args.cifar_archs or []}
+    for text in args.cifar_models:
+        spec = resolve_model(text, with_weights=False)
+        if spec.arch is None:
+            raise SystemExit(f"bench_official.py: --cifar-models {text}: a timm model has no nasloc arch to time")
+        archs[spec.name] = spec.arch
     gen = torch.Generator().manual_seed(args.seed)
     x = torch.randn(args.cifar_batch, 3, space.img_size, space.img_size, generator=gen)
     y = torch.randint(0, 10, (args.cifar_batch,), generator=gen)
