@@ -162,20 +162,23 @@ def _leaders(trials: Sequence[FrozenTrial], held_out: int) -> int:
 
 
 def tied_note(selection: SelectionResult, finalists: int) -> str:
-    """One sentence for the console and the summary when leaders (tied with the best at the last rung) are left
-    out of the first ``finalists``, "" when there are none."""
-    tied = selection.ranking[finalists:_leaders(selection.ranking, selection.held_out)] if finalists > 0 else []
-    if not tied:
+    """For the console and the summary when candidates tied with the best at the last rung: that they are ranked
+    by MACs, and the ``--retrain-top-k`` that retrains them all when the first ``finalists`` leave some out;
+    "" when nothing is tied."""
+    lead = _leaders(selection.ranking, selection.held_out)
+    if lead < 2:
         return ""
-    names = ", ".join(f"trial {t.user_attrs['source']}" if t.user_attrs["source"].isdigit() else t.user_attrs["source"]
-                      for t in tied)
-    ranks = f"s {finalists + 1}-{finalists + len(tied)}" if len(tied) > 1 else f" {finalists + 1}"
-    epochs = tied[0].last_step
-    retrained = "only the first is" if finalists == 1 else f"only the first {finalists} are"
-    return (f"selection rank{ranks} ({names}) scored within 2 standard errors of the best after {epochs} "
+    epochs = selection.ranking[0].last_step
+    note = (f"selection ranks 1-{lead} scored within 2 standard errors of the best after {epochs} "
             f"epoch{'s' * (epochs > 1)} on {selection.held_out} held-out images, a tie the short trainings cannot "
-            f"break (tied candidates are ranked by MACs, the largest first), but {retrained} retrained: "
-            f"--retrain-top-k {finalists + len(tied)} retrains {'them' if len(tied) > 1 else 'it'} too")
+            f"break, so they are ranked by MACs, the largest first")
+    left_out = selection.ranking[finalists:lead] if finalists > 0 else []
+    if not left_out:
+        return note
+    names = ", ".join(f"trial {t.user_attrs['source']}" if t.user_attrs["source"].isdigit() else t.user_attrs["source"]
+                      for t in left_out)
+    retrained = "only the first is" if finalists == 1 else f"only the first {finalists} are"
+    return f"{note}; {retrained} retrained: --retrain-top-k {lead} retrains {names} too"
 
 
 Advance = Callable[[int, Candidate, int], float]

@@ -272,13 +272,14 @@ def test_a_selection_keeps_its_held_out_size_and_ranks_its_ties_by_macs(space, t
     assert selection_rows(again.study)[0]["source"] == large
 
 
-def test_leaders_left_out_of_the_finalists_are_named_with_the_retrain_top_k_that_takes_them():
+def test_the_note_names_the_ties_and_the_retrain_top_k_that_takes_them_all():
     selection = SelectionResult(study=None, ranking=EVIDENCE, held_out=2500)
     note = tied_note(selection, 2)
-    assert "ranks 3-4 (trial 49, trial 53)" in note and "--retrain-top-k 4" in note and "2500 held-out" in note
-    assert "rank 4 (trial 53)" in tied_note(selection, 3) and "--retrain-top-k 4 retrains it" in tied_note(selection, 3)
-    for finalists in (0, 4, 5):
-        assert tied_note(selection, finalists) == ""
+    assert "ranks 1-4 scored within 2 standard errors of the best after 4 epochs on 2500 held-out" in note
+    assert "ranked by MACs" in note and "--retrain-top-k 4 retrains trial 49, trial 53 too" in note
+    assert "--retrain-top-k 4 retrains trial 53 too" in tied_note(selection, 3)
+    for finalists in (0, 4, 5):  # every tie retrained, or no retraining: only how they are ranked
+        assert tied_note(selection, finalists).endswith("ranked by MACs, the largest first")
     assert tied_note(SelectionResult(None, EVIDENCE, held_out=1_000_000), 2) == ""
     assert tied_note(SelectionResult(None, EVIDENCE, held_out=0), 2) == ""
     assert tied_note(SelectionResult(None, _ranked(("1", {4: 50.0}), ("2", {4: math.nan})), held_out=2500), 1) == ""
