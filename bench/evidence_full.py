@@ -77,6 +77,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--supernet-epochs", type=int, default=5)
     p.add_argument("--search-batch-size", type=int, default=64, help="run_search --batch-size (supernet, selection)")
     p.add_argument("--trials", type=int, default=60)
+    p.add_argument("--search-seed", type=int, default=0,
+                   help="run_search.py --seed (the validation halves, the sampler, the supernet and selection "
+                        "trainings): another seed, with its own --out and --work, replicates the searches")
     p.add_argument("--select-top-k", type=int, default=8)
     p.add_argument("--select-epochs", type=int, default=4)
     p.add_argument("--retrain-top-k", type=int, default=RunOptions.retrain_top_k,
@@ -321,7 +324,8 @@ class Protocol:
                    "--dataset", "imagefolder", "--data-dir", str(self.data), "--proxy-img-size", "32",
                    "--supernet-epochs", str(a.supernet_epochs), "--trials", str(a.trials), "--sampler", sampler,
                    "--select-top-k", str(a.select_top_k), "--select-epochs", str(a.select_epochs),
-                   "--batch-size", str(a.search_batch_size), "--retrain-top-k", "0", "--device", a.device, "--seed", "0", "--run-name", name,
+                   "--batch-size", str(a.search_batch_size), "--retrain-top-k", "0", "--device", a.device,
+                   "--seed", str(a.search_seed), "--run-name", name,
                    "--results-dir", str(self.work / "runs")]
         run_dir = self.work / "runs" / name
         timing = self._execute_once(key, command, run_dir / "selection.csv", run_dir / "costs.json")
