@@ -77,6 +77,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--supernet-epochs", type=int, default=5)
     p.add_argument("--search-batch-size", type=int, default=64, help="run_search --batch-size (supernet, selection)")
     p.add_argument("--trials", type=int, default=60)
+    p.add_argument("--samplers", default=",".join(SAMPLERS), help=f"comma list of run_search.py --sampler, of {SAMPLERS}")
     p.add_argument("--search-seed", type=int, default=0,
                    help="run_search.py --seed (the validation halves, the sampler, the supernet and selection "
                         "trainings): another seed, with its own --out and --work, replicates the searches")
@@ -96,6 +97,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="a record.json whose searches (supernet, search, selection) to take instead of running "
                         "them, e.g. the CPU study's on a GPU, which then trains their candidates with its own recipe; "
                         "their costs stay those measured where they ran")
+    p.add_argument("--designs-from", default="",
+                   help="a record.json whose seed-design trainings to take instead of running them (the same recipe: "
+                        "a replicate of the searches, --search-seed, then needs no seed design trained again)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=1, help="torch threads of each command")
     p.add_argument("--loader-workers", type=int, default=1, help="data loading processes of each command")
@@ -103,9 +107,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--minutes", type=float, default=0, help="stop (killing running units) after this long; 0 = never")
     p.add_argument("--only", default="", help="comma list of unit kinds to run (seed,search,final,pick,rank); default all")
     args = p.parse_args(argv)
-    if args.searches_from and not Path(args.searches_from).is_file():
-        p.error(f"--searches-from {args.searches_from}: no such record; give the record.json of a study whose "
-                f"searches to take (e.g. results/evidence_full/record.json)")
+    if not set(args.samplers.split(",")) <= set(SAMPLERS):
+        p.error(f"--samplers {args.samplers}: each must be one of {', '.join(SAMPLERS)}")
+    for option, taken in (("--searches-from", "searches"), ("--designs-from", "seed-design trainings")):
+        path = getattr(args, option[2:].replace("-", "_"))
+        if path and not Path(path).is_file():
+            p.error(f"{option} {path}: no such record; give the record.json of a study whose {taken} to take "
+                    f"(e.g. results/evidence_full/record.json)")
     return args
 
 
@@ -171,13 +179,13 @@ class Protocol:
         other seeds, then the ranking trainings."""
         order: list[Unit] = []
         for budget in self.budgets:
-            order += [self._search(budget, s) for s in SAMPLERS]
+            order += [self._search(budget, s) for s in self.samplers]
         for seed in range(self.args.seeds):
             for budget in self.budgets:
                 order += [self._seed(budget, d, seed) for d in DESIGNS]
                 if seed == 0:
-                    order += [u for s in SAMPLERS if self._searched(budget, s) for u in self._finalist_units(budget, s)]
-                order += [self._pick(budget, s, seed) for s in SAMPLERS if self._searched(budget, s)]
+                    order += [u for s in self.samplers if self._searched(budget, s) for u in self._finalist_units(budget, s)]
+                order += [self._pick(budget, s, seed) for s in self.samplers if self._searched(budget, s)]
         if self.args.rank:
             order += [u for b in self.budgets if self._searched(b, "nsga2") for u in self._ranking(b)]
         unique = {u.key: u for u in reversed(order)}  # a finalist of the NSGA-II run is also a ranking unit
@@ -186,6 +194,10 @@ class Protocol:
     @property
     def budgets(self) -> list[str]:
         return budget_keys(self.args.budgets)
+
+    @property
+    def samplers(self) -> list[str]:
+        return self.args.samplers.split(",")
 
     def _searched(self, budget: str, sampler: str) -> dict | None:
         return self.rec.get(f"{budget}/search/{sampler}")
@@ -258,8 +270,8 @@ class Protocol:
         under ``export_as`` if given."""
         result = dict(self.rec.get(unit), same_as=unit)
         result.pop("export", None)
-        if export_as:
-            trained = self.work / unit / "export"
+        trained = self.work / unit / "export"
+        if export_as and trained.is_dir():  # not there for a training taken from another study (--designs-from)
             result["export"] = os.path.relpath(_export_fp16(trained, Path(self.args.exports) / export_as), ROOT)
         return result
 
@@ -537,6 +549,26 @@ def import_searches(rec: Record, source: Path, args: argparse.Namespace) -> None
                 log(f"{key}: taken from {source}")
 
 
+RECIPE = ("epochs", "batch_size", "lr", "device", "data_root", "small")  # what makes two seed-design trainings equal
+
+
+def import_designs(rec: Record, source: Path, args: argparse.Namespace) -> None:
+    """Record the seed-design trainings of another study's record as this study's (marked ``imported_from``), for
+    every budget, design and seed this record lacks; refused when the two studies' recipes differ."""
+    theirs = json.loads(source.read_text())
+    differ = [k for k in RECIPE if theirs.get("protocol", {}).get(k) != getattr(args, k)]
+    if differ:
+        raise SystemExit(f"evidence_full.py: --designs-from {source}: its recipe differs in {', '.join(differ)}; "
+                         "take seed designs only from a study with the same recipe")
+    for budget in budget_keys(args.budgets):
+        for design in DESIGNS:
+            for seed in range(args.seeds):
+                key = f"{budget}/seed/{design}/s{seed}"
+                if rec.get(key) is None and theirs.get(key):
+                    rec.put(key, dict(theirs[key], imported_from=str(source)))
+                    log(f"{key}: taken from {source}")
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     out = Path(args.out)
@@ -545,6 +577,8 @@ def main(argv: list[str] | None = None) -> None:
     rec.put("protocol", {k: v for k, v in vars(args).items() if k not in ("jobs", "minutes", "only")})
     if args.searches_from:
         import_searches(rec, Path(args.searches_from), args)
+    if args.designs_from:
+        import_designs(rec, Path(args.designs_from), args)
     data = lay_out_split(args.cifar_tar, Path(args.data_root), args.small)
     protocol = Protocol(args, data, rec)
     workers = [threading.Thread(target=work_through, args=(protocol, rec), daemon=True) for _ in range(args.jobs)]
