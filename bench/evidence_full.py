@@ -253,9 +253,14 @@ class Protocol:
             return trained
         if design:
             return f"{budget}/seed/{design}/s{seed}"
-        if sampler == "nsga2" and self.args.rank and seed < self.args.rank_seeds:
+        if sampler == "nsga2" and seed < self.args.rank_seeds and candidate in self._ranked(budget):
             return f"{trained}/s{seed}"
         return None
+
+    def _ranked(self, budget: str) -> list[dict]:
+        """The NSGA-II candidates that the ranking study trains (``--rank``, the first ``--rank-top`` by the
+        selection ranking that nasloc has now)."""
+        return selection_order(self._searched(budget, "nsga2"))[: self.args.rank_top or None] if self.args.rank else []
 
     def _seed_design_of(self, budget: str, candidate: dict) -> str | None:
         """The design whose arch the candidate is (the seed designs compete in the selection), else None."""
@@ -278,8 +283,7 @@ class Protocol:
     def _ranking(self, budget: str) -> list[Unit]:
         """Each selection candidate of the NSGA-II run that is not a seed design (those are trained anyway), seed 0
         of every one first, then seed 1 (``<budget>/rank/<trial>/s1``), and so on up to ``--rank-seeds``."""
-        candidates = self._searched(budget, "nsga2")["candidates"]
-        keyed = [(c, self._training_key(budget, "nsga2", c)) for c in candidates[: self.args.rank_top or None]]
+        keyed = [(c, self._training_key(budget, "nsga2", c)) for c in self._ranked(budget)]
         keyed = [(c, key) for c, key in keyed if "/seed/" not in key]
         return [self._candidate_unit(budget, "nsga2", c, key) for c, key in keyed] + \
             [self._ranking_seed(budget, c, key, seed) for seed in range(1, self.args.rank_seeds) for c, key in keyed]
