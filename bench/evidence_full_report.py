@@ -85,7 +85,7 @@ def costs(rec: dict, budget: str) -> list[str]:
         if not search:
             lines.append(f"nasloc {sampler}: search pending.")
             continue
-        first = search["pick"]  # the selection's rank 1
+        first = selection_order(search)[0]  # the selection's rank 1 by the ranking nasloc has now
         at_least = "" if fully_timed(search) else "at least "  # an attempt before the last was not timed
         # a search taken from another study (evidence_full.py --searches-from) cost what it cost there
         where = f", on {search['imported_protocol']['device']} in {search['imported_from']}" \
