@@ -297,7 +297,8 @@ def ranking(study: optuna.Study) -> list[FrozenTrial]:
     Why MACs among ties: short trainings favour archs that learn fast in the first epochs, often the smaller
     ones, and a full-length training turns that round. In the CIFAR-10 evidence the NSGA-II selection's four
     finalists, within 1.5 points of each other after 4 epochs, finished in the order of their MACs both after
-    10 epochs and after 30, where the 4-epoch order had put the smallest first and the largest third.
+    10 epochs and after 30 (seed 0), where the 4-epoch order had put the smallest first and the largest,
+    the best of them over two seeds too, third.
     """
     scored = [t for t in study.get_trials(deepcopy=False) if t.intermediate_values and "arch" in t.user_attrs]
     by_score = sorted(scored, key=lambda t: (-t.last_step, -_score(t), t.number))
