@@ -547,10 +547,7 @@ def import_searches(rec: Record, source: Path, args: argparse.Namespace) -> None
     theirs = json.loads(source.read_text())
     for budget in budget_keys(args.budgets):
         for sampler in SAMPLERS:
-            key = f"{budget}/search/{sampler}"
-            if rec.get(key) is None and theirs.get(key):
-                rec.put(key, dict(theirs[key], imported_from=str(source), imported_protocol=theirs.get("protocol")))
-                log(f"{key}: taken from {source}")
+            _take(rec, theirs, f"{budget}/search/{sampler}", source, imported_protocol=theirs.get("protocol"))
 
 
 RECIPE = ("epochs", "batch_size", "lr", "device", "data_root", "small")  # what makes two seed-design trainings equal
@@ -567,10 +564,15 @@ def import_designs(rec: Record, source: Path, args: argparse.Namespace) -> None:
     for budget in budget_keys(args.budgets):
         for design in DESIGNS:
             for seed in range(args.seeds):
-                key = f"{budget}/seed/{design}/s{seed}"
-                if rec.get(key) is None and theirs.get(key):
-                    rec.put(key, dict(theirs[key], imported_from=str(source)))
-                    log(f"{key}: taken from {source}")
+                _take(rec, theirs, f"{budget}/seed/{design}/s{seed}", source)
+
+
+def _take(rec: Record, theirs: dict, key: str, source: Path, **marks) -> None:
+    """Record ``theirs[key]`` as this study's, marked ``imported_from`` (and ``marks``), unless this record has the
+    key or the source lacks it."""
+    if rec.get(key) is None and theirs.get(key):
+        rec.put(key, dict(theirs[key], imported_from=str(source), **marks))
+        log(f"{key}: taken from {source}")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -12,6 +12,7 @@ matplotlib is installed. Nothing is recomputed but means, spreads and Kendall ta
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import statistics
@@ -111,13 +112,12 @@ def candidate_seeds(rec: dict, budget: str, candidate: dict) -> list[float]:
     its ranking units (``rank/<trial>``, ``rank/<trial>/s1``, ...); stops at the first seed not recorded."""
     design = next((d for d, label in DESIGNS.items() if label == candidate["source"]), None)
     base = f"{budget}/rank/{candidate['search_trial']}"
-    keys = [f"{budget}/seed/{design}/s{k}" if design else (base if k == 0 else f"{base}/s{k}") for k in range(9)]
     top1 = []
-    for key in keys:
+    for k in itertools.count():
+        key = f"{budget}/seed/{design}/s{k}" if design else (base if k == 0 else f"{base}/s{k}")
         if not rec.get(key):
-            break
+            return top1
         top1.append(rec[key]["top1"])
-    return top1
 
 
 def ranking(rec: dict, budget: str) -> list[str]:
