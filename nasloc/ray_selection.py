@@ -21,7 +21,7 @@ from optuna.storages import BaseStorage
 from .arch import Arch
 from .ray_search import _cached, ray_session
 from .selection import (Candidate, RungTrainer, SelectionResult, alive_candidates, close_unfinished, open_selection,
-                        ranking, report, rung_epochs)
+                        report, rung_epochs, selection_result)
 
 
 def ray_rung_trial(config: dict[str, Any], *, trainer_factory: Callable[[], RungTrainer], rungs: Sequence[int]) -> None:
@@ -95,4 +95,4 @@ def run_ray_selection(candidates: Sequence[Candidate], trainer_factory: Callable
                                           callbacks=[_report_callback(study, entries)]))
             tuner.fit()
     close_unfinished(study, rungs)
-    return SelectionResult(study, ranking(study), held_out)
+    return selection_result(study)

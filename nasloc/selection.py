@@ -206,7 +206,7 @@ def run_selection(candidates: Sequence[Candidate], advance: Advance, storage: Ba
             if epochs not in frozen.intermediate_values:
                 report(study, frozen._trial_id, advance(frozen.number, candidate_of(frozen), epochs), epochs)
         _close_rung(study, epochs, rungs)
-    return SelectionResult(study, ranking(study), held_out)
+    return selection_result(study)
 
 
 def open_selection(candidates: Sequence[Candidate], storage: BaseStorage, rungs: list[int],
@@ -305,6 +305,11 @@ def ranking(study: optuna.Study) -> list[FrozenTrial]:
     lead = _leaders(by_score, study.user_attrs.get(HELD_OUT_ATTR, 0))
     leaders = sorted(by_score[:lead], key=lambda t: (-t.user_attrs["macs"], -_score(t), t.number))
     return leaders + by_score[lead:]
+
+
+def selection_result(study: optuna.Study) -> SelectionResult:
+    """The study with its ranking and the held-out size it keeps (the one :func:`ranking` used)."""
+    return SelectionResult(study, ranking(study), study.user_attrs.get(HELD_OUT_ATTR, 0))
 
 
 def _score(trial: FrozenTrial) -> float:

@@ -269,6 +269,7 @@ def test_a_selection_keeps_its_held_out_size_and_ranks_its_ties_by_macs(space, t
     assert result.held_out == 2500
     again = run_selection(cands, Trainer(quality), storage, max_epochs=2, say=lambda m: None)  # resumed, size kept
     assert [t.user_attrs["source"] for t in again.ranking][:2] == [large, small]
+    assert again.held_out == 2500  # the size the ranking used, so the tie note names the same ties
     assert selection_rows(again.study)[0]["source"] == large
 
 
