@@ -14,7 +14,8 @@
 server), before hours of training end in :func:`open_storage`. A database server that goes away during a
 search (a restart, a failover) is waited for: :class:`ReconnectingRDBStorage` retries each call with backoff
 for up to ``NASLOC_DB_RETRY_SECONDS`` (default 120 s), then stops the worker with one line.
-:func:`fail_stale_trials` marks FAIL the trials whose worker is gone. SQLite is fine for one process, not for several writers.
+:func:`fail_stale_trials` marks FAIL the trials whose worker is gone. Several processes share an SQLite file on a
+local disk (:class:`SQLiteStorage` locks each transaction, e.g. ``--workers N``); on NFS use a journal file or a server.
 """
 from __future__ import annotations
 
@@ -94,6 +95,7 @@ def open_storage(
         text = f"sqlite:///{path}"
     url = _parse_url(text)
     engine_kwargs: dict[str, Any] = {}
+    storage_class = RDBStorage
     database = _sqlite_database(url)
     if database is not None:
         if create:
@@ -101,15 +103,17 @@ def open_storage(
         elif not database.is_file():
             raise StorageError(f"storage {text}: no such SQLite file")
         engine_kwargs = {"creator": functools.partial(_connect_sqlite, str(database))}
+        storage_class: type[RDBStorage] = SQLiteStorage
     server = url.get_backend_name() != "sqlite"
     if server:  # replace the connections that died with a restarted server before use; don't hang on connecting
         timeout_arg = _CONNECT_TIMEOUT_ARGS.get(url.get_driver_name())
         engine_kwargs = {"pool_pre_ping": True, "connect_args": {timeout_arg: CONNECT_TIMEOUT_S} if timeout_arg else {}}
     if heartbeat_interval is None:
         grace_period = None  # RDBStorage accepts a grace period only with a heartbeat
-    retry_seconds = db_retry_seconds() if server else None
+    make: Callable[..., RDBStorage] = (functools.partial(ReconnectingRDBStorage, retry_seconds=db_retry_seconds())
+                                       if server else storage_class)
     try:
-        return _rdb_storage(text, engine_kwargs, heartbeat_interval, grace_period, retry_seconds)
+        return _rdb_storage(make, text, engine_kwargs, heartbeat_interval, grace_period)
     except Exception as e:  # noqa: BLE001 - driver missing, server down, not a database, ...
         raise StorageError(f"storage {shown_url(url)}: cannot open ({first_line(e)})") from None
 
@@ -154,13 +158,11 @@ def _parse_url(text: str) -> URL:
                            "such as postgresql+psycopg2://user@host/db, or a file path") from None
 
 
-def _rdb_storage(url: str, engine_kwargs: dict[str, Any], heartbeat_interval: int | None, grace_period: int | None,
-                 retry_seconds: float | None, attempts: int = 8) -> RDBStorage:
-    """RDBStorage (a :class:`ReconnectingRDBStorage` with ``retry_seconds``), retried: workers that open an
-    empty PostgreSQL database at the same moment all try to create Optuna's tables, and all but one fail with
-    a duplicate-key error; a retry finds them."""
-    make = (RDBStorage if retry_seconds is None
-            else functools.partial(ReconnectingRDBStorage, retry_seconds=retry_seconds))
+def _rdb_storage(make: Callable[..., RDBStorage], url: str, engine_kwargs: dict[str, Any],
+                 heartbeat_interval: int | None, grace_period: int | None, attempts: int = 8) -> RDBStorage:
+    """``make(url, ...)`` (an RDBStorage class), retried: workers that open an empty PostgreSQL database at the
+    same moment all try to create Optuna's tables, and all but one fail with a duplicate-key error; a retry
+    finds them."""
     for attempt in range(attempts):
         try:
             with warnings.catch_warnings():
@@ -179,6 +181,34 @@ def _rdb_storage(url: str, engine_kwargs: dict[str, Any], heartbeat_interval: in
     raise AssertionError("unreachable")
 
 
+class SQLiteStorage(RDBStorage):
+    """An RDBStorage on an SQLite file whose transactions begin with ``BEGIN IMMEDIATE``.
+
+    Optuna makes its read-then-write steps atomic with ``SELECT ... FOR UPDATE``: taking a queued trial
+    (WAITING to RUNNING, e.g. a seed design of the warm start) and numbering a new trial. SQLite has no row
+    locks, and Python's sqlite3 runs the SELECT outside the transaction of the UPDATE that follows, so two
+    processes could both take the same queued trial (4 of 100 queued trials with two processes asking as fast
+    as they can) and both run it; the slower one then fails with "Cannot tell a COMPLETE trial".
+    ``BEGIN IMMEDIATE`` takes SQLite's write lock when a transaction begins, so such steps run one process at
+    a time (Optuna's transactions are short; the connections wait up to 60 s for the lock).
+    The connections come from :func:`_connect_sqlite` (no implicit transactions), so every transaction is the
+    one begun here, also in a copy of the storage unpickled by another process.
+    """
+
+    def __init__(self, url: str, **kwargs: Any) -> None:
+        super().__init__(url, **kwargs)
+        _begin_immediate(self.engine)
+
+    def __setstate__(self, state: dict[Any, Any]) -> None:
+        super().__setstate__(state)  # a new engine
+        _begin_immediate(self.engine)
+
+
+def _begin_immediate(engine: sqlalchemy.engine.Engine) -> None:
+    """SQLAlchemy's recipe for SQLite transactions that lock from their first statement."""
+    sqlalchemy.event.listen(engine, "begin", lambda connection: connection.exec_driver_sql("BEGIN IMMEDIATE"))
+
+
 def _connect_sqlite(database: str) -> sqlite3.Connection:
     """An SQLite connection for Optuna: write-ahead log, no fsync per commit, patient with locks.
 
@@ -192,6 +222,7 @@ def _connect_sqlite(database: str) -> sqlite3.Connection:
     connection = sqlite3.connect(database, timeout=60, check_same_thread=False)
     connection.execute("PRAGMA journal_mode=WAL")
     connection.execute("PRAGMA synchronous=NORMAL")
+    connection.isolation_level = None  # no implicit BEGIN: SQLiteStorage begins every transaction itself
     return connection
 
 

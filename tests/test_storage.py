@@ -3,6 +3,7 @@
 A server restarted mid-search is in test_faults.py."""
 from __future__ import annotations
 
+import multiprocessing
 import re
 import sqlite3
 import time
@@ -14,7 +15,7 @@ from optuna.storages import JournalStorage, RDBStorage
 from nasloc.errors import NaslocError
 from nasloc.reconnect import (DB_RETRY_ENV, DB_RETRY_SECONDS, ReconnectingRDBStorage, db_retry_seconds,
                               storage_errors_unmasked)
-from nasloc.storage import HeartbeatJournalStorage, StorageError, check_storage, open_storage
+from nasloc.storage import HeartbeatJournalStorage, SQLiteStorage, StorageError, check_storage, open_storage
 from postgres import postgres_url  # noqa: F401 (a fixture)
 
 
@@ -30,6 +31,31 @@ def test_open_storage_picks_the_backend_and_creates_folders(tmp_path):
     # an existing SQLite file is never mistaken for a journal, whatever its name
     sqlite3.connect(tmp_path / "study.bin").execute("CREATE TABLE t (x)").connection.commit()
     assert isinstance(open_storage(tmp_path / "study.bin"), RDBStorage)
+
+
+def _take_queued_trials(storage: str, n: int, taken: multiprocessing.Queue) -> None:
+    """A worker process: ask for ``n`` trials as fast as it can; report their numbers."""
+    study = optuna.load_study(study_name="queue", storage=open_storage(storage, heartbeat_interval=None))
+    taken.put([study.ask().number for _ in range(n)])
+
+
+@pytest.mark.parametrize("name", ["study.db", "study.log"])
+def test_two_processes_never_take_the_same_queued_trial(tmp_path, name):
+    """SQLite ignores Optuna's SELECT ... FOR UPDATE: without SQLiteStorage's BEGIN IMMEDIATE, two processes
+    took 2-6 of 100 queued trials both (and both ran them; the second's tell then failed)."""
+    storage = str(tmp_path / name)
+    study = optuna.create_study(study_name="queue", storage=open_storage(storage, heartbeat_interval=None))
+    for x in range(100):
+        study.enqueue_trial({"x": x})
+    context = multiprocessing.get_context("spawn")
+    taken = context.Queue()
+    workers = [context.Process(target=_take_queued_trials, args=(storage, 60, taken)) for _ in range(2)]
+    for worker in workers:
+        worker.start()
+    first, second = taken.get(timeout=120), taken.get(timeout=120)
+    for worker in workers:
+        worker.join()
+    assert set(first).isdisjoint(second) and len(set(first) | set(second)) == 120
 
 
 def test_open_only_never_creates_a_storage(tmp_path):
@@ -100,7 +126,7 @@ def test_a_database_server_is_reconnected_to_and_sqlite_is_not(tmp_path, postgre
     assert isinstance(server, ReconnectingRDBStorage) and server.retry_seconds == DB_RETRY_SECONDS == 120
     assert server.engine.pool._pre_ping  # connections that died with a restarted server are replaced before use
     sqlite = open_storage(tmp_path / "study.db")
-    assert type(sqlite) is RDBStorage  # a local file: nothing to reconnect to
+    assert type(sqlite) is SQLiteStorage  # a local file: nothing to reconnect to
 
 
 @pytest.mark.parametrize("value, seconds", [("5", 5.0), ("0.5", 0.5), ("0", 0.0)])
