@@ -9,6 +9,7 @@ so only differences within one run mean something.
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/bench_mechanism_cost.py                   # the CIFAR LightViT arch
     OMP_NUM_THREADS=1 .venv/bin/python bench/bench_mechanism_cost.py --arch "every mechanism"
+    OMP_NUM_THREADS=1 .venv/bin/python bench/bench_mechanism_cost.py --arch results/evidence/exports/nasloc_random
 """
 from __future__ import annotations
 
@@ -26,7 +27,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_official import CLOCKS, every_mechanism_arch, race, train_step  # noqa: E402
 from nasloc.arch import Arch  # noqa: E402
+from nasloc.errors import NaslocError  # noqa: E402
 from nasloc.flops import count  # noqa: E402
+from nasloc.model_spec import resolve_model  # noqa: E402
 from nasloc.models import LocalityViT  # noqa: E402
 from nasloc.seeds import reference_archs  # noqa: E402
 from nasloc.space import SearchSpace  # noqa: E402
@@ -66,7 +69,8 @@ def variants(arch: Arch) -> dict[str, Arch]:
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--arch", default="LightViT",
-                   help="a reference arch of search_spaces/cifar.yaml at --budget, or 'every mechanism'")
+                   help="a reference arch of search_spaces/cifar.yaml at --budget, 'every mechanism', or any "
+                        "model that nasloc train --model takes (an export folder, an arch JSON)")
     p.add_argument("--budget", type=float, default=0.03e9)
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--steps", type=int, default=7)
@@ -82,9 +86,16 @@ def main() -> None:
     torch.manual_seed(0)
     space = SearchSpace.load("cifar")
     archs = {"every mechanism": every_mechanism_arch(space), **reference_archs(space, args.budget)}
-    if args.arch not in archs:
-        sys.exit(f"error: --arch {args.arch!r} is not one of {', '.join(archs)}")
-    models = variants(archs[args.arch])
+    if args.arch in archs:
+        arch = archs[args.arch]
+    else:
+        try:  # what nasloc train --model takes: an arch JSON, an export folder, a run folder
+            arch = resolve_model(args.arch, with_weights=False).arch
+        except NaslocError as error:
+            sys.exit(f"error: --arch {args.arch!r} is not one of {', '.join(archs)}, nor a model: {error}")
+        if arch is None:
+            sys.exit(f"error: --arch {args.arch!r} is a timm model, which has no nasloc arch to switch")
+    models = variants(arch)
     x = torch.randn(args.batch, 3, 32, 32)
     y = torch.randint(0, 10, (args.batch,))
     steps = {name: train_step(LocalityViT(arch), x, y) for name, arch in models.items()}

@@ -61,9 +61,11 @@ def parse_args() -> argparse.Namespace:
 
 
 def plain_arch(like: Arch, dim: int, heads: int, mlp_ratio: float, depth: int) -> Arch:
-    """A global-attention-only arch in the skeleton of ``like``: the network timm's ViT builds."""
+    """A global-attention-only arch in the skeleton of ``like``: the network timm's ViT builds (its stem is a
+    patch embedding, its position embedding absolute, its head the class token, whatever ``like`` has)."""
     stage = Stage(dim=dim, heads=heads, mlp_ratio=mlp_ratio, blocks=(Block(),) * depth)
-    return replace(like, stages=(stage,), shortcuts=(), global_tokens=0, cpe=False, ffn="mlp")
+    return replace(like, stages=(stage,), shortcuts=(), global_tokens=0, cpe=False, ffn="mlp", stem="patch",
+                   pos_embed="absolute", head="token")
 
 
 def timm_twin(arch: Arch) -> VisionTransformer:
