@@ -35,12 +35,13 @@ def _model_layout(batch: int, heads: int, geo: Geometry, d: int, dtype: torch.dt
     "dilations,height,width,n_aux,kernel",
     [((1, 2, 3), 8, 8, 0, 3), ((3, 1, 2, 1), 7, 5, 9, 3), ((2, 2), 6, 6, 1, 5), ((4, 1), 3, 3, 0, 3)],
 )
-def test_fused_equals_shift_multiply_in_float32(dilations, height, width, n_aux, kernel):
+@pytest.mark.parametrize("d", [16, 36, 20])  # head widths the kernel is compiled for (16, 36) and one it is not
+def test_fused_equals_shift_multiply_in_float32(dilations, height, width, n_aux, kernel, d):
     # issue 19: outputs within 1e-5 of the eager implementation; strided views, rates out of order, borders
     torch.manual_seed(0)
     geo = Geometry(height, width, 1 if n_aux else 0, max(0, n_aux - 1))
-    leaves, qkv = _model_layout(3, len(dilations), geo, 16, torch.float32)
-    grad_out = torch.randn(3, len(dilations), height * width, 16)
+    leaves, qkv = _model_layout(3, len(dilations), geo, d, torch.float32)
+    grad_out = torch.randn(3, len(dilations), height * width, d)
     results = []
     for attention in (fused_dilated_attention, shift_multiply_attention):
         out = attention(*qkv, geo, dilations, kernel)

@@ -16,6 +16,7 @@
 
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -52,10 +53,13 @@ Plan plan(const at::Tensor& q, const at::Tensor& k, const at::Tensor& keys, cons
           head_table.data_ptr<int64_t>()};
 }
 
-template <typename T>
+// D: the channels per head as a compile-time constant (0: read at run time). With it the compiler unrolls
+// the dot products and axpys of a row into a few vector instructions and keeps the row in registers.
+template <typename T, int D>
 void forward(const Plan& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out,
              at::Tensor& attn) {
-  const T scale = T(1) / std::sqrt(T(p.d));
+  const int64_t d = D > 0 ? D : p.d;
+  const T scale = T(1) / std::sqrt(T(d));
   const Strides sq(q), sk(k), sv(v), so(out);
   const T *qp = q.data_ptr<T>(), *kp = k.data_ptr<T>(), *vp = v.data_ptr<T>();
   T *op = out.data_ptr<T>(), *ap = attn.data_ptr<T>();
@@ -71,7 +75,7 @@ void forward(const Plan& p, const at::Tensor& q, const at::Tensor& k, const at::
         T top = -std::numeric_limits<T>::infinity();
         for (int64_t o = 0; o < p.slots; ++o) {
           if (keys[o] < 0) continue;
-          logits[o] = scale * dot(qn, kh + keys[o] * sk.token, p.d);
+          logits[o] = scale * dot(qn, kh + keys[o] * sk.token, d);
           top = std::max(top, logits[o]);
         }
         T total = 0;
@@ -81,20 +85,21 @@ void forward(const Plan& p, const at::Tensor& q, const at::Tensor& k, const at::
         }
         T* on = oh + n * so.token;
         T* an = ap + (bh * p.tokens + n) * p.slots;
-        for (int64_t c = 0; c < p.d; ++c) on[c] = 0;
+        for (int64_t c = 0; c < d; ++c) on[c] = 0;
         for (int64_t o = 0; o < p.slots; ++o) {
           an[o] = logits[o] / total;
-          if (keys[o] >= 0) axpy(an[o], vh + keys[o] * sv.token, on, p.d);
+          if (keys[o] >= 0) axpy(an[o], vh + keys[o] * sv.token, on, d);
         }
       }
     }
   });
 }
 
-template <typename T>
+template <typename T, int D>
 void backward(const Plan& p, const at::Tensor& grad, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
               const at::Tensor& attn, at::Tensor& grad_q, at::Tensor& grad_k, at::Tensor& grad_v) {
-  const T scale = T(1) / std::sqrt(T(p.d));
+  const int64_t d = D > 0 ? D : p.d;
+  const T scale = T(1) / std::sqrt(T(d));
   const Strides sg(grad), sq(q), sk(k), sv(v), sgq(grad_q), sgk(grad_k), sgv(grad_v);
   const T *gp = grad.data_ptr<T>(), *qp = q.data_ptr<T>(), *kp = k.data_ptr<T>(), *vp = v.data_ptr<T>();
   const T* ap = attn.data_ptr<T>();
@@ -106,7 +111,7 @@ void backward(const Plan& p, const at::Tensor& grad, const at::Tensor& q, const 
       const T *gh = gp + sg.at(b, h), *qh = qp + sq.at(b, h), *kh = kp + sk.at(b, h), *vh = vp + sv.at(b, h);
       T *gqh = gqp + sgq.at(b, h), *gkh = gkp + sgk.at(b, h), *gvh = gvp + sgv.at(b, h);
       for (int64_t n = 0; n < p.key_tokens; ++n) {  // grad_k and grad_v are sums: start them at 0
-        for (int64_t c = 0; c < p.d; ++c) gkh[n * sgk.token + c] = gvh[n * sgv.token + c] = 0;
+        for (int64_t c = 0; c < d; ++c) gkh[n * sgk.token + c] = gvh[n * sgv.token + c] = 0;
       }
       for (int64_t n = 0; n < p.tokens; ++n) {
         const int64_t* keys = p.keys_of(h, n);
@@ -115,21 +120,37 @@ void backward(const Plan& p, const at::Tensor& grad, const at::Tensor& q, const 
         T weighted = 0;
         for (int64_t o = 0; o < p.slots; ++o) {
           if (keys[o] < 0) continue;
-          grad_attn[o] = dot(gn, vh + keys[o] * sv.token, p.d);
+          grad_attn[o] = dot(gn, vh + keys[o] * sv.token, d);
           weighted += an[o] * grad_attn[o];
         }
         T* gqn = gqh + n * sgq.token;
-        for (int64_t c = 0; c < p.d; ++c) gqn[c] = 0;
+        for (int64_t c = 0; c < d; ++c) gqn[c] = 0;
         for (int64_t o = 0; o < p.slots; ++o) {
           if (keys[o] < 0) continue;
           const T g = an[o] * (grad_attn[o] - weighted) * scale;
-          axpy(g, kh + keys[o] * sk.token, gqn, p.d);
-          axpy(g, qn, gkh + keys[o] * sgk.token, p.d);
-          axpy(an[o], gn, gvh + keys[o] * sgv.token, p.d);
+          axpy(g, kh + keys[o] * sk.token, gqn, d);
+          axpy(g, qn, gkh + keys[o] * sgk.token, d);
+          axpy(an[o], gn, gvh + keys[o] * sgv.token, d);
         }
       }
     }
   });
+}
+
+// Calls kernel(std::integral_constant<int, D>) with D the head width as a compile-time constant where one is
+// instantiated (the widths of the presets and search spaces, 16-64 channels per head), else D = 0 (read at
+// run time).
+template <typename Kernel>
+void with_head_width(int64_t d, Kernel&& kernel) {
+  switch (d) {
+    case 16: return kernel(std::integral_constant<int, 16>{});
+    case 24: return kernel(std::integral_constant<int, 24>{});
+    case 32: return kernel(std::integral_constant<int, 32>{});
+    case 36: return kernel(std::integral_constant<int, 36>{});
+    case 48: return kernel(std::integral_constant<int, 48>{});
+    case 64: return kernel(std::integral_constant<int, 64>{});
+    default: return kernel(std::integral_constant<int, 0>{});
+  }
 }
 
 void check(const at::Tensor& t, const char* name) {
@@ -152,7 +173,9 @@ std::vector<at::Tensor> attention_forward(const at::Tensor& q, const at::Tensor&
   const Plan p = plan(q, k, keys, head_table);
   auto out = at::empty_like(q);  // keeps the head-interleaved strides of q: merging heads stays a view
   auto attn = at::empty({p.batch, p.heads, p.tokens, p.slots}, q.options());
-  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "neighbourhood_forward", [&] { forward<scalar_t>(p, q, k, v, out, attn); });
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "neighbourhood_forward", [&] {
+    with_head_width(p.d, [&](auto width) { forward<scalar_t, decltype(width)::value>(p, q, k, v, out, attn); });
+  });
   return {out, attn};
 }
 
@@ -164,7 +187,10 @@ std::vector<at::Tensor> attention_backward(const at::Tensor& grad, const at::Ten
   const Plan p = plan(q, k, keys, head_table);
   auto grad_q = at::empty_like(q), grad_k = at::empty_like(k), grad_v = at::empty_like(v);
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "neighbourhood_backward", [&] {
-    backward<scalar_t>(p, grad, q, k, v, attn.contiguous(), grad_q, grad_k, grad_v);
+    const auto attn_rows = attn.contiguous();
+    with_head_width(p.d, [&](auto width) {
+      backward<scalar_t, decltype(width)::value>(p, grad, q, k, v, attn_rows, grad_q, grad_k, grad_v);
+    });
   });
   return {grad_q, grad_k, grad_v};
 }
