@@ -4,8 +4,8 @@
 its kxk neighbourhood sampled with the dilation rate of its head. Two implementations, same outputs:
 
 * on the CPU, the fused kernel of :mod:`.neighbourhood` (C++, compiled on first use): each query
-  visits its neighbourhood once, 2.7-5.3x faster than the eager form (forward + backward,
-  ``bench/bench_dilated.py``);
+  visits its neighbourhood once, 1.2-2.5x faster than the eager form on an idle CPU and 2.7-5.3x beside
+  other jobs (forward + backward, ``bench/bench_dilated.py``);
 * on CUDA with small maps (at most ``DENSE_MAX_TOKENS`` image tokens, e.g. CIFAR's 8x8), one fused SDPA
   over all image keys with a mask that keeps each head's dilated neighbourhood: N/(k*k) times the MACs
   of the real neighbourhoods (7x on an 8x8 map), but one kernel instead of the shift-and-multiply loop's
