@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
+from .errors import NaslocError
+
 # -------------------------------------------------------------------------------------------- loader
 
 
@@ -113,8 +115,8 @@ def make_loader(dataset: Dataset, batch_size: int, train: bool, img_size: int, m
         sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed,
                                      drop_last=True)
         if len(sampler) < batch_size:
-            raise ValueError(f"training set has {len(sampler)} images per process, fewer than batch_size "
-                             f"{batch_size}; lower the batch size")
+            raise NaslocError(f"training set has {len(sampler)} images per process, fewer than batch_size "
+                              f"{batch_size}; lower the batch size")
     else:
         sampler = _ShardSampler(len(dataset), rank, world)
     loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=train,

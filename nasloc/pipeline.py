@@ -57,6 +57,10 @@ class PhaseError(NaslocError):
     """A phase was asked for before the one it needs."""
 
 
+class BatchSizeError(NaslocError):
+    """The batch is larger than the training split."""
+
+
 @dataclass(frozen=True)
 class Retrained:
     """A finalist (search trial ``trial``) retrained from scratch."""
@@ -136,6 +140,7 @@ def load_inputs(options: RunOptions) -> tuple[SearchSpace, DataSplits, RunRecord
     check_budget(space, options.budget)
     proxy_size = options.proxy_img_size or default_proxy_size(space)
     splits = load_dataset(options.dataset, options.data_dir, proxy_size, seed=options.seed)
+    check_batch_size(options.batch_size, len(splits.train))
     space = space.for_classes(splits.num_classes)
     check_budget(space, options.budget)
     retrain_size = options.retrain_img_size or default_retrain_size(space, options.dataset, proxy_size)
@@ -151,6 +156,15 @@ def check_budget(space: SearchSpace, budget: float) -> None:
             f"budget {format_macs(budget)} is outside the space {space.name}: its archs span "
             f"{format_macs(lo)} to {format_macs(hi)} at {space.img_size} px"
         )
+
+
+def check_batch_size(batch_size: int, train_images: int) -> None:
+    """The supernet and the selection's trainings drop an incomplete last batch: a batch larger than the training
+    split would give them no step at all. Checked before anything is written (per process: under torchrun each
+    rank's shard is smaller; the loader checks that one)."""
+    if batch_size > train_images:
+        raise BatchSizeError(f"--batch-size {batch_size}: the training split has only {train_images} images; "
+                             "lower the batch size")
 
 
 def default_proxy_size(space: SearchSpace) -> int:

@@ -328,6 +328,15 @@ def test_a_budget_outside_the_space_exits_2_with_its_range_and_writes_nothing(tm
     assert not (tmp_path / "results").exists()
 
 
+def test_a_batch_larger_than_the_training_split_exits_2_and_writes_nothing(tmp_path, data_dir, capsys):
+    # it used to end the supernet phase with the loader's traceback, after the run folder was written
+    assert run(args(tmp_path / "results", data_dir, batch_size=100000)) == 2
+    out, err = capsys.readouterr()
+    assert len(err.strip().splitlines()) == 1, err
+    assert err.startswith("run_search.py: error: --batch-size 100000: the training split has only ")
+    assert "[nasloc]" not in out and not (tmp_path / "results").exists()
+
+
 def test_a_taken_dashboard_port_exits_2_before_any_training(tmp_path, data_dir, capsys):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
