@@ -9,13 +9,16 @@
 #      designs, the selection's finalists and picks and its first $RANK_TOP candidates (a whole protocol with its
 #      own supernets and searches does not fit a window of minutes); without (SEARCHES_FROM=), the whole protocol
 #      at $BUDGETS (default 0.03,0.1), e.g. SEARCHES_FROM= BUDGETS=0.1 for the 0.1 GMACs searches on the GPU;
+#      $EVIDENCE_ARGS goes to evidence_full.py as it is, e.g. the replicate search of the tie rule's test:
+#      SEARCHES_FROM= BUDGETS=0.03 EVIDENCE_ARGS="--search-seed 1 --samplers nsga2 --rank-top 4
+#      --designs-from results/evidence_full/gpu_h200_30ep_record.json" (results/evidence_full/README.md);
 #   3. meanwhile checks the CUDA path: bench/gpu_checks.py (every mechanism: CUDA vs CPU, AMP gradients, dilated
 #      attention's backward), the whole pipeline on CUDA (supernet with AMP, search, selection, retrain, export),
 #      and `nasloc train` under torchrun with one process (DDP) and AMP.
 #
 # Prepare here:  .gpu/whl (see results/evidence_full/README.md), .gpu/train.tar.gz (the CIFAR-10 JPEGs) and
 #                .gpu/cpu_record.json (a copy of results/evidence_full/record.json).
-# Dry run on CPU: DEVICE=cpu SMALL=30 EPOCHS=1 SUPERNET_EPOCHS=1 TRIALS=14 MINUTES=6 bash bench/gpu_evidence.sh
+# Dry run on CPU: DEVICE=cpu SMALL=30 BATCH=64 EPOCHS=1 SUPERNET_EPOCHS=1 TRIALS=14 MINUTES=6 bash bench/gpu_evidence.sh
 set -u
 OUT=${OUT:-/tmp/gpu-out}
 DEVICE=${DEVICE:-cuda}
@@ -61,7 +64,7 @@ fi
 $PY bench/evidence_full.py --device "$DEVICE" "${scope[@]}" --epochs "$EPOCHS" --batch-size "$BATCH" --search-batch-size "$BATCH" \
   --supernet-epochs "$SUPERNET_EPOCHS" --trials "$TRIALS" --jobs "$JOBS" --threads 1 --loader-workers 0 \
   --minutes "$MINUTES" --small "$SMALL" --out "$SCRATCH/evidence" --work "$SCRATCH/work" --exports "$SCRATCH/exports" \
-  --data-root "$SCRATCH/cifar-split" --cifar-tar "${CIFAR_TAR:-.gpu/train.tar.gz}" > "$OUT/evidence.log" 2>&1 &
+  --data-root "$SCRATCH/cifar-split" --cifar-tar "${CIFAR_TAR:-.gpu/train.tar.gz}" ${EVIDENCE_ARGS:-} > "$OUT/evidence.log" 2>&1 &
 evidence=$!
 ( while kill -0 $evidence 2>/dev/null; do cp "$SCRATCH/evidence/record.json" "$OUT/" 2>/dev/null; sleep 15; done ) &
 
