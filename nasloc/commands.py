@@ -9,7 +9,8 @@
     └── export/        at the end: the timm export, with the val (and test) top-1 in its config
 
 ``nasloc evaluate`` measures top-1, top-5, parameters, MACs and latency; ``nasloc latency`` builds the latency
-table of a space (:mod:`nasloc.latency`) and checks it; ``nasloc presets`` lists the seed designs. Bad input is a :class:`CommandError` (one line) raised before anything is written.
+table of a space (:mod:`nasloc.latency`) and checks it; ``nasloc presets`` lists the seed designs. Bad input is a
+:class:`CommandError` (or another :class:`NaslocError`, one line) raised before anything is written.
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ from .errors import NaslocError
 from .export import export_model
 from .fileio import write_atomic
 from .flops import count, fvcore_macs
-from .loader import make_loader
+from .loader import check_batch_size, make_loader
 from .model_spec import ModelSpec, build_model, resolve_model
 from .models import LocalityViT
 from .seeds import PAPERS, PRESETS
@@ -156,10 +157,7 @@ def _check_recipe(cfg: RetrainConfig, splits: DataSplits, world_size: int) -> No
     if (cfg.mixup > 0 or cfg.cutmix > 0) and cfg.batch_size % 2:
         raise CommandError(f"--batch-size {cfg.batch_size}: mixup/cutmix need an even batch size "
                            "(or --mixup 0 --cutmix 0)")
-    per_process = len(splits.train) // world_size
-    if per_process < cfg.batch_size:
-        raise CommandError(f"--batch-size {cfg.batch_size}: the training split has only {per_process} images "
-                           "per process; lower the batch size")
+    check_batch_size(cfg.batch_size, len(splits.train) // world_size)
 
 
 # ===================================================================================== evaluate

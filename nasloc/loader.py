@@ -13,6 +13,17 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from .errors import NaslocError
 
 # -------------------------------------------------------------------------------------------- loader
+class BatchSizeError(NaslocError):
+    """The batch is larger than the training images of a process."""
+
+
+def check_batch_size(batch_size: int, train_images: int) -> None:
+    """A training loader drops its incomplete last batch: with fewer training images per process than one batch
+    it would give no step at all. Commands call this before they write anything, with the split they loaded."""
+    if train_images < batch_size:
+        raise BatchSizeError(f"--batch-size {batch_size}: the training split has only {train_images} images per "
+                             "process; lower the batch size")
+
 
 
 class _ShardSampler(Sampler[int]):
@@ -114,9 +125,7 @@ def make_loader(dataset: Dataset, batch_size: int, train: bool, img_size: int, m
         # DistributedSampler also serves a single process: one code path for a seeded per-epoch shuffle.
         sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed,
                                      drop_last=True)
-        if len(sampler) < batch_size:
-            raise NaslocError(f"training set has {len(sampler)} images per process, fewer than batch_size "
-                              f"{batch_size}; lower the batch size")
+        check_batch_size(batch_size, len(sampler))
     else:
         sampler = _ShardSampler(len(dataset), rank, world)
     loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=train,

@@ -28,6 +28,7 @@ from .export import export_model
 from .fileio import atomic_path
 from .flops import count
 from .latency import LatencyFactory
+from .loader import check_batch_size
 from .models import LocalityViT
 from .report import serve_dashboard, write_csv, write_pareto_html, write_summary, write_tables
 from .run import PARETO_CSV, PARETO_HTML, SELECTION_CSV, TRIALS_CSV, RunDir, RunOptions, RunRecord
@@ -55,10 +56,6 @@ class BudgetError(NaslocError):
 
 class PhaseError(NaslocError):
     """A phase was asked for before the one it needs."""
-
-
-class BatchSizeError(NaslocError):
-    """The batch is larger than the training split."""
 
 
 @dataclass(frozen=True)
@@ -140,7 +137,7 @@ def load_inputs(options: RunOptions) -> tuple[SearchSpace, DataSplits, RunRecord
     check_budget(space, options.budget)
     proxy_size = options.proxy_img_size or default_proxy_size(space)
     splits = load_dataset(options.dataset, options.data_dir, proxy_size, seed=options.seed)
-    check_batch_size(options.batch_size, len(splits.train))
+    check_batch_size(options.batch_size, len(splits.train))  # under torchrun the loader checks each rank's shard
     space = space.for_classes(splits.num_classes)
     check_budget(space, options.budget)
     retrain_size = options.retrain_img_size or default_retrain_size(space, options.dataset, proxy_size)
@@ -156,15 +153,6 @@ def check_budget(space: SearchSpace, budget: float) -> None:
             f"budget {format_macs(budget)} is outside the space {space.name}: its archs span "
             f"{format_macs(lo)} to {format_macs(hi)} at {space.img_size} px"
         )
-
-
-def check_batch_size(batch_size: int, train_images: int) -> None:
-    """The supernet and the selection's trainings drop an incomplete last batch: a batch larger than the training
-    split would give them no step at all. Checked before anything is written (per process: under torchrun each
-    rank's shard is smaller; the loader checks that one)."""
-    if batch_size > train_images:
-        raise BatchSizeError(f"--batch-size {batch_size}: the training split has only {train_images} images; "
-                             "lower the batch size")
 
 
 def default_proxy_size(space: SearchSpace) -> int:

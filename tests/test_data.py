@@ -244,7 +244,7 @@ def test_train_loader_is_seeded_per_epoch_and_drops_the_last_partial_batch():
     assert all(torch.equal(x, y) for x, y in zip(first, [x for x, _ in b]))  # same augmentation too
     a.set_epoch(1)
     assert order(a) != order(b)
-    with pytest.raises(ValueError, match="fewer than batch_size"):
+    with pytest.raises(ValueError, match="--batch-size 16: the training split has only 10 images per process"):
         make_loader(ds, 16, train=True, img_size=8, mean=(0, 0, 0), std=(1, 1, 1))
 
 
