@@ -206,7 +206,11 @@ class SQLiteStorage(RDBStorage):
 
 def _begin_immediate(engine: sqlalchemy.engine.Engine) -> None:
     """SQLAlchemy's recipe for SQLite transactions that lock from their first statement."""
-    sqlalchemy.event.listen(engine, "begin", lambda connection: connection.exec_driver_sql("BEGIN IMMEDIATE"))
+    sqlalchemy.event.listen(engine, "begin", lock_on_begin)
+
+
+def lock_on_begin(connection: sqlalchemy.engine.Connection) -> None:
+    connection.exec_driver_sql("BEGIN IMMEDIATE")
 
 
 def _connect_sqlite(database: str) -> sqlite3.Connection:

@@ -4,18 +4,21 @@ A server restarted mid-search is in test_faults.py."""
 from __future__ import annotations
 
 import multiprocessing
+import pickle
 import re
 import sqlite3
 import time
 
 import optuna
 import pytest
+import sqlalchemy
 from optuna.storages import JournalStorage, RDBStorage
 
 from nasloc.errors import NaslocError
 from nasloc.reconnect import (DB_RETRY_ENV, DB_RETRY_SECONDS, ReconnectingRDBStorage, db_retry_seconds,
                               storage_errors_unmasked)
-from nasloc.storage import HeartbeatJournalStorage, SQLiteStorage, StorageError, check_storage, open_storage
+from nasloc.storage import (HeartbeatJournalStorage, SQLiteStorage, StorageError, check_storage, lock_on_begin,
+                            open_storage)
 from postgres import postgres_url  # noqa: F401 (a fixture)
 
 
@@ -56,6 +59,16 @@ def test_two_processes_never_take_the_same_queued_trial(tmp_path, name):
     for worker in workers:
         worker.join()
     assert set(first).isdisjoint(second) and len(set(first) | set(second)) == 120
+
+
+def test_a_copied_sqlite_storage_still_locks_its_transactions(tmp_path):
+    """Ray and spawned processes get storages by pickling: the copy makes a new engine, which must lock too."""
+    storage = open_storage(tmp_path / "study.db", heartbeat_interval=None)
+    copy = pickle.loads(pickle.dumps(storage))
+    for s in (storage, copy):
+        assert sqlalchemy.event.contains(s.engine, "begin", lock_on_begin)
+    optuna.create_study(study_name="copied", storage=copy).enqueue_trial({"x": 1})
+    assert len(optuna.load_study(study_name="copied", storage=storage).trials) == 1
 
 
 def test_open_only_never_creates_a_storage(tmp_path):
