@@ -25,7 +25,6 @@ def check_batch_size(batch_size: int, train_images: int) -> None:
                              "process; lower the batch size")
 
 
-
 class _ShardSampler(Sampler[int]):
     """Every world-th index from rank: each sample evaluated exactly once across ranks (no padding)."""
 

@@ -95,7 +95,6 @@ def open_storage(
         text = f"sqlite:///{path}"
     url = _parse_url(text)
     engine_kwargs: dict[str, Any] = {}
-    storage_class = RDBStorage
     database = _sqlite_database(url)
     if database is not None:
         if create:
@@ -103,15 +102,17 @@ def open_storage(
         elif not database.is_file():
             raise StorageError(f"storage {text}: no such SQLite file")
         engine_kwargs = {"creator": functools.partial(_connect_sqlite, str(database))}
-        storage_class: type[RDBStorage] = SQLiteStorage
     server = url.get_backend_name() != "sqlite"
     if server:  # replace the connections that died with a restarted server before use; don't hang on connecting
         timeout_arg = _CONNECT_TIMEOUT_ARGS.get(url.get_driver_name())
         engine_kwargs = {"pool_pre_ping": True, "connect_args": {timeout_arg: CONNECT_TIMEOUT_S} if timeout_arg else {}}
     if heartbeat_interval is None:
         grace_period = None  # RDBStorage accepts a grace period only with a heartbeat
-    make: Callable[..., RDBStorage] = (functools.partial(ReconnectingRDBStorage, retry_seconds=db_retry_seconds())
-                                       if server else storage_class)
+    make: Callable[..., RDBStorage]
+    if server:
+        make = functools.partial(ReconnectingRDBStorage, retry_seconds=db_retry_seconds())
+    else:  # SQLiteStorage needs the connections of _connect_sqlite, which an in-memory database does not get
+        make = RDBStorage if database is None else SQLiteStorage
     try:
         return _rdb_storage(make, text, engine_kwargs, heartbeat_interval, grace_period)
     except Exception as e:  # noqa: BLE001 - driver missing, server down, not a database, ...
@@ -187,7 +188,7 @@ class SQLiteStorage(RDBStorage):
     Optuna makes its read-then-write steps atomic with ``SELECT ... FOR UPDATE``: taking a queued trial
     (WAITING to RUNNING, e.g. a seed design of the warm start) and numbering a new trial. SQLite has no row
     locks, and Python's sqlite3 runs the SELECT outside the transaction of the UPDATE that follows, so two
-    processes could both take the same queued trial (4 of 100 queued trials with two processes asking as fast
+    processes could both take the same queued trial (2-6 of 100 queued trials with two processes asking as fast
     as they can) and both run it; the slower one then fails with "Cannot tell a COMPLETE trial".
     ``BEGIN IMMEDIATE`` takes SQLite's write lock when a transaction begins, so such steps run one process at
     a time (Optuna's transactions are short; the connections wait up to 60 s for the lock).
