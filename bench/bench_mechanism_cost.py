@@ -25,11 +25,9 @@ from typing import Callable
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_official import CLOCKS, every_mechanism_arch, race, train_step  # noqa: E402
+from bench_official import CLOCKS, every_mechanism_arch, model_arch, race, train_step  # noqa: E402
 from nasloc.arch import Arch  # noqa: E402
-from nasloc.errors import NaslocError  # noqa: E402
 from nasloc.flops import count  # noqa: E402
-from nasloc.model_spec import resolve_model  # noqa: E402
 from nasloc.models import LocalityViT  # noqa: E402
 from nasloc.seeds import reference_archs  # noqa: E402
 from nasloc.space import SearchSpace  # noqa: E402
@@ -86,15 +84,7 @@ def main() -> None:
     torch.manual_seed(0)
     space = SearchSpace.load("cifar")
     archs = {"every mechanism": every_mechanism_arch(space), **reference_archs(space, args.budget)}
-    if args.arch in archs:
-        arch = archs[args.arch]
-    else:
-        try:  # what nasloc train --model takes: an arch JSON, an export folder, a run folder
-            arch = resolve_model(args.arch, with_weights=False).arch
-        except NaslocError as error:
-            sys.exit(f"error: --arch {args.arch!r} is not one of {', '.join(archs)}, nor a model: {error}")
-        if arch is None:
-            sys.exit(f"error: --arch {args.arch!r} is a timm model, which has no nasloc arch to switch")
+    arch = archs[args.arch] if args.arch in archs else model_arch(args.arch, "--arch", list(archs))[1]
     models = variants(arch)
     x = torch.randn(args.batch, 3, 32, 32)
     y = torch.randint(0, 10, (args.batch,))

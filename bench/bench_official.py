@@ -48,7 +48,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Callable
+from typing import Callable, Sequence
 
 import timm
 import torch
@@ -57,6 +57,7 @@ from torch import Tensor, nn
 
 import nasloc
 from nasloc.arch import Arch, Block, Shortcut, Stage
+from nasloc.errors import NaslocError
 from nasloc.flops import count, fvcore_macs
 from nasloc.model_spec import resolve_model
 from nasloc.seeds import PRESETS, reference_archs
@@ -263,6 +264,20 @@ def imagenet_section(args: argparse.Namespace, dirs: dict[str, Path]) -> None:
                   flush=True)
 
 
+def model_arch(text: str, option: str, names: Sequence[str] = ()) -> tuple[str, Arch]:
+    """The name and arch of a model that ``nasloc train --model`` takes (an arch JSON, an export or run folder);
+    exits with one line when ``text`` names none (saying which ``names`` the option also takes), or names a
+    timm model (which has no nasloc arch)."""
+    try:
+        spec = resolve_model(text, with_weights=False)
+    except NaslocError as error:
+        also = f"; {option} also takes {', '.join(repr(n) for n in names)}" if names else ""
+        raise SystemExit(f"{Path(sys.argv[0]).name}: {option} {text}: {error}{also}") from None
+    if spec.arch is None:
+        raise SystemExit(f"{Path(sys.argv[0]).name}: {option} {text}: a timm model has no nasloc arch")
+    return spec.name, spec.arch
+
+
 def cifar_section(args: argparse.Namespace) -> None:
     space = SearchSpace.load("cifar")
     archs = {k: a for k, a in reference_archs(space, args.cifar_budget).items() if k != "plain ViT"}
@@ -270,10 +285,7 @@ def cifar_section(args: argparse.Namespace) -> None:
     if args.cifar_archs or args.cifar_models:
         archs = {k: archs[k] for k in args.cifar_archs or []}
     for text in args.cifar_models:
-        spec = resolve_model(text, with_weights=False)
-        if spec.arch is None:
-            raise SystemExit(f"bench_official.py: --cifar-models {text}: a timm model has no nasloc arch to time")
-        archs[spec.name] = spec.arch
+        archs.update([model_arch(text, "--cifar-models")])
     gen = torch.Generator().manual_seed(args.seed)
     x = torch.randn(args.cifar_batch, 3, space.img_size, space.img_size, generator=gen)
     y = torch.randint(0, 10, (args.cifar_batch,), generator=gen)
