@@ -250,7 +250,9 @@ def add_search_arguments(parser: argparse.ArgumentParser) -> None:
     search.add_argument("--ray-address", metavar="ADDRESS",
                         help="address of a running Ray cluster (with --backend ray; default: start a local one)")
     search.add_argument("--workers", metavar="N", type=_int_in(1), default=DEFAULTS["workers"],
-                        help="trials evaluated concurrently (default: %(default)s)")
+                        help="search trials evaluated and selection candidates trained concurrently: processes "
+                             "sharing the CPU threads (or the GPU), Ray trials with --backend ray "
+                             "(default: %(default)s)")
     search.add_argument("--dashboard", action="store_true",
                         help="serve optuna-dashboard on localhost while searching")
     search.add_argument("--dashboard-port", metavar="PORT", type=_int_in(1, 65535), default=DEFAULTS["dashboard_port"],

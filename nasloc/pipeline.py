@@ -31,6 +31,7 @@ from .latency import LatencyFactory
 from .loader import check_batch_size
 from .models import LocalityViT
 from .report import serve_dashboard, write_csv, write_pareto_html, write_summary, write_tables
+from .rung_pool import RungPool
 from .run import PARETO_CSV, PARETO_HTML, SELECTION_CSV, TRIALS_CSV, RunDir, RunOptions, RunRecord
 from .search import SEED_DESIGN_ATTR, enqueue_warm_start, open_study, optuna_quiet, pareto_trials, run_search
 from .seeds import reference_archs
@@ -340,18 +341,22 @@ def selection_phase(study: optuna.Study, supernet: Supernet, splits: DataSplits,
                              batch_size=options.batch_size, seed=options.seed)
     _say(f"[nasloc] 4/6 selection: {len(candidates)} candidates ({sum(not c.source.isdigit() for c in candidates)} "
          f"seed designs), rungs up to {config.epochs} epochs from {config.init}, {len(splits.val)} "
-         f"held-out images")
+         f"held-out images" + (f", {options.workers} trainings at a time" if options.workers > 1 else ""))
     storage = open_storage(options.storage, heartbeat_interval=None)  # no Study.optimize to beat for
+    device = next(supernet.parameters()).device
+    spec = TrainerSpec(EvaluatorSpec.for_run(record, checkpoint, str(device)), config, str(run.root))
     if options.backend == "ray":
         from .ray_selection import run_ray_selection
 
-        device = next(supernet.parameters()).device
-        spec = TrainerSpec(EvaluatorSpec.for_run(record, checkpoint, str(device)), config, str(run.root))
         resources = {"cpu": 1, "gpu": 1} if device.type == "cuda" else {"cpu": 1}
         result = run_ray_selection(candidates, spec, storage, max_epochs=config.epochs,
                                    reduction_factor=config.reduction_factor, ray_address=options.ray_address,
                                    max_concurrent=options.workers, results_dir=run.ray_dir,
                                    resources_per_trial=resources, held_out=len(splits.val), say=_say)
+    elif options.workers > 1:  # processes that rebuild the trainer from the spec, each with its share of the threads
+        with RungPool(spec, options.workers, max(1, torch.get_num_threads() // options.workers)) as pool:
+            result = run_selection(candidates, pool, storage, max_epochs=config.epochs,
+                                   reduction_factor=config.reduction_factor, held_out=len(splits.val), say=_say)
     else:
         trainer = RungTrainer(supernet, splits, config, run.selection_dir, device=options.device)
         result = run_selection(candidates, trainer, storage, max_epochs=config.epochs,

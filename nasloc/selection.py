@@ -17,8 +17,9 @@ and a rerun resumes where it stopped (a candidate's epochs are checkpointed by i
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,7 @@ from .arch import Arch
 from .errors import TrainingDiverged
 from .flops import count
 from .run import SELECT_INITS, arch_folder
+from .rung_pool import Job, RungPool
 from .search import SEED_DESIGN_ATTR, evaluated_feasible_trials, optuna_quiet
 
 STUDY_NAME = "selection"
@@ -186,13 +188,16 @@ Advance = Callable[[int, Candidate, int], float]
 (resuming from what it trained before) and scores it on the selection split."""
 
 
-def run_selection(candidates: Sequence[Candidate], advance: Advance, storage: BaseStorage, *, max_epochs: int,
-                  reduction_factor: int = 2, held_out: int = 0, say: Callable[[str], None] = print) -> SelectionResult:
-    """Run (or resume) successive halving of ``candidates``, one training at a time; returns the study and its
-    ranking. The candidates of a study are fixed when it is created: a rerun resumes them (trials keep their
-    numbers and reported rungs) and ignores ``candidates``. ``held_out``: the images each score is measured on
-    (0: unknown, then no two scores count as tied).
+def run_selection(candidates: Sequence[Candidate], advance: Advance | RungPool, storage: BaseStorage, *,
+                  max_epochs: int, reduction_factor: int = 2, held_out: int = 0,
+                  say: Callable[[str], None] = print) -> SelectionResult:
+    """Run (or resume) successive halving of ``candidates``, one training at a time (``advance``) or several
+    (a :class:`RungPool`); returns the study and its ranking. Each score is stored as soon as it comes. The
+    candidates of a study are fixed when it is created: a rerun resumes them (trials keep their numbers and
+    reported rungs) and ignores ``candidates``. ``held_out``: the images each score is measured on (0: unknown,
+    then no two scores count as tied).
     """
+    train = advance.train if isinstance(advance, RungPool) else partial(_one_at_a_time, advance)
     rungs = rung_epochs(max_epochs, reduction_factor)
     study = open_selection(candidates, storage, rungs, reduction_factor, held_out)
     for epochs in rungs:
@@ -202,11 +207,17 @@ def run_selection(candidates: Sequence[Candidate], advance: Advance, storage: Ba
         scored = sum(epochs in t.intermediate_values for t in alive)
         say(f"[nasloc]   rung {epochs} epoch{'s' * (epochs > 1)}: {len(alive)} candidate{'s' * (len(alive) > 1)}"
             + (f" ({scored} already scored)" if scored else ""))
-        for frozen in alive:
-            if epochs not in frozen.intermediate_values:
-                report(study, frozen._trial_id, advance(frozen.number, candidate_of(frozen), epochs), epochs)
+        ids = {t.number: t._trial_id for t in alive}
+        pending = [(t.number, candidate_of(t), epochs) for t in alive if epochs not in t.intermediate_values]
+        for number, score in train(pending):
+            report(study, ids[number], score, epochs)
         _close_rung(study, epochs, rungs)
     return selection_result(study)
+
+
+def _one_at_a_time(advance: Advance, jobs: Sequence[Job]) -> Iterator[tuple[int, float]]:
+    for number, candidate, epochs in jobs:
+        yield number, advance(number, candidate, epochs)
 
 
 def open_selection(candidates: Sequence[Candidate], storage: BaseStorage, rungs: list[int],

@@ -396,6 +396,7 @@ def test_workers_are_processes_sharing_the_study(tmp_path, data_dir, capsys, mon
     assert run(args(tmp_path, data_dir, workers=2, trials=8, supernet_epochs=0, retrain_top_k=0)) == 0
     out = capsys.readouterr().out
     assert "2 processes at a time" in out and "warning" not in out
+    assert "2 trainings at a time" in out and (run_dir / "selection.csv").is_file()  # the selection's RungPool
     assert (run_dir / "supernet" / "untrained.pth").is_file() and not (run_dir / "supernet" / "last.pth").exists()
     trials = load_study(run_dir).trials
     counted = [t for t in trials if t.state != TrialState.PRUNED]
