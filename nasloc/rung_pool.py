@@ -37,7 +37,8 @@ class RungPool:
     def __init__(self, spec: TrainerSpec, workers: int, threads: int):
         # spawn, not fork: a forked child would copy torch's thread pools in the middle of their use
         self._executor = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                                             initializer=_start, initargs=(spec, threads))
+                                             initializer=_start,
+                                             initargs=(spec, threads, multiprocessing.get_start_method()))
 
     def train(self, jobs: Iterable[Job]) -> Iterator[tuple[int, float]]:
         """(trial number, top-1 %) of each job, in the order the trainings end."""
@@ -62,10 +63,13 @@ class RungPool:
         self.close()
 
 
-def _start(spec: TrainerSpec, threads: int) -> None:
+def _start(spec: TrainerSpec, threads: int, start_method: str) -> None:
     import torch
 
     global _trainer
+    # A spawned process starts its own children by spawn: each training's DataLoader workers would import torch
+    # anew (seconds per training); they start as in the parent process instead (fork on Linux).
+    multiprocessing.set_start_method(start_method, force=True)
     torch.set_num_threads(threads)
     _trainer = spec()
 
