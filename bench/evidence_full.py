@@ -76,6 +76,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr", default="4e-3", help="AdamW lr per 512 images (nasloc train scales it to the batch)")
     p.add_argument("--supernet-epochs", type=int, default=5)
     p.add_argument("--search-batch-size", type=int, default=64, help="run_search --batch-size (supernet, selection)")
+    p.add_argument("--search-workers", type=int, default=1,
+                   help="run_search --workers: search trials and selection trainings at a time (processes sharing "
+                        "--threads or the GPU); the study's searches ran with 1")
     p.add_argument("--trials", type=int, default=60)
     p.add_argument("--samplers", default=",".join(SAMPLERS), help=f"comma list of run_search.py --sampler, of {SAMPLERS}")
     p.add_argument("--search-seed", type=int, default=0,
@@ -343,6 +346,8 @@ class Protocol:
                    "--batch-size", str(a.search_batch_size), "--retrain-top-k", "0", "--device", a.device,
                    "--seed", str(a.search_seed), "--run-name", name,
                    "--results-dir", str(self.work / "runs")]
+        if a.search_workers > 1:
+            command += ["--workers", str(a.search_workers)]
         run_dir = self.work / "runs" / name
         timing = self._execute_once(key, command, run_dir / "selection.csv", run_dir / "costs.json")
         trials = {int(r["number"]): r for r in _csv(run_dir / "trials.csv")}

@@ -31,6 +31,7 @@ SMALL=${SMALL:-0}
 SUPERNET_EPOCHS=${SUPERNET_EPOCHS:-5}
 TRIALS=${TRIALS:-60}
 JOBS=${JOBS:-10}
+SEARCH_WORKERS=${SEARCH_WORKERS:-4}  # processes per search: trials and selection trainings at a time on the card
 SCRATCH=${SCRATCH:-/tmp/nasloc-gpu}
 PY=${PY:-python3}
 mkdir -p "$OUT" "$SCRATCH"
@@ -62,7 +63,7 @@ else
   scope=(--budgets "${BUDGETS:-0.03,0.1}")
 fi
 $PY bench/evidence_full.py --device "$DEVICE" "${scope[@]}" --epochs "$EPOCHS" --batch-size "$BATCH" --search-batch-size "$BATCH" \
-  --supernet-epochs "$SUPERNET_EPOCHS" --trials "$TRIALS" --jobs "$JOBS" --threads 1 --loader-workers 0 \
+  --supernet-epochs "$SUPERNET_EPOCHS" --trials "$TRIALS" --search-workers "$SEARCH_WORKERS" --jobs "$JOBS" --threads 1 --loader-workers 0 \
   --minutes "$MINUTES" --small "$SMALL" --out "$SCRATCH/evidence" --work "$SCRATCH/work" --exports "$SCRATCH/exports" \
   --data-root "$SCRATCH/cifar-split" --cifar-tar "${CIFAR_TAR:-.gpu/train.tar.gz}" ${EVIDENCE_ARGS:-} > "$OUT/evidence.log" 2>&1 &
 evidence=$!
@@ -72,8 +73,8 @@ evidence=$!
 [ "${CHECKS:-1}" = 1 ] && {
   echo "== gpu_checks"
   $PY bench/gpu_checks.py --supernet
-  echo "== pipeline on $DEVICE (tiny space, digits): supernet with AMP, search, selection, retrain, export"
-  $PY run_search.py --budget 1.5M --space tiny --device "$DEVICE" --supernet-epochs 1 --trials 8 --select-top-k 2 \
+  echo "== pipeline on $DEVICE (tiny space, digits): supernet with AMP, search and selection in 2 processes, retrain, export"
+  $PY run_search.py --budget 1.5M --space tiny --device "$DEVICE" --workers 2 --supernet-epochs 1 --trials 8 --select-top-k 2 \
     --select-epochs 2 --retrain-top-k 1 --retrain-epochs 1 --results-dir "$SCRATCH/runs" 2>&1 | grep "^\[nasloc\]\|rror"
   echo "pipeline exit ${PIPESTATUS[0]}"
   echo "== nasloc train under torchrun, one process (DDP), AMP"

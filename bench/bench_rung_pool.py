@@ -1,0 +1,98 @@
+"""The selection phase with ``--workers N`` (nasloc.rung_pool) against one training at a time, in one run.
+
+Both select among the same CIFAR-10 candidates (the seed designs at 0.03 GMACs: plain ViT, DW shortcut,
+LocalViT FFN, LIFE) with the product's RungTrainer, rungs of 1 and 2 epochs, on a subset of the CIFAR-10
+JPEG split: one process with all ``--threads`` threads, then ``--workers`` processes with their share each
+(their start-up, data loading included, is counted). Prints both wall times, their ratio, and whether the
+scores are equal (they are when each process has one thread: the same float sums).
+
+    .venv/bin/python bench/bench_rung_pool.py --threads 2 --workers 2
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import optuna
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from evidence_full import ROOT, lay_out_split  # noqa: E402  (the evidence's split of the CIFAR-10 JPEGs)
+
+from nasloc.data import halve_val, load_dataset  # noqa: E402
+from nasloc.evaluate import EvaluatorSpec  # noqa: E402
+from nasloc.pipeline import save_untrained  # noqa: E402
+from nasloc.rung_pool import RungPool  # noqa: E402
+from nasloc.run import RunDir  # noqa: E402
+from nasloc.seeds import reference_archs  # noqa: E402
+from nasloc.selection import Candidate, RungTrainer, SelectionConfig, TrainerSpec, run_selection  # noqa: E402
+from nasloc.space import SearchSpace  # noqa: E402
+from nasloc.supernet import Supernet  # noqa: E402
+
+DESIGNS = ("plain ViT", "DW shortcut", "LocalViT FFN", "LIFE")
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--cifar-tar", default=str(ROOT.parent / "shared/data/cifar10/train.tar.gz"))
+    p.add_argument("--data-root", default="/tmp/nasloc-cifar10-split", help="the evidence's split (laid out if missing)")
+    p.add_argument("--per-class", type=int, default=600, help="training images per class (val: a tenth)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--batch-size", type=int, default=64, help="as the evidence's selection")
+    return p.parse_args()
+
+
+def subset(split: Path, folder: Path, per_class: int) -> Path:
+    """``folder``/train and /val with the first images of each class of ``split``, as symlinks."""
+    for part, count in (("train", per_class), ("val", max(1, per_class // 10))):
+        for cls in sorted(p for p in (split / part).iterdir() if p.is_dir()):
+            target = folder / part / cls.name
+            target.mkdir(parents=True)
+            for image in sorted(cls.iterdir())[:count]:
+                (target / image.name).symlink_to(image.resolve())
+    return folder
+
+
+def main() -> None:
+    args = parse_args()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    split = lay_out_split(args.cifar_tar, Path(args.data_root))
+    with tempfile.TemporaryDirectory() as tmp:
+        data = subset(split, Path(tmp) / "data", args.per_class)
+        splits = load_dataset("imagefolder", data, 32, seed=0)
+        space = SearchSpace.load("cifar").for_classes(splits.num_classes)
+        torch.manual_seed(0)
+        supernet = Supernet(space, 32)
+        checkpoint = save_untrained(supernet, RunDir(Path(tmp) / "run"))
+        archs = reference_archs(space, 0.03e9)
+        candidates = [Candidate(name, archs[name], i) for i, name in enumerate(DESIGNS)]
+        config = SelectionConfig(epochs=2, batch_size=args.batch_size)
+        print(f"{len(splits.train)} training / {len(splits.val) // 2} selection images, {len(candidates)} candidates, "
+              f"rungs 1 and 2 epochs, batch {args.batch_size}", flush=True)
+
+        torch.set_num_threads(args.threads)
+        trainer = RungTrainer(supernet, halve_val(splits, 0)[1], config, RunDir(Path(tmp) / "one").selection_dir, "cpu")
+        started = time.perf_counter()
+        alone = run_selection(candidates, trainer, optuna.storages.InMemoryStorage(), max_epochs=2, say=print)
+        one_s = time.perf_counter() - started
+
+        spec = TrainerSpec(EvaluatorSpec("cifar", str(checkpoint), 32, "imagefolder", str(data), 0, device="cpu",
+                                         search_half=True), config, str(Path(tmp) / "pool"))
+        threads = max(1, args.threads // args.workers)
+        started = time.perf_counter()
+        with RungPool(spec, args.workers, threads) as pool:
+            together = run_selection(candidates, pool, optuna.storages.InMemoryStorage(), max_epochs=2, say=print)
+        pool_s = time.perf_counter() - started
+
+    scores = [{t.user_attrs["source"]: t.intermediate_values for t in r.study.get_trials()} for r in (alone, together)]
+    print(f"one at a time, {args.threads} threads: {one_s:.1f} s")
+    print(f"{args.workers} processes x {threads} thread(s), start-up included: {pool_s:.1f} s")
+    print(f"speed-up: {one_s / pool_s:.2f}x; scores equal: {scores[0] == scores[1]}")
+
+
+if __name__ == "__main__":
+    main()
