@@ -12,6 +12,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
@@ -353,14 +354,14 @@ def selection_phase(study: optuna.Study, supernet: Supernet, splits: DataSplits,
                                    reduction_factor=config.reduction_factor, ray_address=options.ray_address,
                                    max_concurrent=options.workers, results_dir=run.ray_dir,
                                    resources_per_trial=resources, held_out=len(splits.val), say=_say)
-    elif options.workers > 1:  # processes that rebuild the trainer from the spec, each with its share of the threads
-        with RungPool(spec, options.workers, max(1, torch.get_num_threads() // options.workers)) as pool:
-            result = run_selection(candidates, pool, storage, max_epochs=config.epochs,
-                                   reduction_factor=config.reduction_factor, held_out=len(splits.val), say=_say)
-    else:
-        trainer = RungTrainer(supernet, splits, config, run.selection_dir, device=options.device)
-        result = run_selection(candidates, trainer, storage, max_epochs=config.epochs,
-                               reduction_factor=config.reduction_factor, held_out=len(splits.val), say=_say)
+    else:  # several at a time: processes that rebuild the trainer from the spec, each with its share of the threads
+        trainer = (RungPool(spec, options.workers, max(1, torch.get_num_threads() // options.workers))
+                   if options.workers > 1 else
+                   nullcontext(RungTrainer(supernet, splits, config, run.selection_dir, device=options.device)))
+        with trainer as advance:
+            result = run_selection(candidates, advance, storage, max_epochs=config.epochs,
+                                   reduction_factor=config.reduction_factor, held_out=len(splits.val), say=_say,
+                                   progress=True)
     write_csv(selection_rows(result.study), run.root / SELECTION_CSV)
     note = tied_note(result, options.retrain_top_k)
     if note:

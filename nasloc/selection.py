@@ -190,13 +190,15 @@ Advance = Callable[[int, Candidate, int], float]
 
 def run_selection(candidates: Sequence[Candidate], advance: Advance | RungPool, storage: BaseStorage, *,
                   max_epochs: int, reduction_factor: int = 2, held_out: int = 0,
-                  say: Callable[[str], None] = print) -> SelectionResult:
+                  say: Callable[[str], None] = print, progress: bool = False) -> SelectionResult:
     """Run (or resume) successive halving of ``candidates``, one training at a time (``advance``) or several
     (a :class:`RungPool`); returns the study and its ranking. Each score is stored as soon as it comes. The
     candidates of a study are fixed when it is created: a rerun resumes them (trials keep their numbers and
     reported rungs) and ignores ``candidates``. ``held_out``: the images each score is measured on (0: unknown,
-    then no two scores count as tied).
+    then no two scores count as tied). ``progress``: a bar per rung, of its candidates trained.
     """
+    from tqdm.auto import tqdm
+
     train = advance.train if isinstance(advance, RungPool) else partial(_one_at_a_time, advance)
     rungs = rung_epochs(max_epochs, reduction_factor)
     study = open_selection(candidates, storage, rungs, reduction_factor, held_out)
@@ -209,8 +211,11 @@ def run_selection(candidates: Sequence[Candidate], advance: Advance | RungPool, 
             + (f" ({scored} already scored)" if scored else ""))
         ids = {t.number: t._trial_id for t in alive}
         pending = [(t.number, candidate_of(t), epochs) for t in alive if epochs not in t.intermediate_values]
-        for number, score in train(pending):
-            report(study, ids[number], score, epochs)
+        with tqdm(total=len(pending), desc=f"selection rung {epochs}", unit="candidate", disable=not progress) as bar:
+            for number, score in train(pending):
+                report(study, ids[number], score, epochs)
+                bar.set_postfix_str(f"trial {number}: {score:.2f} %", refresh=False)
+                bar.update()
         _close_rung(study, epochs, rungs)
     return selection_result(study)
 
