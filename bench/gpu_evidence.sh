@@ -12,6 +12,7 @@
 #      $EVIDENCE_ARGS goes to evidence_full.py as it is, e.g. the replicate search of the tie rule's test:
 #      SEARCHES_FROM= BUDGETS=0.03 EVIDENCE_ARGS="--search-seed 1 --samplers nsga2 --rank-top 4
 #      --designs-from results/evidence_full/gpu_h200_30ep_record.json" (results/evidence_full/README.md);
+#      each search runs $SEARCH_WORKERS processes (default 4): trials, then selection trainings, at a time on the card;
 #   3. meanwhile checks the CUDA path: bench/gpu_checks.py (every mechanism: CUDA vs CPU, AMP gradients, dilated
 #      attention's backward), the whole pipeline on CUDA (supernet with AMP, search, selection, retrain, export),
 #      and `nasloc train` under torchrun with one process (DDP) and AMP.
