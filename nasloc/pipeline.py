@@ -354,7 +354,7 @@ def selection_phase(study: optuna.Study, supernet: Supernet, splits: DataSplits,
                                    reduction_factor=config.reduction_factor, ray_address=options.ray_address,
                                    max_concurrent=options.workers, results_dir=run.ray_dir,
                                    resources_per_trial=resources, held_out=len(splits.val), say=_say)
-    else:  # several at a time: processes that rebuild the trainer from the spec, each with its share of the threads
+    else:  # one training at a time, or --workers processes that rebuild the trainer from the spec (threads shared)
         trainer = (RungPool(spec, options.workers, max(1, torch.get_num_threads() // options.workers))
                    if options.workers > 1 else
                    nullcontext(RungTrainer(supernet, splits, config, run.selection_dir, device=options.device)))

@@ -27,6 +27,7 @@ import optuna
 from optuna.pruners import BasePruner
 from optuna.storages import BaseStorage
 from optuna.trial import FrozenTrial, TrialState
+from tqdm.auto import tqdm
 
 from .arch import Arch
 from .errors import TrainingDiverged
@@ -197,8 +198,6 @@ def run_selection(candidates: Sequence[Candidate], advance: Advance | RungPool, 
     reported rungs) and ignores ``candidates``. ``held_out``: the images each score is measured on (0: unknown,
     then no two scores count as tied). ``progress``: a bar per rung, of its candidates trained.
     """
-    from tqdm.auto import tqdm
-
     train = advance.train if isinstance(advance, RungPool) else partial(_one_at_a_time, advance)
     rungs = rung_epochs(max_epochs, reduction_factor)
     study = open_selection(candidates, storage, rungs, reduction_factor, held_out)
