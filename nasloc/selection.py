@@ -313,7 +313,9 @@ def ranking(study: optuna.Study) -> list[FrozenTrial]:
     ones, and a full-length training turns that round. In the CIFAR-10 evidence the NSGA-II selection's four
     finalists, within 1.5 points of each other after 4 epochs, finished in the order of their MACs both after
     10 epochs and after 30 (seed 0), where the 4-epoch order had put the smallest first and the largest,
-    the best of them over two seeds too, third.
+    the best of them over two seeds too, third. A replicate search (another seed) did not confirm it: its
+    four tied finalists finished in neither order (results/evidence_full/README.md, session 11). Ties are best
+    left to the retraining: ``tied_note`` names the ``--retrain-top-k`` that covers them.
     """
     scored = [t for t in study.get_trials(deepcopy=False) if t.intermediate_values and "arch" in t.user_attrs]
     by_score = sorted(scored, key=lambda t: (-t.last_step, -_score(t), t.number))
