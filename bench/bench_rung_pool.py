@@ -38,7 +38,8 @@ DESIGNS = ("plain ViT", "DW shortcut", "LocalViT FFN", "LIFE")
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cifar-tar", default=str(ROOT.parent / "shared/data/cifar10/train.tar.gz"))
-    p.add_argument("--data-root", default="/tmp/nasloc-cifar10-split", help="the evidence's split (laid out if missing)")
+    p.add_argument("--data-root", default="/tmp/nasloc-cifar10-split",
+                   help="the evidence's split, laid out (if missing) with --per-class images as DATA_ROOT-PER_CLASS")
     p.add_argument("--per-class", type=int, default=600, help="training images per class (val: a tenth)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--workers", type=int, default=2)
@@ -46,23 +47,11 @@ def parse_args() -> argparse.Namespace:
     return p.parse_args()
 
 
-def subset(split: Path, folder: Path, per_class: int) -> Path:
-    """``folder``/train and /val with the first images of each class of ``split``, as symlinks."""
-    for part, count in (("train", per_class), ("val", max(1, per_class // 10))):
-        for cls in sorted(p for p in (split / part).iterdir() if p.is_dir()):
-            target = folder / part / cls.name
-            target.mkdir(parents=True)
-            for image in sorted(cls.iterdir())[:count]:
-                (target / image.name).symlink_to(image.resolve())
-    return folder
-
-
 def main() -> None:
     args = parse_args()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    split = lay_out_split(args.cifar_tar, Path(args.data_root))
+    data = lay_out_split(args.cifar_tar, Path(f"{args.data_root}-{args.per_class}"), small=args.per_class)
     with tempfile.TemporaryDirectory() as tmp:
-        data = subset(split, Path(tmp) / "data", args.per_class)
         splits = load_dataset("imagefolder", data, 32, seed=0)
         space = SearchSpace.load("cifar").for_classes(splits.num_classes)
         torch.manual_seed(0)
