@@ -216,7 +216,8 @@ def add_search_arguments(parser: argparse.ArgumentParser) -> None:
                              "its lr) (default: %(default)s)")
     effort.add_argument("--retrain-top-k", metavar="K", type=_int_in(0), default=DEFAULTS["retrain_top_k"],
                         help="best candidates of the selection (or, without it, Pareto-optimal subnets by "
-                             "proxy) to retrain from scratch; 0 skips retraining (default: %(default)s)")
+                             "proxy) to retrain from scratch, and with the selection also every candidate tied with "
+                             "the best at its last rung; 0 skips retraining (default: %(default)s)")
     effort.add_argument("--retrain-epochs", metavar="N", type=_int_in(1), default=DEFAULTS["retrain_epochs"],
                         help="epochs per retrained subnet (default: %(default)s)")
     effort.add_argument("--retrain-img-size", metavar="PX", type=_int_in(1),

@@ -36,8 +36,8 @@ from .rung_pool import RungPool
 from .run import PARETO_CSV, PARETO_HTML, SELECTION_CSV, TRIALS_CSV, RunDir, RunOptions, RunRecord
 from .search import SEED_DESIGN_ATTR, enqueue_warm_start, open_study, optuna_quiet, pareto_trials, run_search
 from .seeds import reference_archs
-from .selection import (RungTrainer, SelectionConfig, SelectionResult, TrainerSpec, run_selection, search_candidates,
-                        selection_rows, tied_note)
+from .selection import (RungTrainer, SelectionConfig, SelectionResult, TrainerSpec, finalists, run_selection,
+                        search_candidates, selection_rows, tied_note)
 from .space import SearchSpace
 from .reconnect import storage_errors_unmasked
 from .sampler import LatencyBudget
@@ -114,10 +114,11 @@ def run_pipeline(options: RunOptions) -> Path:
         if options.select_top_k:
             selection = selection_phase(study, supernet, select_data, space, checkpoint, record, run)
             by_number = {t.number: t for t in study.get_trials(deepcopy=False)}
-            finalists = [by_number[t.user_attrs["search_trial"]] for t in selection.ranking]
+            chosen = [by_number[t.user_attrs["search_trial"]] for t in finalists(selection, options.retrain_top_k)]
         else:
-            selection, finalists = None, sorted(pareto, key=lambda t: t.user_attrs["top1"], reverse=True)
-        retrained = retrain_phase(finalists, space, splits, record, run)
+            selection = None
+            chosen = sorted(pareto, key=lambda t: t.user_attrs["top1"], reverse=True)[: options.retrain_top_k]
+        retrained = retrain_phase(chosen, space, splits, record, run)
         export_dir = export_phase(retrained, options, run, splits, space.img_size)
         write_summary(run, record, space, study, pareto, selection, retrained, references, export_dir,
                       time.time() - started)
@@ -370,10 +371,10 @@ def selection_phase(study: optuna.Study, supernet: Supernet, splits: DataSplits,
 
 
 # ------------------------------------------------------------------------------------ retrain + export
-def retrain_phase(finalists: list, space: SearchSpace, splits: DataSplits, record: RunRecord, run: RunDir) -> list[Retrained]:
-    """Retrain the first ``retrain_top_k`` finalists (search trials, best first) from scratch."""
+def retrain_phase(chosen: list, space: SearchSpace, splits: DataSplits, record: RunRecord, run: RunDir) -> list[Retrained]:
+    """Retrain the chosen search trials (the selection's finalists, or the Pareto front's best by proxy) from
+    scratch."""
     options = record.options
-    chosen = finalists[: options.retrain_top_k]
     size = options.retrain_img_size
     if chosen:
         _say(f"[nasloc] 5/6 retrain: {len(chosen)} finalists at {size} px, {options.retrain_epochs} epochs each")

@@ -7,8 +7,8 @@ search, spread over the upper MACs band, plus every seed design at the budget) i
 starting from its supernet weights (or from scratch), in rungs of 1, 2, 4, ... epochs, and only the better
 half goes on to the next rung (successive halving). Scores come from data the search did not select on
 (the other half of the validation split, see :func:`nasloc.data.halve_val`). Candidates whose last-rung scores
-are tied with the best (within two binomial standard errors of the held-out set) are ranked by MACs, the
-largest first (:func:`ranking`), since short trainings favour the small archs that full trainings overtake.
+are tied with the best (within two binomial standard errors of the held-out set) are all finalists
+(:func:`finalists`): the short trainings could not order them, so the full-length retraining decides.
 
 The rungs live in an Optuna study (``selection``) in the run's storage: one trial per candidate, one
 intermediate value per rung (``trial.report``), so the dashboard shows every candidate's learning curve,
@@ -164,24 +164,35 @@ def _leaders(trials: Sequence[FrozenTrial], held_out: int) -> int:
     return leading_ties(sorted((_score(t) for t in trials if t.last_step == last), reverse=True), held_out)
 
 
-def tied_note(selection: SelectionResult, finalists: int) -> str:
-    """For the console and the summary when candidates tied with the best at the last rung: that they are ranked
-    by MACs, and the ``--retrain-top-k`` that retrains them all when the first ``finalists`` leave some out;
-    "" when nothing is tied."""
+def finalists(selection: SelectionResult, top_k: int) -> list[FrozenTrial]:
+    """The candidates the retrain step takes, best first: the ranking's first ``top_k`` and every candidate tied
+    with the best at the last rung, since a tie the short trainings could not break is left to the full-length
+    retraining; none when ``top_k`` is 0 (no retraining).
+
+    Why the whole tie: in the CIFAR-10 evidence two searches each ended with four candidates tied within 1.5
+    points after 4 epochs, and after 10 epochs neither their 4-epoch order nor the order of their MACs (a
+    tie-break tried in between) named the best of them in both (results/evidence_full/README.md).
+    """
+    if top_k == 0:
+        return []
+    return selection.ranking[: max(top_k, _leaders(selection.ranking, selection.held_out))]
+
+
+def tied_note(selection: SelectionResult, top_k: int) -> str:
+    """For the console and the summary when candidates tied with the best at the last rung: which ranks, and
+    that the retrain step takes them all (beyond ``--retrain-top-k`` ``top_k`` if need be); "" when nothing is
+    tied."""
     lead = _leaders(selection.ranking, selection.held_out)
     if lead < 2:
         return ""
     epochs = selection.ranking[0].last_step
     note = (f"selection ranks 1-{lead} scored within 2 standard errors of the best after {epochs} "
             f"epoch{'s' * (epochs > 1)} on {selection.held_out} held-out images, a tie the short trainings cannot "
-            f"break, so they are ranked by MACs, the largest first")
-    left_out = selection.ranking[finalists:lead] if finalists > 0 else []
-    if not left_out:
-        return note
-    names = ", ".join(f"trial {t.user_attrs['source']}" if t.user_attrs["source"].isdigit() else t.user_attrs["source"]
-                      for t in left_out)
-    retrained = "only the first is" if finalists == 1 else f"only the first {finalists} are"
-    return f"{note}; {retrained} retrained: --retrain-top-k {lead} retrains {names} too"
+            f"break")
+    if top_k == 0:
+        return f"{note}; none is retrained (--retrain-top-k 0)"
+    tied = "both" if lead == 2 else f"all {lead}"
+    return f"{note}, so {tied} are retrained" + (f" (--retrain-top-k {top_k} and the tie)" if lead > top_k else "")
 
 
 Advance = Callable[[int, Candidate, int], float]
@@ -306,22 +317,9 @@ def _close_rung(study: optuna.Study, epochs: int, rungs: list[int]) -> None:
 
 def ranking(study: optuna.Study) -> list[FrozenTrial]:
     """Selection trials, best first: those that reached a later rung before the others, then by their score
-    at their last rung; but the leaders, the candidates of the last rung whose scores are tied with the best
-    (:func:`leading_ties` on the study's held-out images), come first by MACs, the largest first.
-
-    Why MACs among ties: short trainings favour archs that learn fast in the first epochs, often the smaller
-    ones, and a full-length training turns that round. In the CIFAR-10 evidence the NSGA-II selection's four
-    finalists, within 1.5 points of each other after 4 epochs, finished in the order of their MACs both after
-    10 epochs and after 30 (seed 0), where the 4-epoch order had put the smallest first and the largest,
-    the best of them over two seeds too, third. A replicate search (another seed) did not confirm it: its
-    four tied finalists finished in neither order (results/evidence_full/README.md, session 11). Ties are best
-    left to the retraining: ``tied_note`` names the ``--retrain-top-k`` that covers them.
-    """
+    at their last rung (:func:`finalists` says which of them the retrain step takes)."""
     scored = [t for t in study.get_trials(deepcopy=False) if t.intermediate_values and "arch" in t.user_attrs]
-    by_score = sorted(scored, key=lambda t: (-t.last_step, -_score(t), t.number))
-    lead = _leaders(by_score, study.user_attrs.get(HELD_OUT_ATTR, 0))
-    leaders = sorted(by_score[:lead], key=lambda t: (-t.user_attrs["macs"], -_score(t), t.number))
-    return leaders + by_score[lead:]
+    return sorted(scored, key=lambda t: (-t.last_step, -_score(t), t.number))
 
 
 def selection_result(study: optuna.Study) -> SelectionResult:

@@ -32,6 +32,7 @@ from nasloc.cli import search_main
 from nasloc.flops import fvcore_macs
 from nasloc.run import STUDY_NAME
 from nasloc.search import pareto_trials
+from nasloc.selection import finalists, selection_result
 from nasloc.space import SearchSpace
 from nasloc.space_files import SPACES_DIR
 from nasloc.storage import open_storage
@@ -126,6 +127,12 @@ def retrained_dirs(run_dir: Path) -> list[Path]:
     return sorted((run_dir / "retrain").glob("trial_*"))
 
 
+def exported_dir(run_dir: Path) -> Path:
+    """The retrain folder of the trial that the run exported (the best retrained)."""
+    trial = json.loads((run_dir / "export" / "best" / "config.json").read_text())["nasloc"]["trial"]
+    return run_dir / "retrain" / f"trial_{trial}"
+
+
 # ------------------------------------------------------------------------------------ one full run
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory, data_dir) -> Path:
@@ -185,21 +192,25 @@ def test_a_run_writes_every_output_consistently(finished):
     assert [int(r["rank"]) for r in ranked] == list(range(1, len(selection.trials) + 1))
     assert ranked[0]["state"] == "COMPLETE" and ranked[-1]["state"] == "PRUNED"
 
-    # --retrain-top-k 1: the selection's best, retrained for one epoch, and exported
-    best = study.trials[int(ranked[0]["search_trial"])]
-    assert [d.name for d in retrained_dirs(run_dir)] == [f"trial_{best.number}"]
-    retrained = run_dir / "retrain" / f"trial_{best.number}"
-    checkpoint = torch.load(retrained / "last.pth", map_location="cpu", weights_only=True)
-    assert checkpoint["epoch"] == 1
-    val_top1 = checkpoint["history"][-1]["val_top1"]
+    # --retrain-top-k 1: the selection's finalists (its best and any tied with it), retrained for one epoch
+    # each; the best retrained is exported
+    chosen = [t.user_attrs["search_trial"] for t in finalists(selection_result(selection), 1)]
+    assert chosen[0] == int(ranked[0]["search_trial"])
+    assert retrained_dirs(run_dir) == sorted(run_dir / "retrain" / f"trial_{n}" for n in chosen)
+    history = {n: torch.load(run_dir / "retrain" / f"trial_{n}" / "last.pth", map_location="cpu", weights_only=True)
+               for n in chosen}
+    assert all(checkpoint["epoch"] == 1 for checkpoint in history.values())
+    val_top1 = {n: checkpoint["history"][-1]["val_top1"] for n, checkpoint in history.items()}
+    best = study.trials[max(chosen, key=val_top1.get)]
     config = json.loads((run_dir / "export" / "best" / "config.json").read_text())
     assert config["nasloc"]["trial"] == best.number
-    assert config["nasloc"]["retrained_top1"] == pytest.approx(val_top1)
+    assert config["nasloc"]["retrained_top1"] == pytest.approx(val_top1[best.number])
 
     summary = (run_dir / "summary.md").read_text()
     assert "6 trials (6 complete" in summary
     retrained_table = summary.split("## Retrained from scratch")[1]
-    assert f"| {best.number} | {val_top1:.2f} | {best.user_attrs['top1']:.2f} |" in retrained_table
+    for n in chosen:
+        assert f"| {n} | {val_top1[n]:.2f} | {study.trials[n].user_attrs['top1']:.2f} |" in retrained_table
     assert "## Selection" in summary and f"| 1 | {ranked[0]['source']} | {best.number} |" in summary
     for t in front:
         assert f"| {t.number} | {t.user_attrs['top1']:.2f} |" in summary
@@ -211,7 +222,7 @@ def test_the_export_reloads_with_timm_and_gives_the_retrained_logits(finished):
     import timm
     from safetensors.torch import load_file
 
-    (retrained,) = retrained_dirs(finished)
+    retrained = exported_dir(finished)
     arch = nasloc.Arch.from_dict(json.loads((retrained / "arch.json").read_text()))
     reference = nasloc.LocalityViT(arch)
     reference.load_state_dict(load_file(str(retrained / "best.safetensors")))
@@ -231,9 +242,10 @@ def test_nasloc_export_needs_nothing_but_what_the_run_wrote(finished, tmp_path):
 
     from nasloc.export import export_trial
 
-    (retrained,) = retrained_dirs(finished)
+    retrained = exported_dir(finished)
     number = int(retrained.name.split("_")[1])
-    other = next(t.number for t in load_study(finished).trials if t.number != number)
+    others = {int(d.name.split("_")[1]) for d in retrained_dirs(finished)}  # retrained too: their own weights
+    other = next(t.number for t in load_study(finished).trials if t.number not in others)
     folder = export_trial(finished, number, tmp_path / "retrained")
     assert json.loads((folder / "config.json").read_text())["nasloc"]["weights"].startswith("retrained")
     best, again = load_file(str(finished / "export" / "best" / "model.safetensors")), load_file(str(folder / "model.safetensors"))
@@ -265,7 +277,7 @@ def test_rerunning_a_finished_run_adds_nothing_and_trains_nothing(finished, data
     assert {path: path.stat().st_mtime_ns for path in watched} == before
     assert epoch_of(finished / "supernet" / "last.pth") == 0
     assert {d: epoch_of(d / "last.pth") for d in retrained_dirs(finished)} == retrain_epoch
-    (retrained,) = retrained_dirs(finished)
+    retrained = exported_dir(finished)
     number = int(retrained.name.split("_")[1])
     val_top1 = torch.load(retrained / "last.pth", map_location="cpu", weights_only=True)["history"][-1]["val_top1"]
     assert f"| {number} | {val_top1:.2f} |" in (finished / "summary.md").read_text()

@@ -13,8 +13,8 @@ from optuna.trial import TrialState
 from nasloc.arch import Arch
 from nasloc.flops import count
 from nasloc.search import SEED_DESIGN_ATTR
-from nasloc.selection import (Candidate, SelectionResult, SynchronousHalvingPruner, rung_epochs, ranking, run_selection,
-                              leading_ties, search_candidates, selection_rows, tied_note)
+from nasloc.selection import (Candidate, SelectionResult, SynchronousHalvingPruner, finalists, rung_epochs, ranking,
+                              run_selection, leading_ties, search_candidates, selection_result, selection_rows, tied_note)
 from nasloc.space import SearchSpace
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -221,7 +221,8 @@ def _ranked(*scores: tuple[str, dict[int, float]]) -> list:
 
 
 # The NSGA-II selection of the CIFAR-10 evidence: four finalists within 1.5 points after 4 epochs on 2,500 images,
-# with their MMACs; after 10 epochs (and after 30) they finished in the order 49, 22, 53, 36.
+# with their MMACs; after 10 epochs (and after 30) they finished in the order 49, 22, 53, 36, the reverse of these
+# scores (and in the replicate search, in neither the order of the scores nor that of the MACs).
 EVIDENCE_SCORES = [("36", {1: 41.72, 2: 48.36, 4: 53.44}, 24.8), ("22", {1: 41.6, 2: 48.84, 4: 52.44}, 25.7),
                    ("49", {1: 38.28, 2: 45.72, 4: 52.24}, 29.0), ("53", {1: 38.72, 2: 46.68, 4: 51.96}, 25.4),
                    ("DilateFormer", {1: 37.48, 2: 44.32}, 28.8)]
@@ -249,15 +250,22 @@ def _selection_study(rows, held_out):
     return study
 
 
-def test_the_leaders_are_ranked_by_macs_the_largest_first_and_the_rest_by_score():
-    ranked = [t.user_attrs["source"] for t in ranking(_selection_study(EVIDENCE_SCORES, held_out=2500))]
-    assert ranked == ["49", "22", "53", "36", "DilateFormer"]
-    ranked = [t.user_attrs["source"] for t in ranking(_selection_study(EVIDENCE_SCORES, held_out=1_000_000))]
-    assert ranked == ["36", "22", "49", "53", "DilateFormer"]  # every difference decided: by score
-    assert [t.user_attrs["source"] for t in ranking(_selection_study(EVIDENCE_SCORES, held_out=0))][0] == "36"
+def test_the_ranking_is_by_score_and_the_finalists_take_the_whole_tie():
+    study = _selection_study(EVIDENCE_SCORES, held_out=2500)
+    assert [t.user_attrs["source"] for t in ranking(study)] == ["36", "22", "49", "53", "DilateFormer"]
+
+    def names(held_out, top_k):
+        study.set_user_attr("held_out", held_out)
+        return [t.user_attrs["source"] for t in finalists(selection_result(study), top_k)]
+    assert names(2500, 2) == ["36", "22", "49", "53"]  # all four tied: the retraining decides, not the 4-epoch order
+    assert names(2500, 1) == ["36", "22", "49", "53"]
+    assert names(2500, 5) == ["36", "22", "49", "53", "DilateFormer"]  # --retrain-top-k beyond the tie
+    assert names(2500, 0) == []  # no retraining
+    assert names(1_000_000, 2) == ["36", "22"]  # every difference decided: the first --retrain-top-k
+    assert names(0, 2) == ["36", "22"]  # no held-out size: no ties
 
 
-def test_a_selection_keeps_its_held_out_size_and_ranks_its_ties_by_macs(space, tmp_path):
+def test_a_selection_keeps_its_held_out_size_and_its_finalists_on_resume(space, tmp_path):
     storage = f"sqlite:///{tmp_path / 'study.db'}"
     cands = [Candidate(f"c{i}", a, i) for i, a in enumerate(archs(space, 4, seed=5))]
     macs = {c.source: count(c.arch).macs for c in cands}
@@ -265,22 +273,22 @@ def test_a_selection_keeps_its_held_out_size_and_ranks_its_ties_by_macs(space, t
     assert macs[small] < macs[large]
     quality = {small: 25.0, large: 24.8, "c2": 10.0, "c3": 5.0}  # the two finalists 0.4 points apart at 2 epochs
     result = run_selection(cands, Trainer(quality), storage, max_epochs=2, held_out=2500, say=lambda m: None)
-    assert [t.user_attrs["source"] for t in result.ranking] == [large, small, "c2", "c3"]
+    assert [t.user_attrs["source"] for t in result.ranking] == [small, large, "c2", "c3"]
+    assert [t.user_attrs["source"] for t in finalists(result, 1)] == [small, large]  # tied: both retrained
     assert result.held_out == 2500
     again = run_selection(cands, Trainer(quality), storage, max_epochs=2, say=lambda m: None)  # resumed, size kept
-    assert [t.user_attrs["source"] for t in again.ranking][:2] == [large, small]
-    assert again.held_out == 2500  # the size the ranking used, so the tie note names the same ties
-    assert selection_rows(again.study)[0]["source"] == large
+    assert again.held_out == 2500  # the size the ties were judged on, so a rerun retrains the same finalists
+    assert [t.user_attrs["source"] for t in finalists(again, 1)] == [small, large]
+    assert selection_rows(again.study)[0]["source"] == small
 
 
-def test_the_note_names_the_ties_and_the_retrain_top_k_that_takes_them_all():
+def test_the_note_names_the_ties_and_says_that_all_of_them_are_retrained():
     selection = SelectionResult(study=None, ranking=EVIDENCE, held_out=2500)
     note = tied_note(selection, 2)
     assert "ranks 1-4 scored within 2 standard errors of the best after 4 epochs on 2500 held-out" in note
-    assert "ranked by MACs" in note and "--retrain-top-k 4 retrains trial 49, trial 53 too" in note
-    assert "--retrain-top-k 4 retrains trial 53 too" in tied_note(selection, 3)
-    for finalists in (0, 4, 5):  # every tie retrained, or no retraining: only how they are ranked
-        assert tied_note(selection, finalists).endswith("ranked by MACs, the largest first")
+    assert note.endswith("so all 4 are retrained (--retrain-top-k 2 and the tie)")
+    assert tied_note(selection, 4).endswith("so all 4 are retrained")
+    assert tied_note(selection, 0).endswith("none is retrained (--retrain-top-k 0)")
     assert tied_note(SelectionResult(None, EVIDENCE, held_out=1_000_000), 2) == ""
     assert tied_note(SelectionResult(None, EVIDENCE, held_out=0), 2) == ""
     assert tied_note(SelectionResult(None, _ranked(("1", {4: 50.0}), ("2", {4: math.nan})), held_out=2500), 1) == ""
