@@ -8,11 +8,14 @@ its split (validation = images 4500-4999 of each class, 5,000; training = the ot
 - ``<budget>/search/<sampler>``: ``run_search.py`` (supernet, search, selection) with NSGA-II or random search,
   equally long; its retrain phase is run here with the standalone recipe instead of the product's short one:
 - ``<budget>/rank/<trial>`` (NSGA-II) and ``<budget>/final/<sampler>/<trial>`` (other samplers): ``nasloc train``
-  (seed 0) of a selection candidate. The first ``--retrain-top-k`` candidates of a selection are its finalists
-  (a seed design's training is its seed unit); the pick is the finalist with the best top-1, as the product
-  retrains the selection's best ``--retrain-top-k`` and exports the best retrained. Every NSGA-II candidate is
-  trained, so that the proxy and selection scores can be ranked against the recipe's top-1;
-- ``<budget>/pick/<sampler>/s<k>``: the pick with the standalone recipe, seed k (seed 0 is its finalist training);
+  (seed 0) of a selection candidate. A selection's finalists are those the product's retrain step takes
+  (``nasloc.selection.finalists``: the first ``--retrain-top-k`` and every candidate tied with the best; a seed
+  design's training is its seed unit); the pick is the finalist with the best top-1, as the product exports the
+  best retrained. Every NSGA-II candidate is trained, so that the proxy and selection scores can be ranked
+  against the recipe's top-1;
+- ``<budget>/pick/<sampler>/s<k>``: the pick with the standalone recipe, seed k (seed 0 is its finalist training).
+  When the product's rule names another pick than a recorded one (a change of the rule), the recorded pick units
+  are kept in the record's ``superseded`` and run again for the new pick;
 - ``<budget>/rank/<trial>/s<k>`` (with ``--rank-seeds`` above 1): a ranking candidate with seed k.
 
 Each finished unit is merged into ``OUT/record.json`` at once (val top-1, MACs, params, wall and CPU seconds), so
@@ -42,7 +45,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import lru_cache, partial
 from pathlib import Path
 from typing import Callable
 
@@ -87,8 +90,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--select-top-k", type=int, default=8)
     p.add_argument("--select-epochs", type=int, default=4)
     p.add_argument("--retrain-top-k", type=int, default=RunOptions.retrain_top_k,
-                   help="finalists per selection, trained with the recipe; the best is the pick (the product's "
-                        "--retrain-top-k and its default)")
+                   help="finalists per selection besides those tied with the best, trained with the recipe; the "
+                        "best is the pick (the product's --retrain-top-k and its default)")
     p.add_argument("--rank", action=argparse.BooleanOptionalAction, default=True,
                    help="train every selection candidate of the NSGA-II run once (the ranking study)")
     p.add_argument("--rank-top", type=int, default=0,
@@ -210,10 +213,10 @@ class Protocol:
         return Unit(key, (), lambda: self._train(key, self._design_file(budget, design), seed, export_as=design))
 
     def _finalists(self, budget: str, sampler: str) -> list[tuple[dict, str]]:
-        """(candidate, key of its seed-0 recipe training) of the selection's first ``--retrain-top-k``, in the
-        order of the selection ranking that nasloc has now (:func:`selection_order`)."""
+        """(candidate, key of its seed-0 recipe training) of the finalists the product's retrain step takes
+        (:func:`selection_finalists`), best first."""
         search = self._searched(budget, sampler)
-        return [(c, self._training_key(budget, sampler, c)) for c in selection_order(search)[: self.args.retrain_top_k]]
+        return [(c, self._training_key(budget, sampler, c)) for c in selection_finalists(search, self.args.retrain_top_k)]
 
     def _training_key(self, budget: str, sampler: str, candidate: dict) -> str:
         design = self._seed_design_of(budget, candidate)
@@ -237,16 +240,42 @@ class Protocol:
         finalists = self._finalists(budget, sampler) if self._searched(budget, sampler) else []
 
         def run() -> dict:
-            candidate, trained = max(finalists, key=lambda f: self.rec.get(f[1])["top1"])
+            candidate, trained = self._picked(finalists)
             chosen = dict(pick_source=candidate["source"], pick_trial=candidate["search_trial"],
                           finalists={k: self.rec.get(k)["top1"] for _, k in finalists})
             same = self._same_training(budget, sampler, candidate, trained, seed)
             if same:  # the same command as a training already recorded: not run twice
                 return {**self._same_as(same, f"nasloc_{sampler}" if seed == 0 else None), **chosen}
-            return {**self._train(key, self._candidate_file(budget, sampler, candidate), seed), **chosen}
+            folder = f"{key}/trial{candidate['search_trial']}"  # another pick (a new rule) must not resume this one
+            return {**self._train(key, self._candidate_file(budget, sampler, candidate), seed, folder=folder), **chosen}
         # a finalist may be the pick: its training of this seed as a seed design or a ranking unit then comes first
         same = [self._same_training(budget, sampler, c, k, seed) for c, k in finalists] if seed else []
         return Unit(key, (search_key, *(k for _, k in finalists), *filter(None, same)), run)
+
+    def _picked(self, finalists: list[tuple[dict, str]]) -> tuple[dict, str]:
+        """The finalist (candidate, training key) with the best seed-0 top-1: the product exports the best
+        retrained."""
+        return max(finalists, key=lambda f: self.rec.get(f[1])["top1"])
+
+    def retire_stale_picks(self) -> None:
+        """Keep a recorded pick unit whose pick the product's rule no longer names in the record's ``superseded``
+        and unrecord it, so that it runs again for the pick the rule names now; judged once every finalist's
+        seed-0 training is recorded."""
+        for budget in self.budgets:
+            for sampler in filter(partial(self._searched, budget), self.samplers):
+                finalists = self._finalists(budget, sampler)
+                if not all(self.rec.get(k) for _, k in finalists):
+                    continue
+                picked = self._picked(finalists)[0]
+                for seed in range(self.args.seeds):
+                    key = f"{budget}/pick/{sampler}/s{seed}"
+                    recorded = self.rec.get(key)
+                    if recorded and (recorded["pick_source"], recorded["pick_trial"]) != (picked["source"], picked["search_trial"]):
+                        label = f"{key} (pick {recorded['pick_source']}, superseded {time.strftime('%Y-%m-%d %H:%M')})"
+                        self.rec.put("superseded", {**(self.rec.get("superseded") or {}), label: recorded})
+                        self.rec.put(key, None)
+                        log(f"{key}: the rule now picks {picked['source']}, not {recorded['pick_source']}: the "
+                            f"record keeps it under superseded, the unit runs again")
 
     def _same_training(self, budget: str, sampler: str, candidate: dict, trained: str, seed: int) -> str | None:
         """The unit that trains ``candidate`` with ``seed`` by the recipe, if another kind of unit does: seed 0 is
@@ -316,9 +345,12 @@ class Protocol:
         path.parent.mkdir(parents=True, exist_ok=True)
         return write_atomic(path, json.dumps(arch))
 
-    def _train(self, key: str, model: str | Path, seed: int, export_as: str | None = None) -> dict:
+    def _train(self, key: str, model: str | Path, seed: int, export_as: str | None = None,
+               folder: str | None = None) -> dict:
+        """``nasloc train`` of ``model`` by the recipe with ``seed`` in the work folder ``folder`` (default: the
+        unit's key); its result for the record."""
         a = self.args
-        out = self.work / key
+        out = self.work / (folder or key)
         warmup = max(1, a.epochs // 10)
         command = [sys.executable, "-m", "nasloc", "train", "--model", str(model), "--dataset", "imagefolder",
                    "--data-dir", str(self.data), "--epochs", str(a.epochs), "--img-size", "32", "--seed", str(seed),
@@ -424,15 +456,26 @@ def budget_keys(budgets: str) -> list[str]:
 
 
 def selection_order(search: dict) -> list[dict]:
-    """A recorded search's selection candidates in the order of ``nasloc.selection.ranking`` as it is now: the
-    product's function on an in-memory copy of the selection study (rung scores, MACs, the held-out size), so a
-    change of the ranking rule reaches a study's finalists without training anything again. A search recorded
-    without ``held_out`` keeps its order (no two scores count as tied)."""
+    """A recorded search's selection candidates in the order of ``nasloc.selection.ranking`` as it is now."""
+    return [search["candidates"][t.user_attrs["index"]] for t in _selection(search).ranking]
+
+
+def selection_finalists(search: dict, top_k: int) -> list[dict]:
+    """The candidates of a recorded search that the product's retrain step takes now with ``--retrain-top-k``
+    ``top_k`` (``nasloc.selection.finalists``), best first."""
+    from nasloc.selection import finalists
+    return [search["candidates"][t.user_attrs["index"]] for t in finalists(_selection(search), top_k)]
+
+
+def _selection(search: dict):
+    """The product's ``SelectionResult`` of an in-memory copy of a recorded selection study (rung scores, MACs,
+    the held-out size), so that a change of the ranking or finalist rule reaches a study's finalists without
+    training anything again. A search recorded without ``held_out`` has no ties."""
     import optuna
     from optuna.trial import TrialState
 
     from nasloc.search import optuna_quiet
-    from nasloc.selection import HELD_OUT_ATTR, ranking
+    from nasloc.selection import HELD_OUT_ATTR, selection_result
     with optuna_quiet(True):
         study = optuna.create_study(direction="maximize")
     study.set_user_attr(HELD_OUT_ATTR, search.get("held_out", 0))
@@ -440,7 +483,7 @@ def selection_order(search: dict) -> list[dict]:
         rungs = {int(k.removeprefix("top1@").removesuffix("ep")): v for k, v in c["scores"].items()}
         study.add_trial(optuna.trial.create_trial(state=TrialState.PRUNED, intermediate_values=rungs,
                                                   user_attrs=dict(index=index, arch=c["arch"], macs=c["macs"])))
-    return [search["candidates"][t.user_attrs["index"]] for t in ranking(study)]
+    return selection_result(study)
 
 
 def logged_held_out(log: Path) -> int:
@@ -521,6 +564,8 @@ def work_through(protocol: Protocol, rec: Record) -> None:
     """Run units until none is left (or the protocol stops): the first one whose needs are recorded and that no
     other process holds, again and again."""
     while not protocol.stopping.is_set():
+        with protocol.lock:  # a finalist trained since the last pass may change a pick
+            protocol.retire_stale_picks()
         units = protocol.units()
         pending = [u for u in units if rec.get(u.key) is None and u.key not in protocol.failed]
         if not pending:

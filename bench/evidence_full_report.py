@@ -100,7 +100,8 @@ def costs(rec: dict, budget: str) -> list[str]:
         if pick:
             finalists = {k: rec[k] for k in pick["finalists"]}
             shown = ", ".join(f"{k.split('/', 1)[1]} {r['top1']:.2f} %" for k, r in finalists.items())
-            lines.append(f"  Its retrain step (the selection's first {len(finalists)}, each trained once with the recipe: "
+            lines.append(f"  Its retrain step ({len(finalists)} finalists: the selection's first --retrain-top-k and "
+                         f"those tied with the best, each trained once with the recipe: "
                          f"{shown}) took {sum(r['wall_s'] for r in finalists.values()) / 3600:.2f} h wall, "
                          f"{sum(r['cpu_s'] for r in finalists.values()) / 3600:.2f} CPU-hours; the pick is the best: "
                          f"{pick['pick_source']} (search trial {pick['pick_trial']}, {pick['macs'] / 1e6:.1f} MMACs).")
@@ -156,7 +157,7 @@ def _taus(rows: list[tuple[dict, list[float]]], truth, against: str) -> list[str
     lines = []
     for name, score in (("proxy (supernet top-1)", [c["proxy_top1"] for c, _ in rows]),
                         ("selection (rank as run)", [-c["rank"] for c, _ in rows]),
-                        ("selection (rank now: ties by MACs)", [-c["rank_now"] for c, _ in rows])):
+                        ("selection (rank now: by score)", [-c["rank_now"] for c, _ in rows])):
         tau, p = kendall_tau(score, real)
         lines.append(f"- {name} against {against} ({len(rows)} candidates): Kendall tau {tau:.2f} (p {p:.2f}), "
                      f"top-3 precision {top_k_precision(score, real, 3)}/3")
