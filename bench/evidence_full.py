@@ -258,24 +258,31 @@ class Protocol:
         return max(finalists, key=lambda f: self.rec.get(f[1])["top1"])
 
     def retire_stale_picks(self) -> None:
-        """Keep a recorded pick unit whose pick the product's rule no longer names in the record's ``superseded``
-        and unrecord it, so that it runs again for the pick the rule names now; judged once every finalist's
-        seed-0 training is recorded."""
+        """Bring the recorded pick units up to the product's rule as it is now, once every finalist's seed-0
+        training is recorded: a unit whose pick the rule no longer names is kept in the record's ``superseded``
+        and unrecorded, so that it runs again for the new pick; one whose pick stands but whose finalists
+        changed gets the new finalists (the same training, so nothing runs again)."""
         for budget in self.budgets:
             for sampler in filter(partial(self._searched, budget), self.samplers):
                 finalists = self._finalists(budget, sampler)
                 if not all(self.rec.get(k) for _, k in finalists):
                     continue
                 picked = self._picked(finalists)[0]
+                now = {k: self.rec.get(k)["top1"] for _, k in finalists}
                 for seed in range(self.args.seeds):
                     key = f"{budget}/pick/{sampler}/s{seed}"
                     recorded = self.rec.get(key)
-                    if recorded and (recorded["pick_source"], recorded["pick_trial"]) != (picked["source"], picked["search_trial"]):
+                    if not recorded:
+                        continue
+                    if (recorded["pick_source"], recorded["pick_trial"]) != (picked["source"], picked["search_trial"]):
                         label = f"{key} (pick {recorded['pick_source']}, superseded {time.strftime('%Y-%m-%d %H:%M')})"
                         self.rec.put("superseded", {**(self.rec.get("superseded") or {}), label: recorded})
                         self.rec.put(key, None)
                         log(f"{key}: the rule now picks {picked['source']}, not {recorded['pick_source']}: the "
                             f"record keeps it under superseded, the unit runs again")
+                    elif recorded["finalists"] != now:
+                        self.rec.put(key, {**recorded, "finalists": now})
+                        log(f"{key}: the pick stands; its finalists are now {', '.join(now)}")
 
     def _same_training(self, budget: str, sampler: str, candidate: dict, trained: str, seed: int) -> str | None:
         """The unit that trains ``candidate`` with ``seed`` by the recipe, if another kind of unit does: seed 0 is
