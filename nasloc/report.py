@@ -24,7 +24,7 @@ from .arch import Arch
 from .errors import NaslocError
 from .fileio import write_atomic
 from .run import PARETO_CSV, PARETO_HTML, TRIALS_CSV, RunDir, RunRecord
-from .search import LATENCY_CONSTRAINT, evaluated_feasible_trials, pareto_trials
+from .search import LATENCY_CONSTRAINT, SEED_DESIGN_ATTR, evaluated_feasible_trials, pareto_trials
 from .units import format_macs
 
 if TYPE_CHECKING:
@@ -266,8 +266,11 @@ def write_summary(run: RunDir, record: RunRecord, space: SearchSpace, study: opt
     lines += [f"| {name} | {top1:.2f} | {macs / 1e9:.4f} |" for name, (macs, top1) in references.items()]
     if selection is not None:
         lines += _selection_lines(selection, options.retrain_top_k)
-    lines += ["", "## Retrained from scratch", "", "| trial | val top-1 (%) | proxy top-1 (%) | GMACs at deploy | params (M) |", "|---|---|---|---|---|"]
-    lines += [f"| {r.trial} | {r.val_top1:.2f} | {r.proxy_top1:.2f} | {r.macs / 1e9:.4f} | {r.params / 1e6:.3f} |" for r in retrained]
+    by_number = {t.number: t for t in study.get_trials(deepcopy=False)}
+    lines += ["", "## Retrained from scratch", "",
+              "| trial | val top-1 (%) | proxy top-1 (%) | GMACs at deploy | params (M) | design |", "|---|---|---|---|---|---|"]
+    lines += [f"| {r.trial} | {r.val_top1:.2f} | {r.proxy_top1:.2f} | {r.macs / 1e9:.4f} | {r.params / 1e6:.3f} | "
+              f"{by_number[r.trial].user_attrs.get(SEED_DESIGN_ATTR, 'searched')} |" for r in retrained]
     if export_dir is not None:
         lines += ["", f"Best model exported to `{export_dir}`:", "",
                   f"    import nasloc, timm; timm.create_model(\"local-dir:{export_dir}\", pretrained=True)"]

@@ -209,8 +209,10 @@ def test_a_run_writes_every_output_consistently(finished):
     summary = (run_dir / "summary.md").read_text()
     assert "6 trials (6 complete" in summary
     retrained_table = summary.split("## Retrained from scratch")[1]
-    for n in chosen:
-        assert f"| {n} | {val_top1[n]:.2f} | {study.trials[n].user_attrs['top1']:.2f} |" in retrained_table
+    for n in chosen:  # each finalist, and which seed design it is (or "searched")
+        row = next(line for line in retrained_table.splitlines() if line.startswith(f"| {n} |"))
+        assert row.startswith(f"| {n} | {val_top1[n]:.2f} | {study.trials[n].user_attrs['top1']:.2f} |")
+        assert row.endswith(f"| {study.trials[n].user_attrs.get('seed_design', 'searched')} |")
     assert "## Selection" in summary and f"| 1 | {ranked[0]['source']} | {best.number} |" in summary
     for t in front:
         assert f"| {t.number} | {t.user_attrs['top1']:.2f} |" in summary
