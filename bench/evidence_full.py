@@ -222,12 +222,25 @@ class Protocol:
         design = self._seed_design_of(budget, candidate)
         if design:  # a seed design among the candidates: its own seed-0 training
             return f"{budget}/seed/{design}/s0"
+        twin = self._ranked_twin(budget, sampler, candidate)
+        if twin is not None:  # the same arch as an NSGA-II candidate that the ranking trains: that training
+            return f"{budget}/rank/{twin}"
         kind = "rank" if sampler == "nsga2" else f"final/{sampler}"
         return f"{budget}/{kind}/{candidate['search_trial']}"
 
+    def _ranked_twin(self, budget: str, sampler: str, candidate: dict) -> int | None:
+        """The NSGA-II search trial with the same arch as another sampler's ``candidate`` among the candidates the
+        ranking trains, if any: with the same ``--search-seed`` both searches draw the same first population
+        (NSGA-II's is random), so their selections can share archs."""
+        if sampler == "nsga2":
+            return None
+        return next((c["search_trial"] for c in self._ranked(budget) if c["arch"] == candidate["arch"]), None)
+
     def _finalist_units(self, budget: str, sampler: str) -> list[Unit]:
-        return [self._candidate_unit(budget, sampler, c, key) for c, key in self._finalists(budget, sampler)
-                if "/seed/" not in key]
+        """The finalists' seed-0 trainings that no other unit runs (seed designs have their seed units, another
+        sampler's twin of a ranking candidate has that ranking unit)."""
+        own = (lambda key: "/seed/" not in key) if sampler == "nsga2" else (lambda key: f"/final/{sampler}/" in key)
+        return [self._candidate_unit(budget, sampler, c, key) for c, key in self._finalists(budget, sampler) if own(key)]
 
     def _candidate_unit(self, budget: str, sampler: str, candidate: dict, key: str) -> Unit:
         return Unit(key, (f"{budget}/search/{sampler}",),
