@@ -225,8 +225,12 @@ class Protocol:
         twin = self._ranked_twin(budget, sampler, candidate)
         if twin is not None:  # the same arch as an NSGA-II candidate that the ranking trains: that training
             return f"{budget}/rank/{twin}"
-        kind = "rank" if sampler == "nsga2" else f"final/{sampler}"
-        return f"{budget}/{kind}/{candidate['search_trial']}"
+        return f"{self._own_units(budget, sampler)}{candidate['search_trial']}"
+
+    @staticmethod
+    def _own_units(budget: str, sampler: str) -> str:
+        """The key prefix of the candidate trainings a sampler's search brings (NSGA-II's are the ranking's)."""
+        return f"{budget}/rank/" if sampler == "nsga2" else f"{budget}/final/{sampler}/"
 
     def _ranked_twin(self, budget: str, sampler: str, candidate: dict) -> int | None:
         """The NSGA-II search trial with the same arch as another sampler's ``candidate`` among the candidates the
@@ -239,8 +243,9 @@ class Protocol:
     def _finalist_units(self, budget: str, sampler: str) -> list[Unit]:
         """The finalists' seed-0 trainings that no other unit runs (seed designs have their seed units, another
         sampler's twin of a ranking candidate has that ranking unit)."""
-        own = (lambda key: "/seed/" not in key) if sampler == "nsga2" else (lambda key: f"/final/{sampler}/" in key)
-        return [self._candidate_unit(budget, sampler, c, key) for c, key in self._finalists(budget, sampler) if own(key)]
+        own = self._own_units(budget, sampler)
+        return [self._candidate_unit(budget, sampler, c, key) for c, key in self._finalists(budget, sampler)
+                if key.startswith(own)]
 
     def _candidate_unit(self, budget: str, sampler: str, candidate: dict, key: str) -> Unit:
         return Unit(key, (f"{budget}/search/{sampler}",),
@@ -488,8 +493,8 @@ def selection_finalists(search: dict, top_k: int) -> list[dict]:
 
 
 def _selection(search: dict):
-    """The product's ``SelectionResult`` of an in-memory copy of a recorded selection study (rung scores, MACs,
-    the held-out size), so that a change of the ranking or finalist rule reaches a study's finalists without
+    """The product's ``SelectionResult`` of an in-memory copy of a recorded selection study (rung scores, the
+    held-out size), so that a change of the ranking or finalist rule reaches a study's finalists without
     training anything again. A search recorded without ``held_out`` has no ties."""
     import optuna
     from optuna.trial import TrialState
@@ -502,7 +507,7 @@ def _selection(search: dict):
     for index, c in enumerate(search["candidates"]):  # trial numbers in the recorded order break equal scores
         rungs = {int(k.removeprefix("top1@").removesuffix("ep")): v for k, v in c["scores"].items()}
         study.add_trial(optuna.trial.create_trial(state=TrialState.PRUNED, intermediate_values=rungs,
-                                                  user_attrs=dict(index=index, arch=c["arch"], macs=c["macs"])))
+                                                  user_attrs=dict(index=index, arch=c["arch"])))
     return selection_result(study)
 
 
