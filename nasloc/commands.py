@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
+from timm.data.auto_augment import rand_augment_transform
 from torch import nn
 
 from .arch import Arch
@@ -158,6 +159,12 @@ def _check_recipe(cfg: RetrainConfig, splits: DataSplits, world_size: int) -> No
         raise CommandError(f"--batch-size {cfg.batch_size}: mixup/cutmix need an even batch size "
                            "(or --mixup 0 --cutmix 0)")
     check_batch_size(cfg.batch_size, len(splits.train) // world_size)
+    try:  # timm asserts on a bad spec only when the first batch is augmented
+        if cfg.randaugment:
+            rand_augment_transform(cfg.randaugment, {})
+    except (AssertionError, ValueError, KeyError) as err:
+        raise CommandError(f"--randaugment {cfg.randaugment!r}: not a timm RandAugment spec; use one such as "
+                           f"{RetrainConfig.randaugment} or '' (off)") from err
 
 
 # ===================================================================================== evaluate
@@ -174,7 +181,7 @@ def evaluate_command(*, model: str, dataset: str, data_dir: Path | None, split: 
     images = splits.val if split == "val" else splits.test
     if images is None:
         raise CommandError(f"--split test: {dataset} has no test split here (CIFAR's test batch or an "
-                           "ImageFolder test/ folder); evaluate --split val")
+                           "ImageFolder test/ folder with labels); evaluate --split val")
     net = build_model(spec, splits.num_classes, size).to(dev).eval()
     loader = make_loader(eval_dataset(images, splits, size), batch_size, False, img_size=size, mean=splits.mean,
                          std=splits.std, seed=seed, device=dev)

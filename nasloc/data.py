@@ -236,7 +236,7 @@ def _find_cifar(name: str, root: Path, download: bool) -> Path:
         return root / folder_name
     raise DataError(f"{root}: no {name} python batches ({', '.join(train_files[:2])}...) here or in "
                     f"{root / folder_name}; extract the official '{folder_name}' archive there "
-                    f"or pass download=True")
+                    f"(the Python API's load_dataset(..., download=True) fetches it)")
 
 
 def _read_pickle(path: Path) -> dict:
@@ -312,21 +312,39 @@ def _image_files(folder: Path) -> Iterator[str]:
 
 
 def _labelled_files(folder: Path, class_names: list[str]) -> tuple[list[str], list[int]] | None:
-    """Files and labels of a val/ or test/ tree named by the train classes, or None if it doesn't exist."""
+    """Files and labels of a val/ or test/ tree named by the train classes, or None if it doesn't exist
+    or carries no labels (Tiny-ImageNet's test/ is a bare images/ folder)."""
     if not folder.is_dir():
         return None
     annotations = folder / "val_annotations.txt"  # Tiny-ImageNet: flat images/ folder plus a label file
     if annotations.is_file():
-        rows = [line.split("\t")[:2] for line in annotations.read_text().splitlines() if line.strip()]
-        pairs = [(str(folder / "images" / f), c) for f, c in rows]
+        pairs = _annotated_files(folder, annotations)
+    elif _class_folders(folder) == ["images"] and "images" not in class_names:
+        return None
     else:
         pairs = [(f, c) for c in _class_folders(folder) for f in sorted(_image_files(folder / c))]
+    if not pairs:
+        raise DataError(f"{folder}: no images in its class folders; add images or remove the folder")
     index = {c: i for i, c in enumerate(class_names)}
     unknown = sorted({c for _, c in pairs} - set(index))
     if unknown:
         raise DataError(f"{folder}: classes not in train/: {', '.join(unknown[:5])}; "
                         f"use the same class names in every split")
     return [f for f, _ in pairs], [index[c] for _, c in pairs]
+
+
+def _annotated_files(folder: Path, annotations: Path) -> list[tuple[str, str]]:
+    """(file, class) pairs of Tiny-ImageNet's val_annotations.txt: "<file>\t<class>\t..." per line."""
+    pairs = []
+    for number, line in enumerate(annotations.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        fields = line.split("\t")
+        if len(fields) < 2:
+            raise DataError(f"{annotations}:{number}: want '<file><TAB><class>', got {line[:60]!r}; "
+                            f"restore the file from the dataset's archive")
+        pairs.append((str(folder / "images" / fields[0]), fields[1]))
+    return pairs
 
 
 def _is_small(files: list[str]) -> bool:

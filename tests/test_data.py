@@ -148,6 +148,44 @@ def test_train_val_test_subfolders_are_used(tmp_path):
         load_dataset("imagefolder", tmp_path, img_size=8)
 
 
+def _tiny_imagenet_tree(root: Path) -> None:
+    """Tiny-ImageNet's layout: train/<wnid>/images/*, val/images/* with val_annotations.txt, unlabelled test/images/*."""
+    for c, wnid in enumerate(("n01", "n02")):
+        for i in range(3):
+            _write_image(root / "train" / wnid / "images" / f"{wnid}_{i}.JPEG", 50 * c + i)
+    rows = []
+    for i, wnid in enumerate(("n02", "n01", "n02")):
+        _write_image(root / "val" / "images" / f"val_{i}.JPEG", 200 + i)
+        rows.append(f"val_{i}.JPEG\t{wnid}\t0\t0\t8\t8")
+    (root / "val" / "val_annotations.txt").write_text("\n".join(rows) + "\n")
+    for i in range(2):
+        _write_image(root / "test" / "images" / f"test_{i}.JPEG", 100 + i)
+
+
+def test_tiny_imagenet_layout_reads_val_annotations_and_has_no_test_split(tmp_path):
+    _tiny_imagenet_tree(tmp_path)
+    splits = load_dataset("imagefolder", tmp_path, img_size=8, with_test=True)
+    assert splits.class_names == ["n01", "n02"]
+    assert (len(splits.train), len(splits.val)) == (6, 3)
+    assert splits.val.labels.tolist() == [1, 0, 1]
+    assert splits.test is None  # test/images/ carries no labels
+
+
+def test_a_val_annotation_line_without_a_tab_names_its_line(tmp_path):
+    _tiny_imagenet_tree(tmp_path)
+    (tmp_path / "val" / "val_annotations.txt").write_text("val_0.JPEG\tn02\nval_1.JPEG n01\n")
+    with pytest.raises(DataError, match=r"val_annotations.txt:2: want '<file><TAB><class>'") as err:
+        load_dataset("imagefolder", tmp_path, img_size=8)
+    assert "\n" not in str(err.value)
+
+
+def test_a_val_tree_without_images_is_refused(tmp_path):
+    _image_tree(tmp_path / "train", {"a": 4, "b": 4})
+    (tmp_path / "val" / "a").mkdir(parents=True)
+    with pytest.raises(DataError, match="no images in its class folders"):
+        load_dataset("imagefolder", tmp_path, img_size=8)
+
+
 def test_large_images_are_decoded_lazily(tmp_path):
     _image_tree(tmp_path, {"a": 3, "b": 3}, size=80)
     (tmp_path / "a" / "0001.png").write_bytes(b"broken")
