@@ -10,7 +10,7 @@ import dataclasses
 import re
 import sys
 from pathlib import Path
-from typing import Callable, NoReturn
+from typing import Any, Callable, NoReturn
 
 from nasloc.errors import NaslocError
 from nasloc.run import SELECT_INITS, RunOptions
@@ -137,17 +137,33 @@ def _band(text: str) -> tuple[float, float]:
     return lo, hi
 
 
-def _float_at_least(low: float) -> Callable[[str], float]:
+def _float_at_least(low: float, below: float | None = None) -> Callable[[str], float]:
+    bounds = f">= {low:g}" if below is None else f">= {low:g} and < {below:g}"
+
     def parse(text: str) -> float:
         try:
             value = float(text)
         except ValueError:
             value = None
-        if value is None or not value >= low or value == float("inf"):
-            raise argparse.ArgumentTypeError(f"expected a number >= {low:g}, got {text!r}")
+        if value is None or not low <= value < (float("inf") if below is None else below):
+            raise argparse.ArgumentTypeError(f"expected a number {bounds}, got {text!r}")
         return value
 
     return parse
+
+
+def _recipe_type(name: str) -> Callable[[str], Any]:
+    if name == "batch_size":
+        return _int_in(1)
+    if name == "randaugment":
+        return str  # checked against timm by the train command (importing timm here would slow --help)
+    if name in ("label_smoothing", "ema_decay"):  # 1 would leave no target / never move the average
+        return _float_at_least(0, below=1)
+    return _float_at_least(0)
+
+
+def _user_path(text: str) -> Path:
+    return Path(text).expanduser()  # the shell leaves "~" alone in --out=~/x
 
 
 def _run_name(text: str) -> str:
@@ -190,7 +206,7 @@ def add_search_arguments(parser: argparse.ArgumentParser) -> None:
                       help="digits ships with scikit-learn (no download); cifar10/cifar100 read the official "
                            "python format; imagefolder reads an ImageFolder tree of class folders "
                            "(default: %(default)s)")
-    data.add_argument("--data-dir", metavar="DIR", type=Path,
+    data.add_argument("--data-dir", metavar="DIR", type=_user_path,
                       help="data set folder; required for every data set but digits")
     data.add_argument("--proxy-img-size", metavar="PX", type=_int_in(1),
                       help="image size for supernet training and search (default: chosen from the data set)")
@@ -235,7 +251,7 @@ def add_search_arguments(parser: argparse.ArgumentParser) -> None:
                      help="all: every phase; supernet: only train the supernet; search: only add trials to the "
                           "study with an already trained supernet (for extra workers on other machines sharing "
                           "--storage and the run folder) (default: %(default)s)")
-    run.add_argument("--results-dir", metavar="DIR", type=Path, default=DEFAULTS["results_dir"],
+    run.add_argument("--results-dir", metavar="DIR", type=_user_path, default=DEFAULTS["results_dir"],
                      help="parent folder of the run folders (default: %(default)s)")
 
     search = parser.add_argument_group("search engine")
@@ -267,7 +283,7 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
                         help="run folder, or a run name under ./results")
     parser.add_argument("--trial", metavar="N", required=True, type=_int_in(0),
                         help="Optuna trial number to export")
-    parser.add_argument("--out", metavar="DIR", type=Path,
+    parser.add_argument("--out", metavar="DIR", type=_user_path,
                         help="output folder (default: RUN/export/trial-N)")
     parser.add_argument("--onnx", action="store_true",
                         help="also write model.onnx (torch's ONNX exporter), checked against the torch model, with "
@@ -303,7 +319,7 @@ def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dataset", default=DEFAULTS["dataset"], choices=DATASETS,
                         help="digits ships with scikit-learn; cifar10/cifar100 read the official python format; "
                              "imagefolder an ImageFolder tree (default: %(default)s)")
-    parser.add_argument("--data-dir", metavar="DIR", type=Path,
+    parser.add_argument("--data-dir", metavar="DIR", type=_user_path,
                         help="data set folder; required for every data set but digits")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                         help="auto takes cuda when available (default: %(default)s)")
@@ -329,7 +345,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--img-size", metavar="PX", type=_int_in(1),
                         help="training resolution (default: the model's own, 224 for the presets and the ImageNet "
                              "space; small images are upsampled on the device)")
-    parser.add_argument("--out", metavar="DIR", type=Path,
+    parser.add_argument("--out", metavar="DIR", type=_user_path,
                         help="training folder: must not exist, or hold an unfinished training of the same options "
                              "(it resumes) (default: results/train/<model>-<dataset>-<img-size>px)")
     parser.add_argument("--seed", metavar="N", type=_int_in(0), default=0,
@@ -337,10 +353,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                              "(default: %(default)s)")
     recipe = parser.add_argument_group("recipe (DeiT's, as the seed papers train)")
     for name, (default, metavar, text) in _RECIPE_OPTIONS.items():
-        kind = _int_in(1) if name == "batch_size" else str if name == "randaugment" else _float_at_least(0)
-        recipe.add_argument(f"--{name.replace('_', '-')}", metavar=metavar, type=kind, default=default,
+        recipe.add_argument(f"--{name.replace('_', '-')}", metavar=metavar, type=_recipe_type(name), default=default,
                             help=f"{text} (default: %(default)s)")
-    recipe.add_argument("--drop-path", metavar="RATE", type=_float_at_least(0), default=DROP_PATH,
+    recipe.add_argument("--drop-path", metavar="RATE", type=_float_at_least(0, below=1), default=DROP_PATH,
                         help="stochastic depth, rising linearly to RATE in the last block (default: %(default)s)")
     recipe.add_argument("--workers", metavar="N", type=_int_in(0), default=2,
                         help="data loading processes per training process (default: %(default)s)")

@@ -28,12 +28,15 @@ def _search_options(args: argparse.Namespace) -> RunOptions:
         raise UsageError("--ray-address needs --backend ray")
     if args.latency_budget is not None and args.backend == "ray":
         raise UsageError("--latency-budget works with --backend optuna only")
-    try:
-        space = resolve_space_path(Path(args.space).expanduser())
-    except SpaceError:
-        raise UsageError(f"--space {args.space!r}: no such file (shipped spaces: {shipped_spaces()})") from None
     values = {name: getattr(args, name) for name in DEFAULTS}
-    return RunOptions(**{**values, "space": space, "data_dir": _find_data(args.dataset, args.data_dir)})
+    return RunOptions(**{**values, "space": _space(args.space), "data_dir": _find_data(args.dataset, args.data_dir)})
+
+
+def _space(text: str) -> Path:
+    try:
+        return resolve_space_path(Path(text).expanduser())
+    except SpaceError:
+        raise UsageError(f"--space {text!r}: no such file (shipped spaces: {shipped_spaces()})") from None
 
 
 def _find_data(dataset: str, data_dir: Path | None) -> Path | None:
@@ -43,7 +46,7 @@ def _find_data(dataset: str, data_dir: Path | None) -> Path | None:
         return None
     if data_dir is None:
         raise UsageError(f"--dataset {dataset} needs --data-dir")
-    if not data_dir.expanduser().is_dir():
+    if not data_dir.is_dir():
         raise UsageError(f"--data-dir {str(data_dir)!r} is not a folder")
     return data_dir
 
@@ -64,10 +67,7 @@ def _export_request(args: argparse.Namespace) -> tuple[Path, int, Path | None, b
 
 
 def _latency_request(args: argparse.Namespace) -> dict[str, Any]:
-    try:
-        space = resolve_space_path(Path(args.space).expanduser())
-    except SpaceError:
-        raise UsageError(f"--space {args.space!r}: no such file (shipped spaces: {shipped_spaces()})") from None
+    space = _space(args.space)
     if args.backend == "onnxruntime" and args.device != "cpu":
         raise UsageError("--backend onnxruntime runs on the CPU: use --device cpu")
     names = ("device", "backend", "batch_size", "archs", "seed", "refresh")
@@ -157,6 +157,9 @@ def _run(parser: argparse.ArgumentParser, argv: Sequence[str] | None, prog: Call
     except NaslocError as err:  # bad input that only the pipeline can see; anything else is a bug
         print_error(name, str(err))
         return 2
+    except KeyboardInterrupt:  # Ctrl-C is how a long run is paused: say so, without a traceback
+        print_error(name, "interrupted; the same command goes on from the last finished unit")
+        return 130
     return 0
 
 

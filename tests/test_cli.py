@@ -345,6 +345,30 @@ def test_input_errors_from_the_pipeline_are_one_line(space: Path, handled: list,
     assert err == "run_search.py: error: budget 0.70 GFLOPs (multiply-adds) is outside the space\n"
 
 
+def test_ctrl_c_is_one_line_and_exit_130(space: Path, handled: list, capsys: pytest.CaptureFixture,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    def interrupted(options: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sys.modules["nasloc.pipeline"], "run_pipeline", interrupted)
+    assert cli.search_main(["--budget", "0.7G", "--space", str(space)]) == 130
+    err = capsys.readouterr().err
+    assert err == "run_search.py: error: interrupted; the same command goes on from the last finished unit\n"
+
+
+def test_a_tilde_after_an_equals_sign_is_the_home_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The shell leaves "--out=~/x" alone; the path must not become a folder named "~"."""
+    from nasloc import commands
+
+    requests: list = []
+    monkeypatch.setattr(commands, "train_command", lambda **request: requests.append(request))
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "data").mkdir()
+    assert cli.main(["train", "--model", "m", "--epochs", "1", "--out=~/runs/x", "--dataset", "imagefolder",
+                     "--data-dir=~/data"]) == 0
+    assert requests[0]["out"] == tmp_path / "runs" / "x" and requests[0]["data_dir"] == tmp_path / "data"
+
+
 def test_bugs_in_the_pipeline_keep_their_traceback(space: Path, handled: list,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     def crash(options: object) -> None:

@@ -266,7 +266,8 @@ def _snapshot(folder: Path) -> list[str]:
     "unknown model", "unknown model (train takes no timm names)", "arch file that is no arch",
     "arch file that is no YAML", "missing split",
     "run folder that does not exist", "trial that does not exist", "out exists", "out holds a finished training",
-    "out holds another training", "img size the arch cannot take"])
+    "out holds another training", "img size the arch cannot take", "randaugment spec timm refuses",
+    "label smoothing of 1", "ema decay of 1", "drop path of 1"])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(case: str, trained: Path, tmp_path: Path,
                                                          capsys: pytest.CaptureFixture) -> None:
     (tmp_path / "existing").mkdir()
@@ -295,6 +296,12 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(case: str, trained: Pat
                                        "holds another training (different model, arch"),
         "img size the arch cannot take": (["evaluate", "--model", "nasloc_deit_tiny", "--img-size", "40"],
                                           "--img-size 40"),
+        "randaugment spec timm refuses": (train + ["--model", "nasloc_deit_tiny", "--img-size", "32", "--out",
+                                                   str(tmp_path / "o"), "--randaugment", "bogus"],
+                                          "--randaugment 'bogus': not a timm RandAugment spec"),
+        "label smoothing of 1": (train + ["--model", "m", "--label-smoothing", "1"], "expected a number >= 0 and < 1"),
+        "ema decay of 1": (train + ["--model", "m", "--ema-decay", "1"], "expected a number >= 0 and < 1"),
+        "drop path of 1": (train + ["--model", "m", "--drop-path", "1.5"], "expected a number >= 0 and < 1"),
     }[case]
     before, before_trained = _snapshot(tmp_path), _snapshot(trained)
     capsys.readouterr()
