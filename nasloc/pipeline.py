@@ -83,9 +83,13 @@ def run_pipeline(options: RunOptions) -> Path:
     space, splits, record = load_inputs(options)  # checks the budget before anything is written
     options = record.options  # with the image sizes chosen
     run = RunDir(options.run_dir)
+    # Under torchrun the other ranks only train the supernet: the record, the dashboard and the queued seed
+    # designs are rank 0's (two ranks would queue them twice and race for the dashboard's port).
+    main_process = int(os.environ.get("RANK", "0")) == 0
+    run.check_resumable(record)
     if options.phase == "search":
         require_trained_supernet(run, options.supernet_epochs)
-    else:  # extra search workers (--phase search) leave the run's record alone
+    elif main_process:  # extra search workers (--phase search) leave the run's record alone
         run.write_record(record)
     device = resolve_device(options.device)
     lo, hi = space.macs_range()
@@ -93,7 +97,7 @@ def run_pipeline(options: RunOptions) -> Path:
          f"space {space.name} ({format_macs(lo)} - {format_macs(hi)}) | "
          f"proxy {options.proxy_img_size} px on {options.dataset} | device {device}")
     # Up from the start: a busy port fails the run now, not after hours of supernet training.
-    dashboard = serve_dashboard(options.storage, options.dashboard_port) if options.dashboard else None
+    dashboard = serve_dashboard(options.storage, options.dashboard_port) if options.dashboard and main_process else None
     try:
         torch.manual_seed(options.seed)
         supernet = Supernet(space, options.proxy_img_size).to(device)
@@ -101,6 +105,8 @@ def run_pipeline(options: RunOptions) -> Path:
             checkpoint = trained_checkpoint(supernet, run, device)
         else:
             checkpoint = train_phase(supernet, splits, space, options, run, device)
+        if not main_process:
+            return run.root
         if options.phase != "search":  # once per run, before any search worker (--phase search) starts
             queue_seed_designs(space, record)
         if options.phase == "supernet":

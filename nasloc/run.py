@@ -39,6 +39,10 @@ SELECT_INITS = ("scratch", "supernet")  # the first is the default: it ranked be
 
 
 _ADDED_OPTIONS = ("latency_budget",)  # options newer than some run.json files (issue 16)
+# Options a rerun must repeat: the supernet, study and selection it resumes were made for them. (--trials and
+# the retrain options may grow; device, workers and dashboard are the machine's business.)
+FIXED_OPTIONS = ("space", "dataset", "seed", "proxy_img_size", "budget", "latency_budget", "objectives",
+                 "select_top_k", "select_epochs", "select_init")
 
 
 class RunError(NaslocError):
@@ -127,6 +131,18 @@ def arch_folder(folder: Path, arch: Arch) -> Path:
     return folder
 
 
+def _comparable(value: Any) -> Any:
+    if isinstance(value, Path):  # a space file by name: the repository may have moved
+        return value.name
+    return float(f"{value:.9g}") if isinstance(value, float) else value  # a budget read back from JSON
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, tuple):
+        return ",".join(map(str, value))
+    return _comparable(value) if isinstance(value, Path) else f"{value:g}" if isinstance(value, float) else str(value)
+
+
 def _plain(value: Any) -> Any:
     if isinstance(value, Path):
         return str(value)
@@ -180,6 +196,20 @@ class RunDir:
 
     def write_record(self, record: RunRecord) -> None:
         write_atomic(self.record_file, json.dumps(record.to_dict(), indent=2))
+
+    def check_resumable(self, record: RunRecord) -> None:
+        """Refuse (:class:`RunError`, one line) a rerun of this folder whose :data:`FIXED_OPTIONS` differ from
+        the stored record's, before anything is written: otherwise it would resume work made for other options."""
+        if not self.record_file.is_file():
+            return
+        stored = self.read_record().options
+        changed = [name for name in FIXED_OPTIONS
+                   if _comparable(getattr(stored, name)) != _comparable(getattr(record.options, name))]
+        if changed:
+            was = ", ".join(f"--{name.replace('_', '-')} {_shown(getattr(stored, name))} (now "
+                            f"{_shown(getattr(record.options, name))})" for name in changed)
+            raise RunError(f"{self.root} was started with {was}; rerun it with the same options, or pass another "
+                           f"--run-name")
 
     def read_record(self) -> RunRecord:
         """The run's record; :class:`RunError` (one line) when the folder has none or it is unreadable."""

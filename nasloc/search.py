@@ -43,6 +43,7 @@ from optuna.storages import BaseStorage
 from optuna.trial import FrozenTrial, TrialState
 
 from .arch import Arch
+from .errors import NaslocError
 from .flops import count
 from .sampler import LatencyBudget, TrialSeededSampler, resolve_population_size
 from .space import RecordingChooser, SearchSpace, option_label
@@ -247,15 +248,15 @@ def open_study(
         load_if_exists=True,
     )
     if study.metric_names is not None and tuple(study.metric_names) != objectives:
-        raise ValueError(f"study {study_name!r} has objectives {study.metric_names}, not {list(objectives)}; "
+        raise NaslocError(f"study {study_name!r} has objectives {study.metric_names}, not {list(objectives)}; "
                          "use another study (run) name")
     expected = [optuna.study.StudyDirection[OBJECTIVES[o].upper()] for o in objectives]
     if list(study.directions) != expected:
-        raise ValueError(f"study {study_name!r} has {len(study.directions)} objective directions that do not match "
+        raise NaslocError(f"study {study_name!r} has {len(study.directions)} objective directions that do not match "
                          f"{list(objectives)}; use another study (run) name")
     stored = study.user_attrs.get("budget_macs")
     if stored is not None and not math.isclose(float(stored), float(budget_macs), rel_tol=1e-9):
-        raise ValueError(f"study {study_name!r} was searched with a budget of {float(stored):.6g} MACs, not "
+        raise NaslocError(f"study {study_name!r} was searched with a budget of {float(stored):.6g} MACs, not "
                          f"{float(budget_macs):.6g}: its trials' feasibility is set against the old budget; "
                          "use another study (run) name")
     if study.metric_names is None:
@@ -264,7 +265,7 @@ def open_study(
             study.set_metric_names(list(objectives))
     stored_latency = study.user_attrs.get("latency_budget_ms") if stored is not None else latency_budget_ms
     if stored_latency != latency_budget_ms:
-        raise ValueError(f"study {study_name!r} was searched with a latency budget of {stored_latency} ms, not "
+        raise NaslocError(f"study {study_name!r} was searched with a latency budget of {stored_latency} ms, not "
                          f"{latency_budget_ms} ms: its trials' feasibility is set against the old budget; "
                          "use another study (run) name")
     if stored is None:

@@ -30,7 +30,7 @@ from optuna.trial import FrozenTrial, TrialState
 from tqdm.auto import tqdm
 
 from .arch import Arch
-from .errors import TrainingDiverged
+from .errors import NaslocError, TrainingDiverged
 from .flops import count
 from .run import SELECT_INITS, arch_folder
 from .rung_pool import Job, RungPool
@@ -269,7 +269,7 @@ def _check_rungs(study: optuna.Study, rungs: list[int]) -> None:
     if stored is None:
         study.set_user_attr("rungs", rungs)
     elif list(stored) != rungs:
-        raise ValueError(f"the selection of this run was started with rungs {stored} (epochs), not {rungs}; "
+        raise NaslocError(f"the selection of this run was started with rungs {stored} (epochs), not {rungs}; "
                          "use the same --select-epochs, or another --run-name")
 
 

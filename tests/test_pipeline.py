@@ -385,6 +385,49 @@ def test_phases_supernet_then_search_then_the_rest(tmp_path, data_dir, capsys):
         assert (run_dir / name).is_file()
 
 
+@pytest.mark.parametrize("changed, message", [
+    ({"select_epochs": 2}, "--select-epochs 4 (now 2)"),
+    ({"seed": 1}, "--seed 0 (now 1)"),
+    ({"budget": "2M"}, "--budget 1e+06 (now 2e+06)"),
+    ({"objectives": "top1,params"}, "--objectives top1,macs (now top1,params)"),
+])
+def test_a_rerun_with_other_fixed_options_is_refused_in_one_line_and_keeps_the_record(changed, message, tmp_path,
+                                                                                      data_dir, capsys):
+    """A rerun resumes the supernet, study and selection made for the first options; with others it is refused
+    before anything is written, while the options that may change (--trials, the retrain step) may."""
+    run_dir = run_dir_of(tmp_path)
+    assert run(args(tmp_path, data_dir, phase="supernet")) == 0
+    record = (run_dir / "run.json").read_bytes()
+    capsys.readouterr()
+    assert run(args(tmp_path, data_dir, phase="supernet", run_name=run_dir.name, **changed)) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and message in err and "--run-name" in err, err
+    assert (run_dir / "run.json").read_bytes() == record
+    assert run(args(tmp_path, data_dir, phase="supernet", trials=9, retrain_top_k=3)) == 0
+
+
+def _torchrun_rank(rank: int, port: int, argv: list[str], out: Path) -> None:
+    # What torchrun would set; the pipeline and setup_distributed() read it.
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)  # a forked child can't reuse the parent's OpenMP pool
+    (out / f"status{rank}").write_text(str(run(argv)))
+
+
+@pytest.mark.timeout(300)  # a rendezvous that never completes must fail the test, not hang CI
+def test_torchrun_supernet_phase_queues_the_seed_designs_once_and_serves_one_dashboard(tmp_path, data_dir):
+    """Every rank trains the supernet; only rank 0 writes the record, serves the dashboard and queues the
+    seed designs (two ranks would race for the port and queue every seed design twice)."""
+    argv = args(tmp_path, data_dir, "--dashboard", phase="supernet", dashboard_port=free_port())
+    torch.multiprocessing.start_processes(_torchrun_rank, args=(free_port(), argv, tmp_path), nprocs=2,
+                                          daemon=True, start_method="fork")
+    assert [(tmp_path / f"status{rank}").read_text() for rank in range(2)] == ["0", "0"]
+    run_dir = run_dir_of(tmp_path)
+    queued = [t.user_attrs["seed_design"] for t in load_study(run_dir).trials]
+    assert queued and len(queued) == len(set(queued)), queued
+    assert (run_dir / "run.json").is_file() and epoch_of(run_dir / "supernet" / "last.pth") == 0
+
+
 # -------------------------------------------------------------------------------- workers and Ray
 def test_workers_are_processes_sharing_the_study(tmp_path, data_dir, capsys, monkeypatch):
     run_dir = run_dir_of(tmp_path)
