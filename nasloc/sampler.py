@@ -166,7 +166,7 @@ class TrialSeededSampler(BaseSampler):
     one is given):
 
     - :class:`FeasibleStart` for the trials the sampler would draw uniformly at random (all of random
-      search, TPE's first :data:`TPE_STARTUP_TRIALS`, NSGA-II's first population);
+      search, TPE's until :data:`TPE_STARTUP_TRIALS` have finished, NSGA-II's first generation);
     - :class:`BudgetRepair` for joint proposals (NSGA-II children). TPE proposes gene by gene, so it is
       left to learn the constraint.
 
@@ -209,25 +209,27 @@ class TrialSeededSampler(BaseSampler):
                     _remember(self._samplers, trial.number, sampler)
             return sampler
 
-    def startup_trials(self) -> float:
-        """How many first trials the wrapped sampler draws at random (all of them for random search)."""
-        if self.name == "tpe":
-            return TPE_STARTUP_TRIALS
+    def _draws_at_random(self, study: optuna.Study, proposal: dict[str, Any]) -> bool:
+        """Whether the wrapped sampler would draw this trial's genes uniformly: random search always, NSGA-II
+        while it proposes nothing (its first generation lasts until a population of trials has finished, which
+        with failed trials or several workers takes more trial numbers than the population), TPE before it
+        has :data:`TPE_STARTUP_TRIALS` finished trials (it counts the complete and the pruned ones)."""
+        if self.name == "random":
+            return True
         if self.name == "nsga2":
-            return self.population_size or 50  # NSGAIISampler's default population
-        return math.inf
+            return not proposal
+        finished = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
+        return len(finished) < TPE_STARTUP_TRIALS
 
-    def _plan(self, trial: FrozenTrial, proposal: dict[str, Any] | None = None) -> dict[str, Any] | None:
-        """The trial's in-budget decisions (Optuna labels), planned once: a feasible start, or ``proposal``
-        repaired into the budget. None: nothing planned."""
+    def _plan(self, trial: FrozenTrial, make: Callable[[random.Random], dict[str, Any]] | None = None,
+              ) -> dict[str, Any] | None:
+        """The trial's in-budget decisions (Optuna labels): made once by ``make`` (a feasible start or a repair),
+        then looked up. None: nothing planned."""
         with self._lock:
             plan = self._plans.get(trial.number)
-        if plan is not None or self.feasible_start is None or self.repair is None or _enqueued(trial):
+        if plan is not None or make is None:
             return plan
-        if proposal is None and trial.number >= self.startup_trials():
-            return None
-        rng = random.Random(trial_seed(self.seed, trial.number))
-        plan = self.feasible_start(rng) if proposal is None else self.repair(proposal, rng)
+        plan = make(random.Random(trial_seed(self.seed, trial.number)))
         with self._lock:
             _remember(self._plans, trial.number, plan)
         return plan
@@ -236,13 +238,17 @@ class TrialSeededSampler(BaseSampler):
         return self._for(trial).infer_relative_search_space(study, trial)
 
     def sample_relative(self, study: optuna.Study, trial: FrozenTrial, search_space: dict[str, Any]) -> dict[str, Any]:
-        # Always asked, even when the proposal is not used: NSGA-II records the trial's generation here.
+        # Always asked, even when the proposal is not used: NSGA-II records the trial's generation here. Optuna
+        # asks it before any sample_independent of the trial, so the plan is made here.
         proposal = self._for(trial).sample_relative(study, trial, search_space)
-        if self._plan(trial) is not None:
-            return {}  # a feasible start: every gene comes from the plan, through sample_independent
-        if self.repair is None or not proposal or _enqueued(trial):
+        if self.feasible_start is None or _enqueued(trial):
             return proposal
-        plan = self._plan(trial, proposal)
+        if self._draws_at_random(study, proposal):
+            self._plan(trial, self.feasible_start)
+            return {}  # a feasible start: every gene comes from the plan, through sample_independent
+        if not proposal:
+            return proposal  # TPE proposes gene by gene: left to learn the budget
+        plan = self._plan(trial, lambda rng: self.repair(proposal, rng))
         return {name: plan.get(name, label) for name, label in proposal.items()}
 
     def sample_independent(self, study: optuna.Study, trial: FrozenTrial, param_name: str, param_distribution: Any) -> Any:

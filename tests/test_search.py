@@ -127,6 +127,19 @@ def test_random_phase_and_nsga2_children_stay_within_budget(tmp_path, sampler, n
     assert len({t.user_attrs["arch_json"] for t in study.trials}) > n_trials // 2
 
 
+def test_nsga2_first_generation_outlasting_its_population_still_starts_within_budget(tmp_path):
+    """A failed trial in NSGA-II's first generation makes that generation take one more trial number than the
+    population: that trial, too, is drawn within the budget (NSGA-II proposes nothing until a population
+    has finished)."""
+    tight = LOW + 0.1 * (HIGH - LOW)
+    evaluate = CostProxy(nan_at=2)
+    study = search(f"sqlite:///{tmp_path}/study.db", 12, evaluate, budget_macs=tight, sampler="nsga2",
+                   population_size=6)
+    assert states(study).count("FAIL") == 1 and evaluate.calls == 12
+    for t in study.trials:
+        assert t.user_attrs["macs"] <= tight and t.user_attrs["evaluated"] is True, t.number
+
+
 def test_objective_orders_values_and_skips_latency_over_budget(tmp_path):
     measured = []
     objective = Objective(SPACE, CostProxy(), budget_macs=BUDGET, objectives=("macs", "top1", "params", "latency"),
