@@ -13,14 +13,9 @@ from pathlib import Path
 from typing import Any, Callable, NoReturn
 
 from nasloc.errors import NaslocError
-from nasloc.run import SELECT_INITS, RunOptions
+from nasloc.run import BACKENDS, DATASETS, DEVICES, OBJECTIVES, PHASES, SAMPLERS, SELECT_INITS, RunOptions
 from nasloc.units import ACCEPTED_FORMS, parse_budget
 
-# The choices of options whose modules need torch to import (nasloc.data, nasloc.search); a test checks
-# that they agree.
-DATASETS = ("digits", "cifar10", "cifar100", "imagefolder")
-OBJECTIVES = ("top1", "macs", "params", "latency")
-SAMPLERS = ("nsga2", "tpe", "random")
 LATENCY_BACKENDS = ("torch", "onnxruntime")
 DEFAULTS = {field.name: field.default for field in dataclasses.fields(RunOptions)}
 # nasloc train's recipe options: nasloc.train.RetrainConfig's fields with its defaults (a test checks that they
@@ -237,17 +232,18 @@ def add_search_arguments(parser: argparse.ArgumentParser) -> None:
     effort.add_argument("--retrain-epochs", metavar="N", type=_int_in(1), default=DEFAULTS["retrain_epochs"],
                         help="epochs per retrained subnet (default: %(default)s)")
     effort.add_argument("--retrain-img-size", metavar="PX", type=_int_in(1),
-                        help="image size for retraining (default: the space's deploy resolution)")
+                        help="image size for retraining (default: the space's deploy resolution; with the "
+                             "digits, the proxy's)")
 
     run = parser.add_argument_group("run")
-    run.add_argument("--device", choices=("auto", "cpu", "cuda"), default=DEFAULTS["device"],
+    run.add_argument("--device", choices=DEVICES, default=DEFAULTS["device"],
                      help="auto takes cuda when available (default: %(default)s)")
     run.add_argument("--seed", metavar="N", type=_int_in(0), default=DEFAULTS["seed"],
                      help="seed for data split, sampler and training (default: %(default)s)")
     run.add_argument("--run-name", metavar="NAME", type=_run_name,
                      help="run folder name; rerunning with the same name resumes the run "
                           "(default: <space>-<dataset>-<budget>, e.g. imagenet-digits-0.7G or tiny-digits-1.5M)")
-    run.add_argument("--phase", choices=("all", "supernet", "search"), default=DEFAULTS["phase"],
+    run.add_argument("--phase", choices=PHASES, default=DEFAULTS["phase"],
                      help="all: every phase; supernet: only train the supernet; search: only add trials to the "
                           "study with an already trained supernet (for extra workers on other machines sharing "
                           "--storage and the run folder) (default: %(default)s)")
@@ -261,7 +257,7 @@ def add_search_arguments(parser: argparse.ArgumentParser) -> None:
                         help="Optuna storage: any Optuna URL (sqlite:///..., postgresql+psycopg2://...) or a "
                              "journal file path for several processes (default: "
                              "sqlite:///RESULTS_DIR/RUN_NAME/study.db)")
-    search.add_argument("--backend", choices=("optuna", "ray"), default=DEFAULTS["backend"],
+    search.add_argument("--backend", choices=BACKENDS, default=DEFAULTS["backend"],
                         help="run trials with plain Optuna or with Ray Tune + OptunaSearch "
                              "(default: %(default)s)")
     search.add_argument("--ray-address", metavar="ADDRESS",
