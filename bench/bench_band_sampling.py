@@ -18,7 +18,7 @@ import time
 import numpy as np
 
 from nasloc.flops import count
-from nasloc.pipeline import BAND_LOW
+from nasloc.pipeline import search_band
 from nasloc.space import SearchSpace
 from nasloc.supernet import Supernet
 from nasloc.supernet_train import Band, SandwichSampler, SupernetConfig
@@ -46,7 +46,7 @@ def draw(supernet: Supernet, band: Band, sub_bands: int, draws: int, seed: int) 
 def main() -> None:
     args = parse_args()
     space = SearchSpace.load(args.space)
-    band = Band(max(space.macs_range()[0], BAND_LOW * args.budget), args.budget)
+    band = search_band(space, args.budget)
     supernet = Supernet(space)
     edges = np.linspace(band.lo, band.hi, args.bins + 1)
     runs = {"uniform in the band (before)": draw(supernet, band, 1, args.draws, args.seed),

@@ -69,7 +69,7 @@ class Retrained:
     proxy_top1: float
     val_top1: float
     macs: int  # at the space's deploy resolution
-    params: int
+    params: int  # at the deploy resolution too (absolute position tables grow with it)
 
 
 def run_pipeline(options: RunOptions) -> Path:
@@ -181,7 +181,7 @@ def default_retrain_size(space: SearchSpace, dataset: str, proxy_size: int) -> i
 # ------------------------------------------------------------------------------------ supernet
 def train_phase(supernet: Supernet, splits: DataSplits, space: SearchSpace, options: RunOptions, run: RunDir,
                 device: torch.device) -> Path:
-    band = Band(max(space.macs_range()[0], BAND_LOW * options.budget), options.budget)
+    band = search_band(space, options.budget)
     cfg = SupernetConfig(epochs=options.supernet_epochs, batch_size=options.batch_size, seed=options.seed)
     _say(f"[nasloc] 1/6 supernet: {cfg.epochs} epochs, sandwich rule in the band {format_macs(band.lo)} - {format_macs(band.hi)}")
     result = train_supernet(supernet, splits, band, cfg, run.supernet_dir, device=str(device))
@@ -253,11 +253,10 @@ def search_phase(supernet: Supernet, splits: DataSplits, space: SearchSpace, che
     if options.backend == "ray":
         from .ray_search import run_ray_search
 
-        resources = {"cpu": 1, "gpu": 1} if device.type == "cuda" else {"cpu": 1}
         if "latency" in options.objectives:
             latency()  # the table is built here, once, with a progress bar; the workers read it
         return run_ray_search(space, spec, ray_address=options.ray_address, max_concurrent=workers,
-                              results_dir=str(run.ray_dir), resources_per_trial=resources,
+                              results_dir=str(run.ray_dir), resources_per_trial=_ray_trial_resources(device),
                               latency_factory=latency if "latency" in options.objectives else None, **settings)
     settings.update(_latency_settings(options, latency))
     evaluate = make_evaluator(supernet, splits, seed=options.seed)
@@ -343,8 +342,7 @@ def selection_phase(study: optuna.Study, supernet: Supernet, splits: DataSplits,
     scored on the selection half of the validation split (Ray's ASHA with ``--backend ray``); writes
     ``selection.csv``."""
     options = record.options
-    band_low = max(space.macs_range()[0], BAND_LOW * options.budget)
-    candidates = search_candidates(study, options.budget, options.select_top_k, band_low)
+    candidates = search_candidates(study, options.budget, options.select_top_k, search_band(space, options.budget).lo)
     config = SelectionConfig(epochs=options.select_epochs, top_k=options.select_top_k, init=options.select_init,
                              batch_size=options.batch_size, seed=options.seed)
     _say(f"[nasloc] 4/6 selection: {len(candidates)} candidates ({sum(not c.source.isdigit() for c in candidates)} "
@@ -356,11 +354,10 @@ def selection_phase(study: optuna.Study, supernet: Supernet, splits: DataSplits,
     if options.backend == "ray":
         from .ray_selection import run_ray_selection
 
-        resources = {"cpu": 1, "gpu": 1} if device.type == "cuda" else {"cpu": 1}
         result = run_ray_selection(candidates, spec, storage, max_epochs=config.epochs,
                                    reduction_factor=config.reduction_factor, ray_address=options.ray_address,
                                    max_concurrent=options.workers, results_dir=run.ray_dir,
-                                   resources_per_trial=resources, held_out=len(splits.val), say=_say)
+                                   resources_per_trial=_ray_trial_resources(device), held_out=len(splits.val), say=_say)
     else:  # one training at a time, or --workers processes that rebuild the trainer from the spec (threads shared)
         trainer = (RungPool(spec, options.workers, max(1, torch.get_num_threads() // options.workers))
                    if options.workers > 1 else
@@ -397,8 +394,9 @@ def retrain_phase(chosen: list, space: SearchSpace, splits: DataSplits, record: 
             _save_weights(model, weights)
         if result.start_epoch:
             _say(f"[nasloc]   trial {trial.number}: " + ("already retrained" if result.epochs_run == 0 else f"resumed after epoch {result.start_epoch}"))
+        at_deploy = count(arch.replace(img_size=space.img_size))  # as the export and the Pareto table count
         results.append(Retrained(trial.number, model, trial.user_attrs["top1"], result.val_top1,
-                                 macs=count(arch.replace(img_size=space.img_size)).macs, params=count(arch).params))
+                                 macs=at_deploy.macs, params=at_deploy.params))
     return results
 
 
@@ -412,6 +410,16 @@ def export_phase(retrained: list[Retrained], options: RunOptions, run: RunDir, s
     _say(f"[nasloc] 6/6 export: trial {best.trial} -> {run.best_export}")
     return export_model(best.model, run.best_export, img_size=deploy_size, info=info,
                         mean=splits.mean, std=splits.std, label_names=splits.class_names, overwrite=True)
+
+
+def search_band(space: SearchSpace, budget: float) -> Band:
+    """The MACs band the supernet trains and the selection draws its candidates from: the budget down to
+    :data:`BAND_LOW` of it (or the space's smallest arch)."""
+    return Band(max(space.macs_range()[0], BAND_LOW * budget), budget)
+
+
+def _ray_trial_resources(device: torch.device) -> dict[str, int]:
+    return {"cpu": 1, "gpu": 1} if device.type == "cuda" else {"cpu": 1}
 
 
 def _save_weights(model: torch.nn.Module, path: Path) -> None:

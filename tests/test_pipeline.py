@@ -205,6 +205,7 @@ def test_a_run_writes_every_output_consistently(finished):
     config = json.loads((run_dir / "export" / "best" / "config.json").read_text())
     assert config["nasloc"]["trial"] == best.number
     assert config["nasloc"]["retrained_top1"] == pytest.approx(val_top1[best.number])
+    assert config["nasloc"]["params"] == best.user_attrs["params"]  # counted at the deploy size, as the search
 
     summary = (run_dir / "summary.md").read_text()
     assert "6 trials (6 complete" in summary
