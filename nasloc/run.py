@@ -36,6 +36,14 @@ STUDY_NAME = "nasloc"
 TRIALS_CSV, PARETO_CSV, PARETO_HTML = "trials.csv", "pareto.csv", "pareto.html"
 SELECTION_CSV = "selection.csv"
 SELECT_INITS = ("scratch", "supernet")  # the first is the default: it ranked better (bench/bench_selection.py)
+# The choices of the options. Those whose modules need torch to import (nasloc.data, nasloc.search,
+# nasloc.sampler) are copied here, so the command line answers without torch; a test checks that they agree.
+DATASETS = ("digits", "cifar10", "cifar100", "imagefolder")
+OBJECTIVES = ("top1", "macs", "params", "latency")
+SAMPLERS = ("nsga2", "tpe", "random")
+PHASES = ("all", "supernet", "search")
+BACKENDS = ("optuna", "ray")
+DEVICES = ("auto", "cpu", "cuda")
 
 
 _ADDED_OPTIONS = ("latency_budget",)  # options newer than some run.json files (issue 16)
@@ -89,6 +97,7 @@ class RunOptions:
     dashboard_port: int = 8080
 
     def __post_init__(self) -> None:
+        self._check_choices()
         space = Path(self.space).expanduser()
         self._set("space", space if space.is_absolute() else resolve_space_path(space).resolve())
         self._set("objectives", tuple(self.objectives))
@@ -101,6 +110,17 @@ class RunOptions:
             self._set("storage", RunDir(self.run_dir).default_storage)
         elif "://" not in self.storage:  # a journal or SQLite file
             self._set("storage", str(Path(self.storage).expanduser().resolve()))
+
+    def _check_choices(self) -> None:
+        """Options made in Python are checked as the command line checks them: a misspelled phase must not run
+        as "all", nor a bad sampler fail after hours of supernet training."""
+        for name, choices in (("dataset", DATASETS), ("sampler", SAMPLERS), ("select_init", SELECT_INITS),
+                              ("phase", PHASES), ("backend", BACKENDS)):  # a device ("cuda:1") is checked by torch
+            if getattr(self, name) not in choices:
+                raise RunError(f"{name}={getattr(self, name)!r}: choose one of {', '.join(choices)}")
+        unknown = [o for o in self.objectives if o not in OBJECTIVES]
+        if unknown or not self.objectives:
+            raise RunError(f"objectives={self.objectives!r}: choose from {', '.join(OBJECTIVES)}")
 
     def _set(self, name: str, value: Any) -> None:
         object.__setattr__(self, name, value)  # frozen: only while it is being made

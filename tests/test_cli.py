@@ -212,6 +212,14 @@ def test_option_choices_match_the_modules_behind_them() -> None:
     assert arguments.DATASETS == DATASETS and arguments.OBJECTIVES == tuple(OBJECTIVES) and arguments.SAMPLERS == SAMPLERS
 
 
+@pytest.mark.parametrize("option, value", [("phase", "serach"), ("sampler", "grid"), ("select_init", "warm"),
+                                           ("backend", "dask"), ("dataset", "mnist"), ("objectives", ("top1", "flops"))])
+def test_run_options_made_in_python_refuse_a_bad_choice_in_one_line(option: str, value: object) -> None:
+    with pytest.raises(NaslocError, match=f"^{option}=") as err:
+        RunOptions(budget=7e8, **{option: value})
+    assert "\n" not in str(err.value) and "choose" in str(err.value)
+
+
 # The plain URL names SQLAlchemy's default PostgreSQL driver (psycopg 3, not installed); the second reaches
 # psycopg2, which finds no server on port 1.
 @pytest.mark.parametrize("storage", ["postgresql://nouser@127.0.0.1:1/x", "postgresql+psycopg2://nouser@127.0.0.1:1/x"])
