@@ -14,11 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from .arch import Arch
-from .models import LocalityViT
+from .checkpoint import load_checkpoint
 from .errors import first_line
+from .models import LocalityViT
 from .run import RunDir, RunError, RunRecord
 from .space import SearchSpace
 
@@ -89,10 +88,7 @@ def _load_space(record: RunRecord) -> SearchSpace:
 
 def _retrain_result(checkpoint: Path) -> dict[str, float]:
     """``retrained_top1``: the last validation top-1 in the checkpoint of :func:`nasloc.train.retrain`."""
-    try:
-        history = torch.load(checkpoint, map_location="cpu", weights_only=True)["history"]
-    except Exception as e:  # noqa: BLE001 - missing, corrupt, not a retrain checkpoint
-        raise RunError(f"retrain checkpoint {checkpoint}: cannot read it ({first_line(e)})") from None
+    history = load_checkpoint(checkpoint, keys=("history",))["history"]  # one line if missing or corrupt
     return {"retrained_top1": history[-1]["val_top1"]} if history else {}
 
 
@@ -111,11 +107,11 @@ def _extract_from_supernet(space: SearchSpace, checkpoint: Path, arch: Arch) -> 
     """The standalone subnet of ``arch`` with the weights it has in the run's supernet."""
     from .supernet import Supernet
 
+    ckpt = load_checkpoint(checkpoint, keys=("model", "img_size"))  # one line if missing or corrupt
     try:
-        ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
         supernet = Supernet(space, int(ckpt["img_size"]))  # the resolution it was trained at
         supernet.load_state_dict(ckpt["model"], strict=True)
-    except Exception as e:  # noqa: BLE001 - a corrupt or foreign checkpoint, ...
+    except Exception as e:  # noqa: BLE001 - a foreign checkpoint: another space, ...
         raise RunError(f"cannot rebuild the supernet of {checkpoint}: {first_line(e)}") from None
     try:
         return supernet.extract(arch)
