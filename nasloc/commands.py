@@ -26,7 +26,7 @@ from timm.data.auto_augment import rand_augment_transform
 from torch import nn
 
 from .arch import Arch
-from .data import DataSplits, load_dataset
+from .data import EAGER_MAX_SIDE, DataSplits, load_dataset
 from .errors import NaslocError
 from .export import export_model
 from .fileio import write_atomic
@@ -39,9 +39,10 @@ from .train import (RetrainConfig, RetrainResult, cleanup_distributed, eval_data
                     setup_distributed)
 from .units import format_macs
 
-IN_MEMORY_MAX_SIDE = {"digits": 32, "cifar10": 32, "cifar100": 32, "imagefolder": 64}
-# What must match for a rerun to resume a training folder (the rest of the recipe may change, with a warning).
-RESUME_KEYS = ("model", "arch", "dataset", "data_dir", "img_size", "seed")
+IN_MEMORY_MAX_SIDE = {"digits": 32, "cifar10": 32, "cifar100": 32, "imagefolder": EAGER_MAX_SIDE}
+# What must match for a rerun to resume a training folder (the rest of the recipe may change, with a warning);
+# the drop-path rate is the model's, not the recipe's: the record must describe every epoch.
+RESUME_KEYS = ("model", "arch", "dataset", "data_dir", "img_size", "seed", "drop_path")
 LATENCY_RUNS = {"batch 1": (3, 20), "throughput": (2, 5)}  # (warm-up, timed) runs
 
 

@@ -16,7 +16,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from .errors import NaslocError
+from .errors import NaslocError, first_line
 
 INSTALL_HINT = "pip install 'nasloc[onnx]'"
 MAX_ABS_DIFF = 1e-4  # the most an exported model's logits may differ from torch's
@@ -50,8 +50,7 @@ def to_onnx(module: nn.Module, x: torch.Tensor, path: str | Path) -> Path:
             torch.onnx.export(module, (x,), str(path), dynamo=True, verbose=False, opset_version=OPSET,
                               external_data=False, input_names=["input"], output_names=["output"])
         except Exception as e:  # noqa: BLE001 - an op the exporter cannot translate
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise OnnxError(f"torch's ONNX exporter failed: {first}") from None
+            raise OnnxError(f"torch's ONNX exporter failed: {first_line(e)}") from None
     return Path(path)
 
 

@@ -55,9 +55,6 @@ _CONNECT_TIMEOUT_ARGS = {"psycopg2": "connect_timeout", "psycopg": "connect_time
                          "mysqlconnector": "connection_timeout"}
 
 
-
-
-
 # ------------------------------------------------------------------------------------------- opening
 def open_storage(
     url_or_path: str | os.PathLike,

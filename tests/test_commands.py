@@ -267,7 +267,7 @@ def _snapshot(folder: Path) -> list[str]:
     "arch file that is no YAML", "missing split",
     "run folder that does not exist", "trial that does not exist", "out exists", "out holds a finished training",
     "out holds another training", "img size the arch cannot take", "randaugment spec timm refuses",
-    "label smoothing of 1", "ema decay of 1", "drop path of 1"])
+    "label smoothing of 1", "ema decay of 1", "drop path of 1", "resume with another drop path"])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(case: str, trained: Path, tmp_path: Path,
                                                          capsys: pytest.CaptureFixture) -> None:
     (tmp_path / "existing").mkdir()
@@ -278,6 +278,10 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(case: str, trained: Pat
     other = tmp_path / "other"
     other.mkdir()
     (other / "train.json").write_text(json.dumps({"model": "another_model"}))
+    unfinished = tmp_path / "unfinished"  # the trained folder's record, before its export was written
+    unfinished.mkdir()
+    (unfinished / "train.json").write_text((trained / "train.json").read_text())
+    earlier = json.loads((trained / "train.json").read_text())
     train = ["train", "--epochs", "1", "--workers", "0"]
     args, message = {
         "unknown model": (["evaluate", "--model", "no_such_model"], "--model 'no_such_model': no such model"),
@@ -302,6 +306,9 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(case: str, trained: Pat
         "label smoothing of 1": (train + ["--model", "m", "--label-smoothing", "1"], "expected a number >= 0 and < 1"),
         "ema decay of 1": (train + ["--model", "m", "--ema-decay", "1"], "expected a number >= 0 and < 1"),
         "drop path of 1": (train + ["--model", "m", "--drop-path", "1.5"], "expected a number >= 0 and < 1"),
+        "resume with another drop path": (train + ["--model", earlier["model"], "--img-size", "32", "--batch-size", "64",
+                                                   "--drop-path", "0.2", "--out", str(unfinished)],
+                                          "holds another training (different drop_path)"),
     }[case]
     before, before_trained = _snapshot(tmp_path), _snapshot(trained)
     capsys.readouterr()
