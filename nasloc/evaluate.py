@@ -10,7 +10,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
-from typing import Any
 
 from .arch import Arch
 from .data import DataSplits, halve_val, load_dataset
@@ -75,7 +74,7 @@ class EvaluatorSpec:
         return make_evaluator(supernet, splits, self.batch_size, self.seed)
 
 
-def make_evaluator(supernet: Supernet, splits: Any, batch_size: int = 256, seed: int = 0) -> ProxyEvaluator:
+def make_evaluator(supernet: Supernet, splits: DataSplits, batch_size: int = 256, seed: int = 0) -> ProxyEvaluator:
     device = next(supernet.parameters()).device
     common = dict(img_size=supernet.img_size, mean=splits.mean, std=splits.std, seed=seed, device=device)
     val = make_loader(splits.val, batch_size, train=False, **common)

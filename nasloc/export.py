@@ -44,6 +44,7 @@ from torch import nn
 
 from .arch import Arch
 from .errors import NaslocError, first_line
+from .fileio import sync_folder
 from .models import LocalityViT
 from .models.locality_vit import checkpoint_filter_fn, pretrained_cfg as _pretrained_cfg
 from .onnx_export import OnnxError, export_checked
@@ -380,6 +381,7 @@ def _write_export(arch: Arch, state: dict[str, torch.Tensor], out_dir: str | os.
             "# nasloc arch of this export (Arch.from_yaml reads it; config.json's model_args is the same)\n"
             + arch.to_yaml()
         )
+        sync_folder(tmp)
         _move_into_place(tmp, out_dir, overwrite)
         done = True
     except ExportError:

@@ -53,6 +53,15 @@ def write_atomic(path: str | Path, text: str) -> Path:
     return Path(path)
 
 
+def sync_folder(folder: str | Path) -> None:
+    """fsync every file in ``folder`` and the folder itself, before a rename publishes it (as :func:`atomic_path`
+    does for one file): after a power cut the renamed folder holds whole files, not empty ones."""
+    for entry in Path(folder).iterdir():
+        if entry.is_file():
+            _sync(str(entry))
+    _sync(str(folder))
+
+
 def _sync(path: str) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:

@@ -19,6 +19,7 @@ from typing import Any, Callable
 
 import optuna
 import torch
+from optuna.trial import FrozenTrial
 
 from .arch import Arch
 from .checkpoint import load_checkpoint, save_checkpoint
@@ -328,7 +329,7 @@ def reference_points(study: optuna.Study) -> dict[str, tuple[float, float]]:
             for t in study.get_trials(deepcopy=False) if SEED_DESIGN_ATTR in t.user_attrs and "top1" in t.user_attrs}
 
 
-def report_phase(study: optuna.Study, options: RunOptions, run: RunDir, references: dict[str, tuple[float, float]]) -> list:
+def report_phase(study: optuna.Study, options: RunOptions, run: RunDir, references: dict[str, tuple[float, float]]) -> list[FrozenTrial]:
     _say(f"[nasloc] 3/6 report: {TRIALS_CSV}, {PARETO_CSV}, {PARETO_HTML}")
     write_tables(study, options.budget, run.root)
     write_pareto_html(study, options.budget, run.root, references)
@@ -374,7 +375,7 @@ def selection_phase(study: optuna.Study, supernet: Supernet, splits: DataSplits,
 
 
 # ------------------------------------------------------------------------------------ retrain + export
-def retrain_phase(chosen: list, space: SearchSpace, splits: DataSplits, record: RunRecord, run: RunDir) -> list[Retrained]:
+def retrain_phase(chosen: list[FrozenTrial], space: SearchSpace, splits: DataSplits, record: RunRecord, run: RunDir) -> list[Retrained]:
     """Retrain the chosen search trials (the selection's finalists, or the Pareto front's best by proxy) from
     scratch."""
     options = record.options

@@ -17,7 +17,6 @@ the strategies leave them alone, and NSGA-II counts them in their generation (:m
 """
 from __future__ import annotations
 
-import math
 import random
 import threading
 from dataclasses import dataclass

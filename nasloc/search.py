@@ -385,7 +385,7 @@ def run_search(
     trials already in the study (finished or running): a rerun resumes, a finished study is returned as
     is. ``workers`` threads share this process (Optuna's ``n_jobs``); for more processes start this
     again against the same journal file or database. NSGA-II's population defaults to
-    :func:`default_population_size` and is kept in the study so that a resumed search keeps it.
+    :func:`nasloc.sampler.default_population_size` and is kept in the study so that a resumed search keeps it.
     A NaN accuracy fails its trial and the search goes on; any other exception from ``evaluate``
     stops the search (the trial is FAIL, rerun to resume). ``warm_start`` ({name: arch}, e.g. the seed
     designs at the budget) become the first trials of a new study (:func:`enqueue_warm_start`).

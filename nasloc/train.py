@@ -22,7 +22,7 @@ import os
 import random
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -134,7 +134,7 @@ def resolve_device(device: str = "auto") -> torch.device:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader, device: str | torch.device) -> float:
+def evaluate(model: nn.Module, loader: Iterable[tuple[torch.Tensor, torch.Tensor]], device: str | torch.device) -> float:
     """Top-1 accuracy in percent over everything `loader` yields.
 
     In a process group the counts are summed over ranks, so every rank must call it; this is exact both
@@ -229,7 +229,7 @@ class _Optimization:
     """Optimizer, lr schedule, EMA and AMP scaler: everything besides the weights that a resume needs."""
 
     def __init__(self, model: nn.Module, cfg: RetrainConfig, steps_per_epoch: int, world_size: int,
-                 device: torch.device):
+                 device: torch.device) -> None:
         lr = cfg.lr * cfg.batch_size * world_size / 512
         # timm skips weight decay for 1-d params (norms, biases) and model.no_weight_decay().
         self.optimizer = create_optimizer_v2(model, "adamw", lr=lr, weight_decay=cfg.weight_decay)
