@@ -58,6 +58,9 @@ class Block:
     life: bool = False
     ffn_kernel: int = 0
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "dilations", tuple(self.dilations))  # a list made in Python would not hash
+
 
 @dataclass(frozen=True)
 class Stage:
@@ -88,6 +91,9 @@ class Shortcut:
     start: int
     span: int = 1
     kernels: tuple[int, ...] = (3,)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "kernels", tuple(self.kernels))  # a list made in Python would not hash
 
 
 @dataclass(frozen=True)
@@ -287,7 +293,8 @@ def _validate_skeleton(arch: Arch) -> None:
     for name in ("cpe", "cls_token", "qkv_bias"):
         _check(isinstance(getattr(arch, name), bool), name, "must be true or false")
     _check(_is_int(arch.global_tokens) and arch.global_tokens >= 0, "global_tokens", "must be an integer >= 0")
-    _check(_is_int(arch.dilate_kernel) and arch.dilate_kernel % 2 == 1, "dilate_kernel", "must be an odd integer")
+    _check(_is_int(arch.dilate_kernel) and arch.dilate_kernel >= 1 and arch.dilate_kernel % 2 == 1, "dilate_kernel",
+           "must be an odd integer >= 1")
     _check(isinstance(arch.norm_eps, (int, float)) and arch.norm_eps > 0, "norm_eps", "must be > 0")
     _check(arch.head != "token" or arch.cls_token, "head", "'token' needs cls_token: true (or use head 'avg')")
     if arch.stem in STEM_STRIDES:

@@ -146,6 +146,7 @@ INVALID = {
     "img_size not divisible": (_with(("img_size",), 36), "img_size"),
     "negative global tokens": (_with(("global_tokens",), -1), "global_tokens"),
     "even dilate_kernel": (_with(("dilate_kernel",), 4), "dilate_kernel"),
+    "negative dilate_kernel": (_with(("dilate_kernel",), -1), "dilate_kernel"),
     "no stages": (_with(("stages",), []), "stages"),
     "missing stages": ({k: v for k, v in SMALL.to_dict().items() if k != "stages"}, "arch.stages"),
     "missing dim": (_with(("stages", 0), {"heads": 3, "mlp_ratio": 2, "blocks": [{}]}), "stages[0].dim"),
@@ -177,6 +178,21 @@ def test_invalid_arch_built_directly_raises_too():
         Arch(stages=(Stage(32, 2, 4.0, (Block(),)),), cls_token=False)
     with pytest.raises(ArchError, match=r"^img_size: "):
         SMALL.replace(img_size=44)
+
+
+def test_lists_made_in_python_become_tuples_and_the_arch_is_counted():
+    from nasloc.flops import count
+
+    arch = Arch(stages=(Stage(48, 3, 2.0, (Block("dilated", dilations=[1, 2, 3]), Block())),), img_size=32,
+                patch_size=4, shortcuts=(Shortcut(0, 2, kernels=[3, 5]),))
+    assert arch.stages[0].blocks[0].dilations == (1, 2, 3) and arch.shortcuts[0].kernels == (3, 5)
+    assert count(arch).macs > 0  # lists were unhashable there
+
+
+def test_features_only_default_of_a_shallow_columnar_arch_takes_every_block():
+    from nasloc.models.locality_vit import default_out_indices
+
+    assert default_out_indices(Arch(stages=(Stage(32, 2, 2.0, (Block(), Block())),), img_size=32, patch_size=4)) == [0, 1]
 
 
 def test_arch_error_is_a_value_error():

@@ -403,6 +403,17 @@ def test_features_only(name, kwargs, n_maps):
     assert reductions == sorted(reductions)
 
 
+@pytest.mark.parametrize("name", ["nasloc_deit_tiny", "nasloc_dilateformer_tiny"])
+def test_forward_intermediates_stops_early_after_the_last_index_taken(name):
+    model = timm.create_model(name, img_size=64).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        final, maps = model.forward_intermediates(x, indices=[model.arch.depth - 1], stop_early=True)
+        assert torch.allclose(final, model.forward_features(x)) and len(maps) == 1
+        first, early = model.forward_intermediates(x, indices=[0], stop_early=True)  # the final features of block 0
+    assert len(early) == 1 and first.shape[-1] == early[0].shape[1] == model.arch.stages[0].dim
+
+
 NO_WEIGHT_DECAY = {
     "nasloc_deit_tiny": {"cls_token.value", "pos_embed.value"},
     "nasloc_lightvit_tiny": {"global_tokens.value"}

@@ -311,23 +311,26 @@ class LocalityViT(nn.Module):
         output_fmt: str = "NCHW",
         intermediates_only: bool = False,
     ) -> list[Tensor] | tuple[Tensor, list[Tensor]]:
-        """Image-token maps (B, C, H, W) after the selected blocks (timm's features_only)."""
+        """Image-token maps (B, C, H, W) after the selected blocks (timm's features_only). The final norm is of
+        the last stage's width: ``norm`` and the returned final features apply it within the last stage only
+        (as timm's pyramids do); with ``stop_early``, the final features are those of the last block run."""
         from timm.models._features import feature_take_indices
 
         if output_fmt not in ("NCHW", "NLC"):
             raise ValueError(f"output_fmt: {output_fmt!r} is not NCHW or NLC")
         take, max_index = feature_take_indices(self.arch.depth, indices)
+        last_stage = len(self.arch.stages) - 1
         intermediates = []
-        for index, _s, tokens, geo in self.run_blocks(x, self.arch):
+        for index, stage, tokens, geo in self.run_blocks(x, self.arch):
             if index in take:
-                img = self.norm(tokens.img) if norm else tokens.img
+                img = self.norm(tokens.img) if norm and stage == last_stage else tokens.img
                 intermediates.append(to_map(img, geo) if output_fmt == "NCHW" else img)
+            last, last_in = tokens, stage
             if stop_early and index >= max_index:
                 break
-            last = tokens
         if intermediates_only:
             return intermediates
-        return self.norm(last.whole()), intermediates
+        return (self.norm(last.whole()) if last_in == last_stage else last.whole()), intermediates
 
     # -------------------------------------------------------------------------------- timm API
     @torch.jit.ignore
@@ -365,7 +368,7 @@ class LocalityViT(nn.Module):
 def default_out_indices(arch: Arch) -> list[int]:
     """features_only default: the last block of every stage, or the last three of a columnar net."""
     if arch.family == "columnar":
-        return list(range(arch.depth - 3, arch.depth))
+        return list(range(max(arch.depth - 3, 0), arch.depth))
     ends, total = [], 0
     for stage in arch.stages:
         total += stage.depth
