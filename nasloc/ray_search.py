@@ -58,9 +58,11 @@ class DefineByRun:
         self.space, self.budget_macs = space, float(budget_macs)
 
     def __call__(self, trial: Any) -> dict[str, Any]:
+        # First: a driver that dies while the ~40 records below are written leaves a trial that a rerun must
+        # recognise as Ray's (and fail), not one that stays RUNNING and counts towards --trials forever.
+        trial.set_user_attr(BACKEND_ATTR, "ray")
         arch = self.space.suggest(trial)
         record_arch(trial, arch, self.budget_macs)  # user attrs + set_constraint, before any evaluation
-        trial.set_user_attr(BACKEND_ATTR, "ray")
         return {"arch": arch.to_dict()}
 
 

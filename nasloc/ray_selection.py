@@ -5,12 +5,16 @@ reports its score after each; ASHA (asynchronous successive halving, ``reduction
 backend) stops the worse candidates at the rungs as their results come in, which keeps many workers busy
 where the synchronous halving of :func:`nasloc.selection.run_selection` would wait for the slowest candidate
 of each rung. A driver-side callback writes every reported score into the Optuna study as it arrives (the
-workers may not see the storage), so the dashboard shows the learning curves live; at the end the
-candidates that reached the last rung are COMPLETE and the others PRUNED. A rerun resumes: scores already in
-the study are reported again without training, and each candidate's training resumes from its checkpoint.
+workers may not see the storage), so the dashboard shows the learning curves live, and closes each candidate
+as Ray lets it go: COMPLETE at the last rung, PRUNED where ASHA stopped it (so an interrupted selection does
+not bring it back). A diverged candidate (NaN) ranks last for ASHA, as for the plain pruner. A candidate whose
+Ray trial fails (a crash, out of memory) stays in the race and the selection ends with an error naming it. A
+rerun resumes: scores already in the study are reported again without training, and each candidate's
+training resumes from its checkpoint.
 """
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -19,9 +23,12 @@ import optuna
 from optuna.storages import BaseStorage
 
 from .arch import Arch
+from .errors import first_line
 from .ray_search import _cached, ray_session
-from .selection import (Candidate, RungTrainer, SelectionResult, alive_candidates, close_unfinished, open_selection,
-                        report, rung_epochs, selection_result)
+from .selection import (Candidate, RungTrainer, SelectionResult, alive_candidates, close_candidate, close_unfinished,
+                        open_selection, report, rung_epochs, selection_result)
+
+RANKED = "ranked_top1"  # what ASHA compares: top-1, or -inf for a diverged (NaN) candidate
 
 
 def ray_rung_trial(config: dict[str, Any], *, trainer_factory: Callable[[], RungTrainer], rungs: Sequence[int]) -> None:
@@ -35,16 +42,17 @@ def ray_rung_trial(config: dict[str, Any], *, trainer_factory: Callable[[], Rung
     trainer = _cached(trainer_factory)
     for epochs in rungs:
         known = entry["scored"].get(str(epochs))
-        value = known if known is not None else trainer(entry["number"], candidate, epochs)
-        tune.report({"top1": float(value), "epochs": epochs})
+        value = float(known if known is not None else trainer(entry["number"], candidate, epochs))
+        # ASHA keeps a NaN going (NaN < cutoff is False): it ranks a diverged candidate by -inf instead.
+        tune.report({"top1": value, RANKED: value if math.isfinite(value) else -math.inf, "epochs": epochs})
 
 
-def _report_callback(study: optuna.Study, entries: list[dict[str, Any]]) -> Any:
+def _report_callback(study: optuna.Study, entries: list[dict[str, Any]], rungs: list[int]) -> Any:
     from ray.tune import Callback
 
     class ReportToOptuna(Callback):
         """Driver side: every score a worker reports becomes an intermediate value of its selection trial
-        (once: a resumed candidate reports its stored scores again)."""
+        (once: a resumed candidate reports its stored scores again); a candidate that Ray lets go is closed."""
 
         def __init__(self) -> None:
             self.stored = {(e["trial_id"], int(epochs)) for e in entries for epochs in e["scored"]}
@@ -54,6 +62,12 @@ def _report_callback(study: optuna.Study, entries: list[dict[str, Any]]) -> Any:
             if key not in self.stored:
                 report(study, key[0], float(result["top1"]), key[1])
                 self.stored.add(key)
+
+        def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            alive = {t.number: t for t in alive_candidates(study)}
+            number = trial.config["candidate"]["number"]
+            if number in alive:
+                close_candidate(study, alive[number], rungs)
 
     return ReportToOptuna()
 
@@ -73,7 +87,7 @@ def run_ray_selection(candidates: Sequence[Candidate], trainer_factory: Callable
 
     rungs = rung_epochs(max_epochs, reduction_factor)
     study = open_selection(candidates, storage, rungs, reduction_factor, held_out)
-    alive = alive_candidates(study)
+    alive, failed = alive_candidates(study), {}
     if alive:
         say(f"[nasloc]   {len(alive)} candidates on Ray, up to {max_concurrent} at a time, ASHA over rungs {rungs}")
         entries = [dict(number=t.number, trial_id=t._trial_id, source=t.user_attrs["source"],
@@ -82,7 +96,7 @@ def run_ray_selection(candidates: Sequence[Candidate], trainer_factory: Callable
         trainable = tune.with_resources(
             tune.with_parameters(ray_rung_trial, trainer_factory=trainer_factory, rungs=tuple(rungs)),
             resources_per_trial or {"cpu": 1})
-        scheduler = ASHAScheduler(time_attr="epochs", metric="top1", mode="max", max_t=rungs[-1], grace_period=1,
+        scheduler = ASHAScheduler(time_attr="epochs", metric=RANKED, mode="max", max_t=rungs[-1], grace_period=1,
                                   reduction_factor=reduction_factor)
         with ray_session(ray_address, max_concurrent):
             tuner = tune.Tuner(
@@ -92,7 +106,15 @@ def run_ray_selection(candidates: Sequence[Candidate], trainer_factory: Callable
                                             reuse_actors=True),
                 run_config=tune.RunConfig(name=f"selection-{time.strftime('%Y%m%d-%H%M%S')}", verbose=0,
                                           storage_path=str(Path(results_dir).expanduser().resolve()),
-                                          callbacks=[_report_callback(study, entries)]))
-            tuner.fit()
-    close_unfinished(study, rungs)
+                                          callbacks=[_report_callback(study, entries, rungs)]))
+            grid = tuner.fit()
+        # A worker's exception reaches the driver wrapped in a RayTaskError; its cause is what to name.
+        failed = {result.config["candidate"]["number"]: getattr(result.error, "cause", None) or result.error
+                  for result in grid if result.error}
+    close_unfinished(study, rungs, keep=failed)
+    if failed:
+        number, error = next(iter(failed.items()))
+        raise RuntimeError(f"{len(failed)} of the selection's Ray trials failed (selection trial {number}: "
+                           f"{type(error).__name__}: {first_line(error)}); their Ray logs are under {results_dir}; "
+                           "rerun to retry them (their scores so far are kept)")
     return selection_result(study)

@@ -17,7 +17,7 @@ and a rerun resumes where it stopped (a candidate's epochs are checkpointed by i
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -254,14 +254,20 @@ def report(study: optuna.Study, trial_id: int, value: float, epochs: int) -> Non
     optuna.trial.Trial(study, trial_id).report(value, epochs)
 
 
-def close_unfinished(study: optuna.Study, rungs: list[int]) -> None:
+def close_unfinished(study: optuna.Study, rungs: list[int], keep: Collection[int] = ()) -> None:
     """After a scheduler that stops candidates itself (Ray's ASHA): those that reached the last rung are
-    COMPLETE with their score there, the others PRUNED."""
+    COMPLETE with their score there, the others PRUNED; trial numbers in ``keep`` stay in the race."""
     for frozen in alive_candidates(study):
-        if rungs[-1] in frozen.intermediate_values:
-            study.tell(frozen.number, frozen.intermediate_values[rungs[-1]])
-        elif frozen.intermediate_values:
-            study.tell(frozen.number, state=TrialState.PRUNED)
+        if frozen.number not in keep:
+            close_candidate(study, frozen, rungs)
+
+
+def close_candidate(study: optuna.Study, frozen: FrozenTrial, rungs: list[int]) -> None:
+    """A candidate the scheduler let go: COMPLETE with its last rung's score, or PRUNED where it stopped."""
+    if rungs[-1] in frozen.intermediate_values:
+        study.tell(frozen.number, frozen.intermediate_values[rungs[-1]])
+    elif frozen.intermediate_values:
+        study.tell(frozen.number, state=TrialState.PRUNED)
 
 
 def _check_rungs(study: optuna.Study, rungs: list[int]) -> None:

@@ -171,6 +171,56 @@ def test_a_candidate_that_diverges_is_pruned_and_the_others_go_on(space):
     assert states == {"c0": TrialState.PRUNED, "c1": TrialState.COMPLETE, "c2": TrialState.COMPLETE}
 
 
+class FailingTrainer:
+    """Picklable factory of a deterministic trainer (Ray workers build it) whose ``fail`` candidate crashes."""
+
+    def __init__(self, quality, fail=None):
+        self.quality, self.fail = quality, fail
+
+    def __call__(self):
+        return self
+
+    def train(self, number, candidate, epochs):
+        if candidate.source == self.fail:
+            raise RuntimeError(f"{candidate.source} ran out of memory")
+        return self.quality[candidate.source] * epochs
+
+
+@pytest.mark.timeout(300)
+def test_ray_selection_ranks_a_diverged_candidate_last_and_keeps_a_crashed_one_for_the_rerun(space, tmp_path):
+    """ASHA would keep a NaN going (NaN < cutoff is False) and took a crash for a stop; here the diverged
+    candidate is pruned, the crashed one stays in the race with an error naming it, and the rerun retries it."""
+    pytest.importorskip("ray")
+    import sys
+
+    import ray.cloudpickle
+
+    from nasloc.ray_search import ray_session
+    from nasloc.ray_selection import run_ray_selection
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray workers can't import tests/
+    cands = [Candidate(f"c{i}", a, i) for i, a in enumerate(archs(space, 4))]
+    quality = {"c0": 2, "c1": 1, "c2": math.nan, "c3": 3}
+    storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path}/selection.db")
+
+    def select(fail):
+        factory = FailingTrainer(quality, fail)
+        return run_ray_selection(cands, lambda: factory().train, storage, max_epochs=2, max_concurrent=1,
+                                 results_dir=tmp_path / "ray", say=lambda m: None)
+
+    with ray_session(None, 1):  # one Ray for both runs (each run would start and stop its own)
+        with pytest.raises(RuntimeError, match=r"1 of the selection's Ray trials failed \(selection trial 3: "
+                                               r"RuntimeError: c3 ran out of memory\)"):
+            select(fail="c3")
+        states = {t.user_attrs["source"]: t.state
+                  for t in optuna.load_study(study_name="selection", storage=storage).trials}
+        assert states == {"c0": TrialState.COMPLETE, "c1": TrialState.PRUNED, "c2": TrialState.PRUNED,
+                          "c3": TrialState.RUNNING}
+        result = select(fail=None)
+    assert [t.user_attrs["source"] for t in result.ranking][:2] == ["c3", "c0"]
+    assert {t.user_attrs["source"]: t.state for t in result.study.trials}["c3"] == TrialState.COMPLETE
+
+
 @pytest.mark.parametrize("init", ["scratch", "supernet"])
 def test_rung_trainer_trains_a_candidate_and_resumes_its_checkpoint(space, tmp_path, init):
     from nasloc.data import load_dataset
