@@ -15,7 +15,7 @@ from typing import Any, Callable, Sequence
 
 from nasloc.arguments import DEFAULTS, RECIPE, UsageError, build_parser, build_search_parser, print_error
 from nasloc.errors import NaslocError
-from nasloc.run import RunOptions
+from nasloc.run import RunError, RunOptions
 from nasloc.space_files import SpaceError, resolve_space_path, shipped_spaces
 
 
@@ -24,12 +24,11 @@ from nasloc.space_files import SpaceError, resolve_space_path, shipped_spaces
 
 def _search_options(args: argparse.Namespace) -> RunOptions:
     """The run's options, once what argparse can't check alone is checked."""
-    if args.ray_address is not None and args.backend != "ray":
-        raise UsageError("--ray-address needs --backend ray")
-    if args.latency_budget is not None and args.backend == "ray":
-        raise UsageError("--latency-budget works with --backend optuna only")
     values = {name: getattr(args, name) for name in DEFAULTS}
-    return RunOptions(**{**values, "space": _space(args.space), "data_dir": _find_data(args.dataset, args.data_dir)})
+    try:
+        return RunOptions(**{**values, "space": _space(args.space), "data_dir": _find_data(args.dataset, args.data_dir)})
+    except RunError as err:  # options that do not go together
+        raise UsageError(str(err)) from None
 
 
 def _space(text: str) -> Path:

@@ -113,7 +113,7 @@ class RunOptions:
 
     def _check_choices(self) -> None:
         """Options made in Python are checked as the command line checks them: a misspelled phase must not run
-        as "all", nor a bad sampler fail after hours of supernet training."""
+        as "all", nor a bad sampler or a latency budget on Ray fail after hours of supernet training."""
         for name, choices in (("dataset", DATASETS), ("sampler", SAMPLERS), ("select_init", SELECT_INITS),
                               ("phase", PHASES), ("backend", BACKENDS)):  # a device ("cuda:1") is checked by torch
             if getattr(self, name) not in choices:
@@ -121,6 +121,10 @@ class RunOptions:
         unknown = [o for o in self.objectives if o not in OBJECTIVES]
         if unknown or not self.objectives:
             raise RunError(f"objectives={self.objectives!r}: choose from {', '.join(OBJECTIVES)}")
+        if self.ray_address is not None and self.backend != "ray":
+            raise RunError("--ray-address (ray_address) needs --backend ray")
+        if self.latency_budget is not None and self.backend == "ray":
+            raise RunError("--latency-budget (latency_budget) works with --backend optuna only")
 
     def _set(self, name: str, value: Any) -> None:
         object.__setattr__(self, name, value)  # frozen: only while it is being made

@@ -212,12 +212,17 @@ def test_option_choices_match_the_modules_behind_them() -> None:
     assert arguments.DATASETS == DATASETS and arguments.OBJECTIVES == tuple(OBJECTIVES) and arguments.SAMPLERS == SAMPLERS
 
 
-@pytest.mark.parametrize("option, value", [("phase", "serach"), ("sampler", "grid"), ("select_init", "warm"),
-                                           ("backend", "dask"), ("dataset", "mnist"), ("objectives", ("top1", "flops"))])
-def test_run_options_made_in_python_refuse_a_bad_choice_in_one_line(option: str, value: object) -> None:
-    with pytest.raises(NaslocError, match=f"^{option}=") as err:
-        RunOptions(budget=7e8, **{option: value})
-    assert "\n" not in str(err.value) and "choose" in str(err.value)
+@pytest.mark.parametrize("options, message", [
+    ({"phase": "serach"}, "phase='serach': choose one of"), ({"sampler": "grid"}, "sampler='grid': choose"),
+    ({"select_init": "warm"}, "select_init='warm': choose"), ({"backend": "dask"}, "backend='dask': choose"),
+    ({"dataset": "mnist"}, "dataset='mnist': choose"), ({"objectives": ("top1", "flops")}, "objectives=("),
+    ({"backend": "ray", "latency_budget": 5.0}, "works with --backend optuna only"),
+    ({"ray_address": "auto"}, "needs --backend ray"),
+])
+def test_run_options_made_in_python_refuse_bad_choices_in_one_line(options: dict, message: str) -> None:
+    with pytest.raises(NaslocError, match=re.escape(message)) as err:
+        RunOptions(budget=7e8, **options)
+    assert "\n" not in str(err.value)
 
 
 # The plain URL names SQLAlchemy's default PostgreSQL driver (psycopg 3, not installed); the second reaches
@@ -319,7 +324,8 @@ def test_shipped_spaces_are_found_from_anywhere(space_arg: list, name: str, tmp_
     (["--dataset", "cifar10"], "--dataset cifar10 needs --data-dir"),
     (["--dataset", "imagefolder", "--data-dir", "/no/such/dir"], "is not a folder"),
     (["--data-dir", "."], "--data-dir is not used with --dataset digits"),
-    (["--ray-address", "auto"], "--ray-address needs --backend ray"),
+    (["--ray-address", "auto"], "--ray-address (ray_address) needs --backend ray"),
+    (["--backend", "ray", "--latency-budget", "5ms"], "--latency-budget (latency_budget) works with --backend optuna"),
     (["--space", "no/such/space.yaml"], "shipped spaces: "),
     (["--objectives", "macs"], "must include top1"),
     (["--objectives", "top1,speed"], "unknown objective"),
