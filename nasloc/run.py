@@ -47,10 +47,11 @@ DEVICES = ("auto", "cpu", "cuda")
 
 
 _ADDED_OPTIONS = ("latency_budget",)  # options newer than some run.json files (issue 16)
-# Options a rerun must repeat: the supernet, study and selection it resumes were made for them. (--trials and
-# the retrain options may grow; device, workers and dashboard are the machine's business.)
+# Options a rerun must repeat: the supernet, study and selection it resumes were made for them (--batch-size
+# sets the supernet's and the selection's steps). --trials and the retrain options may grow, --supernet-epochs
+# too (the schedule follows it); device, workers and dashboard are the machine's business.
 FIXED_OPTIONS = ("space", "dataset", "seed", "proxy_img_size", "budget", "latency_budget", "objectives",
-                 "select_top_k", "select_epochs", "select_init")
+                 "batch_size", "select_top_k", "select_epochs", "select_init")
 
 
 class RunError(NaslocError):

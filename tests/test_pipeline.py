@@ -391,6 +391,7 @@ def test_phases_supernet_then_search_then_the_rest(tmp_path, data_dir, capsys):
     ({"seed": 1}, "--seed 0 (now 1)"),
     ({"budget": "2M"}, "--budget 1e+06 (now 2e+06)"),
     ({"objectives": "top1,params"}, "--objectives top1,macs (now top1,params)"),
+    ({"batch_size": 16}, "--batch-size 64 (now 16)"),
 ])
 def test_a_rerun_with_other_fixed_options_is_refused_in_one_line_and_keeps_the_record(changed, message, tmp_path,
                                                                                       data_dir, capsys):
