@@ -80,15 +80,22 @@ GENERIC = "nasloc_vit"  # builds the arch given as keyword arguments; defaults t
 
 
 # ---------------------------------------------------------------------------- mechanisms
-# Each seed mechanism as pins of micro genes; every other micro gene is pinned to the plain ViT.
-# LightViT and DilateFormer tokenize with convs in their papers: where a space searches the stem they
-# take its conv stem, every other design the patch stem.
+def _dilated_then_global(gene: str) -> str:
+    """DilateFormer's mixer: dilated attention in the first two stages, global after (the paper found dilated
+    attention in the later stages worse), in a pyramid space as in the paper."""
+    stage = int(gene.split(".")[0][1:])  # "s1.b0.mixer" -> 1
+    return "dilated" if stage < 2 else "global"
+
+
+# Each seed mechanism as pins of micro genes (a value, or a function of the gene's name); every other micro
+# gene is pinned to the plain ViT. LightViT and DilateFormer tokenize with convs in their papers: where a
+# space searches the stem they take its conv stem, every other design the patch stem.
 MECHANISMS: dict[str, dict[str, Any]] = {
     "plain ViT": {},
     "DW shortcut": {"shortcut": 1, "shortcut_kernels": (3,)},
     "LocalViT FFN": {"ffn_kernel": 3},
     "LIFE": {"life": True},
-    "DilateFormer": {"mixer": "dilated", "dilation": "per-head 1,2,3", "cpe": True, "stem": "conv"},
+    "DilateFormer": {"mixer": _dilated_then_global, "dilation": "per-head 1,2,3", "cpe": True, "stem": "conv"},
     "LightViT": {"mixer": "window", "global_tokens": "most", "ffn": "bidim", "stem": "conv"},
 }
 _PLAIN = {"mixer": "global", "life": False, "ffn_kernel": 0, "shortcut": 0, "global_tokens": 0, "ffn": "mlp", "cpe": False, "stem": "patch"}
@@ -97,7 +104,8 @@ _PLAIN = {"mixer": "global", "life": False, "ffn_kernel": 0, "shortcut": 0, "glo
 def reference_archs(space: SearchSpace, budget: float) -> dict[str, Arch]:
     """Each seed mechanism alone in the space's skeleton: the largest such arch within budget.
 
-    Micro genes are pinned (all blocks the same mechanism), macro genes (depth, width, heads,
+    Micro genes are pinned (every block the same mechanism; DilateFormer's stages after the second global,
+    as in the paper), macro genes (depth, width, heads,
     MLP ratio) are grown up to the budget. Mechanisms the space cannot express are left out.
     """
     references = {}
@@ -120,6 +128,8 @@ def _pinned(pins: dict[str, Any]) -> Fixed:
         if gene not in wanted:
             return FREE
         value = wanted[gene]
+        if callable(value):
+            value = value(name)
         if value == "most":
             return max(options)
         if value == "per-head 1,2,3":
@@ -137,7 +147,8 @@ def _expresses(arch: Arch, pins: dict[str, Any]) -> bool:
     """Whether every pinned gene really took its value (the space offers it)."""
     blocks = [b for _, _, _, b in arch.iter_blocks()]
     checks = {
-        "mixer": lambda v: all(b.mixer == v for b in blocks),
+        "mixer": lambda v: all(block.mixer == (v(f"s{s}.b{b}.mixer") if callable(v) else v)
+                               for _, s, b, block in arch.iter_blocks()),
         "life": lambda v: all(b.life == v for b in blocks),
         "ffn_kernel": lambda v: all(b.ffn_kernel == v for b in blocks),
         "shortcut": lambda v: bool(arch.shortcuts),

@@ -192,6 +192,12 @@ def test_warm_start_makes_the_seed_designs_the_first_nsga2_population(tmp_path):
     assert {t._trial_id for t in first} <= parents
 
 
+def test_the_dilateformer_seed_design_is_dilated_in_two_stages_and_global_after_as_published():
+    arch = reference_archs(SearchSpace.load("imagenet"), 0.7e9)["DilateFormer"]  # a three-stage pyramid
+    mixers = [{b.mixer for _, s, _, b in arch.iter_blocks() if s == stage} for stage in range(len(arch.stages))]
+    assert mixers == [{"dilated"}, {"dilated"}, {"global"}] and arch.cpe
+
+
 def test_warm_start_counts_towards_the_trials(tmp_path):
     study = search(tmp_path / "study.log", 3, sampler="random", warm_start=SEEDS)
     assert [t.user_attrs[SEED_DESIGN_ATTR] for t in study.trials] == list(SEEDS)[:3]

@@ -5,7 +5,9 @@ Replaces the qkv projection of an attention block. With C channels:
     s2 = PW2(DW3x3(s1))                        (no bias; cascaded from s1)
     s3 = PW3(DW5x5(s2))                        (no bias; cascaded from s2)
 Each s_i is [q_i | k_i | v_i] with C/3 channels each, and Q = [q1 q2 q3], K = [k1 k2 k3],
-V = [v1 v2 v3], so each scale owns a contiguous third of the heads. Receptive fields are 1, 3 and 7
+V = [v1 v2 v3], so each scale owns a contiguous third of the channels: a third of the heads when their
+number divides by 3 (DeiT-T's 3, DeiT-S's 6); otherwise (2 heads, as the imagenet space allows) a head spans
+two scales, which the paper never tried (the space only needs dim % 3 == 0). Receptive fields are 1, 3 and 7
 patches. Auxiliary tokens skip the depth-wise convs (only the pointwise parts act on them).
 
 Weight sharing: s1, PW2 and PW3 are the q, k and v linear layers of the plain projection (all C x C),
