@@ -414,6 +414,16 @@ def test_forward_intermediates_stops_early_after_the_last_index_taken(name):
     assert len(early) == 1 and first.shape[-1] == early[0].shape[1] == model.arch.stages[0].dim
 
 
+def test_reset_classifier_to_avg_pooling_drops_lightvits_neck():
+    model = timm.create_model("nasloc_lightvit_tiny", img_size=64).eval()
+    assert model.arch.head == "neck" and model.num_features == model.arch.neck_dim
+    model.reset_classifier(5, "avg")
+    assert model.neck is None and model.num_features == model.arch.stages[-1].dim
+    assert model.head.weight.shape == (5, model.arch.stages[-1].dim)  # it slices no wider weight
+    with torch.no_grad():
+        assert model(torch.randn(2, 3, 64, 64)).shape == (2, 5)
+
+
 NO_WEIGHT_DECAY = {
     "nasloc_deit_tiny": {"cls_token.value", "pos_embed.value"},
     "nasloc_lightvit_tiny": {"global_tokens.value"}

@@ -361,6 +361,9 @@ class LocalityViT(nn.Module):
         if global_pool in ("token", "avg"):
             changes["head"] = global_pool
         self.arch = self.arch.replace(**changes)
+        if self.arch.head != "neck":  # LightViT's neck goes with its pooling: the head reads the last stage
+            self.neck = None
+            self.num_features = self.head_hidden_size = self.arch.stages[-1].dim
         self.num_classes = num_classes
         self.head = ElasticLinear(self.num_features, num_classes) if num_classes else nn.Identity()
 
