@@ -258,7 +258,7 @@ def latency_command(*, space: Path, device: str, backend: str, batch_size: int, 
     time them end to end; prints a table and, last, the median absolute error (returned, in %)."""
     import random
 
-    from .latency import Target, build_latency_model, measure_archs_us
+    from .latency import Target, build_latency_model, fit_key, measure_archs_us
     from .space import SearchSpace
 
     target = Target(device, backend, batch_size)
@@ -269,7 +269,7 @@ def latency_command(*, space: Path, device: str, backend: str, batch_size: int, 
          f"({backend}, batch {batch_size}, {table.meta['threads']} thread(s)), ready in "
          f"{time.perf_counter() - started:.0f} s: {table.path}")
     _say(f"[nasloc] fitted constant: {model.constant_us:.0f} us (archs timed end to end: "
-         f"{table.fits[loaded.name]['archs']})")
+         f"{table.fits[fit_key(loaded)]['archs']})")
     rng = random.Random(seed)
     sample = [loaded.sample(rng) for _ in range(archs)]
     rows, errors = [], []

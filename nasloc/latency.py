@@ -238,12 +238,18 @@ class LatencyTable:
         rng = random.Random(FIT_SEED)
         sample = [space.sample(rng) for _ in range(archs)]
         gaps = [measured - model.parts_us(arch) for arch, measured in zip(sample, measure_archs_us(sample, target))]
-        self.fits[space.name] = {"constant_us": statistics.median(gaps), "archs": archs}
+        self.fits[fit_key(space)] = {"constant_us": statistics.median(gaps), "archs": archs}
         self.save()
-        return self.fits[space.name]["constant_us"]
+        return self.fits[fit_key(space)]["constant_us"]
 
     def model(self, space: SearchSpace) -> LatencyModel:
-        return LatencyModel(dict(self.parts), self.fits.get(space.name, {}).get("constant_us", 0.0))
+        return LatencyModel(dict(self.parts), self.fits.get(fit_key(space), {}).get("constant_us", 0.0))
+
+
+def fit_key(space: SearchSpace) -> str:
+    """A space's constant is fitted per class count too: the head is one of its parts (``imagenet`` for
+    ImageNet's 1000 classes and for a 10-class data set share a table, not a constant)."""
+    return f"{space.name}-{space.skeleton.get('num_classes', 1000)}classes"
 
 
 def _file_name(meta: dict[str, Any]) -> str:
@@ -261,7 +267,7 @@ def build_latency_model(space: SearchSpace, target: Target, *, cache_dir: str | 
     if refresh:
         table.parts, table.fits = {}, {}
     measured = table.measure(space_parts(space), target, progress)
-    if measured or space.name not in table.fits:
+    if measured or fit_key(space) not in table.fits:
         table.fit(space, target)
     return table.model(space), table
 

@@ -84,11 +84,12 @@ def test_the_table_is_built_once_then_reused(cache: Path, monkeypatch: pytest.Mo
     stored = json.loads(table.path.read_text())
     assert stored["device"] and stored["versions"]["torch"] == torch.__version__ and stored["batch_size"] == 1
     assert stored["img_size"] == space.img_size and stored["threads"] == torch.get_num_threads()
-    assert "tiny_columnar" in stored["fits"]
+    assert "tiny_columnar-10classes" in stored["fits"]
 
     def measuring(*args, **kwargs):
         raise AssertionError("a second run measured something")
 
+    timers = {name: getattr(nasloc.latency, name) for name in ("probe", "measure_archs_us")}
     monkeypatch.setattr(nasloc.latency, "probe", measuring)
     monkeypatch.setattr(nasloc.latency, "measure_archs_us", measuring)
     again, _ = build_latency_model(space, Target(), progress=False)
@@ -105,6 +106,11 @@ def test_the_table_is_built_once_then_reused(cache: Path, monkeypatch: pytest.Mo
         assert LatencyFactory("tiny_columnar", threads=threads)() == model
     finally:
         torch.set_num_threads(threads)
+    # another class count shares the table (its own head part added) but fits a constant of its own
+    for name, timer in timers.items():
+        monkeypatch.setattr(nasloc.latency, name, timer)
+    build_latency_model(space.for_classes(7), Target(), progress=False)
+    assert {"tiny_columnar-10classes", "tiny_columnar-7classes"} <= set(json.loads(table.path.read_text())["fits"])
 
 
 def test_a_prediction_is_its_parts_summed_plus_the_constant() -> None:
