@@ -196,6 +196,9 @@ def retrain(model: nn.Module, splits: DataSplits, cfg: RetrainConfig, out_dir: P
               dynamic_ncols=True, disable=not (progress and info.is_main)) as bar:
         for epoch in range(start_epoch, min(cfg.epochs, stop_epoch or cfg.epochs)):
             epoch_start = time.perf_counter()
+            # Each epoch draws from streams of its own (mixup, RandAugment, drop path), so that an epoch after a
+            # resume (or a selection rung's next call) draws what it would have drawn in one go, not epoch 1's.
+            _seed_everything(_epoch_seed(cfg.seed, info.rank, epoch))
             train_loader.set_epoch(epoch)
             loss = _train_one_epoch(train_model, train_loader, opt, mixup_fn, criterion, cfg, bar, epoch)
             val_top1 = evaluate(model, val_loader, dev)
@@ -412,6 +415,10 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 def _world_size() -> int:
     return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def _epoch_seed(seed: int, rank: int, epoch: int) -> int:
+    return (seed * 1_000_003 + rank) * 10_007 + epoch  # distinct for ranks < 1,000,003 and epochs < 10,007
 
 
 def _seed_everything(seed: int) -> None:

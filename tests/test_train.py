@@ -39,9 +39,9 @@ def _mlp() -> nn.Module:
     return nn.Sequential(nn.Flatten(), nn.Linear(3 * 16 * 16, 64), nn.ReLU(), nn.Linear(64, 10))
 
 
-def _vit() -> nn.Module:
+def _vit(drop_path: float = 0.0) -> nn.Module:
     return timm.create_model("vit_tiny_patch16_224", img_size=16, patch_size=4, embed_dim=32, depth=1,
-                             num_heads=2, num_classes=10)
+                             num_heads=2, num_classes=10, drop_path_rate=drop_path)
 
 
 class Preempted(Exception):
@@ -97,21 +97,27 @@ def test_full_recipe_checkpoints_and_resumes(few_digits, tmp_path):
     assert third.epochs_run == 0 and third.val_top1 == second.val_top1
 
 
-def test_killed_run_resumes_to_the_same_weights(few_digits, tmp_path):
-    cfg = RetrainConfig(epochs=2, **PLAIN)
+@pytest.mark.parametrize("recipe", ["plain", "full"])
+def test_killed_run_resumes_to_the_same_weights(few_digits, tmp_path, recipe):
+    """Full: mixup, cutmix, RandAugment and drop path draw from the global random streams, which each epoch
+    seeds anew: a resumed epoch draws what the uninterrupted one drew (not the first epoch's draws again)."""
+    settings = PLAIN if recipe == "plain" else dict(batch_size=64, warmup_epochs=0, num_workers=0)
+    cfg = RetrainConfig(epochs=2, **settings)
     steps_per_epoch = len(few_digits.train) // cfg.batch_size
+    drop_path = 0.0 if recipe == "plain" else 0.2
 
     torch.manual_seed(0)
-    straight = CrashAfter(_vit(), steps=10**9)
+    straight = CrashAfter(_vit(drop_path), steps=10**9)
     retrain(straight, few_digits, cfg, tmp_path / "straight", progress=False)
 
     torch.manual_seed(0)
     with pytest.raises(Preempted):
-        retrain(CrashAfter(_vit(), steps=steps_per_epoch + 2), few_digits, cfg, tmp_path / "killed", progress=False)
+        retrain(CrashAfter(_vit(drop_path), steps=steps_per_epoch + 2), few_digits, cfg, tmp_path / "killed",
+                progress=False)
     assert torch.load(tmp_path / "killed" / "last.pth", weights_only=True)["epoch"] == 1
 
     torch.manual_seed(0)
-    resumed_model = CrashAfter(_vit(), steps=10**9)
+    resumed_model = CrashAfter(_vit(drop_path), steps=10**9)
     result = retrain(resumed_model, few_digits, cfg, tmp_path / "killed", progress=False)
     assert result.start_epoch == 1
     for (name, a), b in zip(straight.state_dict().items(), resumed_model.state_dict().values()):
