@@ -279,6 +279,11 @@ def _validate(arch: Arch) -> None:
     _validate_shortcuts(arch)
 
 
+def total_stride(patch_size: int, stages: int) -> int:
+    """Image pixels per token of the last stage's map: the stem's stride, then 2 per downsampling."""
+    return patch_size * 2 ** (stages - 1)
+
+
 def _validate_skeleton(arch: Arch) -> None:
     for name in ("img_size", "in_chans", "num_classes", "patch_size", "window", "neck_dim"):
         if name == "num_classes":
@@ -301,7 +306,7 @@ def _validate_skeleton(arch: Arch) -> None:
         strides = STEM_STRIDES[arch.stem]
         _check(arch.patch_size in strides, "patch_size", f"the {arch.stem} stem has stride {' or '.join(map(str, strides))}")
     _check(isinstance(arch.stages, tuple) and len(arch.stages) > 0, "stages", "at least one stage is required")
-    stride = arch.patch_size * 2 ** (len(arch.stages) - 1)
+    stride = total_stride(arch.patch_size, len(arch.stages))
     _check(arch.img_size % stride == 0, "img_size", f"{arch.img_size} is not divisible by patch_size x 2^(stages-1) = {stride}")
 
 

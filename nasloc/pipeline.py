@@ -21,7 +21,7 @@ import optuna
 import torch
 from optuna.trial import FrozenTrial
 
-from .arch import Arch
+from .arch import Arch, total_stride
 from .checkpoint import load_checkpoint, save_checkpoint
 from .data import DataSplits, halve_val, load_dataset
 from .errors import NaslocError
@@ -168,7 +168,7 @@ def check_budget(space: SearchSpace, budget: float) -> None:
 def default_proxy_size(space: SearchSpace) -> int:
     """The smallest size >= 32 px at which every arch of the space is valid (and at most the
     deploy size): a multiple of the total stride of stem and downsampling."""
-    stride = int(space.skeleton.get("patch_size", 16)) * 2 ** (len(space.stages) - 1)
+    stride = total_stride(int(space.skeleton.get("patch_size", 16)), len(space.stages))
     size = stride * max(1, -(-32 // stride))
     return min(size, space.img_size)
 
