@@ -317,7 +317,7 @@ def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
                              "imagefolder an ImageFolder tree (default: %(default)s)")
     parser.add_argument("--data-dir", metavar="DIR", type=_user_path,
                         help="data set folder; required for every data set but digits")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+    parser.add_argument("--device", choices=DEVICES, default="auto",
                         help="auto takes cuda when available (default: %(default)s)")
 
 
