@@ -80,14 +80,13 @@ GENERIC = "nasloc_vit"  # builds the arch given as keyword arguments; defaults t
 
 
 # ---------------------------------------------------------------------------- mechanisms
-def _dilated_then_global(gene: str) -> str:
+def _dilated_then_global(stage: int) -> str:
     """DilateFormer's mixer: dilated attention in the first two stages, global after (the paper found dilated
     attention in the later stages worse), in a pyramid space as in the paper."""
-    stage = int(gene.split(".")[0][1:])  # "s1.b0.mixer" -> 1
     return "dilated" if stage < 2 else "global"
 
 
-# Each seed mechanism as pins of micro genes (a value, or a function of the gene's name); every other micro
+# Each seed mechanism as pins of micro genes (a value, or a function of the stage index); every other micro
 # gene is pinned to the plain ViT. LightViT and DilateFormer tokenize with convs in their papers: where a
 # space searches the stem they take its conv stem, every other design the patch stem.
 MECHANISMS: dict[str, dict[str, Any]] = {
@@ -129,7 +128,7 @@ def _pinned(pins: dict[str, Any]) -> Fixed:
             return FREE
         value = wanted[gene]
         if callable(value):
-            value = value(name)
+            value = value(int(name.split(".")[0][1:]))  # the stage: "s1.b0.mixer" -> 1
         if value == "most":
             return max(options)
         if value == "per-head 1,2,3":
@@ -147,8 +146,7 @@ def _expresses(arch: Arch, pins: dict[str, Any]) -> bool:
     """Whether every pinned gene really took its value (the space offers it)."""
     blocks = [b for _, _, _, b in arch.iter_blocks()]
     checks = {
-        "mixer": lambda v: all(block.mixer == (v(f"s{s}.b{b}.mixer") if callable(v) else v)
-                               for _, s, b, block in arch.iter_blocks()),
+        "mixer": lambda v: all(block.mixer == (v(s) if callable(v) else v) for _, s, _, block in arch.iter_blocks()),
         "life": lambda v: all(b.life == v for b in blocks),
         "ffn_kernel": lambda v: all(b.ffn_kernel == v for b in blocks),
         "shortcut": lambda v: bool(arch.shortcuts),
