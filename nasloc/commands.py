@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
-from timm.data.auto_augment import rand_augment_transform
 from torch import nn
 
 from .arch import Arch
@@ -35,8 +34,8 @@ from .loader import check_batch_size, make_loader
 from .model_spec import ModelSpec, build_model, resolve_model
 from .models import LocalityViT
 from .seeds import PAPERS, PRESETS
-from .train import (RetrainConfig, RetrainResult, cleanup_distributed, eval_dataset, resolve_device, retrain,
-                    setup_distributed)
+from .train import (RetrainConfig, RetrainResult, cleanup_distributed, eval_dataset, rand_augment, resolve_device,
+                    retrain, setup_distributed)
 from .units import format_macs
 
 IN_MEMORY_MAX_SIDE = {"digits": 32, "cifar10": 32, "cifar100": 32, "imagefolder": EAGER_MAX_SIDE}
@@ -162,7 +161,7 @@ def _check_recipe(cfg: RetrainConfig, splits: DataSplits, world_size: int) -> No
     check_batch_size(cfg.batch_size, len(splits.train) // world_size)
     try:  # timm asserts on a bad spec only when the first batch is augmented
         if cfg.randaugment:
-            rand_augment_transform(cfg.randaugment, {})
+            rand_augment(cfg.randaugment, splits.img_size, splits.mean)  # what retrain will build
     except (AssertionError, ValueError, KeyError) as err:
         raise CommandError(f"--randaugment {cfg.randaugment!r}: not a timm RandAugment spec; use one such as "
                            f"{RetrainConfig.randaugment} or '' (off)") from err

@@ -12,7 +12,7 @@ crop 0.875 at eval). For the in-memory uint8 datasets (small images) each image 
 RandAugment (`rand_augment_transform`, on a PIL view of the tensor), then the loader does the
 CIFAR-style padded random crop and flip batch-wise on the device: a random-resized crop at scale 0.08
 would leave ~9 px of a 32 px image. Both use one RandAugment guarded against a timm/Pillow 13 crash
-(see `_rand_augment`).
+(see `rand_augment`).
 """
 from __future__ import annotations
 
@@ -322,19 +322,19 @@ def _loaders(splits: DataSplits, cfg: RetrainConfig, img_size: int, dev: torch.d
 def _train_dataset(splits: DataSplits, cfg: RetrainConfig, img_size: int) -> tuple[Dataset, str]:
     """The training set with the recipe's augmentation, and the loader's own augmentation to add."""
     if isinstance(splits.train, LazyImageDataset):
-        # timm's ImageNet pipeline with our RandAugment in the middle (see _rand_augment for why ours).
+        # timm's ImageNet pipeline with our RandAugment in the middle (see rand_augment for why ours).
         crop_flip, _, to_tensor = create_transform(img_size, is_training=True, interpolation="bicubic",
                                                    color_jitter=None, mean=splits.mean, std=splits.std,
                                                    separate=True)
-        middle = [_rand_augment(cfg.randaugment, img_size, splits.mean)] if cfg.randaugment else []
+        middle = [rand_augment(cfg.randaugment, img_size, splits.mean)] if cfg.randaugment else []
         return splits.train.with_transform(transforms.Compose([crop_flip, *middle, to_tensor])), "none"
     if not cfg.randaugment:
         return splits.train, "weak"
     # The image is augmented at its stored size; the loader may resize it afterwards.
-    return _PilTransformed(splits.train, _rand_augment(cfg.randaugment, splits.img_size, splits.mean)), "weak"
+    return _PilTransformed(splits.train, rand_augment(cfg.randaugment, splits.img_size, splits.mean)), "weak"
 
 
-def _rand_augment(spec: str, img_size: int, mean: tuple[float, ...]) -> Callable[[Image.Image], Image.Image]:
+def rand_augment(spec: str, img_size: int, mean: tuple[float, ...]) -> Callable[[Image.Image], Image.Image]:
     """timm's RandAugment with the hyper-parameters create_transform would give it.
 
     Its Posterize ops ask for 0 bits at the ends of their magnitude range (PosterizeIncreasing at
