@@ -418,6 +418,7 @@ def _world_size() -> int:
 
 
 def _epoch_seed(seed: int, rank: int, epoch: int) -> int:
+    # Not the loader's crop/flip seed (nasloc.loader.DeviceLoader): one seed for both would tie their draws.
     return (seed * 1_000_003 + rank) * 10_007 + epoch  # distinct for ranks < 1,000,003 and epochs < 10,007
 
 
