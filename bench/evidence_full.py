@@ -75,6 +75,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--budgets", default="0.03", help="GMACs per image at 32 px, comma list")
     p.add_argument("--epochs", type=int, default=10, help="of every standalone training")
     p.add_argument("--seeds", type=int, default=2, help="standalone trainings per design and pick")
+    p.add_argument("--designs", default=",".join(DESIGNS),
+                   help=f"comma list of the seed designs to train, of {', '.join(DESIGNS)}")
+    p.add_argument("--warmup-epochs", type=int, default=0,
+                   help="of every standalone training; 0 = a tenth of --epochs, at least 1")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", default="4e-3", help="AdamW lr per 512 images (nasloc train scales it to the batch)")
     p.add_argument("--supernet-epochs", type=int, default=5)
@@ -113,6 +117,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--minutes", type=float, default=0, help="stop (killing running units) after this long; 0 = never")
     p.add_argument("--only", default="", help="comma list of unit kinds to run (seed,search,final,pick,rank); default all")
     args = p.parse_args(argv)
+    if not set(args.designs.split(",")) <= set(DESIGNS):
+        p.error(f"--designs {args.designs}: each must be one of {', '.join(DESIGNS)}")
     if not set(args.samplers.split(",")) <= set(SAMPLERS):
         p.error(f"--samplers {args.samplers}: each must be one of {', '.join(SAMPLERS)}")
     for option, taken in (("--searches-from", "searches"), ("--designs-from", "seed-design trainings")):
@@ -188,7 +194,7 @@ class Protocol:
             order += [self._search(budget, s) for s in self.samplers]
         for seed in range(self.args.seeds):
             for budget in self.budgets:
-                order += [self._seed(budget, d, seed) for d in DESIGNS]
+                order += [self._seed(budget, d, seed) for d in self.args.designs.split(",")]
                 if seed == 0:
                     order += [u for s in self.samplers if self._searched(budget, s) for u in self._finalist_units(budget, s)]
                 order += [self._pick(budget, s, seed) for s in self.samplers if self._searched(budget, s)]
@@ -376,7 +382,7 @@ class Protocol:
         unit's key); its result for the record."""
         a = self.args
         out = self.work / (folder or key)
-        warmup = max(1, a.epochs // 10)
+        warmup = a.warmup_epochs or max(1, a.epochs // 10)
         command = [sys.executable, "-m", "nasloc", "train", "--model", str(model), "--dataset", "imagefolder",
                    "--data-dir", str(self.data), "--epochs", str(a.epochs), "--img-size", "32", "--seed", str(seed),
                    "--batch-size", str(a.batch_size), "--lr", a.lr, "--warmup-epochs", str(warmup),
