@@ -2,7 +2,7 @@
 """The main job: ``python run_search.py --budget 0.7GFLOPs`` (same as ``nasloc search``; see --help)."""
 import sys
 
-from nasloc.cli import search_main
+from nasloc.cli.main import search_main
 
 if __name__ == "__main__":
     sys.exit(search_main())

@@ -1,7 +1,7 @@
 """Where the supernet's random subnets fall in the MACs band: uniform archs of the band vs sub-bands.
 
 The sandwich rule trains the largest and the smallest arch of the band and random archs in it
-(nasloc.supernet_train.SandwichSampler). Drawn uniformly over the band's archs they follow the space's
+(nasloc.supernet.train.SandwichSampler). Drawn uniformly over the band's archs they follow the space's
 density; drawn from one of 4 equal MACs parts of the band chosen uniformly (AttentiveNAS, NASViT) they
 cover the band evenly. This prints the MACs histogram of both over the band the pipeline trains in,
 [max(smallest arch, 0.5 budget), budget]. Only sampling, no training: seconds.
@@ -17,11 +17,12 @@ import time
 
 import numpy as np
 
-from nasloc.flops import count
-from nasloc.pipeline import search_band
-from nasloc.space import SearchSpace
-from nasloc.supernet import Supernet
-from nasloc.supernet_train import Band, SandwichSampler, SupernetConfig
+from nasloc.space.flops import count
+from nasloc.space.band import search_band
+from nasloc.space.search_space import SearchSpace
+from nasloc.supernet.supernet import Supernet
+from nasloc.space.band import Band
+from nasloc.supernet.train import SandwichSampler, SupernetConfig
 
 
 def parse_args() -> argparse.Namespace:

@@ -41,9 +41,9 @@ from optuna.trial import TrialState
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from nasloc.search import SEED_DESIGN_ATTR  # noqa: E402
-from nasloc.selection import STUDY_NAME as SELECTION_STUDY  # noqa: E402
-from nasloc.storage import open_storage  # noqa: E402
+from nasloc.search.study import SEED_DESIGN_ATTR
+from nasloc.selection.study import STUDY_NAME as SELECTION_STUDY
+from nasloc.storage.factory import open_storage
 
 TRIALS = 12
 OPTIONS = ["--space", "tiny", "--budget", "1M", "--dataset", "digits", "--device", "cpu", "--seed", "0",

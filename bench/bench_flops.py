@@ -1,4 +1,4 @@
-"""Analytic MACs/params counter (nasloc.flops.count) against fvcore on the built model.
+"""Analytic MACs/params counter (nasloc.space.flops.count) against fvcore on the built model.
 
 For random archs of every shipped search space (seeded), prints one line per space: the largest
 relative MACs error, how many parameter counts match exactly, and the speed ratio
@@ -24,9 +24,10 @@ import time
 
 import torch
 
-from nasloc.flops import count, fvcore_macs
+from nasloc.space.flops import count
+from nasloc.deploy.macs import fvcore_macs
 from nasloc.models import LocalityViT
-from nasloc.space import SearchSpace
+from nasloc.space.search_space import SearchSpace
 
 SPACES = ("tiny", "tiny_columnar", "cifar", "imagenet")
 

@@ -1,9 +1,9 @@
-"""The latency table (nasloc.latency, issue 16) against end-to-end measurements on this machine.
+"""The latency table (nasloc.deploy.latency, issue 16) against end-to-end measurements on this machine.
 
 For each space: the table is built from scratch in a fresh cache folder (timed: every part measured, then the
 constant fitted on 5 archs timed end to end), then N random archs (another seed than the fit's) are predicted
 and timed end to end (torch eager, inference mode, batch 1; the fastest of at least 5 runs, in 3 interleaved
-rounds, as the table times its parts: see nasloc.latency.fastest_time_us). Printed per space:
+rounds, as the table times its parts: see nasloc.deploy.timing.fastest_time_us). Printed per space:
 parts, build time, median / 90th-percentile / largest absolute error of the prediction, and, for comparison, of a
 MACs-only model (latency = a * MACs + b, least squares on the same 5 archs the constant was fitted on), and the
 median error the parts leave with the constant fitted on the checked archs themselves (what the sum of parts
@@ -24,9 +24,9 @@ import time
 import numpy as np
 import torch
 
-from nasloc.flops import count
-from nasloc.latency import FIT_ARCHS, FIT_SEED, Target, build_latency_model, measure_archs_us
-from nasloc.space import SearchSpace
+from nasloc.space.flops import count
+from nasloc.deploy.latency import FIT_ARCHS, FIT_SEED, Target, build_latency_model, measure_archs_us
+from nasloc.space.search_space import SearchSpace
 
 
 def percentile(values: list[float], q: float) -> float:

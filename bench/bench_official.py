@@ -7,7 +7,7 @@ Two sections:
   against that official model, with timm's ``deit_tiny_patch16_224`` as the common yardstick; eval
   (``torch.inference_mode``) and train (forward, backward, AdamW step) img/s at ``--batch`` 8, 224 px.
 * ``cifar``: at 32 px and ``--cifar-batch`` 128, in training, the per-mechanism reference archs of
-  ``search_spaces/cifar.yaml`` (``nasloc.seeds.reference_archs`` at ``--cifar-budget``) and one arch
+  ``search_spaces/cifar.yaml`` (``nasloc.space.seed_designs.reference_archs`` at ``--cifar-budget``) and one arch
   using every mechanism, each against the timm ``VisionTransformer`` of equal MACs (same depth, heads
   and MLP ratio, width chosen for the closest MACs; ``bench_throughput.matched_plain``).
 
@@ -58,10 +58,12 @@ from torch import Tensor, nn
 import nasloc
 from nasloc.arch import Arch, Block, Shortcut, Stage
 from nasloc.errors import NaslocError
-from nasloc.flops import count, fvcore_macs
-from nasloc.model_spec import resolve_model
-from nasloc.seeds import PRESETS, reference_archs
-from nasloc.space import SearchSpace
+from nasloc.space.flops import count
+from nasloc.deploy.macs import fvcore_macs
+from nasloc.cli.model_spec import resolve_model
+from nasloc.models.presets import PRESETS
+from nasloc.space.seed_designs import reference_archs
+from nasloc.space.search_space import SearchSpace
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_throughput import matched_plain, timm_twin  # noqa: E402  (a sibling script, not a package)

@@ -1,4 +1,4 @@
-"""The selection phase with ``--workers N`` (nasloc.rung_pool) against one training at a time, in one run.
+"""The selection phase with ``--workers N`` (nasloc.selection.pool) against one training at a time, in one run.
 
 Both select among the same CIFAR-10 candidates (the seed designs at 0.03 GMACs: plain ViT, DW shortcut,
 LocalViT FFN, LIFE) with the product's RungTrainer, rungs of 1 and 2 epochs, on a subset of the CIFAR-10
@@ -22,15 +22,17 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from evidence_full import ROOT, lay_out_split  # noqa: E402  (the evidence's split of the CIFAR-10 JPEGs)
 
-from nasloc.data import halve_val, load_dataset  # noqa: E402
-from nasloc.evaluate import EvaluatorSpec  # noqa: E402
-from nasloc.pipeline import save_untrained  # noqa: E402
-from nasloc.rung_pool import RungPool  # noqa: E402
-from nasloc.run import RunDir  # noqa: E402
-from nasloc.seeds import reference_archs  # noqa: E402
-from nasloc.selection import Candidate, RungTrainer, SelectionConfig, TrainerSpec, run_selection  # noqa: E402
-from nasloc.space import SearchSpace  # noqa: E402
-from nasloc.supernet import Supernet  # noqa: E402
+from nasloc.training.data import halve_val, load_dataset
+from nasloc.supernet.proxy import EvaluatorSpec
+from nasloc.phases.supernet import save_untrained
+from nasloc.selection.pool import RungPool
+from nasloc.run import RunDir
+from nasloc.space.seed_designs import reference_archs
+from nasloc.selection.candidates import Candidate
+from nasloc.selection.trainer import RungTrainer, SelectionConfig, TrainerSpec
+from nasloc.selection.study import run_selection
+from nasloc.space.search_space import SearchSpace
+from nasloc.supernet.supernet import Supernet
 
 DESIGNS = ("plain ViT", "DW shortcut", "LocalViT FFN", "LIFE")
 

@@ -8,7 +8,7 @@ seeds; read from ``results/evidence/evidence.json``). On the same images this be
 - trains two supernets on cifar.yaml in [budget/2, budget], with ``sub_bands=1`` (the old sampling, the
   whole band) and ``sub_bands=4``, and scores every arch with each (proxy top-1): the proxy's bias is the
   slope of (proxy - standalone) against MACs, and its ranking quality Kendall tau against standalone;
-- trains every arch as the selection phase does (``nasloc.selection.RungTrainer``, rungs 1, 2, 4 epochs),
+- trains every arch as the selection phase does (``nasloc.selection.trainer.RungTrainer``, rungs 1, 2, 4 epochs),
   from the ``sub_bands=4`` supernet's weights and from scratch, and gives Kendall tau and top-3 precision of
   each rung's score against standalone.
 
@@ -33,15 +33,18 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from evidence_cifar import ROOT, Record, cifar, log  # noqa: E402  (the evidence run's data and bookkeeping)
 
-from nasloc.arch import Arch  # noqa: E402
-from nasloc.evaluate import make_evaluator  # noqa: E402
-from nasloc.flops import count  # noqa: E402
-from nasloc.ranking import kendall_tau, top_k_precision  # noqa: E402
-from nasloc.run import SELECT_INITS  # noqa: E402
-from nasloc.selection import Candidate, RungTrainer, SelectionConfig, rung_epochs  # noqa: E402
-from nasloc.space import SearchSpace  # noqa: E402
-from nasloc.supernet import Supernet  # noqa: E402
-from nasloc.supernet_train import Band, SupernetConfig, load_supernet, train_supernet  # noqa: E402
+from nasloc.arch import Arch
+from nasloc.supernet.proxy import make_evaluator
+from nasloc.space.flops import count
+from nasloc.supernet.ranking_check import kendall_tau, top_k_precision
+from nasloc.run import SELECT_INITS
+from nasloc.selection.candidates import Candidate
+from nasloc.selection.trainer import RungTrainer, SelectionConfig
+from nasloc.selection.halving import rung_epochs
+from nasloc.space.search_space import SearchSpace
+from nasloc.supernet.supernet import Supernet
+from nasloc.space.band import Band
+from nasloc.supernet.train import SupernetConfig, load_supernet, train_supernet
 
 SUB_BANDS = (1, 4)
 BUDGET = 0.03e9  # MACs per image at 32 px, the evidence run's

@@ -29,9 +29,9 @@ import time
 import torch
 import torch.nn.functional as F
 
-from nasloc.flops import count
-from nasloc.space import SearchSpace
-from nasloc.supernet import Supernet
+from nasloc.space.flops import count
+from nasloc.space.search_space import SearchSpace
+from nasloc.supernet.supernet import Supernet
 
 SPACES = ("cifar", "tiny")
 

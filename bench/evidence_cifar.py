@@ -13,7 +13,7 @@ Steps (``--steps``, comma-separated):
   top-1 of every arch trained in ``train``.
 - ``train``: every standalone training, one recipe: the ``--rank-archs`` ranking archs (sampled in
   [0.75 budget, budget], ``--rank-seeds`` trainings each) and, with every seed, each seed mechanism alone in the same skeleton at or
-  under the budget (nasloc.seeds.reference_archs), the NSGA-II best and the random-search best.
+  under the budget (nasloc.space.seed_designs.reference_archs), the NSGA-II best and the random-search best.
   Trainings are claimed one by one, so two processes can share them (one thread each on 2 cores);
   ``--wait-search`` makes a process wait for another one's search to train the searched archs too.
 - ``summary``: waits until every training is recorded, then Kendall tau and top-3 precision of
@@ -39,17 +39,19 @@ import numpy as np
 import torch
 
 from nasloc.arch import Arch
-from nasloc.data import DataSplits, load_dataset
-from nasloc.evaluate import make_evaluator
+from nasloc.training.data import DataSplits, load_dataset
+from nasloc.supernet.proxy import make_evaluator
 from nasloc.fileio import write_atomic
-from nasloc.flops import count
-from nasloc.ranking import kendall_tau, sample_band, short_recipe, top_k_precision, train_standalone
-from nasloc.search import pareto_trials, run_search
-from nasloc.seeds import reference_archs
-from nasloc.space import SearchSpace
-from nasloc.storage import process_alive
-from nasloc.supernet import Supernet
-from nasloc.supernet_train import Band, SupernetConfig, train_supernet
+from nasloc.space.flops import count
+from nasloc.supernet.ranking_check import kendall_tau, sample_band, short_recipe, top_k_precision, train_standalone
+from nasloc.search.study import pareto_trials
+from nasloc.search.engine import run_search
+from nasloc.space.seed_designs import reference_archs
+from nasloc.space.search_space import SearchSpace
+from nasloc.storage.heartbeat import process_alive
+from nasloc.supernet.supernet import Supernet
+from nasloc.space.band import Band
+from nasloc.supernet.train import SupernetConfig, train_supernet
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -146,7 +148,7 @@ def _balanced(dataset, size: int, num_classes: int):
 
 # ------------------------------------------------------------------------------ steps
 def standalone(arch: Arch, data: DataSplits, args: argparse.Namespace, out: Path, seed: int) -> float:
-    """One short recipe for every standalone training (nasloc.ranking's, as ``nasloc check-ranking`` trains)."""
+    """One short recipe for every standalone training (nasloc.supernet.ranking_check's, as ``nasloc check-ranking`` trains)."""
     return train_standalone(arch, data, short_recipe(args.standalone_epochs, 32, seed, args.batch_size), out, device="cpu")
 
 

@@ -3,13 +3,13 @@
 Every unit of work is one run of a user-facing command on the CIFAR-10 JPEG set of ../shared/data/cifar10 with
 its split (validation = images 4500-4999 of each class, 5,000; training = the other 45,000), at 32 px:
 
-- ``<budget>/seed/<design>/s<k>``: ``nasloc train`` of a seed design (nasloc.seeds.reference_archs: the largest
-  arch of each mechanism alone within the budget in search_spaces/cifar.yaml) with the standalone recipe, seed k;
+- ``<budget>/seed/<design>/s<k>``: ``nasloc train`` of a seed design (nasloc.space.seed_designs.reference_archs: the
+  largest arch of each mechanism alone within the budget in search_spaces/cifar.yaml) with the standalone recipe, seed k;
 - ``<budget>/search/<sampler>``: ``run_search.py`` (supernet, search, selection) with NSGA-II or random search,
   equally long; its retrain phase is run here with the standalone recipe instead of the product's short one:
 - ``<budget>/rank/<trial>`` (NSGA-II) and ``<budget>/final/<sampler>/<trial>`` (other samplers): ``nasloc train``
   (seed 0) of a selection candidate. A selection's finalists are those the product's retrain step takes
-  (``nasloc.selection.finalists``: the first ``--retrain-top-k`` and every candidate tied with the best; a seed
+  (``nasloc.selection.halving.finalists``: the first ``--retrain-top-k`` and every candidate tied with the best; a seed
   design's training is its seed unit); the pick is the finalist with the best top-1, as the product exports the
   best retrained. Every NSGA-II candidate is trained, so that the proxy and selection scores can be ranked
   against the recipe's top-1;
@@ -51,10 +51,10 @@ from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from evidence_cifar import ROOT, Record, log  # noqa: E402  (claims and the merged JSON record)
-from nasloc.fileio import write_atomic  # noqa: E402
-from nasloc.run import RunOptions  # noqa: E402
+from nasloc.fileio import write_atomic
+from nasloc.run import RunOptions
 
-DESIGNS = {  # export folder name -> nasloc.seeds.MECHANISMS key
+DESIGNS = {  # export folder name -> nasloc.space.seed_designs.MECHANISMS key
     "plain": "plain ViT", "dw_shortcut": "DW shortcut", "localvit": "LocalViT FFN", "life": "LIFE",
     "dilateformer": "DilateFormer", "lightvit": "LightViT",
 }
@@ -487,14 +487,14 @@ def budget_keys(budgets: str) -> list[str]:
 
 
 def selection_order(search: dict) -> list[dict]:
-    """A recorded search's selection candidates in the order of ``nasloc.selection.ranking`` as it is now."""
+    """A recorded search's selection candidates in the order of ``nasloc.selection.halving.ranking`` as it is now."""
     return [search["candidates"][t.user_attrs["index"]] for t in _selection(search).ranking]
 
 
 def selection_finalists(search: dict, top_k: int) -> list[dict]:
     """The candidates of a recorded search that the product's retrain step takes now with ``--retrain-top-k``
-    ``top_k`` (``nasloc.selection.finalists``), best first."""
-    from nasloc.selection import finalists
+    ``top_k`` (``nasloc.selection.halving.finalists``), best first."""
+    from nasloc.selection.halving import finalists
     return [search["candidates"][t.user_attrs["index"]] for t in finalists(_selection(search), top_k)]
 
 
@@ -505,8 +505,8 @@ def _selection(search: dict):
     import optuna
     from optuna.trial import TrialState
 
-    from nasloc.search import optuna_quiet
-    from nasloc.selection import HELD_OUT_ATTR, selection_result
+    from nasloc.search.study import optuna_quiet
+    from nasloc.selection.halving import HELD_OUT_ATTR, selection_result
     with optuna_quiet(True):
         study = optuna.create_study(direction="maximize")
     study.set_user_attr(HELD_OUT_ATTR, search.get("held_out", 0))
@@ -525,9 +525,10 @@ def logged_held_out(log: Path) -> int:
 
 @lru_cache(maxsize=None)
 def _design_arch(budget: str, design: str) -> dict:
-    """A seed design's arch (nasloc.seeds.reference_archs: the largest of its mechanism within the budget)."""
-    from nasloc.seeds import reference_archs
-    from nasloc.space import SearchSpace
+    """A seed design's arch (nasloc.space.seed_designs.reference_archs: the largest of its mechanism within the
+    budget)."""
+    from nasloc.space.seed_designs import reference_archs
+    from nasloc.space.search_space import SearchSpace
     space = SearchSpace.load("cifar").for_classes(10)
     return reference_archs(space, float(budget[:-1]) * 1e9)[DESIGNS[design]].to_dict()
 

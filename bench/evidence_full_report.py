@@ -22,7 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from evidence_full import DESIGNS, SAMPLERS, budget_keys, selection_order  # noqa: E402
 
-from nasloc.ranking import kendall_tau, top_k_precision  # noqa: E402
+from nasloc.supernet.ranking_check import kendall_tau, top_k_precision
 
 PICKS = {f"nasloc_{s}": s for s in SAMPLERS}
 

@@ -3,7 +3,7 @@
 Every mechanism (the seed designs of search_spaces/cifar.yaml and random archs of it, which mix them):
 - the CUDA fp32 forward equals the CPU one (eval mode, max abs difference printed, fail above 1e-4), and so do the
   gradients (relative difference, fail above 1e-3: CUDA convolutions run in TF32);
-- an AMP training step (autocast as nasloc.train uses it: bf16 where supported, else fp16) gives a finite loss and
+- an AMP training step (autocast as nasloc.training.retrain uses it: bf16 where supported, else fp16) gives a finite loss and
   finite gradients, and its gradients point the way of the fp32 ones (cosine similarity printed, fail below 0.99);
 - dilated attention's backward: the same on a net of dilated blocks only;
 - with ``--supernet``: subnets of the supernet (elastic, sliced layers) in two MACs bands, the same checks;
@@ -25,9 +25,9 @@ import torch.nn.functional as F
 
 from nasloc.arch import Arch, Block
 from nasloc.models import LocalityViT
-from nasloc.seeds import reference_archs
-from nasloc.space import SearchSpace
-from nasloc.train import amp_dtype
+from nasloc.space.seed_designs import reference_archs
+from nasloc.space.search_space import SearchSpace
+from nasloc.training.distributed import amp_dtype
 
 
 def archs_to_check() -> dict[str, Arch]:
@@ -80,7 +80,7 @@ def check_arch(name: str, arch: Arch, dev: torch.device) -> list[str]:
 
 def check_supernet(dev: torch.device, band_high: float, n: int = 12) -> list[str]:
     """Subnets of the weight-sharing supernet (sliced, elastic layers): CUDA fp32 equals CPU, AMP grads finite."""
-    from nasloc.supernet import Supernet
+    from nasloc.supernet.supernet import Supernet
     space = SearchSpace.load("cifar").for_classes(10)
     torch.manual_seed(0)
     cpu_net = Supernet(space, 32).train()

@@ -52,7 +52,7 @@ export NASLOC_NATIVE=${NASLOC_NATIVE:-0}
   $PY -c "import torch, timm, optuna; print('torch', torch.__version__, 'timm', timm.__version__, 'optuna', optuna.__version__)"
 } > "$OUT/device.txt" 2>&1
 cat "$OUT/device.txt"
-$PY -c "import nasloc.pipeline, nasloc.commands" || { echo "nasloc does not import here"; exit 1; }
+$PY -c "import nasloc.pipeline, nasloc.cli" || { echo "nasloc does not import here"; exit 1; }
 
 # 2. the evidence, in the background so that it has the whole window; a record brought back from an earlier call
 #    (.gpu/record.json) makes it go on where that one stopped (finished units are not run again)

@@ -1,4 +1,4 @@
 """``python -m nasloc``: the ``nasloc`` command."""
-from .cli import main
+from .cli.main import main
 
 raise SystemExit(main())

@@ -36,6 +36,19 @@ SHORTCUT_KERNELS = (3, 5, 7)
 MAX_SHORTCUT_SPAN = 4
 # Total stride each conv stem supports (see nasloc.models.stems).
 STEM_STRIDES = {"lightvit": (2, 4, 8), "overlap": (2, 4), "conv": (2, 4)}
+# Widths that follow from an arch's own (nasloc.models builds them, nasloc.space.flops counts them).
+OVERLAP_STEM_WIDTHS = (16, 32, 64)  # DilateFormer's stem convs before the embedding
+
+
+def conv_stem_width(dim: int) -> int:
+    """The hidden width of the conv stem: a fixed function of the embedding width, so that a narrower arch uses
+    the leading channels of every stem layer of a wider one (the supernet's slice)."""
+    return dim // 2
+
+
+def se_channels(dim: int, hidden: int) -> int:
+    """The squeeze width of LocalViT's squeeze-excite in an FFN of ``hidden`` channels at width ``dim``."""
+    return max(1, hidden // dim)
 
 
 class ArchError(NaslocError):

@@ -12,10 +12,10 @@
     └── ray/                      Ray Tune's own files
 
 Beside each ``last.pth``, ``previous.pth`` keeps the epoch before until the next one is complete, and an
-unreadable ``last.pth`` is moved aside as ``last.pth.unreadable`` (:mod:`nasloc.checkpoint`).
+unreadable ``last.pth`` is moved aside as ``last.pth.unreadable`` (:mod:`nasloc.training.checkpoint`).
 
-Only this module spells these paths. It imports nothing heavy (no torch; Optuna only to open the study): the
-command line builds its options here before anything else loads.
+Only this module spells these paths. It imports nothing heavy (no torch, no Optuna): the command line builds
+its options here before anything else loads; :mod:`nasloc.storage.run_study` opens a run's study.
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ from typing import Any
 from .arch import Arch
 from .errors import NaslocError
 from .fileio import write_atomic
-from .space_files import resolve_space_path
+from .space.files import resolve_space_path
 from .units import short_macs
 
 STUDY_NAME = "nasloc"
@@ -36,8 +36,8 @@ STUDY_NAME = "nasloc"
 TRIALS_CSV, PARETO_CSV, PARETO_HTML = "trials.csv", "pareto.csv", "pareto.html"
 SELECTION_CSV = "selection.csv"
 SELECT_INITS = ("scratch", "supernet")  # the first is the default: it ranked better (bench/bench_selection.py)
-# The choices of the options. Those whose modules need torch to import (nasloc.data, nasloc.search,
-# nasloc.sampler) are copied here, so the command line answers without torch; a test checks that they agree.
+# The choices of the options. Those whose modules need torch to import (nasloc.training.data, nasloc.search,
+# nasloc.search.sampler) are copied here, so the command line answers without torch; a test checks that they agree.
 DATASETS = ("digits", "cifar10", "cifar100", "imagefolder")
 OBJECTIVES = ("top1", "macs", "params", "latency")
 SAMPLERS = ("nsga2", "tpe", "random")
@@ -252,33 +252,10 @@ class RunDir:
     def default_storage(self) -> str:
         return f"sqlite:///{self.root / 'study.db'}"
 
-    def load_study(self, record: RunRecord) -> Any:
-        """The run's Optuna study. Creates nothing: a storage file that is not there (here, or relative to
-        the run folder) is a :class:`nasloc.storage.StorageError`, a missing study a :class:`RunError`."""
-        import optuna
-
-        from .storage import open_storage
-
-        storage = open_storage(record.options.storage, create=False, base=self.root, heartbeat_interval=None)
-        try:
-            return optuna.load_study(study_name=record.study_name, storage=storage)
-        except KeyError:
-            names = sorted(s.study_name for s in optuna.get_all_study_summaries(storage=storage))
-            raise RunError(f"study {record.study_name} does not exist in {record.options.storage} "
-                           f"(studies: {', '.join(names) or 'none'})") from None
-
-    def load_trial(self, record: RunRecord, number: int) -> Any:
-        """Trial ``number`` (a FrozenTrial) of the run's study; :class:`RunError` when there is none."""
-        trials = {t.number: t for t in self.load_study(record).get_trials(deepcopy=False)}
-        if number not in trials:
-            span = f"trials: {min(trials)}-{max(trials)}" if trials else "it has no trials"
-            raise RunError(f"trial {number} does not exist in study {record.study_name} ({span})")
-        return trials[number]
-
     # ----------------------------------------------------------------------------------- checkpoints
     @property
     def supernet_dir(self) -> Path:
-        """Where :func:`nasloc.supernet_train.train_supernet` keeps its checkpoint."""
+        """Where :func:`nasloc.supernet.train.train_supernet` keeps its checkpoint."""
         return self.root / "supernet"
 
     @property
@@ -291,7 +268,7 @@ class RunDir:
         return self.supernet_dir / "untrained.pth"
 
     def selection_dir(self, trial: int) -> Path:
-        """Where :func:`nasloc.train.retrain` keeps selection trial ``trial``'s short training."""
+        """Where :func:`nasloc.training.retrain.retrain` keeps selection trial ``trial``'s short training."""
         return self.root / "selection" / f"trial_{trial}"
 
     @property
@@ -299,7 +276,7 @@ class RunDir:
         return self.root / "check-ranking"
 
     def retrain_dir(self, trial: int) -> Path:
-        """Where :func:`nasloc.train.retrain` keeps trial ``trial``'s checkpoint."""
+        """Where :func:`nasloc.training.retrain.retrain` keeps trial ``trial``'s checkpoint."""
         return self.root / "retrain" / f"trial_{trial}"
 
     def retrain_checkpoint(self, trial: int) -> Path:
@@ -338,4 +315,3 @@ class RunDir:
     def relative(self, path: Path) -> str:
         """``path`` as shown in records and messages: relative to the run folder."""
         return str(path.relative_to(self.root))
-

@@ -15,7 +15,7 @@ FVCORE_JIT_WARNING = "ignore:`torch.jit.script` is deprecated"
 # on a busy 2-core machine), and several test processes may run at once. Subprocesses inherit this.
 THREADS = 1
 os.environ.setdefault("OMP_NUM_THREADS", str(THREADS))
-# Latency tables (nasloc.latency) of the test runs go to a temporary folder, not the user's ~/.cache.
+# Latency tables (nasloc.deploy.latency) of the test runs go to a temporary folder, not the user's ~/.cache.
 os.environ.setdefault("NASLOC_LATENCY_DIR", os.path.join(tempfile.gettempdir(), f"nasloc-test-latency-{os.getuid()}"))
 
 

@@ -9,8 +9,9 @@ import yaml
 
 from nasloc.arch import Arch, ArchError, Block, Shortcut, Stage
 from nasloc.models import LocalityViT
-from nasloc.seeds import PRESETS
-from nasloc.space import RecordingChooser, ReplayChooser, SearchSpace
+from nasloc.models.presets import PRESETS
+from nasloc.space.choosers import RecordingChooser, ReplayChooser
+from nasloc.space.search_space import SearchSpace
 
 SMALL = Arch(
     stages=(
@@ -181,7 +182,7 @@ def test_invalid_arch_built_directly_raises_too():
 
 
 def test_lists_made_in_python_become_tuples_and_the_arch_is_counted():
-    from nasloc.flops import count
+    from nasloc.space.flops import count
 
     arch = Arch(stages=(Stage(48, 3, 2.0, (Block("dilated", dilations=[1, 2, 3]), Block())),), img_size=32,
                 patch_size=4, shortcuts=(Shortcut(0, 2, kernels=[3, 5]),))

@@ -1,4 +1,5 @@
-"""The nasloc model family (its named presets and timm entry points are in :mod:`nasloc.seeds`).
+"""The nasloc model family: :class:`LocalityViT`, its published presets (:mod:`.presets`) and timm entry points
+(:mod:`.registry`).
 
 One file per locality mechanism: :mod:`.dw_shortcut` (depth-wise conv shortcuts), :mod:`.lightvit`
 (global tokens, window attention, BiDim gate), :mod:`.life` (multi-scale qkv), :mod:`.localvit`

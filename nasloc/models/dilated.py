@@ -17,7 +17,7 @@ its kxk neighbourhood sampled with the dilation rate of its head. Two implementa
 Shift and multiply: heads with equal rates are computed together; the key and value maps are
 zero-padded once, and for each of the k*k offsets the shifted view gives one logit per query
 (``linalg.vecdot``) and one term of the output (``addcmul_``). Real neighbourhoods, so MACs are
-H*W*k*k*C per product, not (H*W)^2*C; ``nasloc.flops.fvcore_macs`` counts these two ops.
+H*W*k*k*C per product, not (H*W)^2*C; ``nasloc.deploy.macs.fvcore_macs`` counts these two ops.
 Element-wise products beat the gathered (1 x d) @ (d x k*k) matmuls by far
 (``results/benchmarks.md``). Training goes through a hand-written backward (no double backward) that
 accumulates into in-map slices, instead of autograd's full-size zero gradient for every shifted
@@ -41,7 +41,6 @@ from torch.autograd.function import once_differentiable
 
 from . import neighbourhood
 from .layout import Geometry, attend
-
 
 # Masked dense attention computes N/(k*k) times the real neighbourhoods' products: 7x at 8x8 with k = 3, 28x
 # at 16x16, where one kernel still beats the shift-and-multiply loop on a GPU; DilateFormer's 224 px maps

@@ -9,7 +9,7 @@ timm conventions: ``forward_features`` returns the normalised tokens (B, N, C), 
 pools and classifies, ``forward_intermediates`` serves ``features_only=True``; :func:`pretrained_cfg`
 and :func:`default_out_indices` describe any arch to timm, and :func:`checkpoint_filter_fn` loads weights
 trained at one resolution into a model built at another. The named presets and their timm entry points
-are in :mod:`nasloc.seeds`.
+are in :mod:`nasloc.space.seed_designs`.
 """
 from __future__ import annotations
 

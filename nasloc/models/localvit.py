@@ -14,12 +14,9 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..arch import se_channels
 from .elastic import ElasticBatchNorm2d, ElasticConv2d, ElasticLinear
 from .layout import Geometry, Tokens, to_map, to_tokens
-
-
-def se_channels(dim: int, hidden: int) -> int:
-    return max(1, hidden // dim)
 
 
 class SqueezeExcite(nn.Module):

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..arch import Arch
+from ..arch import OVERLAP_STEM_WIDTHS, Arch, conv_stem_width
 from .elastic import ElasticBatchNorm2d, ElasticConv2d, ElasticLayerNorm
 from .layout import to_tokens
 
@@ -38,27 +38,23 @@ class PatchStem(nn.Module):
 class ConvStem(nn.Module):
     """Stride 4 as designed (32 px -> 8x8 tokens); stride 2 drops the stride of the second conv.
 
-    The hidden width is a fixed function of the embedding width (:meth:`hidden_width`), so a narrower
-    arch uses the leading channels of every layer of a wider one (the supernet's slice). Its layer
+    The hidden width is a fixed function of the embedding width (:func:`nasloc.arch.conv_stem_width`), so a
+    narrower arch uses the leading channels of every layer of a wider one (the supernet's slice). Its layer
     names differ from :class:`PatchStem`'s so that :class:`StemChoice` can hold both.
     """
 
     def __init__(self, in_chans: int, dim: int, stride: int = 4):
         super().__init__()
-        hidden = self.hidden_width(dim)
+        hidden = conv_stem_width(dim)
         self.conv1 = ElasticConv2d(in_chans, hidden, 3, stride=2, bias=False)
         self.norm1 = ElasticBatchNorm2d(hidden)
         self.conv2 = ElasticConv2d(hidden, dim, 3, stride=2 if stride >= 4 else 1, bias=False)
         self.norm2 = ElasticBatchNorm2d(dim)
         self.pointwise = ElasticConv2d(dim, dim, 1)
 
-    @staticmethod
-    def hidden_width(dim: int) -> int:
-        return dim // 2
-
     def forward(self, x: Tensor, arch: Arch) -> Tensor:
         dim = arch.stages[0].dim
-        x = F.gelu(self.norm1(self.conv1(x, self.hidden_width(dim))))
+        x = F.gelu(self.norm1(self.conv1(x, conv_stem_width(dim))))
         x = F.gelu(self.norm2(self.conv2(x, dim)))
         return to_tokens(self.pointwise(x, dim))
 
@@ -88,11 +84,9 @@ class LightViTStem(nn.Module):
 class OverlapStem(nn.Module):
     """Stride 4 as published; stride 2 drops the stride of the last conv."""
 
-    widths = (16, 32, 64)
-
     def __init__(self, in_chans: int, dim: int, stride: int = 4):
         super().__init__()
-        c1, c2, c3 = self.widths
+        c1, c2, c3 = OVERLAP_STEM_WIDTHS
         self.convs = nn.ModuleList(
             [
                 ElasticConv2d(in_chans, c1, 3, bias=False),
@@ -101,7 +95,7 @@ class OverlapStem(nn.Module):
                 ElasticConv2d(c3, dim, 3, stride=2 if stride >= 4 else 1, bias=False),
             ]
         )
-        self.norms = nn.ModuleList([ElasticBatchNorm2d(c) for c in self.widths])
+        self.norms = nn.ModuleList([ElasticBatchNorm2d(c) for c in OVERLAP_STEM_WIDTHS])
 
     def forward(self, x: Tensor, arch: Arch) -> Tensor:
         for conv, norm in zip(self.convs, self.norms):

@@ -1,0 +1,51 @@
+"""Phase 5: the finalists retrained from scratch."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from optuna.trial import FrozenTrial
+
+from ..arch import Arch
+from ..console import say
+from ..fileio import atomic_path
+from ..models import LocalityViT
+from ..run import RunDir, RunRecord
+from ..space.flops import count
+from ..space.search_space import SearchSpace
+from ..training.data import DataSplits, load_dataset
+from ..training.recipe import RetrainConfig
+from ..training.retrain import Retrained, retrain
+
+
+def retrain_phase(chosen: list[FrozenTrial], space: SearchSpace, splits: DataSplits, record: RunRecord, run: RunDir) -> list[Retrained]:
+    """Retrain the chosen search trials (the selection's finalists, or the Pareto front's best by proxy) from
+    scratch."""
+    options = record.options
+    size = options.retrain_img_size
+    if chosen:
+        say(f"[nasloc] 5/6 retrain: {len(chosen)} finalists at {size} px, {options.retrain_epochs} epochs each")
+    data = splits if size == splits.img_size else load_dataset(options.dataset, options.data_dir, size, seed=options.seed)
+    results = []
+    for trial in chosen:
+        arch = Arch.from_dict(trial.user_attrs["arch"]).replace(img_size=size)
+        model = LocalityViT(arch, drop_path_rate=0.1)
+        cfg = RetrainConfig(epochs=options.retrain_epochs, img_size=size, seed=options.seed, mixup=0.0, cutmix=0.0, ema_decay=0.0)
+        folder = run.write_retrained_arch(trial.number, arch)
+        result = retrain(model, data, cfg, folder, device=options.device)  # resumes; all epochs done: only reads
+        weights = run.retrained_weights(trial.number)
+        if result.epochs_run > 0 or not weights.exists():
+            _save_weights(model, weights)
+        if result.start_epoch:
+            say(f"[nasloc]   trial {trial.number}: " + ("already retrained" if result.epochs_run == 0 else f"resumed after epoch {result.start_epoch}"))
+        at_deploy = count(arch.replace(img_size=space.img_size))  # as the export and the Pareto table count
+        results.append(Retrained(trial.number, model, trial.user_attrs["top1"], result.val_top1,
+                                 macs=at_deploy.macs, params=at_deploy.params))
+    return results
+
+
+def _save_weights(model: torch.nn.Module, path: Path) -> None:
+    from safetensors.torch import save
+
+    with atomic_path(path) as tmp:  # bytes written by Python: a full disk is an OSError that atomic_path reports
+        tmp.write_bytes(save({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}))

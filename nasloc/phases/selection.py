@@ -1,0 +1,61 @@
+"""Phase 4: the selection of a run (successive halving of the search's best and the seed designs)."""
+from __future__ import annotations
+
+from contextlib import nullcontext
+from pathlib import Path
+
+import optuna
+import torch
+
+from ..console import say
+from ..report.tables import write_csv
+from ..run import SELECTION_CSV, RunDir, RunRecord
+from ..search.ray import trial_resources
+from ..selection.candidates import search_candidates
+from ..selection.halving import SelectionResult, tied_note
+from ..selection.pool import RungPool
+from ..selection.study import run_selection, selection_rows
+from ..selection.trainer import RungTrainer, SelectionConfig, TrainerSpec
+from ..space.band import search_band
+from ..space.search_space import SearchSpace
+from ..storage.factory import open_storage
+from ..supernet.proxy import EvaluatorSpec
+from ..supernet.supernet import Supernet
+from ..training.data import DataSplits
+
+
+def selection_phase(study: optuna.Study, supernet: Supernet, splits: DataSplits, space: SearchSpace, checkpoint: Path,
+                    record: RunRecord, run: RunDir) -> SelectionResult:
+    """Successive halving of the search's best candidates and the seed designs (:mod:`nasloc.selection`),
+    scored on the selection half of the validation split (Ray's ASHA with ``--backend ray``); writes
+    ``selection.csv``."""
+    options = record.options
+    candidates = search_candidates(study, options.budget, options.select_top_k, search_band(space, options.budget).lo)
+    config = SelectionConfig(epochs=options.select_epochs, top_k=options.select_top_k, init=options.select_init,
+                             batch_size=options.batch_size, seed=options.seed)
+    say(f"[nasloc] 4/6 selection: {len(candidates)} candidates ({sum(not c.source.isdigit() for c in candidates)} "
+         f"seed designs), rungs up to {config.epochs} epochs from {config.init}, {len(splits.val)} "
+         f"held-out images" + (f", {options.workers} trainings at a time" if options.workers > 1 else ""))
+    storage = open_storage(options.storage, heartbeat_interval=None)  # no Study.optimize to beat for
+    device = next(supernet.parameters()).device
+    spec = TrainerSpec(EvaluatorSpec.for_run(record, checkpoint, str(device)), config, str(run.root))
+    if options.backend == "ray":
+        from ..selection.ray import run_ray_selection
+
+        result = run_ray_selection(candidates, spec, storage, max_epochs=config.epochs,
+                                   reduction_factor=config.reduction_factor, ray_address=options.ray_address,
+                                   max_concurrent=options.workers, results_dir=run.ray_dir,
+                                   resources_per_trial=trial_resources(device.type), held_out=len(splits.val), say=say)
+    else:  # one training at a time, or --workers processes that rebuild the trainer from the spec (threads shared)
+        trainer = (RungPool(spec, options.workers, max(1, torch.get_num_threads() // options.workers))
+                   if options.workers > 1 else
+                   nullcontext(RungTrainer(supernet, splits, config, run.selection_dir, device=options.device)))
+        with trainer as advance:
+            result = run_selection(candidates, advance, storage, max_epochs=config.epochs,
+                                   reduction_factor=config.reduction_factor, held_out=len(splits.val), say=say,
+                                   progress=True)
+    write_csv(selection_rows(result.study), run.root / SELECTION_CSV)
+    note = tied_note(result, options.retrain_top_k)
+    if note:
+        say(f"[nasloc]   {note}")
+    return result
