@@ -17,11 +17,10 @@ import time
 
 import numpy as np
 
+from nasloc.space.band import Band, search_band
 from nasloc.space.flops import count
-from nasloc.space.band import search_band
 from nasloc.space.search_space import SearchSpace
 from nasloc.supernet.supernet import Supernet
-from nasloc.space.band import Band
 from nasloc.supernet.train import SandwichSampler, SupernetConfig
 
 

@@ -24,9 +24,9 @@ import time
 
 import torch
 
-from nasloc.space.flops import count
 from nasloc.deploy.macs import fvcore_macs
 from nasloc.models import LocalityViT
+from nasloc.space.flops import count
 from nasloc.space.search_space import SearchSpace
 
 SPACES = ("tiny", "tiny_columnar", "cifar", "imagenet")

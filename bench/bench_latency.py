@@ -24,8 +24,8 @@ import time
 import numpy as np
 import torch
 
-from nasloc.space.flops import count
 from nasloc.deploy.latency import FIT_ARCHS, FIT_SEED, Target, build_latency_model, measure_archs_us
+from nasloc.space.flops import count
 from nasloc.space.search_space import SearchSpace
 
 

@@ -26,11 +26,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_official import CLOCKS, every_mechanism_arch, model_arch, race, train_step  # noqa: E402
+
 from nasloc.arch import Arch
-from nasloc.space.flops import count
 from nasloc.models import LocalityViT
-from nasloc.space.seed_designs import reference_archs
+from nasloc.space.flops import count
 from nasloc.space.search_space import SearchSpace
+from nasloc.space.seed_designs import reference_archs
 
 
 def _blocks(arch: Arch, **changes) -> Arch:

@@ -57,13 +57,13 @@ from torch import Tensor, nn
 
 import nasloc
 from nasloc.arch import Arch, Block, Shortcut, Stage
-from nasloc.errors import NaslocError
-from nasloc.space.flops import count
-from nasloc.deploy.macs import fvcore_macs
 from nasloc.cli.model_spec import resolve_model
+from nasloc.deploy.macs import fvcore_macs
+from nasloc.errors import NaslocError
 from nasloc.models.presets import PRESETS
-from nasloc.space.seed_designs import reference_archs
+from nasloc.space.flops import count
 from nasloc.space.search_space import SearchSpace
+from nasloc.space.seed_designs import reference_archs
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_throughput import matched_plain, timm_twin  # noqa: E402  (a sibling script, not a package)

@@ -22,17 +22,17 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from evidence_full import ROOT, lay_out_split  # noqa: E402  (the evidence's split of the CIFAR-10 JPEGs)
 
-from nasloc.training.data import halve_val, load_dataset
-from nasloc.supernet.proxy import EvaluatorSpec
 from nasloc.phases.supernet import save_untrained
-from nasloc.selection.pool import RungPool
 from nasloc.run import RunDir
-from nasloc.space.seed_designs import reference_archs
 from nasloc.selection.candidates import Candidate
-from nasloc.selection.trainer import RungTrainer, SelectionConfig, TrainerSpec
+from nasloc.selection.pool import RungPool
 from nasloc.selection.study import run_selection
+from nasloc.selection.trainer import RungTrainer, SelectionConfig, TrainerSpec
 from nasloc.space.search_space import SearchSpace
+from nasloc.space.seed_designs import reference_archs
+from nasloc.supernet.proxy import EvaluatorSpec
 from nasloc.supernet.supernet import Supernet
+from nasloc.training.data import halve_val, load_dataset
 
 DESIGNS = ("plain ViT", "DW shortcut", "LocalViT FFN", "LIFE")
 

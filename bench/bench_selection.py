@@ -34,16 +34,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from evidence_cifar import ROOT, Record, cifar, log  # noqa: E402  (the evidence run's data and bookkeeping)
 
 from nasloc.arch import Arch
-from nasloc.supernet.proxy import make_evaluator
-from nasloc.space.flops import count
-from nasloc.supernet.ranking_check import kendall_tau, top_k_precision
 from nasloc.run import SELECT_INITS
 from nasloc.selection.candidates import Candidate
-from nasloc.selection.trainer import RungTrainer, SelectionConfig
 from nasloc.selection.halving import rung_epochs
-from nasloc.space.search_space import SearchSpace
-from nasloc.supernet.supernet import Supernet
+from nasloc.selection.trainer import RungTrainer, SelectionConfig
 from nasloc.space.band import Band
+from nasloc.space.flops import count
+from nasloc.space.search_space import SearchSpace
+from nasloc.supernet.proxy import make_evaluator
+from nasloc.supernet.ranking_check import kendall_tau, top_k_precision
+from nasloc.supernet.supernet import Supernet
 from nasloc.supernet.train import SupernetConfig, load_supernet, train_supernet
 
 SUB_BANDS = (1, 4)

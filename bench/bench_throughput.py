@@ -37,10 +37,10 @@ from torch import nn
 
 from nasloc import LocalityViT
 from nasloc.arch import Arch, Block, Stage
-from nasloc.space.flops import count
 from nasloc.deploy.macs import fvcore_macs
-from nasloc.space.seed_designs import reference_archs
+from nasloc.space.flops import count
 from nasloc.space.search_space import SearchSpace
+from nasloc.space.seed_designs import reference_archs
 
 ROOT = Path(__file__).resolve().parent.parent
 HEADING = "## Training throughput vs timm ViT (issue 5)"

@@ -39,19 +39,19 @@ import numpy as np
 import torch
 
 from nasloc.arch import Arch
-from nasloc.training.data import DataSplits, load_dataset
-from nasloc.supernet.proxy import make_evaluator
 from nasloc.fileio import write_atomic
-from nasloc.space.flops import count
-from nasloc.supernet.ranking_check import kendall_tau, sample_band, short_recipe, top_k_precision, train_standalone
-from nasloc.search.study import pareto_trials
 from nasloc.search.engine import run_search
-from nasloc.space.seed_designs import reference_archs
-from nasloc.space.search_space import SearchSpace
-from nasloc.storage.heartbeat import process_alive
-from nasloc.supernet.supernet import Supernet
+from nasloc.search.study import pareto_trials
 from nasloc.space.band import Band
+from nasloc.space.flops import count
+from nasloc.space.search_space import SearchSpace
+from nasloc.space.seed_designs import reference_archs
+from nasloc.storage.heartbeat import process_alive
+from nasloc.supernet.proxy import make_evaluator
+from nasloc.supernet.ranking_check import kendall_tau, sample_band, short_recipe, top_k_precision, train_standalone
+from nasloc.supernet.supernet import Supernet
 from nasloc.supernet.train import SupernetConfig, train_supernet
+from nasloc.training.data import DataSplits, load_dataset
 
 ROOT = Path(__file__).resolve().parent.parent
 

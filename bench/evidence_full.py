@@ -51,6 +51,7 @@ from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from evidence_cifar import ROOT, Record, log  # noqa: E402  (claims and the merged JSON record)
+
 from nasloc.fileio import write_atomic
 from nasloc.run import RunOptions
 
@@ -527,8 +528,8 @@ def logged_held_out(log: Path) -> int:
 def _design_arch(budget: str, design: str) -> dict:
     """A seed design's arch (nasloc.space.seed_designs.reference_archs: the largest of its mechanism within the
     budget)."""
-    from nasloc.space.seed_designs import reference_archs
     from nasloc.space.search_space import SearchSpace
+    from nasloc.space.seed_designs import reference_archs
     space = SearchSpace.load("cifar").for_classes(10)
     return reference_archs(space, float(budget[:-1]) * 1e9)[DESIGNS[design]].to_dict()
 

@@ -25,8 +25,8 @@ import torch.nn.functional as F
 
 from nasloc.arch import Arch, Block
 from nasloc.models import LocalityViT
-from nasloc.space.seed_designs import reference_archs
 from nasloc.space.search_space import SearchSpace
+from nasloc.space.seed_designs import reference_archs
 from nasloc.training.distributed import amp_dtype
 
 

@@ -60,7 +60,6 @@ def free_port() -> int:
 def postgres_server(database: str = DATABASE, timeout: float = 120.0) -> Iterator[str]:
     """Start a fresh server on 127.0.0.1 with one empty database; yield its SQLAlchemy URL
     (``postgresql+psycopg2://postgres@127.0.0.1:PORT/DATABASE``); stop it and delete its files."""
-    import psycopg2  # a dependency of nasloc (psycopg2-binary)
 
     bindir = find_binaries()
     as_root = os.geteuid() == 0

@@ -22,14 +22,14 @@ from PIL import Image
 from safetensors.torch import save_file
 
 import nasloc  # noqa: F401  (registers the family with timm)
+from nasloc.arch import Arch, Block, Stage
 from nasloc.cli import arguments
 from nasloc.cli import main as cli
-from nasloc.arch import Arch, Block, Stage
 from nasloc.cli.main import main
-from nasloc.space.flops import count
 from nasloc.models import LocalityViT
-from nasloc.run import RunDir, RunOptions, RunRecord
 from nasloc.models.presets import PAPERS, PRESETS
+from nasloc.run import RunDir, RunOptions, RunRecord
+from nasloc.space.flops import count
 from nasloc.training.recipe import RetrainConfig
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)

@@ -22,14 +22,14 @@ from timm.optim import create_optimizer_v2
 import nasloc  # noqa: F401  (registers nasloc_vit with timm)
 from nasloc.arch import Arch, Block, Shortcut, Stage
 from nasloc.deploy.export import ExportError, export_arch, export_model, export_trial
-from nasloc.space.flops import count
+from nasloc.errors import StorageError
 from nasloc.models import LocalityViT
 from nasloc.models.locality_vit import default_out_indices
-from nasloc.run import RunDir, RunOptions, RunRecord
 from nasloc.models.presets import PRESETS
-from nasloc.space.search_space import SearchSpace
+from nasloc.run import RunDir, RunOptions, RunRecord
 from nasloc.space.files import resolve_space_path
-from nasloc.errors import StorageError
+from nasloc.space.flops import count
+from nasloc.space.search_space import SearchSpace
 from nasloc.storage.factory import open_storage
 from nasloc.supernet.supernet import Supernet
 

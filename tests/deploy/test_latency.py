@@ -14,14 +14,14 @@ import torch
 import nasloc.deploy.latency
 from nasloc.arch import Arch, Block, Shortcut, Stage
 from nasloc.cli.main import main, search_main
-from nasloc.space.flops import count
 from nasloc.deploy.latency import LatencyError, LatencyFactory, LatencyModel, LatencyTable, Target, build_latency_model
 from nasloc.deploy.latency_parts import arch_parts, probe, space_parts, split_key
 from nasloc.report.tables import trial_rows
 from nasloc.run import STUDY_NAME
 from nasloc.search.budget import LatencyBudget
-from nasloc.search.objective import CONSTRAINT, LATENCY_CONSTRAINT
 from nasloc.search.engine import run_search
+from nasloc.search.objective import CONSTRAINT, LATENCY_CONSTRAINT
+from nasloc.space.flops import count
 from nasloc.space.search_space import SearchSpace
 from nasloc.storage.factory import open_storage
 

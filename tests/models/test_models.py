@@ -14,16 +14,15 @@ import timm.optim
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-
 import nasloc
 from nasloc.arch import Arch, Block, Shortcut, Stage
-from nasloc.space.flops import count
 from nasloc.deploy.macs import fvcore_macs
 from nasloc.models import LocalityViT
 from nasloc.models.dilated import fused_dilated_attention, masked_dense_attention, shift_multiply_attention
 from nasloc.models.layout import Geometry, Tokens
 from nasloc.models.locality_vit import pretrained_cfg
 from nasloc.models.presets import GENERIC, PRESETS
+from nasloc.space.flops import count
 from nasloc.space.search_space import SearchSpace
 
 # name -> (params in M, GMACs at 224) from the issue; params exact to 0.2 %, GMACs within 2 %.

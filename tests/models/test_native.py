@@ -10,10 +10,9 @@ import pytest
 import torch
 
 from nasloc.models import native
-from nasloc.models.elastic import _channels_last_conv
 from nasloc.models.dilated import dilated_attention, fused_dilated_attention, shift_multiply_attention
+from nasloc.models.elastic import ElasticLinear, _channels_last_conv
 from nasloc.models.layout import Geometry, split_heads
-from nasloc.models.elastic import ElasticLinear
 from nasloc.models.lightvit import broadcast
 from nasloc.models.neighbourhood import dilated_tables, neighbourhood_attention
 

@@ -27,7 +27,6 @@ import psycopg2
 import pytest
 import sqlalchemy
 import torch
-
 from postgres import _stop, _wait_ready, postgres_server
 from test_robustness import RUN_SEARCH, Process, Run, assert_unique_and_complete, load_study, poll, write_digits
 

@@ -34,8 +34,8 @@ from nasloc.deploy.macs import fvcore_macs
 from nasloc.run import STUDY_NAME
 from nasloc.search.study import pareto_trials
 from nasloc.selection.halving import finalists, selection_result
-from nasloc.space.search_space import SearchSpace
 from nasloc.space.files import SPACES_DIR
+from nasloc.space.search_space import SearchSpace
 from nasloc.storage.factory import open_storage
 from nasloc.units import format_macs
 

@@ -38,11 +38,11 @@ import pytest
 import torch
 from optuna.trial import TrialState
 from PIL import Image
+from postgres import create_database, postgres_url  # noqa: F401 (postgres_url is a fixture)
 
 from nasloc.search.engine import run_search
 from nasloc.space.search_space import SearchSpace
 from nasloc.storage.factory import open_storage
-from postgres import create_database, postgres_url  # noqa: F401 (postgres_url is a fixture)
 
 REPO = Path(__file__).resolve().parents[2]
 RUN_SEARCH = str(REPO / "run_search.py")
@@ -509,8 +509,8 @@ def test_export_into_an_existing_folder_is_refused(tmp_path: Path, supernets: tu
 
 # ----------------------------------------------------------------------------------------- NaN trial
 def test_a_nan_accuracy_fails_its_trial_and_the_search_goes_on(tmp_path: Path) -> None:
-    from nasloc.space.flops import count
     from nasloc.report.tables import write_tables
+    from nasloc.space.flops import count
 
     space = SearchSpace.load(REPO / "search_spaces" / "tiny.yaml")
     calls = []

@@ -8,11 +8,11 @@ import math
 import pytest
 
 from nasloc.arch import Arch
-from nasloc.space.flops import count
 from nasloc.report.pareto_plot import MACS_AXIS, write_pareto_html
 from nasloc.report.tables import write_tables
-from nasloc.search.study import pareto_trials
 from nasloc.search.engine import run_search
+from nasloc.search.study import pareto_trials
+from nasloc.space.flops import count
 from nasloc.space.search_space import SearchSpace
 from nasloc.units import format_macs
 

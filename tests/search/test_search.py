@@ -19,13 +19,13 @@ import pytest
 from optuna.trial import TrialState
 
 from nasloc.arch import Arch
-from nasloc.space.flops import count
-from nasloc.search.sampler import TrialSeededSampler, make_sampler
-from nasloc.search.objective import CONSTRAINT, EvaluationError, Objective, arch_params
-from nasloc.search.study import SEED_DESIGN_ATTR, open_study, pareto_trials
 from nasloc.search.engine import _Budgeted, run_search
-from nasloc.space.seed_designs import reference_archs
+from nasloc.search.objective import CONSTRAINT, EvaluationError, Objective, arch_params
+from nasloc.search.sampler import TrialSeededSampler, make_sampler
+from nasloc.search.study import SEED_DESIGN_ATTR, open_study, pareto_trials
+from nasloc.space.flops import count
 from nasloc.space.search_space import SearchSpace
+from nasloc.space.seed_designs import reference_archs
 from nasloc.storage.factory import open_storage
 
 SPACE = SearchSpace.load("tiny")

@@ -6,16 +6,16 @@ import optuna
 import pytest
 import torch
 
-from nasloc.training.data import halve_val, load_dataset
-from nasloc.supernet.proxy import EvaluatorSpec
 from nasloc.phases.supernet import save_untrained
-from nasloc.selection.pool import RungPool, SelectionWorkerDied
 from nasloc.run import RunDir
 from nasloc.selection.candidates import Candidate
-from nasloc.selection.trainer import RungTrainer, SelectionConfig, TrainerSpec
+from nasloc.selection.pool import RungPool, SelectionWorkerDied
 from nasloc.selection.study import run_selection
+from nasloc.selection.trainer import RungTrainer, SelectionConfig, TrainerSpec
 from nasloc.space.search_space import SearchSpace
+from nasloc.supernet.proxy import EvaluatorSpec
 from nasloc.supernet.supernet import Supernet
+from nasloc.training.data import halve_val, load_dataset
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 CONFIG = SelectionConfig(epochs=2, batch_size=64)

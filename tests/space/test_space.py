@@ -11,12 +11,11 @@ import pytest
 import yaml
 
 from nasloc.arch import Arch
-from nasloc.space.flops import count
-from nasloc.space.seed_designs import reference_archs
 from nasloc.space.choosers import RandomChooser, RecordingChooser
+from nasloc.space.files import SPACES_DIR, SpaceError
+from nasloc.space.flops import count
 from nasloc.space.search_space import SearchSpace
-from nasloc.space.files import SpaceError
-from nasloc.space.files import SPACES_DIR
+from nasloc.space.seed_designs import reference_archs
 
 SHIPPED = sorted(p.stem for p in SPACES_DIR.glob("*.yaml"))
 TINY = yaml.safe_load((SPACES_DIR / "tiny.yaml").read_text())

@@ -11,11 +11,18 @@ import numpy as np
 import pytest
 
 from nasloc.cli import main as cli
-from nasloc.training.data import load_dataset
 from nasloc.space.flops import count
-from nasloc.supernet.ranking_check import (FolderTrainer, RankingError, check_ranking, kendall_tau, sample_band,
-                                           short_recipe, top_k_precision)
 from nasloc.space.search_space import SearchSpace
+from nasloc.supernet.ranking_check import (
+    FolderTrainer,
+    RankingError,
+    check_ranking,
+    kendall_tau,
+    sample_band,
+    short_recipe,
+    top_k_precision,
+)
+from nasloc.training.data import load_dataset
 
 SPACE = SearchSpace.load("tiny")
 BAND = (5e5, 1.2e6)

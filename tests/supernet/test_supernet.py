@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from nasloc.arch import Arch
-from nasloc.space.flops import count
 from nasloc.models import LocalityViT
 from nasloc.models.elastic import load_slices_
+from nasloc.space.flops import count
 from nasloc.space.search_space import SearchSpace
 from nasloc.supernet.supernet import Supernet, recalibrate_batchnorm
 

@@ -15,13 +15,13 @@ import pytest
 import torch
 from torch.utils.data import Dataset
 
-from nasloc.training.data import DataSplits, load_dataset
 from nasloc.errors import NaslocError, TrainingDiverged
+from nasloc.space.band import Band
 from nasloc.space.flops import count
 from nasloc.space.search_space import SearchSpace
 from nasloc.supernet.supernet import Supernet
-from nasloc.space.band import Band
 from nasloc.supernet.train import SandwichSampler, SupernetConfig, load_supernet, train_supernet
+from nasloc.training.data import DataSplits, load_dataset
 from nasloc.training.distributed import cleanup_distributed
 
 SPACE = "tiny"  # MACs of its archs span 0.23M - 2.6M at 16 px
