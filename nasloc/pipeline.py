@@ -17,7 +17,7 @@ import torch
 
 from .console import say
 from .phases.export import export_phase
-from .phases.inputs import load_inputs
+from .phases.inputs import check_resources, load_inputs
 from .phases.report import reference_points, report_phase
 from .phases.retrain import retrain_phase
 from .phases.search import queue_seed_designs, search_phase
@@ -27,7 +27,6 @@ from .report.dashboard import serve_dashboard
 from .report.summary import write_summary
 from .run import RunDir, RunOptions
 from .selection.halving import finalists
-from .storage.factory import check_storage
 from .supernet.supernet import Supernet
 from .training.data import halve_val
 from .training.distributed import resolve_device
@@ -41,8 +40,8 @@ def run_pipeline(options: RunOptions) -> Path:
         # The search, retraining and export run in one process; DDP serves supernet training.
         raise PhaseError("under torchrun only --phase supernet runs (DDP supernet training); "
                          "then run the search without torchrun (same options)")
-    check_storage(options.storage)  # a misspelled or unreachable storage fails now, not after the training
-    space, splits, record = load_inputs(options)  # checks the budget before anything is written
+    check_resources(options)  # every check before anything is written: a refused run leaves nothing behind
+    space, splits, record = load_inputs(options)
     options = record.options  # with the image sizes chosen
     run = RunDir(options.run_dir)
     # Under torchrun the other ranks only train the supernet: the record, the dashboard and the queued seed
@@ -58,7 +57,6 @@ def run_pipeline(options: RunOptions) -> Path:
     say(f"[nasloc] run {run.root} | budget {format_macs(options.budget)} at {space.img_size} px | "
          f"space {space.name} ({format_macs(lo)} - {format_macs(hi)}) | "
          f"proxy {options.proxy_img_size} px on {options.dataset} | device {device}")
-    # Up from the start: a busy port fails the run now, not after hours of supernet training.
     dashboard = serve_dashboard(options.storage, options.dashboard_port) if options.dashboard and main_process else None
     try:
         torch.manual_seed(options.seed)

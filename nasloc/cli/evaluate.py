@@ -14,11 +14,12 @@ from ..deploy.macs import fvcore_macs
 from ..models import LocalityViT
 from ..space.flops import count
 from ..training.augment import eval_dataset
+from ..training.distributed import resolve_device
 from ..training.loader import make_loader
 from ..training.recipe import RetrainConfig
 from ..units import format_macs
 from .model_spec import ModelSpec, build_model, resolve_model
-from .shared import CommandError, command_device, load_data, print_table
+from .shared import CommandError, load_data, print_table
 
 LATENCY_RUNS = {"batch 1": (3, 20), "throughput": (2, 5)}  # (warm-up, timed) runs
 
@@ -32,7 +33,7 @@ def evaluate_command(*, model: str, dataset: str, data_dir: Path | None, split: 
     size = img_size or spec.default_img_size
     seed = seed if seed is not None else int(spec.facts.get("seed", 0))  # the split the training held out
     batch_size = batch_size or int(spec.facts.get("batch_size", RetrainConfig.batch_size))
-    dev = command_device(device)
+    dev = resolve_device(device)
     splits = load_data(dataset, data_dir, size, seed, with_test=split == "test")
     images = splits.val if split == "val" else splits.test
     if images is None:

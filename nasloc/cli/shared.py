@@ -1,14 +1,11 @@
-"""What the commands share: their one-line error, the data as they read it, the device, a table."""
+"""What the commands share: their one-line error, the data as they read it, a table."""
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Sequence
 
-import torch
-
 from ..errors import NaslocError
 from ..training.data import EAGER_MAX_SIDE, DataSplits, load_dataset
-from ..training.distributed import resolve_device
 
 IN_MEMORY_MAX_SIDE = {"digits": 32, "cifar10": 32, "cifar100": 32, "imagefolder": EAGER_MAX_SIDE}
 
@@ -22,13 +19,6 @@ def load_data(dataset: str, data_dir: Path | None, size: int, seed: int, with_te
     """The data as training and evaluation read it: in-memory images stored at most at their own size
     (the loader resizes each batch to ``size`` on the device), so both see the same pixels."""
     return load_dataset(dataset, data_dir, min(size, IN_MEMORY_MAX_SIDE[dataset]), seed=seed, with_test=with_test)
-
-
-def command_device(device: str) -> torch.device:
-    try:
-        return resolve_device(device)
-    except ValueError as e:  # cuda asked for, none here
-        raise CommandError(f"--device {device}: {e}") from None
 
 
 def print_table(headers: Sequence[str], rows: Sequence[Sequence[str]], header: bool = True) -> str:

@@ -14,13 +14,13 @@ from ..models import LocalityViT
 from ..space.flops import count
 from ..training.augment import rand_augment
 from ..training.data import DataSplits
-from ..training.distributed import cleanup_distributed, setup_distributed
+from ..training.distributed import cleanup_distributed, resolve_device, setup_distributed
 from ..training.loader import check_batch_size
 from ..training.recipe import RetrainConfig
 from ..training.retrain import RetrainResult, retrain
 from ..units import format_macs
 from .model_spec import ModelSpec, build_model, resolve_model
-from .shared import CommandError, command_device, load_data
+from .shared import CommandError, load_data
 
 # What must match for a rerun to resume a training folder (the rest of the recipe may change, with a warning);
 # the drop-path rate is the model's, not the recipe's: the record must describe every epoch.
@@ -81,7 +81,7 @@ def train_command(*, model: str, dataset: str, data_dir: Path | None, epochs: in
     try:
         if dist_info.is_main:  # the other ranks would see the folder rank 0 is making
             folder.check_reusable()
-        dev = command_device(device)
+        dev = resolve_device(device)
         splits = load_data(dataset, data_dir, size, seed, with_test=True)
         net = build_model(spec, splits.num_classes, size, drop_path_rate=drop_path)
         cfg = RetrainConfig(epochs=epochs, img_size=size, seed=seed, **recipe)

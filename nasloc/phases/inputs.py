@@ -1,14 +1,23 @@
-"""What a run reads before any phase: the search space (checked against the budget), the data splits, the
-image sizes, and the run's record."""
+"""What a run reads and checks before any phase: the storage, the search space against the budget, the image
+sizes, the device, the dashboard's port, the data splits and the batch size; then the run's record.
+
+Every check runs before anything is written or trained (:func:`load_inputs` writes nothing), so a refused
+command leaves no run folder behind and a corrected rerun starts cleanly. Each refusal is one line that names
+the option and how to mend it.
+"""
 from __future__ import annotations
 
+import os
+import socket
 from dataclasses import replace
+from pathlib import Path
 
-from ..arch import total_stride
 from ..errors import NaslocError
 from ..run import RunOptions, RunRecord
 from ..space.search_space import SearchSpace
+from ..storage.factory import check_storage
 from ..training.data import DataSplits, load_dataset
+from ..training.distributed import resolve_device
 from ..training.loader import check_batch_size
 from ..units import format_macs
 
@@ -17,15 +26,40 @@ class BudgetError(NaslocError):
     """The budget lies outside what the search space can build."""
 
 
-def load_inputs(options: RunOptions) -> tuple[SearchSpace, DataSplits, RunRecord]:
-    """The search space (for the data set's classes), the data splits and the run's record.
+class SizeError(NaslocError):
+    """An image size that the search space's archs cannot take."""
 
-    The budget is checked against the space before the data is loaded (cheap, and the common
-    mistake) and again for the data set's number of classes (the classifier head counts too).
+
+class PortError(NaslocError):
+    """The dashboard's port is taken."""
+
+
+class ResultsDirError(NaslocError):
+    """A results folder that cannot hold run folders."""
+
+
+def check_resources(options: RunOptions) -> None:
+    """What the run uses besides its inputs: the results folder, the storage (opened, or connected to, without
+    creating anything), the device and the dashboard's port."""
+    check_results_dir(options.results_dir)
+    check_storage(options.storage)
+    resolve_device(options.device)
+    if options.dashboard:
+        check_port_free(options.dashboard_port)
+
+
+def load_inputs(options: RunOptions) -> tuple[SearchSpace, DataSplits, RunRecord]:
+    """The search space (for the data set's classes), the data splits and the run's record, every input checked.
+
+    The cheap checks come first (budget, image sizes), then the data is loaded and the batch size and the budget
+    (the classifier head counts too) are checked against it.
     """
     space = SearchSpace.load(options.space)
     check_budget(space, options.budget)
     proxy_size = options.proxy_img_size or default_proxy_size(space)
+    check_img_size(space, proxy_size, "--proxy-img-size")
+    if options.retrain_img_size is not None:
+        check_img_size(space, options.retrain_img_size, "--retrain-img-size")
     splits = load_dataset(options.dataset, options.data_dir, proxy_size, seed=options.seed)
     check_batch_size(options.batch_size, len(splits.train))  # under torchrun the loader checks each rank's shard
     space = space.for_classes(splits.num_classes)
@@ -38,18 +72,45 @@ def load_inputs(options: RunOptions) -> tuple[SearchSpace, DataSplits, RunRecord
 def check_budget(space: SearchSpace, budget: float) -> None:
     lo, hi = space.macs_range()
     if not lo <= budget <= hi:
-        raise BudgetError(
-            f"budget {format_macs(budget)} is outside the space {space.name}: its archs span "
-            f"{format_macs(lo)} to {format_macs(hi)} at {space.img_size} px"
-        )
+        raise BudgetError(f"--budget {format_macs(budget)}: outside the space {space.name}, whose archs span "
+                          f"{format_macs(lo)} to {format_macs(hi)} at {space.img_size} px; give a budget in that "
+                          "range or another --space")
+
+
+def check_img_size(space: SearchSpace, size: int, option: str) -> None:
+    """``size`` must be a multiple of the space's stride from image to last map (stem, then 2 per stage)."""
+    stride = space.stride
+    if size % stride:
+        below, above = size // stride * stride, (size // stride + 1) * stride
+        fix = f"{below} or {above}" if below else str(above)
+        raise SizeError(f"{option} {size}: the archs of the space {space.name} need a multiple of {stride} px "
+                        f"(stem stride x 2 per downsampling); use {fix}")
+
+
+def check_results_dir(results_dir: Path) -> None:
+    """The folder must be one (made when the run starts) that this process can write in."""
+    existing = next(p for p in (results_dir, *results_dir.parents) if p.exists())
+    if not existing.is_dir():
+        raise ResultsDirError(f"--results-dir {results_dir}: {existing} is a file, not a folder; give a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ResultsDirError(f"--results-dir {results_dir}: {existing} is not writable here; give a folder you "
+                              "can write in")
+
+
+def check_port_free(port: int) -> None:
+    """Refuse a taken ``--dashboard-port`` now, not after the supernet has trained."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError as e:
+            raise PortError(f"--dashboard-port {port}: cannot serve there ({e.strerror}); pick a free port") from None
 
 
 def default_proxy_size(space: SearchSpace) -> int:
     """The smallest size >= 32 px at which every arch of the space is valid (and at most the
     deploy size): a multiple of the total stride of stem and downsampling."""
-    stride = total_stride(int(space.skeleton.get("patch_size", 16)), len(space.stages))
-    size = stride * max(1, -(-32 // stride))
-    return min(size, space.img_size)
+    stride = space.stride
+    return min(stride * max(1, -(-32 // stride)), space.img_size)
 
 
 def default_retrain_size(space: SearchSpace, dataset: str, proxy_size: int) -> int:

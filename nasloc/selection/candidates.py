@@ -28,8 +28,8 @@ def _candidate(trial: FrozenTrial) -> Candidate:
 
 
 def search_candidates(study: optuna.Study, budget_macs: float, top_k: int, band_low: float) -> list[Candidate]:
-    """The ``top_k`` best evaluated trials within budget, spread over the MACs band, then every seed design
-    that the search evaluated within budget (if not already among them).
+    """The ``top_k`` best evaluated searched trials within budget, spread over the MACs band, then every seed
+    design that the search evaluated within budget: ``top_k`` search candidates compete with the seed designs.
 
     The band [band_low, budget] is cut into ``ceil(top_k / 2)`` equal sub-bands and each trial competes
     only with the trials of its own sub-band (those below ``band_low`` join the lowest): the supernet
@@ -39,14 +39,13 @@ def search_candidates(study: optuna.Study, budget_macs: float, top_k: int, band_
     bins = max(1, math.ceil(top_k / 2))
     width = max(budget_macs - band_low, 1.0) / bins
     by_bin: list[list[FrozenTrial]] = [[] for _ in range(bins)]
-    seen: set[str] = set()
-    seeds: list[FrozenTrial] = []
-    for trial in sorted(evaluated_feasible_trials(study, budget_macs), key=lambda t: (-t.user_attrs["top1"], t.number)):
-        if trial.user_attrs["arch_json"] in seen:  # the same arch proposed twice
+    feasible = sorted(evaluated_feasible_trials(study, budget_macs), key=lambda t: (-t.user_attrs["top1"], t.number))
+    seeds = list({t.user_attrs["arch_json"]: t for t in reversed(feasible) if SEED_DESIGN_ATTR in t.user_attrs}.values())
+    seen = {t.user_attrs["arch_json"] for t in seeds}  # a searched trial that repeats a seed design is that design
+    for trial in feasible:
+        if trial.user_attrs["arch_json"] in seen:  # a seed design, or the same arch proposed twice
             continue
         seen.add(trial.user_attrs["arch_json"])
-        if SEED_DESIGN_ATTR in trial.user_attrs:
-            seeds.append(trial)
         index = min(bins - 1, max(0, int((trial.user_attrs["macs"] - band_low) // width)))
         by_bin[index].append(trial)
     picked: list[FrozenTrial] = []
@@ -54,7 +53,7 @@ def search_candidates(study: optuna.Study, budget_macs: float, top_k: int, band_
         for group in reversed(by_bin):  # next to the budget first
             if group and len(picked) < top_k:
                 picked.append(group.pop(0))
-    picked += sorted((t for t in seeds if t not in picked), key=lambda t: t.number)
+    picked += sorted(seeds, key=lambda t: t.number)
     return [_candidate(t) for t in picked]
 
 

@@ -32,6 +32,7 @@ from ..arch import (
     Block,
     Shortcut,
     Stage,
+    total_stride,
 )
 from .choosers import FREE, MISSING, Chooser, Fixed, OptunaChooser, RandomChooser, RecordingChooser, ReplayChooser
 from .files import SpaceError, resolve_space_path
@@ -120,6 +121,11 @@ class SearchSpace:
     @property
     def img_size(self) -> int:
         return int(self.skeleton.get("img_size", 224))
+
+    @property
+    def stride(self) -> int:
+        """Image pixels per token of the last stage's map: every image size of the space's archs is a multiple."""
+        return total_stride(int(self.skeleton.get("patch_size", 16)), len(self.stages))
 
     def grid(self, stage: int, img_size: int | None = None) -> int:
         return (img_size or self.img_size) // int(self.skeleton.get("patch_size", 16)) // 2**stage

@@ -20,6 +20,7 @@ local disk (:class:`SQLiteStorage` locks each transaction, e.g. ``--workers N``)
 from __future__ import annotations
 
 import functools
+import importlib.util
 import logging
 import os
 import random
@@ -108,7 +109,8 @@ def open_storage(
     else:  # SQLiteStorage needs the connections of _connect_sqlite, which an in-memory database does not get
         make = RDBStorage if database is None else SQLiteStorage
     try:
-        return _rdb_storage(make, text, engine_kwargs, heartbeat_interval, grace_period)
+        return _rdb_storage(make, url.render_as_string(hide_password=False), engine_kwargs, heartbeat_interval,
+                            grace_period)
     except Exception as e:  # noqa: BLE001 - driver missing, server down, not a database, ...
         raise StorageError(f"storage {shown_url(url)}: cannot open ({first_line(e)})") from None
 
@@ -144,13 +146,23 @@ def _sqlite_database(url: URL) -> Path | None:
 
 
 def _parse_url(text: str) -> URL:
-    """The SQLAlchemy URL of ``text``."""
+    """The SQLAlchemy URL of ``text``, with an installed driver for a plain ``postgresql://`` (see
+    :func:`_installed_driver`)."""
     try:
-        return sqlalchemy.engine.make_url(text)
+        return _installed_driver(sqlalchemy.engine.make_url(text))
     except (sqlalchemy.exc.ArgumentError, ValueError) as e:  # ValueError: a port that is not a number
         shown = re.sub(r"(://[^:/@]*:)[^@/]*@", r"\1***@", text)  # the password, as SQLAlchemy hides it
-        raise StorageError(f"storage {shown}: not a database URL ({first_line(e)}); give an SQLAlchemy URL "
+        raise StorageError(f"--storage {shown}: not a database URL ({first_line(e)}); give an SQLAlchemy URL "
                            "such as postgresql+psycopg2://user@host/db, or a file path") from None
+
+
+def _installed_driver(url: URL) -> URL:
+    """``postgresql://`` names SQLAlchemy's default driver, psycopg (3) since SQLAlchemy 2.1; nasloc depends on
+    psycopg2. When psycopg is not installed, the plain form takes psycopg2, the URL most users write."""
+    if url.drivername == "postgresql" and importlib.util.find_spec("psycopg") is None \
+            and importlib.util.find_spec("psycopg2") is not None:
+        return url.set(drivername="postgresql+psycopg2")
+    return url
 
 
 def _rdb_storage(make: Callable[..., RDBStorage], url: str, engine_kwargs: dict[str, Any],
@@ -196,7 +208,7 @@ def check_storage(url_or_path: str | os.PathLike) -> None:
     text = os.fspath(url_or_path)
     if "://" not in text:
         if Path(text).expanduser().is_dir():
-            raise StorageError(f"storage {text}: is a folder; give a file in it, such as {Path(text) / 'study.log'}")
+            raise StorageError(f"--storage {text}: is a folder; give a file in it, such as {Path(text) / 'study.log'}")
         return
     url = _parse_url(text)
     shown = shown_url(url)
@@ -205,15 +217,15 @@ def check_storage(url_or_path: str | os.PathLike) -> None:
         engine = sqlalchemy.create_engine(url, poolclass=NullPool,
                                           connect_args={timeout_arg: CONNECT_TIMEOUT_S} if timeout_arg else {})
     except sqlalchemy.exc.NoSuchModuleError:
-        raise StorageError(f"storage {shown}: unknown database or driver {url.drivername!r}; use an SQLAlchemy URL "
+        raise StorageError(f"--storage {shown}: unknown database or driver {url.drivername!r}; use an SQLAlchemy URL "
                            "such as sqlite:///study.db or postgresql+psycopg2://user@host/db") from None
     except ImportError as e:
-        raise StorageError(f"storage {shown}: its database driver is not installed ({first_line(e)}); install it "
+        raise StorageError(f"--storage {shown}: its database driver is not installed ({first_line(e)}); install it "
                            "or name an installed one, e.g. postgresql+psycopg2://user@host/db") from None
     try:
         database = _sqlite_database(url)
         if database is not None and database.is_dir():
-            raise StorageError(f"storage {shown}: is a folder; give a file in it, such as {database / 'study.db'}")
+            raise StorageError(f"--storage {shown}: is a folder; give a file in it, such as {database / 'study.db'}")
         if url.get_backend_name() != "sqlite":
             _check_connects(engine, shown)
     finally:
@@ -225,4 +237,4 @@ def _check_connects(engine: sqlalchemy.engine.Engine, shown: str) -> None:
         with engine.connect():
             pass
     except Exception as e:  # noqa: BLE001 - every driver has its own errors
-        raise StorageError(f"storage {shown}: cannot connect ({first_line(getattr(e, 'orig', None) or e)})") from None
+        raise StorageError(f"--storage {shown}: cannot connect ({first_line(getattr(e, 'orig', None) or e)})") from None

@@ -9,6 +9,8 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 
+from ..errors import NaslocError
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -41,13 +43,17 @@ def cleanup_distributed() -> None:
         dist.destroy_process_group()
 
 
+class DeviceError(NaslocError):
+    """A device asked for that this machine does not have; the message is one line."""
+
+
 def resolve_device(device: str = "auto") -> torch.device:
     """"auto": this process's CUDA device (LOCAL_RANK under torchrun) if there is one, else the CPU."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise ValueError(f"device {device!r} requested but CUDA is not available; use --device cpu")
+            raise DeviceError(f"--device {device}: CUDA is not available on this machine; use --device cpu (or auto)")
         if device == "cuda":
             device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
     return torch.device(device)

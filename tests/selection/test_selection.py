@@ -11,12 +11,20 @@ import pytest
 from optuna.trial import TrialState
 
 from nasloc.arch import Arch
-from nasloc.space.flops import count
 from nasloc.search.study import SEED_DESIGN_ATTR
 from nasloc.selection.candidates import Candidate, search_candidates
-from nasloc.selection.halving import (SelectionResult, SynchronousHalvingPruner, finalists, rung_epochs, ranking,
-                                      leading_ties, selection_result, tied_note)
+from nasloc.selection.halving import (
+    SelectionResult,
+    SynchronousHalvingPruner,
+    finalists,
+    leading_ties,
+    ranking,
+    rung_epochs,
+    selection_result,
+    tied_note,
+)
 from nasloc.selection.study import run_selection, selection_rows
+from nasloc.space.flops import count
 from nasloc.space.search_space import SearchSpace
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -160,6 +168,7 @@ def test_search_candidates_cover_the_upper_budget_and_add_the_seed_designs(space
     upper = [c for c in picked if count(c.arch).macs >= low + 2 * (budget - low) / 3]
     assert len(upper) >= 2  # a plain top-6 by proxy would hold only the smallest archs
     assert [c.source for c in picked].count("DW shortcut") == 1  # the seed design, by its name
+    assert len(picked) == 6 + 1  # --select-top-k searched archs, and the seed design on top
     by_source = {c.source: c for c in picked}
     assert by_source["DW shortcut"].arch == small
     assert all(c.source == str(c.trial) for c in picked if c.source != "DW shortcut")
@@ -225,9 +234,9 @@ def test_ray_selection_ranks_a_diverged_candidate_last_and_keeps_a_crashed_one_f
 
 @pytest.mark.parametrize("init", ["scratch", "supernet"])
 def test_rung_trainer_trains_a_candidate_and_resumes_its_checkpoint(space, tmp_path, init):
-    from nasloc.training.data import load_dataset
     from nasloc.selection.trainer import RungTrainer, SelectionConfig
     from nasloc.supernet.supernet import Supernet
+    from nasloc.training.data import load_dataset
 
     splits = load_dataset("digits", None, img_size=16)
     supernet = Supernet(space.for_classes(splits.num_classes), img_size=16)
@@ -250,9 +259,9 @@ def test_rung_trainer_refuses_an_unknown_start(space):
 def test_a_folder_of_another_arch_is_moved_aside_not_resumed(space, tmp_path):
     """A run folder shared by two studies (a rerun with another --storage): selection trial 0 of the second
     study is another arch than trial 0 of the first, whose checkpoint would not even load."""
-    from nasloc.training.data import load_dataset
     from nasloc.selection.trainer import RungTrainer, SelectionConfig
     from nasloc.supernet.supernet import Supernet
+    from nasloc.training.data import load_dataset
 
     splits = load_dataset("digits", None, img_size=16)
     supernet = Supernet(space.for_classes(splits.num_classes), img_size=16)

@@ -13,15 +13,19 @@ import optuna
 import pytest
 import sqlalchemy
 from optuna.storages import JournalStorage, RDBStorage
-
-from nasloc.errors import NaslocError
-from nasloc.storage.reconnect import (DB_RETRY_ENV, DB_RETRY_SECONDS, ReconnectingRDBStorage, db_retry_seconds,
-                                      storage_errors_unmasked)
-from nasloc.storage.heartbeat import HeartbeatJournalStorage
-from nasloc.storage.sqlite import SQLiteStorage, lock_on_begin
-from nasloc.errors import StorageError
-from nasloc.storage.factory import check_storage, open_storage
 from postgres import postgres_url  # noqa: F401 (a fixture)
+
+from nasloc.errors import NaslocError, StorageError
+from nasloc.storage.factory import check_storage, open_storage
+from nasloc.storage.heartbeat import HeartbeatJournalStorage
+from nasloc.storage.reconnect import (
+    DB_RETRY_ENV,
+    DB_RETRY_SECONDS,
+    ReconnectingRDBStorage,
+    db_retry_seconds,
+    storage_errors_unmasked,
+)
+from nasloc.storage.sqlite import SQLiteStorage, lock_on_begin
 
 
 # ------------------------------------------------------------------------------------------- open_storage
@@ -133,6 +137,16 @@ def test_check_storage_connects_to_a_real_server(postgres_url: str) -> None:  # 
     missing = postgres_url.rsplit("/", 1)[0] + "/no_such_database"
     with pytest.raises(StorageError, match='cannot connect .*"no_such_database" does not exist'):
         check_storage(missing)
+
+
+def test_the_plain_postgresql_url_takes_the_installed_driver(postgres_url: str) -> None:  # noqa: F811
+    """``postgresql://`` names psycopg (3), which is not installed; nasloc opens it with psycopg2, its dependency."""
+    plain = "postgresql://" + postgres_url.split("://", 1)[1]
+    check_storage(plain)
+    storage = open_storage(plain, heartbeat_interval=None)
+    study = optuna.create_study(storage=storage, study_name="plain-url")
+    study.optimize(lambda trial: trial.suggest_float("x", 0, 1), n_trials=2)
+    assert len(optuna.load_study(study_name="plain-url", storage=open_storage(postgres_url)).trials) == 2
 
 
 # ------------------------------------------------------------------------------------------- a server that goes away

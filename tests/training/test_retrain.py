@@ -14,11 +14,11 @@ import torch
 from PIL import Image
 from torch import nn
 
-from nasloc.training.data import DataSplits, load_dataset
-from nasloc.training.loader import make_loader
 from nasloc.errors import NaslocError, TrainingDiverged
-from nasloc.training.recipe import RetrainConfig
+from nasloc.training.data import DataSplits, load_dataset
 from nasloc.training.distributed import cleanup_distributed, resolve_device
+from nasloc.training.loader import make_loader
+from nasloc.training.recipe import RetrainConfig
 from nasloc.training.retrain import evaluate, retrain
 
 # The short-run setting: no mixup/RandAugment (they slow learning over 2 epochs), no warm-up.
@@ -213,7 +213,7 @@ def test_config_errors_are_one_line(digits, tmp_path):
         retrain(_mlp(), digits, RetrainConfig(epochs=1, batch_size=63, num_workers=0), tmp_path, progress=False)
     assert resolve_device("auto") == torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
     if not torch.cuda.is_available():
-        with pytest.raises(ValueError, match="CUDA is not available"):
+        with pytest.raises(NaslocError, match="^--device cuda: CUDA is not available on this machine; use --device cpu"):
             resolve_device("cuda")
         with pytest.raises(ValueError, match="amp=True needs a CUDA device"):
             retrain(_mlp(), digits, RetrainConfig(epochs=1, amp=True, **PLAIN), tmp_path, progress=False)
