@@ -419,7 +419,8 @@ class Protocol:
                            state=r["state"], macs=float(r["macs"]), params=int(float(r["params"])),
                            proxy_top1=float(trials[int(r["search_trial"])]["top1"]),
                            arch=json.loads(trials[int(r["search_trial"])]["arch_json"]),
-                           scores={k: float(v) for k, v in r.items() if k.startswith("top1@") and v})
+                           scores={k.replace("score@", "top1@"): float(v) for k, v in r.items()
+                                   if k.startswith(("top1@", "score@")) and v})
                       for r in _csv(run_dir / "selection.csv")]
         return dict(run_dir=str(run_dir), pick=candidates[0], candidates=candidates, **timing,
                     held_out=logged_held_out(self._log(key)),

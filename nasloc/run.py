@@ -36,6 +36,9 @@ STUDY_NAME = "nasloc"
 TRIALS_CSV, PARETO_CSV, PARETO_HTML = "trials.csv", "pareto.csv", "pareto.html"
 SELECTION_CSV = "selection.csv"
 SELECT_INITS = ("scratch", "supernet")  # the first is the default: it ranked better (bench/bench_selection.py)
+# What ranks the selection's candidates at each rung (nasloc.selection.scores; "complete": the top-1 of a
+# training whose schedule ends with the rung). The first is the default.
+SELECT_SCORES = ("val", "tse", "extrapolated", "complete")
 # The choices of the options. Those whose modules need torch to import (nasloc.training.data, nasloc.search,
 # nasloc.search.sampler) are copied here, so the command line answers without torch; a test checks that they agree.
 DATASETS = ("digits", "cifar10", "cifar100", "imagefolder")
@@ -46,12 +49,12 @@ BACKENDS = ("optuna", "ray")
 DEVICES = ("auto", "cpu", "cuda")
 
 
-_ADDED_OPTIONS = ("latency_budget",)  # options newer than some run.json files (issue 16)
+_ADDED_OPTIONS = ("latency_budget", "select_score")  # options newer than some run.json files
 # Options a rerun must repeat: the supernet, study and selection it resumes were made for them (--batch-size
 # sets the supernet's and the selection's steps). --trials and the retrain options may grow, --supernet-epochs
 # too (the schedule follows it); device, workers and dashboard are the machine's business.
 FIXED_OPTIONS = ("space", "dataset", "seed", "proxy_img_size", "budget", "latency_budget", "objectives",
-                 "batch_size", "select_top_k", "select_epochs", "select_init")
+                 "batch_size", "select_top_k", "select_epochs", "select_init", "select_score")
 
 
 class RunError(NaslocError):
@@ -64,8 +67,9 @@ class RunOptions:
 
     Paths become absolute (Ray workers change directory), ``space`` may be the name of a shipped space,
     and the defaults left as None are derived: ``run_name`` from space, data set and budget, ``storage``
-    as the run folder's ``study.db``. ``proxy_img_size`` and ``retrain_img_size`` None: chosen by the
-    pipeline from the space and the data set (the :class:`RunRecord` holds the sizes chosen).
+    as the run folder's ``study.db``. ``proxy_img_size``, ``retrain_img_size`` and ``select_epochs`` None:
+    chosen by the pipeline from the space, the data set and the retrain's length (the :class:`RunRecord` holds
+    what was chosen).
     """
 
     budget: float  # multiply-adds per image at the space's deploy resolution
@@ -78,8 +82,9 @@ class RunOptions:
     supernet_epochs: int = 5
     trials: int = 60
     select_top_k: int = 8
-    select_epochs: int = 4
+    select_epochs: int | None = None  # the last rung; None: from retrain_epochs (the RunRecord holds it)
     select_init: str = "scratch"
+    select_score: str = "val"
     batch_size: int = 64  # images per step of the supernet training and of the selection's trainings
     retrain_top_k: int = 2
     retrain_epochs: int = 5
@@ -116,7 +121,7 @@ class RunOptions:
         """Options made in Python are checked as the command line checks them: a misspelled phase must not run
         as "all", nor a bad sampler or a latency budget on Ray fail after hours of supernet training."""
         for name, choices in (("dataset", DATASETS), ("sampler", SAMPLERS), ("select_init", SELECT_INITS),
-                              ("phase", PHASES), ("backend", BACKENDS)):  # a device ("cuda:1") is checked by torch
+                              ("select_score", SELECT_SCORES), ("phase", PHASES), ("backend", BACKENDS)):  # a device ("cuda:1") is checked by torch
             if getattr(self, name) not in choices:
                 raise RunError(f"{name}={getattr(self, name)!r}: choose one of {', '.join(choices)}")
         unknown = [o for o in self.objectives if o not in OBJECTIVES]

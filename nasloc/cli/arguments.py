@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Callable, NoReturn
 
 from ..errors import NaslocError
-from ..run import BACKENDS, DATASETS, DEVICES, OBJECTIVES, PHASES, SAMPLERS, SELECT_INITS, RunOptions
+from ..run import BACKENDS, DATASETS, DEVICES, OBJECTIVES, PHASES, SAMPLERS, SELECT_INITS, SELECT_SCORES, RunOptions
 from ..units import ACCEPTED_FORMS, parse_budget
 
 LATENCY_BACKENDS = ("torch", "onnxruntime")
@@ -212,7 +212,15 @@ def add_search_arguments(parser: argparse.ArgumentParser) -> None:
                              "skips selection and retrains the Pareto front by proxy (default: %(default)s)")
     effort.add_argument("--select-epochs", metavar="N", type=_int_in(1), default=DEFAULTS["select_epochs"],
                         help="epochs of the selection's last rung; rungs are 1, 2, 4, ... epochs, and half the "
-                             "candidates go on at each (default: %(default)s)")
+                             "candidates go on at each; the candidates train on the retrain's recipe and schedule "
+                             "(--retrain-epochs) and stop at the rungs (default: a quarter of --retrain-epochs, at "
+                             "least 4)")
+    effort.add_argument("--select-score", choices=SELECT_SCORES, default=DEFAULTS["select_score"],
+                        help="what ranks the candidates at each rung: val, their top-1 on held-out images; tse, "
+                             "the sum of their training losses (training speed); extrapolated, the top-1 a power "
+                             "law fitted to their learning curve predicts at the retrain's end; complete, the "
+                             "top-1 of a training whose schedule ends with the rung (each rung trains afresh) "
+                             "(default: %(default)s)")
     effort.add_argument("--select-init", choices=SELECT_INITS, default=DEFAULTS["select_init"],
                         help="selection candidates start from scratch (it ranked better: results/benchmarks.md) "
                              "or from their supernet weights (fine-tuning) (default: %(default)s)")

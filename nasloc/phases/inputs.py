@@ -13,7 +13,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from ..errors import NaslocError
-from ..run import RunOptions, RunRecord
+from ..run import RunDir, RunOptions, RunRecord
 from ..space.search_space import SearchSpace
 from ..storage.factory import check_storage
 from ..training.data import DataSplits, load_dataset
@@ -65,7 +65,8 @@ def load_inputs(options: RunOptions) -> tuple[SearchSpace, DataSplits, RunRecord
     space = space.for_classes(splits.num_classes)
     check_budget(space, options.budget)
     retrain_size = options.retrain_img_size or default_retrain_size(space, options.dataset, proxy_size)
-    chosen = replace(options, proxy_img_size=proxy_size, retrain_img_size=retrain_size)
+    chosen = replace(options, proxy_img_size=proxy_size, retrain_img_size=retrain_size,
+                     select_epochs=options.select_epochs or chosen_select_epochs(options))
     return space, splits, RunRecord(chosen, splits.num_classes, splits.mean, splits.std)
 
 
@@ -104,6 +105,19 @@ def check_port_free(port: int) -> None:
             probe.bind(("127.0.0.1", port))
         except OSError as e:
             raise PortError(f"--dashboard-port {port}: cannot serve there ({e.strerror}); pick a free port") from None
+
+
+def chosen_select_epochs(options: RunOptions) -> int:
+    """The selection's last rung when ``--select-epochs`` is not given: what the run chose when it started (a
+    rerun may lengthen the retrain, not move the selection's rungs), else :func:`default_select_epochs`."""
+    run = RunDir(options.run_dir)
+    stored = run.read_record().options.select_epochs if run.record_file.is_file() else None
+    return stored or default_select_epochs(options.retrain_epochs)
+
+
+def default_select_epochs(retrain_epochs: int) -> int:
+    """A quarter of the retrain, at least 4 epochs: rungs of 1, 2, 4 halve a dozen candidates to three."""
+    return max(4, retrain_epochs // 4)
 
 
 def default_proxy_size(space: SearchSpace) -> int:

@@ -1,4 +1,5 @@
-"""Phase 5: the finalists retrained from scratch."""
+"""Phase 5: the finalists retrained from scratch, with the recipe that fits the retrain's length
+(:func:`nasloc.training.recipe.fitted_recipe`: DeiT's from 100 epochs on, the short recipe below)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -14,7 +15,7 @@ from ..run import RunDir, RunRecord
 from ..space.flops import count
 from ..space.search_space import SearchSpace
 from ..training.data import DataSplits, load_dataset
-from ..training.recipe import RetrainConfig
+from ..training.recipe import fitted_recipe
 from ..training.retrain import Retrained, retrain
 
 
@@ -29,8 +30,8 @@ def retrain_phase(chosen: list[FrozenTrial], space: SearchSpace, splits: DataSpl
     results = []
     for trial in chosen:
         arch = Arch.from_dict(trial.user_attrs["arch"]).replace(img_size=size)
-        model = LocalityViT(arch, drop_path_rate=0.1)
-        cfg = RetrainConfig(epochs=options.retrain_epochs, img_size=size, seed=options.seed, mixup=0.0, cutmix=0.0, ema_decay=0.0)
+        cfg = fitted_recipe(options.retrain_epochs, img_size=size, seed=options.seed)
+        model = LocalityViT(arch, drop_path_rate=cfg.drop_path)
         folder = run.write_retrained_arch(trial.number, arch)
         result = retrain(model, data, cfg, folder, device=options.device)  # resumes; all epochs done: only reads
         weights = run.retrained_weights(trial.number)

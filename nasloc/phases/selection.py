@@ -14,7 +14,7 @@ from ..search.ray import trial_resources
 from ..selection.candidates import search_candidates
 from ..selection.halving import SelectionResult, tied_note
 from ..selection.pool import RungPool
-from ..selection.study import run_selection, selection_rows
+from ..selection.study import run_selection, selection_rows, stored_schedule
 from ..selection.trainer import RungTrainer, SelectionConfig, TrainerSpec
 from ..space.band import search_band
 from ..space.search_space import SearchSpace
@@ -31,28 +31,34 @@ def selection_phase(study: optuna.Study, supernet: Supernet, splits: DataSplits,
     ``selection.csv``."""
     options = record.options
     candidates = search_candidates(study, options.budget, options.select_top_k, search_band(space, options.budget).lo)
-    config = SelectionConfig(epochs=options.select_epochs, top_k=options.select_top_k, init=options.select_init,
-                             batch_size=options.batch_size, seed=options.seed)
-    say(f"[nasloc] 4/6 selection: {len(candidates)} candidates ({sum(not c.source.isdigit() for c in candidates)} "
-         f"seed designs), rungs up to {config.epochs} epochs from {config.init}, {len(splits.val)} "
-         f"held-out images" + (f", {options.workers} trainings at a time" if options.workers > 1 else ""))
     storage = open_storage(options.storage, heartbeat_interval=None)  # no Study.optimize to beat for
+    config = SelectionConfig(epochs=options.select_epochs, top_k=options.select_top_k, init=options.select_init,
+                             schedule_epochs=stored_schedule(storage) or options.retrain_epochs,
+                             score=options.select_score, batch_size=options.batch_size, seed=options.seed)
+    say(f"[nasloc] 4/6 selection: {len(candidates)} candidates ({sum(not c.source.isdigit() for c in candidates)} "
+        f"seed designs), rungs up to {config.epochs} epochs of the {config.schedule_epochs}-epoch retrain from "
+        f"{config.init}, ranked by {config.score} on {len(splits.val)} held-out images"
+        + (f", {options.workers} trainings at a time" if options.workers > 1 else ""))
     device = next(supernet.parameters()).device
     spec = TrainerSpec(EvaluatorSpec.for_run(record, checkpoint, str(device)), config, str(run.root))
+    # Ties are what the held-out images cannot tell apart: a training-loss score (tse) has none to speak of.
+    held_out = 0 if config.score == "tse" else len(splits.val)
     if options.backend == "ray":
         from ..selection.ray import run_ray_selection
 
         result = run_ray_selection(candidates, spec, storage, max_epochs=config.epochs,
                                    reduction_factor=config.reduction_factor, ray_address=options.ray_address,
                                    max_concurrent=options.workers, results_dir=run.ray_dir,
-                                   resources_per_trial=trial_resources(device.type), held_out=len(splits.val), say=say)
+                                   resources_per_trial=trial_resources(device.type), held_out=held_out,
+                                   score=config.score, schedule_epochs=config.schedule_epochs, say=say)
     else:  # one training at a time, or --workers processes that rebuild the trainer from the spec (threads shared)
         trainer = (RungPool(spec, options.workers, max(1, torch.get_num_threads() // options.workers))
                    if options.workers > 1 else
                    nullcontext(RungTrainer(supernet, splits, config, run.selection_dir, device=options.device)))
         with trainer as advance:
             result = run_selection(candidates, advance, storage, max_epochs=config.epochs,
-                                   reduction_factor=config.reduction_factor, held_out=len(splits.val), say=say,
+                                   reduction_factor=config.reduction_factor, held_out=held_out,
+                                   score=config.score, schedule_epochs=config.schedule_epochs, say=say,
                                    progress=True)
     write_csv(selection_rows(result.study), run.root / SELECTION_CSV)
     note = tied_note(result, options.retrain_top_k)

@@ -65,11 +65,13 @@ def _selection_lines(selection: SelectionResult, finalists: int) -> list[str]:
 
     rows = selection_rows(selection.study)
     rungs = selection.study.user_attrs["rungs"]
-    lines = ["", "## Selection (successive halving of short trainings, top-1 % on the held-out half of val)", "",
+    score = selection.study.user_attrs.get("score", "val")
+    lines = ["", f"## Selection (successive halving of short trainings, ranked by {score}; val: top-1 % on the "
+             "held-out half of val)", "",
              "| rank | candidate | search trial | " + " | ".join(f"{e} ep" for e in rungs) + " | GMACs | locality |",
              "|---|---|---|" + "---|" * len(rungs) + "---|---|"]
     for row in rows:
-        scores = " | ".join("" if row[f"top1@{e}ep"] is None else f"{row[f'top1@{e}ep']:.2f}" for e in rungs)
+        scores = " | ".join("" if row[f"score@{e}ep"] is None else f"{row[f'score@{e}ep']:.2f}" for e in rungs)
         lines.append(f"| {row['rank']} | {row['source']} | {row['search_trial']} | {scores} | "
                      f"{row['macs'] / 1e9:.4f} | {row['locality']} |")
     note = tied_note(selection, finalists)

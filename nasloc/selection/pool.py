@@ -3,7 +3,7 @@
 The candidates of a rung train independently, so the selection can hand them to N processes. Each process
 rebuilds the run's :class:`nasloc.selection.trainer.RungTrainer` once from a picklable
 :class:`nasloc.selection.trainer.TrainerSpec` (supernet checkpoint, data, selection config, run folder) and trains
-the candidates it is handed; the scores come back as the trainings end, and the selection reports each at once
+the candidates it is handed; the curves come back as the trainings end, and the selection reports each at once
 (a crash keeps the finished ones). Every training is seeded and checkpointed in its own folder, as one at a
 time, so the scores are those of one at a time up to float summation order (a process gets its share of the
 threads). On a GPU the processes share the card: small nets are bound by kernel launches, and several keep it
@@ -21,6 +21,7 @@ from ..errors import NaslocError
 
 if TYPE_CHECKING:
     from .candidates import Candidate
+    from .scores import Curve
     from .trainer import TrainerSpec
 
 
@@ -29,7 +30,7 @@ _trainer: Any = None  # the RungTrainer of a pool process
 
 
 class SelectionWorkerDied(NaslocError):
-    """A selection process ended without returning its score (killed, out of memory)."""
+    """A selection process ended without returning its curve (killed, out of memory)."""
 
 
 class RungPool:
@@ -41,8 +42,8 @@ class RungPool:
                                              initializer=_start,
                                              initargs=(spec, threads, multiprocessing.get_start_method()))
 
-    def train(self, jobs: Iterable[Job]) -> Iterator[tuple[int, float]]:
-        """(trial number, top-1 %) of each job, in the order the trainings end."""
+    def train(self, jobs: Iterable[Job]) -> Iterator[tuple[int, Curve]]:
+        """(trial number, learning curve) of each job, in the order the trainings end."""
         futures: dict[Future, int] = {self._executor.submit(_advance, *job): job[0] for job in jobs}
         try:
             for future in as_completed(futures):
@@ -75,5 +76,5 @@ def _start(spec: TrainerSpec, threads: int, start_method: str) -> None:
     _trainer = spec()
 
 
-def _advance(number: int, candidate: Candidate, epochs: int) -> float:
+def _advance(number: int, candidate: Candidate, epochs: int) -> Curve:
     return _trainer(number, candidate, epochs)

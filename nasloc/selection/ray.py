@@ -27,14 +27,17 @@ from ..errors import first_line
 from ..search.ray import cached, ray_session
 from .candidates import Candidate
 from .halving import SelectionResult, rung_epochs, selection_result
+from .scores import all_scores, score_of
 from .study import alive_candidates, close_candidate, close_unfinished, open_selection, report
 from .trainer import RungTrainer
 
-RANKED = "ranked_top1"  # what ASHA compares: top-1, or -inf for a diverged (NaN) candidate
+RANKED = "ranked_score"  # what ASHA compares: the score, or -inf for a diverged (NaN) candidate
 
 
-def ray_rung_trial(config: dict[str, Any], *, trainer_factory: Callable[[], RungTrainer], rungs: Sequence[int]) -> None:
-    """Ray worker: one candidate through the rungs, reporting each score (ASHA may stop it after any)."""
+def ray_rung_trial(config: dict[str, Any], *, trainer_factory: Callable[[], RungTrainer], rungs: Sequence[int],
+                   score: str = "val") -> None:
+    """Ray worker: one candidate through the rungs, reporting each score (ASHA may stop it after any) and every
+    score of its curve."""
     import torch
     from ray import tune
 
@@ -42,11 +45,14 @@ def ray_rung_trial(config: dict[str, Any], *, trainer_factory: Callable[[], Rung
     entry = config["candidate"]
     candidate = Candidate(entry["source"], Arch.from_dict(entry["arch"]), entry["search_trial"])
     trainer = cached(trainer_factory)
+    rank_by = score_of(score)
     for epochs in rungs:
         known = entry["scored"].get(str(epochs))
-        value = float(known if known is not None else trainer(entry["number"], candidate, epochs))
+        curve = None if known is not None else trainer(entry["number"], candidate, epochs)
+        value = float(known if curve is None else rank_by(curve))
         # ASHA keeps a NaN going (NaN < cutoff is False): it ranks a diverged candidate by -inf instead.
-        tune.report({"top1": value, RANKED: value if math.isfinite(value) else -math.inf, "epochs": epochs})
+        tune.report({"score": value, RANKED: value if math.isfinite(value) else -math.inf, "epochs": epochs,
+                     "scores": None if curve is None else all_scores(curve)})
 
 
 def _report_callback(study: optuna.Study, entries: list[dict[str, Any]], rungs: list[int]) -> Any:
@@ -62,7 +68,7 @@ def _report_callback(study: optuna.Study, entries: list[dict[str, Any]], rungs: 
         def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
             key = (trial.config["candidate"]["trial_id"], int(result["epochs"]))
             if key not in self.stored:
-                report(study, key[0], float(result["top1"]), key[1])
+                report(study, key[0], float(result["score"]), key[1], result["scores"])
                 self.stored.add(key)
 
         def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
@@ -78,6 +84,7 @@ def run_ray_selection(candidates: Sequence[Candidate], trainer_factory: Callable
                       storage: BaseStorage, *, max_epochs: int, reduction_factor: int = 2,
                       ray_address: str | None = None, max_concurrent: int = 2, results_dir: str | Path,
                       resources_per_trial: dict[str, float] | None = None, held_out: int = 0,
+                      score: str = "val", schedule_epochs: int | None = None,
                       say: Callable[[str], None] = print) -> SelectionResult:
     """Run (or resume) the selection with Ray Tune's ASHA; returns the study and its ranking.
 
@@ -88,7 +95,7 @@ def run_ray_selection(candidates: Sequence[Candidate], trainer_factory: Callable
     from ray.tune.schedulers import ASHAScheduler
 
     rungs = rung_epochs(max_epochs, reduction_factor)
-    study = open_selection(candidates, storage, rungs, reduction_factor, held_out)
+    study = open_selection(candidates, storage, rungs, reduction_factor, held_out, score, schedule_epochs)
     alive, failed = alive_candidates(study), {}
     if alive:
         say(f"[nasloc]   {len(alive)} candidates on Ray, up to {max_concurrent} at a time, ASHA over rungs {rungs}")
@@ -96,7 +103,7 @@ def run_ray_selection(candidates: Sequence[Candidate], trainer_factory: Callable
                         arch=t.user_attrs["arch"], search_trial=t.user_attrs["search_trial"],
                         scored={str(e): v for e, v in t.intermediate_values.items()}) for t in alive]
         trainable = tune.with_resources(
-            tune.with_parameters(ray_rung_trial, trainer_factory=trainer_factory, rungs=tuple(rungs)),
+            tune.with_parameters(ray_rung_trial, trainer_factory=trainer_factory, rungs=tuple(rungs), score=score),
             resources_per_trial or {"cpu": 1})
         scheduler = ASHAScheduler(time_attr="epochs", metric=RANKED, mode="max", max_t=rungs[-1], grace_period=1,
                                   reduction_factor=reduction_factor)

@@ -77,6 +77,12 @@ def extrapolated(curve: Curve, at: int | None = None) -> float:
 SCORES: dict[str, Callable[[Curve], float]] = {"val": val, "tse": tse, "extrapolated": extrapolated}
 
 
+def score_of(name: str) -> Callable[[Curve], float]:
+    """The score ``--select-score name`` ranks by: one of :data:`SCORES`, or ``complete``, the top-1 of a training
+    whose schedule ends with the rung (the trainer restarts each rung; see :class:`nasloc.selection.trainer`)."""
+    return val if name == "complete" else SCORES[name]
+
+
 def all_scores(curve: Curve) -> dict[str, float]:
     """Every score of ``curve`` by name."""
     return {name: score(curve) for name, score in SCORES.items()}

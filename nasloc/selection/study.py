@@ -32,25 +32,32 @@ from ..space.flops import count
 from .candidates import Candidate, candidate_of
 from .halving import HELD_OUT_ATTR, SelectionResult, SynchronousHalvingPruner, ranking, rung_epochs, selection_result
 from .pool import Job, RungPool
+from .scores import SCORES, Curve, all_scores, score_of
 
 STUDY_NAME = "selection"
-Advance = Callable[[int, Candidate, int], float]
-"""``advance(trial_number, candidate, epochs) -> top-1 %`` trains the candidate up to ``epochs`` epochs in all
-(resuming from what it trained before) and scores it on the selection split."""
+SCHEDULE_ATTR = "schedule_epochs"  # the length of the lr schedule the candidates train on (the retrain's)
+Advance = Callable[[int, Candidate, int], Curve]
+"""``advance(trial_number, candidate, epochs) -> curve`` trains the candidate up to ``epochs`` epochs in all
+(resuming from what it trained before) and returns its learning curve on the selection split."""
 
 
 def run_selection(candidates: Sequence[Candidate], advance: Advance | RungPool, storage: BaseStorage, *,
-                  max_epochs: int, reduction_factor: int = 2, held_out: int = 0,
-                  say: Callable[[str], None] = print, progress: bool = False) -> SelectionResult:
+                  max_epochs: int, reduction_factor: int = 2, held_out: int = 0, score: str = "val",
+                  schedule_epochs: int | None = None, say: Callable[[str], None] = print,
+                  progress: bool = False) -> SelectionResult:
     """Run (or resume) successive halving of ``candidates``, one training at a time (``advance``) or several
-    (a :class:`RungPool`); returns the study and its ranking. Each score is stored as soon as it comes. The
+    (a :class:`RungPool`); returns the study and its ranking. Each candidate's learning curve is scored by
+    ``score`` (:func:`nasloc.selection.scores.score_of`), the rung's value; every score of the curve is kept
+    beside it (the trial's user attribute ``scores@<epochs>``). Each is stored as soon as it comes. The
     candidates of a study are fixed when it is created: a rerun resumes them (trials keep their numbers and
     reported rungs) and ignores ``candidates``. ``held_out``: the images each score is measured on (0: unknown,
-    then no two scores count as tied). ``progress``: a bar per rung, of its candidates trained.
+    then no two scores count as tied). ``schedule_epochs``: kept with the study, for the trainings it resumes.
+    ``progress``: a bar per rung, of its candidates trained.
     """
     train = advance.train if isinstance(advance, RungPool) else partial(_one_at_a_time, advance)
     rungs = rung_epochs(max_epochs, reduction_factor)
-    study = open_selection(candidates, storage, rungs, reduction_factor, held_out)
+    study = open_selection(candidates, storage, rungs, reduction_factor, held_out, score, schedule_epochs)
+    rank_by = score_of(score)
     for epochs in rungs:
         alive = alive_candidates(study)
         if not alive:
@@ -61,36 +68,56 @@ def run_selection(candidates: Sequence[Candidate], advance: Advance | RungPool, 
         ids = {t.number: t._trial_id for t in alive}
         pending = [(t.number, candidate_of(t), epochs) for t in alive if epochs not in t.intermediate_values]
         with tqdm(total=len(pending), desc=f"selection rung {epochs}", unit="candidate", disable=not progress) as bar:
-            for number, score in train(pending):
-                report(study, ids[number], score, epochs)
-                bar.set_postfix_str(f"trial {number}: {score:.2f} %", refresh=False)
+            for number, curve in train(pending):
+                value = rank_by(curve)
+                report(study, ids[number], value, epochs, all_scores(curve))
+                bar.set_postfix_str(f"trial {number}: {score} {value:.2f}", refresh=False)
                 bar.update()
         _close_rung(study, epochs, rungs)
     return selection_result(study)
 
 
-def _one_at_a_time(advance: Advance, jobs: Sequence[Job]) -> Iterator[tuple[int, float]]:
+def _one_at_a_time(advance: Advance, jobs: Sequence[Job]) -> Iterator[tuple[int, Curve]]:
     for number, candidate, epochs in jobs:
         yield number, advance(number, candidate, epochs)
 
 
 def open_selection(candidates: Sequence[Candidate], storage: BaseStorage, rungs: list[int],
-                   reduction_factor: int = 2, held_out: int = 0) -> optuna.Study:
+                   reduction_factor: int = 2, held_out: int = 0, score: str = "val",
+                   schedule_epochs: int | None = None) -> optuna.Study:
     """The selection study, with one trial per candidate (made once; see :func:`run_selection`). ``held_out``
-    (the images each score is measured on) is kept as a study attribute, for :func:`ranking`'s ties."""
+    (the images each score is measured on) is kept as a study attribute, for :func:`ranking`'s ties; the rungs,
+    the score and the schedule are fixed when the study is made (a rerun must repeat them)."""
     with optuna_quiet(True):  # the rungs are reported by the caller
         study = optuna.create_study(storage=storage, study_name=STUDY_NAME, direction="maximize",
                                     load_if_exists=True, pruner=SynchronousHalvingPruner(rungs, reduction_factor))
-    _check_rungs(study, rungs)
+    _check_fixed(study, "rungs", rungs, "--select-epochs")
+    _check_fixed(study, "score", score, "--select-score")
+    if schedule_epochs is not None:
+        _check_fixed(study, SCHEDULE_ATTR, schedule_epochs, "--retrain-epochs")
     if held_out and study.user_attrs.get(HELD_OUT_ATTR) != held_out:
         study.set_user_attr(HELD_OUT_ATTR, held_out)
     _add_candidates(study, candidates)
     return study
 
 
-def report(study: optuna.Study, trial_id: int, value: float, epochs: int) -> None:
-    """Store a candidate's score after ``epochs`` epochs (an intermediate value of its trial, by storage id)."""
-    optuna.trial.Trial(study, trial_id).report(value, epochs)
+def report(study: optuna.Study, trial_id: int, value: float, epochs: int,
+           scores: dict[str, float] | None = None) -> None:
+    """Store a candidate's score after ``epochs`` epochs (an intermediate value of its trial, by storage id), and
+    every score of its curve there (``scores@<epochs>``, for selection.csv and the dashboard)."""
+    trial = optuna.trial.Trial(study, trial_id)
+    if scores is not None:
+        trial.set_user_attr(f"scores@{epochs}", scores)
+    trial.report(value, epochs)
+
+
+def stored_schedule(storage: BaseStorage) -> int | None:
+    """The schedule length the run's selection study was made with, if there is one (a rerun keeps it, even with
+    a longer --retrain-epochs)."""
+    try:
+        return optuna.load_study(study_name=STUDY_NAME, storage=storage).user_attrs.get(SCHEDULE_ATTR)
+    except KeyError:
+        return None
 
 
 def close_unfinished(study: optuna.Study, rungs: list[int], keep: Collection[int] = ()) -> None:
@@ -109,13 +136,13 @@ def close_candidate(study: optuna.Study, frozen: FrozenTrial, rungs: list[int]) 
         study.tell(frozen.number, state=TrialState.PRUNED)
 
 
-def _check_rungs(study: optuna.Study, rungs: list[int]) -> None:
-    stored = study.user_attrs.get("rungs")
+def _check_fixed(study: optuna.Study, name: str, value: Any, option: str) -> None:
+    stored = study.user_attrs.get(name)
     if stored is None:
-        study.set_user_attr("rungs", rungs)
-    elif list(stored) != rungs:
-        raise NaslocError(f"the selection of this run was started with rungs {stored} (epochs), not {rungs}; "
-                         "use the same --select-epochs, or another --run-name")
+        study.set_user_attr(name, value)
+    elif stored != value:
+        raise NaslocError(f"the selection of this run was started with {name} {stored}, not {value}; use the same "
+                          f"{option}, or another --run-name")
 
 
 def _add_candidates(study: optuna.Study, candidates: Sequence[Candidate]) -> None:
@@ -156,7 +183,8 @@ def _close_rung(study: optuna.Study, epochs: int, rungs: list[int]) -> None:
 
 
 def selection_rows(study: optuna.Study) -> list[dict[str, Any]]:
-    """One row per candidate for ``selection.csv``: its rank, source, cost, state and score at every rung."""
+    """One row per candidate for ``selection.csv``: its rank, source, cost, state, the score it was ranked by at
+    every rung (``score@<epochs>ep``) and every other score there (``val@``, ``tse@``, ``extrapolated@``)."""
     rungs = study.user_attrs.get("rungs", [])
     rows = []
     for rank, trial in enumerate(ranking(study), 1):
@@ -164,6 +192,8 @@ def selection_rows(study: optuna.Study) -> list[dict[str, Any]]:
         row = dict(rank=rank, source=trial.user_attrs["source"], search_trial=trial.user_attrs["search_trial"],
                    selection_trial=trial.number, state=trial.state.name,
                    macs=trial.user_attrs["macs"], params=trial.user_attrs["params"], locality=arch.describe())
-        row.update({f"top1@{e}ep": trial.intermediate_values.get(e) for e in rungs})
+        row.update({f"score@{e}ep": trial.intermediate_values.get(e) for e in rungs})
+        for name in SCORES:
+            row.update({f"{name}@{e}ep": trial.user_attrs.get(f"scores@{e}", {}).get(name) for e in rungs})
         rows.append(row)
     return rows

@@ -1,5 +1,10 @@
 """How a selection candidate is trained in the rungs: :class:`RungTrainer`, and the spec that rebuilds it in
-another process."""
+another process.
+
+A candidate trains with the recipe and the learning-rate schedule of the retrain it stands for
+(:func:`nasloc.training.recipe.fitted_recipe` of ``--retrain-epochs``), stopped at each rung and resumed at
+the next, so that its curve is the start of the retrain's. With ``--select-score complete`` each rung is a
+training of its own whose schedule ends with the rung (NAS-Bench-201's reduced setting)."""
 from __future__ import annotations
 
 import math
@@ -11,6 +16,7 @@ from typing import Any
 from ..errors import TrainingDiverged
 from ..run import SELECT_INITS, arch_folder
 from .candidates import Candidate
+from .scores import Curve
 
 
 @dataclass(frozen=True)
@@ -18,6 +24,8 @@ class SelectionConfig:
     """How candidates are trained in the rungs (``--select-*``)."""
 
     epochs: int = 4  # the last rung; rungs are 1, 2, 4, ... up to it
+    schedule_epochs: int = 5  # the retrain's length: the lr schedule the candidates train on
+    score: str = "val"  # what ranks them (nasloc.selection.scores.score_of)
     top_k: int = 8  # search candidates; the seed designs come on top
     init: str = "scratch"  # "scratch": fresh weights (ranks better, bench/bench_selection.py); "supernet": fine-tune
     reduction_factor: int = 2
@@ -27,8 +35,8 @@ class SelectionConfig:
 
 class RungTrainer:
     """``advance`` for :func:`run_selection`: trains a candidate at the supernet's resolution with the
-    retraining code (checkpoint every epoch, one folder per selection trial), on the cosine schedule of
-    the last rung, with weak augmentation (crop and flip), and scores it on ``splits.val``."""
+    retraining code (checkpoint every epoch, one folder per selection trial) on the retrain's recipe and
+    schedule (see the module), evaluating it on ``splits.val`` after every epoch; returns its curve."""
 
     def __init__(self, supernet: Any, splits: Any, config: SelectionConfig, folder: Callable[[int], Any],
                  device: str = "auto"):
@@ -36,25 +44,30 @@ class RungTrainer:
             raise ValueError(f"selection init must be one of {SELECT_INITS}, got {config.init!r}")
         self.supernet, self.splits, self.config, self.folder, self.device = supernet, splits, config, folder, device
 
-    def __call__(self, number: int, candidate: Candidate, epochs: int) -> float:
+    def __call__(self, number: int, candidate: Candidate, epochs: int) -> Curve:
         import torch
 
         from ..models import LocalityViT
-        from ..training.recipe import RetrainConfig
+        from ..training.recipe import fitted_recipe
         from ..training.retrain import retrain
 
         arch = self.supernet.at_resolution(candidate.arch)
+        complete = self.config.score == "complete"  # a training of its own per rung, its schedule ends there
+        fine_tuning = {"warmup_epochs": 0} if self.config.init == "supernet" else {}  # the weights are trained
+        cfg = fitted_recipe(self.config.schedule_epochs, epochs=epochs if complete else self.config.schedule_epochs,
+                            batch_size=self.config.batch_size, seed=self.config.seed, img_size=self.supernet.img_size,
+                            **fine_tuning)
         torch.manual_seed(self.config.seed)  # the scratch init (a resumed training loads its checkpoint)
-        model = self.supernet.extract(arch) if self.config.init == "supernet" else LocalityViT(arch)
-        cfg = RetrainConfig(epochs=self.config.epochs, batch_size=self.config.batch_size, seed=self.config.seed,
-                            warmup_epochs=0 if self.config.init == "supernet" else 1, mixup=0.0, cutmix=0.0,
-                            randaugment="", ema_decay=0.0, img_size=self.supernet.img_size)
+        model = (self.supernet.extract(arch) if self.config.init == "supernet"
+                 else LocalityViT(arch, drop_path_rate=cfg.drop_path))
         folder = arch_folder(Path(self.folder(number)), arch)  # resumes this arch's training only
+        if complete:
+            folder = folder / f"rung_{epochs}"
         try:
             result = retrain(model, self.splits, cfg, folder, device=self.device, progress=False, stop_epoch=epochs)
         except TrainingDiverged:  # a candidate whose loss blows up is out of the race, not the end of the run
-            return math.nan
-        return result.history[epochs - 1]["val_top1"]
+            return Curve((math.nan,), (math.nan,), cfg.epochs)
+        return Curve.from_history(result.history[:epochs], cfg.epochs)
 
 
 @dataclass(frozen=True)

@@ -216,9 +216,11 @@ def test_option_choices_match_the_modules_behind_them() -> None:
     """cli keeps its own copy of choices whose modules import torch; they must agree."""
     from nasloc.search.objective import OBJECTIVES
     from nasloc.search.sampler import SAMPLERS
+    from nasloc.selection.scores import SCORES
     from nasloc.training.data import DATASETS
 
     assert arguments.DATASETS == DATASETS and arguments.OBJECTIVES == tuple(OBJECTIVES) and arguments.SAMPLERS == SAMPLERS
+    assert arguments.SELECT_SCORES == (*SCORES, "complete")
 
 
 @pytest.mark.parametrize("options, message", [

@@ -10,6 +10,7 @@ from nasloc.phases.supernet import save_untrained
 from nasloc.run import RunDir
 from nasloc.selection.candidates import Candidate
 from nasloc.selection.pool import RungPool, SelectionWorkerDied
+from nasloc.selection.scores import Curve
 from nasloc.selection.study import run_selection
 from nasloc.selection.trainer import RungTrainer, SelectionConfig, TrainerSpec
 from nasloc.space.search_space import SearchSpace
@@ -69,7 +70,7 @@ class DyingSpec:
         def train(number, candidate, epochs):
             if candidate.source == "c1":
                 os._exit(9)
-            return float(number)
+            return Curve((1.0,), (float(number),), epochs)
         return train
 
 
@@ -83,7 +84,7 @@ def test_a_process_that_dies_is_one_error_and_a_rerun_resumes(setup, tmp_path):
 
     def advance(number, candidate, epochs):
         trained.append((candidate.source, epochs))
-        return float(number)
+        return Curve((1.0,), (float(number),), epochs)
 
     result = run_selection(candidates, advance, storage, max_epochs=2, say=lambda m: None)
     assert ("c1", 1) in trained and len(trained) <= 6  # rung 1 (what was not scored yet), then rung 2 for 2

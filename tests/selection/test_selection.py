@@ -11,6 +11,7 @@ import pytest
 from optuna.trial import TrialState
 
 from nasloc.arch import Arch
+from nasloc.errors import NaslocError
 from nasloc.search.study import SEED_DESIGN_ATTR
 from nasloc.selection.candidates import Candidate, search_candidates
 from nasloc.selection.halving import (
@@ -23,6 +24,7 @@ from nasloc.selection.halving import (
     selection_result,
     tied_note,
 )
+from nasloc.selection.scores import Curve
 from nasloc.selection.study import run_selection, selection_rows
 from nasloc.space.flops import count
 from nasloc.space.search_space import SearchSpace
@@ -46,6 +48,11 @@ def archs(space, n, seed=0):
     return out
 
 
+def curve(top1, epochs):
+    """A learning curve that ends at ``top1`` after ``epochs`` epochs, each of training loss 1."""
+    return Curve((1.0,) * epochs, (top1,), schedule_epochs=epochs)
+
+
 class Trainer:
     """A deterministic stand-in for training: candidate i scores quality[i] * epochs; records every call."""
 
@@ -54,7 +61,7 @@ class Trainer:
 
     def __call__(self, number, candidate, epochs):
         self.calls.append((candidate.source, epochs))
-        return self.quality[candidate.source] * epochs
+        return curve(self.quality[candidate.source] * epochs, epochs)
 
 
 def test_rungs_double_up_to_the_last():
@@ -83,7 +90,8 @@ def test_successive_halving_keeps_the_better_half_at_each_rung(space):
     assert [t.user_attrs["source"] for t in best[:3]] == ["c4", "c2", "c6"]
     assert best[0].intermediate_values == {1: 8, 2: 16, 4: 32}
     rows = selection_rows(result.study)
-    assert rows[0]["source"] == "c4" and rows[0]["top1@4ep"] == 32 and rows[-1]["top1@2ep"] is None
+    assert rows[0]["source"] == "c4" and rows[0]["score@4ep"] == 32 and rows[-1]["score@2ep"] is None
+    assert rows[0]["val@4ep"] == 32 and rows[0]["tse@4ep"] == -4.0  # every score of the curve beside it
 
 
 def test_halving_decision_does_not_depend_on_the_order_of_calls(space):
@@ -194,7 +202,7 @@ class FailingTrainer:
     def train(self, number, candidate, epochs):
         if candidate.source == self.fail:
             raise RuntimeError(f"{candidate.source} ran out of memory")
-        return self.quality[candidate.source] * epochs
+        return curve(self.quality[candidate.source] * epochs, epochs)
 
 
 @pytest.mark.timeout(300)
@@ -244,9 +252,10 @@ def test_rung_trainer_trains_a_candidate_and_resumes_its_checkpoint(space, tmp_p
                           lambda number: tmp_path / f"trial_{number}", device="cpu")
     candidate = Candidate("c", archs(space, 1)[0].replace(num_classes=splits.num_classes), 0)
     first = trainer(3, candidate, 1)
-    assert 0 <= first <= 100 and (tmp_path / "trial_3" / "last.pth").is_file()
+    assert len(first.val_top1) == 1 and 0 <= first.val_top1[0] <= 100 and (tmp_path / "trial_3" / "last.pth").is_file()
     assert trainer(3, candidate, 1) == first  # the rung is read back from the checkpoint, not trained again
-    assert 0 <= trainer(3, candidate, 2) <= 100
+    second = trainer(3, candidate, 2)
+    assert second.first(1) == first and len(second.train_loss) == 2 and 0 <= second.val_top1[1] <= 100
 
 
 def test_rung_trainer_refuses_an_unknown_start(space):
@@ -270,7 +279,7 @@ def test_a_folder_of_another_arch_is_moved_aside_not_resumed(space, tmp_path):
     first, second = (Candidate("c", a.replace(num_classes=10), 0) for a in archs(space, 2, seed=3))
     trainer(0, first, 1)
     with pytest.warns(UserWarning, match="another arch; moved it to trial_0.other-arch-1"):
-        assert 0 <= trainer(0, second, 1) <= 100
+        assert 0 <= trainer(0, second, 1).val_top1[-1] <= 100
     assert Arch.from_json((tmp_path / "trial_0.other-arch-1" / "arch.json").read_text()) == supernet.at_resolution(first.arch)
     assert (tmp_path / "trial_0.other-arch-1" / "last.pth").is_file()
 
@@ -353,3 +362,42 @@ def test_the_note_names_the_ties_and_says_that_all_of_them_are_retrained():
     assert tied_note(SelectionResult(None, EVIDENCE, held_out=1_000_000), 2) == ""
     assert tied_note(SelectionResult(None, EVIDENCE, held_out=0), 2) == ""
     assert tied_note(SelectionResult(None, _ranked(("1", {4: 50.0}), ("2", {4: math.nan})), held_out=2500), 1) == ""
+
+
+def test_rung_trainer_trains_on_the_retrain_schedule_or_on_one_that_ends_with_each_rung(space, tmp_path):
+    from nasloc.selection.trainer import RungTrainer, SelectionConfig
+    from nasloc.supernet.supernet import Supernet
+    from nasloc.training.checkpoint import load_checkpoint
+    from nasloc.training.data import load_dataset
+
+    splits = load_dataset("digits", None, img_size=16)
+    supernet = Supernet(space.for_classes(splits.num_classes), img_size=16)
+    candidate = Candidate("c", archs(space, 1)[0].replace(num_classes=splits.num_classes), 0)
+
+    def trainer(score, folder):
+        config = SelectionConfig(epochs=2, schedule_epochs=6, score=score, batch_size=64)
+        return RungTrainer(supernet, splits, config, lambda n: tmp_path / folder / f"trial_{n}", device="cpu")
+
+    def schedule(path):
+        return load_checkpoint(path, keys=("cfg",))["cfg"]["epochs"]
+
+    on_the_retrain = trainer("tse", "retrain")(0, candidate, 2)  # the first 2 epochs of the 6-epoch retrain
+    assert on_the_retrain.schedule_epochs == 6 and len(on_the_retrain.train_loss) == 2
+    assert schedule(tmp_path / "retrain" / "trial_0" / "last.pth") == 6
+    complete = trainer("complete", "complete")
+    one, two = complete(0, candidate, 1), complete(0, candidate, 2)  # each rung a training of its own
+    assert (one.schedule_epochs, len(one.val_top1), two.schedule_epochs, len(two.val_top1)) == (1, 1, 2, 2)
+    assert [schedule(tmp_path / "complete" / "trial_0" / f"rung_{e}" / "last.pth") for e in (1, 2)] == [1, 2]
+
+
+def test_a_rerun_keeps_the_score_the_selection_was_started_with(space, tmp_path):
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    cands = [Candidate(f"c{i}", a, i) for i, a in enumerate(archs(space, 2))]
+    trainer = Trainer({"c0": 1, "c1": 2})
+    result = run_selection(cands, trainer, storage, max_epochs=1, score="tse", schedule_epochs=5, say=lambda m: None)
+    assert result.study.user_attrs["score"] == "tse" and result.study.user_attrs["schedule_epochs"] == 5
+    assert [t.intermediate_values[1] for t in result.study.trials] == [-1.0, -1.0]  # minus the training losses
+    with pytest.raises(NaslocError, match="started with score tse, not val; use the same --select-score"):
+        run_selection(cands, trainer, storage, max_epochs=1, score="val", say=lambda m: None)
+    from nasloc.selection.study import stored_schedule
+    assert stored_schedule(optuna.storages.RDBStorage(storage)) == 5

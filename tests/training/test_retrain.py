@@ -266,3 +266,16 @@ def test_a_short_run_warms_up_then_decays():
     assert lrs.index(peak) < 20  # within the first epoch
     assert peak == pytest.approx(1e-3, rel=0.05)
     assert lrs[-1] < 0.1 * peak and all(a >= b for a, b in zip(lrs[lrs.index(peak):], lrs[lrs.index(peak) + 1:]))
+
+
+def test_the_recipe_fits_the_length_of_the_training():
+    """DeiT's recipe pays off over hundreds of epochs; a shorter training takes the short recipe."""
+    from nasloc.training.recipe import SHORT_RUN_EPOCHS, RetrainConfig, fitted_recipe
+
+    assert fitted_recipe(300) == RetrainConfig(epochs=300) and fitted_recipe(SHORT_RUN_EPOCHS).mixup == 0.8
+    short = fitted_recipe(30)
+    assert (short.epochs, short.lr, short.warmup_epochs, short.mixup, short.cutmix, short.randaugment,
+            short.ema_decay, short.drop_path) == (30, 4e-3, 1, 0.0, 0.0, "", 0.0, 0.0)
+    assert short.label_smoothing == 0.1 and short.weight_decay == 0.05 and short.grad_clip == 5.0
+    part = fitted_recipe(30, epochs=4, batch_size=64, lr=1e-3)  # a rung of the 30-epoch retrain, lr given
+    assert (part.epochs, part.batch_size, part.lr, part.randaugment) == (4, 64, 1e-3, "")
