@@ -199,7 +199,11 @@ def add_search_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--data-dir", metavar="DIR", type=_user_path,
                       help="data set folder; required for every data set but digits")
     data.add_argument("--proxy-img-size", metavar="PX", type=_int_in(1),
-                      help="image size for supernet training and search (default: chosen from the data set)")
+                      help="image size for supernet training, search and selection (default: on real data the "
+                           "smallest size at which every stage's token map is at least as wide as the widest "
+                           "locality operation the space allows there (window, dilated neighbourhood, shortcut and "
+                           "FFN kernels, LIFE), capped at the deploy size: 224 for the imagenet space; the digits: "
+                           "32); a smaller size is warned about, naming the genes that lose their meaning")
 
     effort = parser.add_argument_group("effort")
     effort.add_argument("--supernet-epochs", metavar="N", type=_int_in(0), default=DEFAULTS["supernet_epochs"],

@@ -12,8 +12,10 @@ import socket
 from dataclasses import replace
 from pathlib import Path
 
+from ..console import say
 from ..errors import NaslocError
 from ..run import RunDir, RunOptions, RunRecord
+from ..space.locality import locality_size, lost_genes
 from ..space.search_space import SearchSpace
 from ..storage.factory import check_storage
 from ..training.data import DataSplits, load_dataset
@@ -56,8 +58,12 @@ def load_inputs(options: RunOptions) -> tuple[SearchSpace, DataSplits, RunRecord
     """
     space = SearchSpace.load(options.space)
     check_budget(space, options.budget)
-    proxy_size = options.proxy_img_size or default_proxy_size(space)
+    proxy_size = options.proxy_img_size or default_proxy_size(space, options.dataset)
     check_img_size(space, proxy_size, "--proxy-img-size")
+    lost = lost_genes(space, proxy_size)
+    if options.proxy_img_size and lost:
+        say(f"[nasloc] warning: --proxy-img-size {proxy_size} is below the locality rule's "
+            f"{locality_size(space)} px; these genes lose their meaning there: {'; '.join(lost)}")
     if options.retrain_img_size is not None:
         check_img_size(space, options.retrain_img_size, "--retrain-img-size")
     splits = load_dataset(options.dataset, options.data_dir, proxy_size, seed=options.seed)
@@ -120,9 +126,12 @@ def default_select_epochs(retrain_epochs: int) -> int:
     return max(4, retrain_epochs // 4)
 
 
-def default_proxy_size(space: SearchSpace) -> int:
-    """The smallest size >= 32 px at which every arch of the space is valid (and at most the
-    deploy size): a multiple of the total stride of stem and downsampling."""
+def default_proxy_size(space: SearchSpace, dataset: str) -> int:
+    """On real data the smallest size that keeps every locality gene meaningful (:func:`locality_size`: every
+    stage's map at least as wide as its widest locality operation, capped at the deploy size). The embedded 8x8
+    digits keep the fast demo: the smallest multiple of the space's stride of at least 32 px."""
+    if dataset != "digits":
+        return locality_size(space)
     stride = space.stride
     return min(stride * max(1, -(-32 // stride)), space.img_size)
 
