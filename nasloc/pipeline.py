@@ -18,6 +18,7 @@ import torch
 from .console import say
 from .phases.export import export_phase
 from .phases.inputs import check_resources, load_inputs
+from .phases.plan import PhaseTimes, Plan, make_plan
 from .phases.report import reference_points, report_phase
 from .phases.retrain import retrain_phase
 from .phases.search import queue_seed_designs, search_phase
@@ -25,10 +26,11 @@ from .phases.selection import selection_phase
 from .phases.supernet import PhaseError, require_trained_supernet, train_phase, trained_checkpoint
 from .report.dashboard import serve_dashboard
 from .report.summary import write_summary
-from .run import RunDir, RunOptions
+from .run import RunDir, RunOptions, RunRecord
 from .selection.halving import finalists
+from .space.search_space import SearchSpace
 from .supernet.supernet import Supernet
-from .training.data import halve_val
+from .training.data import DataSplits, halve_val
 from .training.distributed import resolve_device
 from .units import format_macs
 
@@ -36,35 +38,32 @@ from .units import format_macs
 def run_pipeline(options: RunOptions) -> Path:
     """Run (or resume) every phase; returns the run folder."""
     started = time.time()
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and options.phase != "supernet":
-        # The search, retraining and export run in one process; DDP serves supernet training.
-        raise PhaseError("under torchrun only --phase supernet runs (DDP supernet training); "
-                         "then run the search without torchrun (same options)")
-    check_resources(options)  # every check before anything is written: a refused run leaves nothing behind
-    space, splits, record = load_inputs(options)
+    space, splits, record = _checked_inputs(options)
     options = record.options  # with the image sizes chosen
     run = RunDir(options.run_dir)
     # Under torchrun the other ranks only train the supernet: the record, the dashboard and the queued seed
     # designs are rank 0's (two ranks would queue them twice and race for the dashboard's port).
     main_process = int(os.environ.get("RANK", "0")) == 0
-    run.check_resumable(record)
-    if options.phase == "search":
-        require_trained_supernet(run, options.supernet_epochs)
-    elif main_process:  # extra search workers (--phase search) leave the run's record alone
+    if options.phase != "search" and main_process:  # extra search workers leave the run's record alone
         run.write_record(record)
     device = resolve_device(options.device)
     lo, hi = space.macs_range()
     say(f"[nasloc] run {run.root} | budget {format_macs(options.budget)} at {space.img_size} px | "
-         f"space {space.name} ({format_macs(lo)} - {format_macs(hi)}) | "
-         f"proxy {options.proxy_img_size} px on {options.dataset} | device {device}")
+        f"space {space.name} ({format_macs(lo)} - {format_macs(hi)}) | "
+        f"proxy {options.proxy_img_size} px on {options.dataset} | device {device}")
+    plan = make_plan(record, space, splits) if options.phase == "all" and main_process else None
+    for line in plan.lines() if plan else ():
+        say(line)
+    took = PhaseTimes()
     dashboard = serve_dashboard(options.storage, options.dashboard_port) if options.dashboard and main_process else None
     try:
         torch.manual_seed(options.seed)
         supernet = Supernet(space, options.proxy_img_size).to(device)
-        if options.phase == "search":
-            checkpoint = trained_checkpoint(supernet, run, device)
-        else:
-            checkpoint = train_phase(supernet, splits, space, options, run, device)
+        with took("supernet"):
+            if options.phase == "search":
+                checkpoint = trained_checkpoint(supernet, run, device)
+            else:
+                checkpoint = train_phase(supernet, splits, space, options, run, device)
         if not main_process:
             return run.root
         if options.phase != "search":  # once per run, before any search worker (--phase search) starts
@@ -72,25 +71,51 @@ def run_pipeline(options: RunOptions) -> Path:
         if options.phase == "supernet":
             return run.root
         search_data, select_data = halve_val(splits, options.seed)
-        study = search_phase(supernet, search_data, space, checkpoint, record, run)
+        with took("search"):
+            study = search_phase(supernet, search_data, space, checkpoint, record, run)
         if options.phase == "search":
             return run.root
         references = reference_points(study)
         pareto = report_phase(study, options, run, references)
-        if options.select_top_k:
-            selection = selection_phase(study, supernet, select_data, space, checkpoint, record, run)
-            by_number = {t.number: t for t in study.get_trials(deepcopy=False)}
-            chosen = [by_number[t.user_attrs["search_trial"]] for t in finalists(selection, options.retrain_top_k)]
-        else:
-            selection = None
-            chosen = sorted(pareto, key=lambda t: t.user_attrs["top1"], reverse=True)[: options.retrain_top_k]
-        retrained = retrain_phase(chosen, space, splits, record, run)
-        export_dir = export_phase(retrained, options, run, splits, space.img_size)
+        with took("selection"):
+            if options.select_top_k:
+                selection = selection_phase(study, supernet, select_data, space, checkpoint, record, run)
+                by_number = {t.number: t for t in study.get_trials(deepcopy=False)}
+                chosen = [by_number[t.user_attrs["search_trial"]] for t in finalists(selection, options.retrain_top_k)]
+            else:
+                selection = None
+                chosen = sorted(pareto, key=lambda t: t.user_attrs["top1"], reverse=True)[: options.retrain_top_k]
+        with took("retrain"):
+            retrained = retrain_phase(chosen, space, splits, record, run)
+        with took("export"):
+            export_dir = export_phase(retrained, options, run, splits, space.img_size)
         write_summary(run, record, space, study, pareto, selection, retrained, references, export_dir,
-                      time.time() - started)
+                      time.time() - started, plan and plan.by_phase(), took.seconds)
     finally:
         if dashboard is not None:
             dashboard.shutdown()
             dashboard.server_close()
     say(f"[nasloc] done in {time.time() - started:.0f} s: {run.summary}")
     return run.root
+
+
+def dry_run(options: RunOptions) -> Plan:
+    """What :func:`run_pipeline` would do with ``options`` and what it would cost: every input checked as the run
+    checks it, nothing written."""
+    space, splits, record = _checked_inputs(options)
+    return make_plan(record, space, splits)
+
+
+def _checked_inputs(options: RunOptions) -> tuple[SearchSpace, DataSplits, RunRecord]:
+    """Every check before anything is written (a refused run leaves nothing behind), and the run's inputs."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and options.phase != "supernet":
+        # The search, retraining and export run in one process; DDP serves supernet training.
+        raise PhaseError("under torchrun only --phase supernet runs (DDP supernet training); "
+                         "then run the search without torchrun (same options)")
+    check_resources(options)
+    space, splits, record = load_inputs(options)
+    run = RunDir(record.options.run_dir)
+    run.check_resumable(record)
+    if options.phase == "search":
+        require_trained_supernet(run, options.supernet_epochs)
+    return space, splits, record

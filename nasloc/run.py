@@ -39,6 +39,8 @@ SELECT_INITS = ("scratch", "supernet")  # the first is the default: it ranked be
 # What ranks the selection's candidates at each rung (nasloc.selection.scores; "complete": the top-1 of a
 # training whose schedule ends with the rung). The first is the default.
 SELECT_SCORES = ("val", "tse", "extrapolated", "complete")
+# "needed": what a resume needs and the weights each phase hands on; "all": every checkpoint as written.
+KEEP_CHECKPOINTS = ("needed", "all")
 # The choices of the options. Those whose modules need torch to import (nasloc.training.data, nasloc.search,
 # nasloc.search.sampler) are copied here, so the command line answers without torch; a test checks that they agree.
 DATASETS = ("digits", "cifar10", "cifar100", "imagefolder")
@@ -49,7 +51,7 @@ BACKENDS = ("optuna", "ray")
 DEVICES = ("auto", "cpu", "cuda")
 
 
-_ADDED_OPTIONS = ("latency_budget", "select_score")  # options newer than some run.json files
+_ADDED_OPTIONS = ("latency_budget", "select_score", "keep_checkpoints")  # options newer than some run.json files
 # Options a rerun must repeat: the supernet, study and selection it resumes were made for them (--batch-size
 # sets the supernet's and the selection's steps). --trials and the retrain options may grow, --supernet-epochs
 # too (the schedule follows it); device, workers and dashboard are the machine's business.
@@ -101,6 +103,7 @@ class RunOptions:
     workers: int = 1
     dashboard: bool = False
     dashboard_port: int = 8080
+    keep_checkpoints: str = "needed"
 
     def __post_init__(self) -> None:
         self._check_choices()
@@ -121,7 +124,8 @@ class RunOptions:
         """Options made in Python are checked as the command line checks them: a misspelled phase must not run
         as "all", nor a bad sampler or a latency budget on Ray fail after hours of supernet training."""
         for name, choices in (("dataset", DATASETS), ("sampler", SAMPLERS), ("select_init", SELECT_INITS),
-                              ("select_score", SELECT_SCORES), ("phase", PHASES), ("backend", BACKENDS)):  # a device ("cuda:1") is checked by torch
+                              ("select_score", SELECT_SCORES), ("phase", PHASES), ("backend", BACKENDS),
+                              ("keep_checkpoints", KEEP_CHECKPOINTS)):  # a device ("cuda:1") is checked by torch
             if getattr(self, name) not in choices:
                 raise RunError(f"{name}={getattr(self, name)!r}: choose one of {', '.join(choices)}")
         unknown = [o for o in self.objectives if o not in OBJECTIVES]

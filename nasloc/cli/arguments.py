@@ -13,7 +13,18 @@ from pathlib import Path
 from typing import Any, Callable, NoReturn
 
 from ..errors import NaslocError
-from ..run import BACKENDS, DATASETS, DEVICES, OBJECTIVES, PHASES, SAMPLERS, SELECT_INITS, SELECT_SCORES, RunOptions
+from ..run import (
+    BACKENDS,
+    DATASETS,
+    DEVICES,
+    KEEP_CHECKPOINTS,
+    OBJECTIVES,
+    PHASES,
+    SAMPLERS,
+    SELECT_INITS,
+    SELECT_SCORES,
+    RunOptions,
+)
 from ..units import ACCEPTED_FORMS, parse_budget
 
 LATENCY_BACKENDS = ("torch", "onnxruntime")
@@ -256,6 +267,15 @@ def add_search_arguments(parser: argparse.ArgumentParser) -> None:
                           "--storage and the run folder) (default: %(default)s)")
     run.add_argument("--results-dir", metavar="DIR", type=_user_path, default=DEFAULTS["results_dir"],
                      help="parent folder of the run folders (default: %(default)s)")
+    run.add_argument("--dry-run", action="store_true",
+                     help="check every input as a run does, print its plan (device, processes, sizes, MACs band, "
+                          "per phase the epochs, images and estimated seconds, timed on the device) and write "
+                          "nothing")
+    run.add_argument("--json", action="store_true", help="with --dry-run: the plan as one JSON object")
+    run.add_argument("--keep-checkpoints", choices=KEEP_CHECKPOINTS, default=DEFAULTS["keep_checkpoints"],
+                     help="needed: what a resume needs and the weights each phase hands on (a finished phase keeps "
+                          "no optimizer state and no previous checkpoint; a selection candidate the halving let go "
+                          "keeps none); all: every checkpoint as written (default: %(default)s)")
 
     search = parser.add_argument_group("search engine")
     search.add_argument("--sampler", choices=SAMPLERS, default=DEFAULTS["sampler"],

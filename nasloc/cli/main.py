@@ -20,13 +20,17 @@ from ..space.files import SpaceError, resolve_space_path, shipped_spaces
 from .arguments import DEFAULTS, RECIPE, UsageError, build_parser, build_search_parser, print_error
 
 
-def _search_options(args: argparse.Namespace) -> RunOptions:
-    """The run's options, once what argparse can't check alone is checked."""
+def _search_request(args: argparse.Namespace) -> tuple[RunOptions, str | None]:
+    """The run's options, once what argparse can't check alone is checked, and how to show a dry run's plan
+    (None: run it; "text" or "json": --dry-run)."""
+    if args.json and not args.dry_run:
+        raise UsageError("--json shows the plan of a --dry-run; add --dry-run")
     values = {name: getattr(args, name) for name in DEFAULTS}
     try:
-        return RunOptions(**{**values, "space": _space(args.space), "data_dir": _find_data(args.dataset, args.data_dir)})
+        options = RunOptions(**{**values, "space": _space(args.space), "data_dir": _find_data(args.dataset, args.data_dir)})
     except RunError as err:  # options that do not go together
         raise UsageError(str(err)) from None
+    return options, ("json" if args.json else "text") if args.dry_run else None
 
 
 def _space(text: str) -> Path:
@@ -87,10 +91,16 @@ def _evaluate_request(args: argparse.Namespace) -> dict[str, Any]:
     return dict(data_dir=_find_data(args.dataset, args.data_dir), **{name: getattr(args, name) for name in names})
 
 
-def _search(options: RunOptions) -> None:
-    from ..pipeline import run_pipeline
+def _search(request: tuple[RunOptions, str | None]) -> None:
+    from ..pipeline import dry_run, run_pipeline
 
-    run_pipeline(options)
+    options, show = request
+    if show is None:
+        run_pipeline(options)
+    elif show == "json":
+        print(json.dumps(dry_run(options).to_dict()))
+    else:
+        print("\n".join(dry_run(options).lines()))
 
 
 def _export(request: tuple[Path, int, Path | None, bool]) -> None:
@@ -127,7 +137,7 @@ def _command(module: str, function: str) -> Callable[[dict[str, Any]], None]:
 
 
 _COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], Any], Callable[[Any], None]]] = {
-    "search": (_search_options, _search), "export": (_export_request, _export),
+    "search": (_search_request, _search), "export": (_export_request, _export),
     "check-ranking": (_check_ranking_request, _check_ranking),
     "train": (_train_request, _command("train", "train_command")),
     "evaluate": (_evaluate_request, _command("evaluate", "evaluate_command")),

@@ -14,9 +14,10 @@ from ..models import LocalityViT
 from ..run import RunDir, RunRecord
 from ..space.flops import count
 from ..space.search_space import SearchSpace
+from ..training.checkpoint import finish_checkpoint
 from ..training.data import DataSplits, load_dataset
 from ..training.recipe import fitted_recipe
-from ..training.retrain import Retrained, retrain
+from ..training.retrain import RESUMED, Retrained, retrain
 
 
 def retrain_phase(chosen: list[FrozenTrial], space: SearchSpace, splits: DataSplits, record: RunRecord, run: RunDir) -> list[Retrained]:
@@ -37,6 +38,8 @@ def retrain_phase(chosen: list[FrozenTrial], space: SearchSpace, splits: DataSpl
         weights = run.retrained_weights(trial.number)
         if result.epochs_run > 0 or not weights.exists():
             _save_weights(model, weights)
+        if options.keep_checkpoints == "needed":  # finished: a rerun reads its weights and history only
+            finish_checkpoint(result.checkpoint, keep=RESUMED)
         if result.start_epoch:
             say(f"[nasloc]   trial {trial.number}: " + ("already retrained" if result.epochs_run == 0 else f"resumed after epoch {result.start_epoch}"))
         at_deploy = count(arch.replace(img_size=space.img_size))  # as the export and the Pareto table count

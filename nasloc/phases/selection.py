@@ -21,6 +21,7 @@ from ..space.search_space import SearchSpace
 from ..storage.factory import open_storage
 from ..supernet.proxy import EvaluatorSpec
 from ..supernet.supernet import Supernet
+from ..training.checkpoint import drop_checkpoints
 from ..training.data import DataSplits
 
 
@@ -52,6 +53,8 @@ def selection_phase(study: optuna.Study, supernet: Supernet, splits: DataSplits,
                                    resources_per_trial=trial_resources(device.type), held_out=held_out,
                                    score=config.score, schedule_epochs=config.schedule_epochs, say=say)
     else:  # one training at a time, or --workers processes that rebuild the trainer from the spec (threads shared)
+        release = (lambda number: drop_checkpoints(run.selection_dir(number))) \
+            if options.keep_checkpoints == "needed" else None
         trainer = (RungPool(spec, options.workers, max(1, torch.get_num_threads() // options.workers))
                    if options.workers > 1 else
                    nullcontext(RungTrainer(supernet, splits, config, run.selection_dir, device=options.device)))
@@ -59,7 +62,10 @@ def selection_phase(study: optuna.Study, supernet: Supernet, splits: DataSplits,
             result = run_selection(candidates, advance, storage, max_epochs=config.epochs,
                                    reduction_factor=config.reduction_factor, held_out=held_out,
                                    score=config.score, schedule_epochs=config.schedule_epochs, say=say,
-                                   progress=True)
+                                   progress=True, release=release)
+    if options.keep_checkpoints == "needed":  # the retrain starts from scratch: no candidate's weights go on
+        for trial in result.study.get_trials(deepcopy=False):
+            drop_checkpoints(run.selection_dir(trial.number))
     write_csv(selection_rows(result.study), run.root / SELECTION_CSV)
     note = tied_note(result, options.retrain_top_k)
     if note:

@@ -1,6 +1,7 @@
 """Phase 1: the supernet of a run, trained (resumably) or loaded."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -11,8 +12,8 @@ from ..run import RunDir, RunOptions
 from ..space.band import search_band
 from ..space.search_space import SearchSpace
 from ..supernet.supernet import Supernet
-from ..supernet.train import SupernetConfig, fingerprint, load_supernet, train_supernet
-from ..training.checkpoint import load_checkpoint, save_checkpoint
+from ..supernet.train import FINISHED, SupernetConfig, fingerprint, load_supernet, train_supernet
+from ..training.checkpoint import finish_checkpoint, load_checkpoint, save_checkpoint
 from ..training.data import DataSplits
 from ..units import format_macs
 
@@ -29,6 +30,8 @@ def train_phase(supernet: Supernet, splits: DataSplits, space: SearchSpace, opti
     result = train_supernet(supernet, splits, band, cfg, run.supernet_dir, device=str(device))
     if cfg.epochs == 0 and not result.checkpoint.exists():
         return save_untrained(supernet, run)
+    if options.keep_checkpoints == "needed" and int(os.environ.get("RANK", "0")) == 0:
+        finish_checkpoint(result.checkpoint, keep=FINISHED)  # the search and selection read only its weights
     return result.checkpoint
 
 

@@ -1,6 +1,7 @@
 """``summary.md``: what a run found, in one page."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Mapping, Sequence
 
@@ -21,9 +22,11 @@ if TYPE_CHECKING:
 
 def write_summary(run: RunDir, record: RunRecord, space: SearchSpace, study: optuna.Study, pareto: Sequence[FrozenTrial],
                   selection: SelectionResult | None, retrained: Sequence[Retrained],
-                  references: Mapping[str, tuple[float, float]], export_dir: Path | None, seconds: float) -> Path:
+                  references: Mapping[str, tuple[float, float]], export_dir: Path | None, seconds: float,
+                  planned: Mapping[str, float] | None = None, took: Mapping[str, float] | None = None) -> Path:
     """``summary.md``: the budget, the Pareto front, the seed mechanisms alone, the selection, the retrained
-    subnets and how to reload the export."""
+    subnets, how to reload the export, and the plan's estimated seconds per phase (``planned``) against the
+    seconds each took (``took``)."""
     options = record.options
     trials = [t for t in study.get_trials(deepcopy=False) if not t.user_attrs.get("surplus")]  # not the race losers
     complete = sum(t.state == TrialState.COMPLETE for t in trials)
@@ -33,7 +36,8 @@ def write_summary(run: RunDir, record: RunRecord, space: SearchSpace, study: opt
         f"Budget {format_macs(options.budget)} per image at {space.img_size} px (1 multiply-add = 1 FLOP); "
         f"space `{space.name}`; data `{options.dataset}`; {len(trials)} trials ({complete} complete, "
         f"{len(evaluated_feasible_trials(study, options.budget))} evaluated within budget; {options.sampler}); "
-        f"this run took {seconds:.0f} s.",
+        f"this run took {seconds:.0f} s; its folder holds {folder_megabytes(run.root):.0f} MB (checkpoints kept: "
+        f"{options.keep_checkpoints}).",
         "",
         "## Pareto front (proxy top-1 with supernet weights)",
         "",
@@ -55,8 +59,27 @@ def write_summary(run: RunDir, record: RunRecord, space: SearchSpace, study: opt
     if export_dir is not None:
         lines += ["", f"Best model exported to `{export_dir}`:", "",
                   f"    import nasloc, timm; timm.create_model(\"local-dir:{export_dir}\", pretrained=True)"]
+    if planned and took:
+        lines += _plan_lines(planned, took)
+        write_atomic(run.root / "plan.json", json.dumps(dict(planned=planned, took=took), indent=1))
     write_atomic(run.summary, "\n".join(lines) + "\n")
     return run.summary
+
+
+def _plan_lines(planned: Mapping[str, float], took: Mapping[str, float]) -> list[str]:
+    """The plan printed at the start against what this invocation's phases took (a resumed phase takes less)."""
+    lines = ["", "## Plan against actual (the estimates printed at the start; this invocation's seconds)", "",
+             "| phase | planned (s) | actual (s) | actual / planned |", "|---|---|---|---|"]
+    for phase, estimate in planned.items():
+        actual = took.get(phase)
+        ratio = f"{actual / estimate:.2f}" if actual is not None and estimate > 0 else ""
+        lines.append(f"| {phase} | {estimate:.0f} | {'' if actual is None else f'{actual:.0f}'} | {ratio} |")
+    return lines
+
+
+def folder_megabytes(folder: Path) -> float:
+    """What the files under ``folder`` take, in MB (10^6 bytes)."""
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) / 1e6
 
 
 def _selection_lines(selection: SelectionResult, finalists: int) -> list[str]:

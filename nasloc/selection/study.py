@@ -44,7 +44,7 @@ Advance = Callable[[int, Candidate, int], Curve]
 def run_selection(candidates: Sequence[Candidate], advance: Advance | RungPool, storage: BaseStorage, *,
                   max_epochs: int, reduction_factor: int = 2, held_out: int = 0, score: str = "val",
                   schedule_epochs: int | None = None, say: Callable[[str], None] = print,
-                  progress: bool = False) -> SelectionResult:
+                  progress: bool = False, release: Callable[[int], None] | None = None) -> SelectionResult:
     """Run (or resume) successive halving of ``candidates``, one training at a time (``advance``) or several
     (a :class:`RungPool`); returns the study and its ranking. Each candidate's learning curve is scored by
     ``score`` (:func:`nasloc.selection.scores.score_of`), the rung's value; every score of the curve is kept
@@ -52,7 +52,8 @@ def run_selection(candidates: Sequence[Candidate], advance: Advance | RungPool, 
     candidates of a study are fixed when it is created: a rerun resumes them (trials keep their numbers and
     reported rungs) and ignores ``candidates``. ``held_out``: the images each score is measured on (0: unknown,
     then no two scores count as tied). ``schedule_epochs``: kept with the study, for the trainings it resumes.
-    ``progress``: a bar per rung, of its candidates trained.
+    ``progress``: a bar per rung, of its candidates trained. ``release(trial_number)`` is called once a rung has
+    let a candidate go (pruned, or complete at the last rung): nothing will train it again.
     """
     train = advance.train if isinstance(advance, RungPool) else partial(_one_at_a_time, advance)
     rungs = rung_epochs(max_epochs, reduction_factor)
@@ -74,6 +75,9 @@ def run_selection(candidates: Sequence[Candidate], advance: Advance | RungPool, 
                 bar.set_postfix_str(f"trial {number}: {score} {value:.2f}", refresh=False)
                 bar.update()
         _close_rung(study, epochs, rungs)
+        if release is not None:
+            for number in ids.keys() - {t.number for t in alive_candidates(study)}:
+                release(number)
     return selection_result(study)
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import logging
 import math
 import random
 import time
@@ -43,6 +44,8 @@ from ..training.data import DataSplits
 from ..training.distributed import amp_dtype, resolve_device, setup_distributed
 from ..training.loader import make_loader
 from .supernet import Supernet
+
+_logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -250,7 +253,8 @@ def _broadcast_state(model: torch.nn.Module, world_size: int) -> None:
 
 
 # What _resume reads from a checkpoint.
-_RESUMED = ("model", "optimizer", "epoch", "band", "fingerprint")
+_RESUMED = ("model", "epoch", "band", "fingerprint")
+FINISHED = (*_RESUMED, "config", "img_size")  # what a finished supernet's checkpoint keeps (finish_checkpoint)
 
 
 def _save(path: Path, supernet: Supernet, optimizer, scheduler, band: Band, epoch: int, cfg: SupernetConfig) -> None:
@@ -276,7 +280,10 @@ def _resume(path: Path, supernet: Supernet, optimizer, band: Band, device: torch
     if state["band"] != asdict(band):
         raise NaslocError(f"{path} was trained for the MACs band {state['band']}, not {asdict(band)}; use a new --run-name")
     supernet.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
+    if "optimizer" in state:
+        optimizer.load_state_dict(state["optimizer"])
+    else:  # finished and cut down (finish_checkpoint); a rerun with more --supernet-epochs goes on from there
+        _logger.warning("%s kept no optimizer state (it had finished): its next epochs start a fresh one", path)
     return state["epoch"] + 1
 
 

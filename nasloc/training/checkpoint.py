@@ -52,6 +52,24 @@ def save_checkpoint(path: Path, state: dict[str, Any], keep_previous: bool = Tru
             torch.save(state, f)
 
 
+def finish_checkpoint(path: Path, keep: Iterable[str]) -> None:
+    """Cut a finished training's checkpoint down to the ``keep`` keys that later phases and a rerun read (the
+    optimizer's state, twice the size of the weights with AdamW, goes) and drop the previous one. A training
+    that a rerun lengthens resumes such a checkpoint with a fresh optimizer (see the trainings' resume)."""
+    keep = tuple(keep)
+    state = load_checkpoint(path, keys=keep)
+    if set(state) != set(keep):  # once: a rerun of a finished phase rewrites nothing
+        save_checkpoint(path, {key: state[key] for key in keep}, keep_previous=False)
+    previous_checkpoint(path).unlink(missing_ok=True)
+
+
+def drop_checkpoints(folder: Path) -> None:
+    """Delete the checkpoints under ``folder`` (a selection candidate the halving let go: nothing reads them)."""
+    for pattern in ("last.pth", "previous.pth"):
+        for path in folder.rglob(pattern):
+            path.unlink(missing_ok=True)
+
+
 def load_checkpoint(path: Path, device: str | torch.device = "cpu", keys: Iterable[str] = ("model",)) -> dict[str, Any]:
     """The checkpoint at ``path`` (a finished training's), loaded without running code; a dict with ``keys``.
 

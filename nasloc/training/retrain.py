@@ -40,8 +40,10 @@ log = logging.getLogger(__name__)
 RESUMABLE_CHANGES = ("epochs", "num_workers")
 
 
-# What a resumed training reads from its checkpoint.
-RESUMED = ("epoch", "model", "history", "cfg", "optimizer", "scheduler", "ema", "scaler", "num_updates")
+# What a resumed training reads from its checkpoint, and what a finished one keeps (finish_checkpoint): a
+# rerun that lengthens it goes on with a fresh optimizer.
+RESUMED = ("epoch", "model", "history", "cfg", "num_updates")
+OPTIMIZER_STATE = ("optimizer", "scheduler", "ema", "scaler")
 
 
 @dataclass
@@ -173,18 +175,22 @@ class _Optimization:
                     scaler=self.scaler.state_dict(), num_updates=self.num_updates)
 
     def load_state_dict(self, ckpt: dict, cfg: RetrainConfig) -> None:
-        self.optimizer.load_state_dict(ckpt["optimizer"])
-        self.scaler.load_state_dict(ckpt["scaler"])
-        self.num_updates = ckpt["num_updates"]
-        if self.ema is not None and ckpt["ema"] is not None:
-            self.ema.module.load_state_dict(ckpt["ema"])
         changed = [k for k, v in ckpt["cfg"].items() if asdict(cfg).get(k) != v and k not in RESUMABLE_CHANGES]
         if changed:
             before = ", ".join(f"{k}={ckpt['cfg'][k]}" for k in changed)
             warnings.warn(f"resuming with changed settings; the checkpoint was made with {before}", stacklevel=3)
-        # The saved scheduler carries its schedule length; with more epochs keep the new, longer one.
-        if ckpt["cfg"]["epochs"] == cfg.epochs:
-            self.scheduler.load_state_dict(ckpt["scheduler"])
+        self.num_updates = ckpt["num_updates"]
+        if "optimizer" in ckpt:
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+            self.scaler.load_state_dict(ckpt["scaler"])
+            if self.ema is not None and ckpt["ema"] is not None:
+                self.ema.module.load_state_dict(ckpt["ema"])
+            # The saved scheduler carries its schedule length; with more epochs keep the new, longer one.
+            if ckpt["cfg"]["epochs"] == cfg.epochs:
+                self.scheduler.load_state_dict(ckpt["scheduler"])
+        elif cfg.epochs > ckpt["epoch"]:  # a finished training, cut down (finish_checkpoint), that a rerun lengthens
+            log.warning("the checkpoint of a finished training kept no optimizer state: epochs %d-%d start a fresh "
+                        "optimizer", ckpt["epoch"] + 1, cfg.epochs)
         self.scheduler.step_update(self.num_updates)
 
 

@@ -1,6 +1,7 @@
 """The command line: budget parsing, --help, validation, handler wiring, README/CI agreement."""
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -58,11 +59,24 @@ def space(tmp_path: Path) -> Path:
 def handled(monkeypatch: pytest.MonkeyPatch) -> list:
     """Stand-ins for the pipeline and exporter, recording what they receive (the options; the export's arguments)."""
     calls: list = []
-    for name, function, record in (("nasloc.pipeline", "run_pipeline", calls.append),
-                                   ("nasloc.deploy.export", "export_trial",
-                                    lambda *args, **options: calls.append(args))):
+
+    class Plan:  # what dry_run returns, as far as the command line reads it
+        def lines(self) -> list[str]:
+            return ["[nasloc] plan: a dry run"]
+
+        def to_dict(self) -> dict:
+            return {"device": "cpu", "phases": []}
+
+    def dry_run(options: RunOptions) -> Plan:
+        calls.append(("dry run", options))
+        return Plan()
+
+    for name, functions in (("nasloc.pipeline", dict(run_pipeline=calls.append, dry_run=dry_run)),
+                            ("nasloc.deploy.export",
+                             dict(export_trial=lambda *args, **options: calls.append(args)))):
         module = types.ModuleType(name)
-        setattr(module, function, record)
+        for function, record in functions.items():
+            setattr(module, function, record)
         monkeypatch.setitem(sys.modules, name, module)
     return calls
 
@@ -283,6 +297,17 @@ def test_defaults_reach_the_pipeline(space: Path, tmp_path: Path, handled: list)
     assert (options.retrain_img_size, options.device, options.seed) == (None, "auto", 0)
     assert (options.sampler, options.backend, options.ray_address, options.workers) == ("nsga2", "optuna", None, 1)
     assert (options.dashboard, options.dashboard_port) == (False, 8080)
+    assert (options.select_epochs, options.select_score, options.keep_checkpoints) == (None, "val", "needed")
+
+
+def test_a_dry_run_reaches_the_planner_and_shows_its_plan(space: Path, tmp_path: Path, handled: list,
+                                                         capsys: pytest.CaptureFixture) -> None:
+    argv = ["--budget", "0.7G", "--space", str(space), "--results-dir", str(tmp_path), "--dry-run"]
+    assert cli.search_main(argv) == 0
+    assert capsys.readouterr().out == "[nasloc] plan: a dry run\n"
+    assert cli.search_main([*argv, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == {"device": "cpu", "phases": []}
+    assert [call[0] for call in handled] == ["dry run", "dry run"]
 
 
 def test_nasloc_search_resolves_the_same(space: Path, tmp_path: Path, handled: list) -> None:
@@ -302,7 +327,8 @@ def test_every_option_is_taken(space: Path, tmp_path: Path, handled: list) -> No
         "--run-name", "my.run_1", "--results-dir", str(tmp_path), "--sampler", "tpe",
         "--objectives", "top1,params,latency", "--storage", "postgresql+psycopg2://nas@localhost/nas",
         "--backend", "ray", "--ray-address", "ray://head:10001", "--workers", "4", "--dashboard",
-        "--dashboard-port", "9000",
+        "--dashboard-port", "9000", "--select-epochs", "6", "--select-score", "tse", "--select-init", "supernet",
+        "--select-top-k", "3", "--batch-size", "32", "--keep-checkpoints", "all",
     ]) == 0
     (options,) = handled
     assert options.data_dir == data
@@ -313,6 +339,8 @@ def test_every_option_is_taken(space: Path, tmp_path: Path, handled: list) -> No
     assert (options.retrain_epochs, options.retrain_img_size, options.device, options.seed) == (3, 96, "cpu", 3)
     assert (options.sampler, options.backend, options.ray_address) == ("tpe", "ray", "ray://head:10001")
     assert (options.workers, options.dashboard, options.dashboard_port) == (4, True, 9000)
+    assert (options.select_epochs, options.select_score, options.select_init, options.select_top_k) == (6, "tse", "supernet", 3)
+    assert (options.batch_size, options.keep_checkpoints) == (32, "all")
 
 
 def test_journal_storage_path_becomes_absolute(space: Path, tmp_path: Path, handled: list,

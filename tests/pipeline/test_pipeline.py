@@ -108,6 +108,10 @@ def epoch_of(checkpoint: Path) -> int:
     return torch.load(checkpoint, map_location="cpu", weights_only=False)["epoch"]
 
 
+def checkpoint_keys(path: Path) -> set[str]:
+    return set(torch.load(path, map_location="cpu", weights_only=True))
+
+
 def read_csv(path: Path) -> list[dict[str, str]]:
     with open(path, newline="") as f:
         return list(csv.DictReader(f))
@@ -152,6 +156,11 @@ def test_a_run_writes_every_output_consistently(finished):
     record = json.loads((run_dir / "run.json").read_text())
     assert record["budget"] == BUDGET and record["study_name"] == STUDY_NAME
     assert epoch_of(run_dir / "supernet" / "last.pth") == 0  # one epoch, numbered from 0
+    # --keep-checkpoints needed: a finished phase keeps its weights, no optimizer state, no previous checkpoint;
+    # the selection's candidates keep nothing (the retrain starts from scratch)
+    kept = [run_dir / "supernet" / "last.pth", *(d / "last.pth" for d in retrained_dirs(run_dir))]
+    assert all("model" in (c := checkpoint_keys(path)) and "optimizer" not in c for path in kept)
+    assert not list(run_dir.rglob("previous.pth")) and not list((run_dir / "selection").rglob("*.pth"))
 
     study = load_study(run_dir)
     trials = sorted(study.trials, key=lambda t: t.number)
@@ -210,6 +219,13 @@ def test_a_run_writes_every_output_consistently(finished):
 
     summary = (run_dir / "summary.md").read_text()
     assert "6 trials (6 complete" in summary
+    megabytes = sum(p.stat().st_size for p in run_dir.rglob("*")
+                    if p.is_file() and p.name not in ("summary.md", "plan.json")) / 1e6
+    assert f"its folder holds {megabytes:.0f} MB (checkpoints kept: needed)" in summary
+    # the plan printed at the start, against what each phase took
+    planned = json.loads((run_dir / "plan.json").read_text())
+    assert set(planned["planned"]) == {"supernet", "search", "selection", "retrain", "export"} <= set(planned["took"])
+    assert "## Plan against actual" in summary and "| selection |" in summary.split("## Plan against actual")[1]
     retrained_table = summary.split("## Retrained from scratch")[1]
     for n in chosen:  # each finalist, and which seed design it is (or "searched")
         row = next(line for line in retrained_table.splitlines() if line.startswith(f"| {n} |"))
@@ -286,6 +302,16 @@ def test_rerunning_a_finished_run_adds_nothing_and_trains_nothing(finished, data
     number = int(retrained.name.split("_")[1])
     val_top1 = torch.load(retrained / "last.pth", map_location="cpu", weights_only=True)["history"][-1]["val_top1"]
     assert f"| {number} | {val_top1:.2f} |" in (finished / "summary.md").read_text()
+
+
+def test_keep_checkpoints_all_keeps_every_checkpoint_as_written(tmp_path, data_dir):
+    with one_thread():
+        assert run(args(tmp_path, data_dir, "--keep-checkpoints", "all", trials=4, select_top_k=2)) == 0
+    run_dir = run_dir_of(tmp_path)
+    assert "optimizer" in checkpoint_keys(run_dir / "supernet" / "last.pth")
+    candidates = list((run_dir / "selection").glob("trial_*"))
+    assert candidates and all((c / "last.pth").is_file() for c in candidates)
+    assert all("optimizer" in checkpoint_keys(d / "last.pth") for d in retrained_dirs(run_dir))
 
 
 def test_dashboard_serves_the_study(finished):

@@ -279,3 +279,22 @@ def test_the_recipe_fits_the_length_of_the_training():
     assert short.label_smoothing == 0.1 and short.weight_decay == 0.05 and short.grad_clip == 5.0
     part = fitted_recipe(30, epochs=4, batch_size=64, lr=1e-3)  # a rung of the 30-epoch retrain, lr given
     assert (part.epochs, part.batch_size, part.lr, part.randaugment) == (4, 64, 1e-3, "")
+
+
+def test_a_finished_training_cut_down_is_read_back_and_lengthened_with_a_fresh_optimizer(digits, tmp_path, caplog):
+    from nasloc.training.checkpoint import finish_checkpoint
+    from nasloc.training.retrain import RESUMED
+
+    cfg = RetrainConfig(epochs=1, **PLAIN)
+    done = retrain(_mlp(), digits, cfg, tmp_path, progress=False)
+    finish_checkpoint(done.checkpoint, keep=RESUMED)
+    assert set(torch.load(done.checkpoint, weights_only=True)) == set(RESUMED)
+    assert not (tmp_path / "previous.pth").exists()
+    stamp = done.checkpoint.stat().st_mtime_ns
+    finish_checkpoint(done.checkpoint, keep=RESUMED)  # once only
+    assert done.checkpoint.stat().st_mtime_ns == stamp
+    again = retrain(_mlp(), digits, cfg, tmp_path, progress=False)  # read back, nothing trained
+    assert again.epochs_run == 0 and again.val_top1 == done.val_top1
+    with caplog.at_level("WARNING"):
+        longer = retrain(_mlp(), digits, RetrainConfig(epochs=2, **PLAIN), tmp_path, progress=False)
+    assert longer.epochs_run == 1 and "epochs 2-2 start a fresh optimizer" in caplog.text
