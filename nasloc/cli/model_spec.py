@@ -4,7 +4,8 @@ M is, in this order of lookup:
 
 * a preset (``nasloc_lightvit_tiny``, see ``nasloc presets``): the paper's arch, untrained;
 * an arch file (``.yaml``/``.yml``/``.json``, e.g. an export's ``arch.yaml``): untrained;
-* an export folder (``config.json`` of ``nasloc_vit``): its arch, and its weights as trained;
+* an export folder (``config.json`` of ``nasloc_vit``), or the folder of a finished ``nasloc train --out``
+  (its ``export/``): its arch, and its weights as trained;
 * ``RUN:TRIAL``, a trial of a run folder (a path, or a run name under ``./results``): its arch, and its
   weights (retrained, else its subnet of the supernet, see :mod:`nasloc.deploy.trials`);
 * for ``nasloc evaluate`` only, any other timm model name (``resnet18``, ``deit_tiny_patch16_224``),
@@ -122,14 +123,16 @@ def _read_arch_file(text: str, path: Path) -> Arch:
 
 
 def _export(text: str, folder: Path, with_weights: bool) -> ModelSpec:
+    if not (folder / CONFIG_NAME).is_file() and (folder / "train.json").is_file() and (folder / "export").is_dir():
+        folder = folder / "export"  # a `nasloc train --out DIR` folder: its export
     try:
         config = json.loads((folder / CONFIG_NAME).read_text())
         arch = Arch.from_dict(config["model_args"]) if config.get("architecture") == GENERIC else None
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         arch = None
     if arch is None:
-        raise ModelError(f"--model {text!r}: a folder but not a nasloc export (no {CONFIG_NAME} of {GENERIC}); "
-                         f"for a trial of a run pass RUN:TRIAL")
+        raise ModelError(f"--model {text!r}: a folder but not a nasloc export (no {CONFIG_NAME} of {GENERIC}) nor "
+                         "a finished `nasloc train --out` folder; for a trial of a run pass RUN:TRIAL")
     facts = config.get("nasloc") or {}
     trained = None
     if with_weights:  # at the resolution it was trained at: loads exactly, no resampling

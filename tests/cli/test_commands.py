@@ -99,6 +99,8 @@ def test_evaluate_reproduces_the_recorded_val_accuracy_exactly(trained: Path, ca
     assert numbers["params"] == count(ARCH.replace(img_size=32)).params
     assert numbers["macs"] == count(ARCH.replace(img_size=32)).macs
     assert numbers["latency_ms"] > 0 and numbers["throughput_img_per_s"] > 0
+    assert main(["evaluate", "--model", str(trained), *QUICK_EVAL]) == 0  # the folder train --out wrote
+    assert _json_line(capsys.readouterr().out)["top1"] == numbers["top1"]
 
 
 def test_evaluate_prints_a_table(trained: Path, capsys: pytest.CaptureFixture) -> None:
