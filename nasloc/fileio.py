@@ -11,7 +11,7 @@ from typing import Iterator
 from .errors import DiskFullError
 
 # What a full disk or an exhausted quota looks like: the write of a file that would have fit elsewhere.
-_DISK_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 
 
 @contextmanager
@@ -72,6 +72,6 @@ def _sync(path: str) -> None:
 
 def _raise_if_disk_full(error: OSError, path: Path) -> None:
     """A full disk becomes one line naming ``path`` (the command line's exit status 2); other errors stay bugs."""
-    if error.errno in _DISK_FULL:
+    if error.errno in DISK_FULL_ERRNOS:
         state = "it is unchanged" if path.exists() else "nothing was written"
         raise DiskFullError(f"cannot write {path}: {error.strerror}; {state}: free some space and rerun") from None

@@ -4,7 +4,12 @@ another process.
 A candidate trains with the recipe and the learning-rate schedule of the retrain it stands for
 (:func:`nasloc.training.recipe.fitted_recipe` of ``--retrain-epochs``), stopped at each rung and resumed at
 the next, so that its curve is the start of the retrain's. With ``--select-score complete`` each rung is a
-training of its own whose schedule ends with the rung (NAS-Bench-201's reduced setting)."""
+training of its own whose schedule ends with the rung (NAS-Bench-201's reduced setting).
+
+CUDA running out of memory in a candidate's training ends the selection with one line
+(:class:`nasloc.errors.OutOfMemory`) naming the candidate, its arch, the batch size and half of it: dropping the
+candidate would rank the others without it. The rungs already scored and the epochs already trained (each
+candidate's ``last.pth``) are kept, and the rerun resumes from them."""
 from __future__ import annotations
 
 import math
@@ -13,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import TrainingDiverged
+from ..errors import OutOfMemory, TrainingDiverged, out_of_memory
 from ..run import SELECT_INITS, arch_folder
 from .candidates import Candidate
 from .scores import Curve
@@ -35,7 +40,7 @@ class SelectionConfig:
 
 class RungTrainer:
     """``advance`` for :func:`run_selection`: trains a candidate at the supernet's resolution with the
-    retraining code (checkpoint every epoch, one folder per selection trial) on the retrain's recipe and
+    retraining code (checkpoint every epoch, in ``folder(search trial)``) on the retrain's recipe and
     schedule (see the module), evaluating it on ``splits.val`` after every epoch; returns its curve."""
 
     def __init__(self, supernet: Any, splits: Any, config: SelectionConfig, folder: Callable[[int], Any],
@@ -48,6 +53,7 @@ class RungTrainer:
         import torch
 
         from ..models import LocalityViT
+        from ..supernet.train import described
         from ..training.recipe import fitted_recipe
         from ..training.retrain import retrain
 
@@ -60,13 +66,18 @@ class RungTrainer:
         torch.manual_seed(self.config.seed)  # the scratch init (a resumed training loads its checkpoint)
         model = (self.supernet.extract(arch) if self.config.init == "supernet"
                  else LocalityViT(arch, drop_path_rate=cfg.drop_path))
-        folder = arch_folder(Path(self.folder(number)), arch)  # resumes this arch's training only
+        folder = arch_folder(Path(self.folder(candidate.trial)), arch)  # by search trial; resumes this arch only
         if complete:
             folder = folder / f"rung_{epochs}"
         try:
             result = retrain(model, self.splits, cfg, folder, device=self.device, progress=False, stop_epoch=epochs)
         except TrainingDiverged:  # a candidate whose loss blows up is out of the race, not the end of the run
             return Curve((math.nan,), (math.nan,), cfg.epochs)
+        except (torch.cuda.OutOfMemoryError, OutOfMemory) as e:  # the epoch it was in is not written
+            kept = (f"the rungs already scored and the epochs trained (in {folder}) are kept, and the rerun resumes "
+                    "from them")
+            raise out_of_memory(f"training selection candidate {candidate.name} ({described(arch)})",
+                                self.config.batch_size, kept, e) from None
         return Curve.from_history(result.history[:epochs], cfg.epochs)
 
 

@@ -10,10 +10,11 @@
   and its cache implement ``BaseHeartbeat``), so :class:`HeartbeatJournalStorage` adds one: the heartbeat is
   a trial system attribute, rewritten every ``heartbeat_interval`` seconds while the trial runs.
 
-:func:`check_storage` fails at once on a storage that cannot work (a misspelled URL, an unreachable
-server), before hours of training end in :func:`open_storage`. A database server that goes away during a
+:func:`check_storage` fails at once on a storage that cannot work (a misspelled URL, a wrong password or
+database name), before hours of training end in :func:`open_storage`. A database server that goes away during a
 search (a restart, a failover) is waited for: :class:`ReconnectingRDBStorage` retries each call with backoff
-for up to ``NASLOC_DB_RETRY_SECONDS`` (default 120 s), then stops the worker with one line.
+for up to ``NASLOC_DB_RETRY_SECONDS`` (default 120 s), then stops the worker with one line. A server that is not
+up yet when a worker starts is waited for alike, by both functions (:func:`connect_waiting`).
 :func:`fail_stale_trials` marks FAIL the trials whose worker is gone. Several processes share an SQLite file on a
 local disk (:class:`SQLiteStorage` locks each transaction, e.g. ``--workers N``); on NFS use a journal file or a server.
 """
@@ -38,8 +39,9 @@ from sqlalchemy.engine import URL
 from sqlalchemy.pool import NullPool
 
 from ..errors import StorageError, first_line
+from .disk_full import drop_torn_line
 from .heartbeat import HeartbeatJournalStorage, log_stale_trial
-from .reconnect import ReconnectingRDBStorage, db_retry_seconds, shown_url
+from .reconnect import ReconnectingRDBStorage, connect_waiting, db_retry_seconds, shown_url
 from .sqlite import SQLiteStorage, _connect_sqlite, _is_sqlite_file
 
 _logger = logging.getLogger(__name__)
@@ -108,10 +110,13 @@ def open_storage(
         make = functools.partial(ReconnectingRDBStorage, retry_seconds=db_retry_seconds())
     else:  # SQLiteStorage needs the connections of _connect_sqlite, which an in-memory database does not get
         make = RDBStorage if database is None else SQLiteStorage
-    try:
-        return _rdb_storage(make, url.render_as_string(hide_password=False), engine_kwargs, heartbeat_interval,
-                            grace_period)
-    except Exception as e:  # noqa: BLE001 - driver missing, server down, not a database, ...
+    opening = functools.partial(_rdb_storage, make, url.render_as_string(hide_password=False), engine_kwargs,
+                                heartbeat_interval, grace_period)
+    try:  # a server that is not up yet is waited for, as one that goes away later
+        return connect_waiting(opening, url, db_retry_seconds()) if server else opening()
+    except StorageError:
+        raise
+    except Exception as e:  # noqa: BLE001 - driver missing, wrong password, not a database, ...
         raise StorageError(f"storage {shown_url(url)}: cannot open ({first_line(e)})") from None
 
 
@@ -130,6 +135,8 @@ def _journal_storage(path: Path, create: bool, heartbeat_interval: int | None,
                      grace_period: int | None) -> JournalStorage:
     if create:
         path.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_file():
+        drop_torn_line(path)
     backend = JournalFileBackend(str(path))
     if heartbeat_interval is None:
         return JournalStorage(backend)
@@ -196,9 +203,10 @@ def check_storage(url_or_path: str | os.PathLike) -> None:
 
     - a URL must parse and name an SQLAlchemy dialect whose driver imports (``postgres://...``, a
       misspelled scheme or a driver that is not installed fail here);
-    - a server URL (PostgreSQL, MySQL, ...) is connected to once, with a connect timeout of
-      :data:`CONNECT_TIMEOUT_S` seconds where the driver has one: an unreachable server, an unknown
-      user or a missing database fail here;
+    - a server URL (PostgreSQL, MySQL, ...) is connected to, with a connect timeout of
+      :data:`CONNECT_TIMEOUT_S` seconds where the driver has one: an unknown user, a wrong password or a
+      missing database fail here at once; a server that cannot be reached (not up yet, restarting) is waited
+      for with the backoff of a running worker, for up to ``NASLOC_DB_RETRY_SECONDS``, and fails here after that;
     - an SQLite URL or a file path is not opened, so a new file in a run folder that does not exist yet
       passes (:func:`open_storage` creates it); only a path that is a folder fails.
 
@@ -227,14 +235,20 @@ def check_storage(url_or_path: str | os.PathLike) -> None:
         if database is not None and database.is_dir():
             raise StorageError(f"--storage {shown}: is a folder; give a file in it, such as {database / 'study.db'}")
         if url.get_backend_name() != "sqlite":
-            _check_connects(engine, shown)
+            _check_connects(engine, url)
     finally:
         engine.dispose()
 
 
-def _check_connects(engine: sqlalchemy.engine.Engine, shown: str) -> None:
-    try:
+def _check_connects(engine: sqlalchemy.engine.Engine, url: URL) -> None:
+    def connect() -> None:
         with engine.connect():
             pass
+
+    try:
+        connect_waiting(connect, url, db_retry_seconds(), prefix="--storage")
+    except StorageError:
+        raise
     except Exception as e:  # noqa: BLE001 - every driver has its own errors
-        raise StorageError(f"--storage {shown}: cannot connect ({first_line(getattr(e, 'orig', None) or e)})") from None
+        raise StorageError(f"--storage {shown_url(url)}: cannot connect "
+                           f"({first_line(getattr(e, 'orig', None) or e)})") from None

@@ -1,9 +1,13 @@
-"""A database server that goes away during a search (a restart, a failover) is waited for.
+"""A database server that goes away during a search (a restart, a failover), or is not up yet when a worker
+starts, is waited for.
 
 :class:`ReconnectingRDBStorage` (what :func:`nasloc.storage.factory.open_storage` gives for a database server) retries
 each call that reaches the database with backoff for up to ``NASLOC_DB_RETRY_SECONDS`` (default 120 s), then
 stops the worker with one line (:class:`nasloc.errors.StorageError`); :func:`storage_errors_unmasked` keeps
-that line from being hidden by Optuna.
+that line from being hidden by Optuna. :func:`connect_waiting` gives a worker's first connection (checking the
+storage, creating it) the same backoff and the same limit, and says in one line that it waits; it waits only
+while the server cannot be reached (:func:`server_away`), not on an answer that waiting cannot change (a wrong
+password, user or database name).
 """
 from __future__ import annotations
 
@@ -13,12 +17,13 @@ import math
 import os
 import time
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, TypeVar
 
 import sqlalchemy
 from optuna.storages import RDBStorage
 from sqlalchemy.engine import URL
 
+from ..console import say
 from ..errors import StorageError, first_line
 
 _logger = logging.getLogger(__name__)
@@ -72,7 +77,7 @@ class ReconnectingRDBStorage(RDBStorage):
                 raise
 
     def _retrying(self, method: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        delay, longest = RETRY_DELAYS_S
+        delays = _delays()
         while True:
             try:
                 result = method(self, *args, **kwargs)
@@ -85,8 +90,7 @@ class ReconnectingRDBStorage(RDBStorage):
                         f"storage {self.shown_url()}: lost the connection and could not reconnect within "
                         f"{self.retry_seconds:g} s ({_cause(e)}); rerun the same command once the server is back "
                         f"(completed trials are kept), or wait longer with {DB_RETRY_ENV}") from None
-                time.sleep(min(delay, self.retry_seconds - waited))
-                delay = min(2 * delay, longest)
+                time.sleep(min(next(delays), self.retry_seconds - waited))
                 continue
             if self._outage_since is not None:
                 _logger.warning("storage %s: reconnected after %.0f s", self.shown_url(),
@@ -143,13 +147,13 @@ def storage_errors_unmasked() -> Iterator[None]:
     try:
         yield
     except UnboundLocalError as e:
-        storage_error = next((cause for cause in _chain(e) if isinstance(cause, StorageError)), None)
+        storage_error = next((cause for cause in error_chain(e) if isinstance(cause, StorageError)), None)
         if storage_error is None:
             raise
         raise storage_error from None
 
 
-def _chain(error: BaseException) -> list[BaseException]:
+def error_chain(error: BaseException) -> list[BaseException]:
     """``error`` and what caused it (Optuna wraps SQLAlchemy's errors, which wrap the driver's)."""
     chain: list[BaseException] = []
     while error is not None and error not in chain:
@@ -158,16 +162,102 @@ def _chain(error: BaseException) -> list[BaseException]:
     return chain
 
 
+def _delays() -> Iterator[float]:
+    """The waits between tries: 0.5 s, 1 s, 2 s, ... (at most 8 s)."""
+    delay, longest = RETRY_DELAYS_S
+    while True:
+        yield delay
+        delay = min(2 * delay, longest)
+
+
+T = TypeVar("T")
+
+
+def connect_waiting(connect: Callable[[], T], url: URL, retry_seconds: float, prefix: str = "storage") -> T:
+    """``connect()`` (a first connection to the server of ``url``), tried again while the server cannot be reached.
+
+    The waits are those of :class:`ReconnectingRDBStorage` (0.5 s, 1 s, ... at most 8 s), for up to
+    ``retry_seconds`` (``NASLOC_DB_RETRY_SECONDS``): one line on stdout says that the worker waits (and why), one
+    more when the server has come up. Past the limit: :class:`StorageError`, one line beginning with ``prefix`` and
+    the URL (password hidden). An error that is not the server being away (:func:`server_away`: a wrong password,
+    an unknown database) is raised at once, as it is, for the caller to word.
+    """
+    delays, since = _delays(), None
+    while True:
+        try:
+            result = connect()
+        except Exception as e:  # any driver's error
+            if not server_away(e):
+                raise
+            now = time.monotonic()
+            if since is None:
+                since = now
+                if retry_seconds > 0:
+                    say(f"[nasloc] waiting for the database at {_address(url)} (down: {_cause(e)}), up to "
+                        f"{retry_seconds:g} s ({DB_RETRY_ENV})")
+            waited = now - since
+            if waited >= retry_seconds:
+                within, wait = (f" within {retry_seconds:g} s", "wait longer") if retry_seconds > 0 else ("", "wait for it")
+                raise StorageError(f"{prefix} {shown_url(url)}: cannot connect{within} ({_cause(e)}); rerun the same "
+                                   f"command once the server is up, or {wait} with {DB_RETRY_ENV}") from None
+            time.sleep(min(next(delays), retry_seconds - waited))
+            continue
+        if since is not None:
+            say(f"[nasloc] the database at {_address(url)} is up (waited {time.monotonic() - since:.0f} s)")
+        return result
+
+
+#: PostgreSQL's refusals that waiting mends (SQLSTATE classes: connection exception, insufficient resources such as
+#: too many clients, operator intervention such as a server starting up or shutting down) ...
+_AWAY_SQLSTATE_CLASSES = ("08", "53", "57")
+#: ... and their texts, for a driver that does not give the SQLSTATE of a refused connection (psycopg2).
+_AWAY_REFUSALS = ("the database system is starting up", "the database system is shutting down",
+                  "the database system is in recovery mode", "the database system is not yet accepting connections",
+                  "the database system is not accepting connections", "too many clients already",
+                  "remaining connection slots are reserved")
+#: MySQL's error numbers of a server out of reach (can't connect, unknown host, gone away, lost, too many
+#: connections, shutting down); any other (access denied, unknown database, ...) is not waited for.
+_AWAY_MYSQL_ERRORS = (2002, 2003, 2005, 2006, 2013, 1040, 1053)
+
+
+def server_away(error: BaseException) -> bool:
+    """Whether ``error``, met while connecting, is a server that cannot be reached or is not ready (refused
+    connection, timeout, unknown host name, starting up): what waiting can mend. A server that answered and
+    refused the user, the password or the database (PostgreSQL's ``FATAL:`` replies, MySQL's 1045 and 1049) is
+    not away: waiting for it would only delay the one line that says what to fix."""
+    if not _lost_connection(error):
+        return False
+    chain = error_chain(error)
+    driver = next((e.orig for e in chain if isinstance(e, sqlalchemy.exc.DBAPIError) and e.orig is not None), chain[-1])
+    sqlstate = getattr(driver, "sqlstate", None) or getattr(driver, "pgcode", None)
+    if isinstance(sqlstate, str) and sqlstate:
+        return sqlstate[:2] in _AWAY_SQLSTATE_CLASSES
+    number = driver.args[0] if driver.args else None
+    if isinstance(number, int):  # MySQL's drivers: (error number, message)
+        return number in _AWAY_MYSQL_ERRORS
+    text = str(driver)
+    if "FATAL:" in text:  # PostgreSQL answered the connection, and refused it
+        return any(refusal in text for refusal in _AWAY_REFUSALS)
+    return True
+
+
+def _address(url: URL) -> str:
+    """``host:port`` of the server of ``url`` (the driver's default port when the URL names none)."""
+    port = url.port or {"postgresql": 5432, "mysql": 3306, "mariadb": 3306}.get(url.get_backend_name())
+    host = url.host or "localhost"
+    return f"{host}:{port}" if port else host
+
+
 def _lost_connection(error: BaseException) -> bool:
     """Whether ``error`` is a database server out of reach."""
     lost = (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError, sqlalchemy.exc.DisconnectionError)
     return any(isinstance(e, lost) or (isinstance(e, sqlalchemy.exc.DBAPIError) and e.connection_invalidated)
-               for e in _chain(error))
+               for e in error_chain(error))
 
 
 def _cause(error: BaseException) -> str:
     """The first line of the database driver's own message under ``error``."""
-    chain = _chain(error)
+    chain = error_chain(error)
     driver = next((e.orig for e in chain if isinstance(e, sqlalchemy.exc.DBAPIError) and e.orig is not None), chain[-1])
     return first_line(driver)
 

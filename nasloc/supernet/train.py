@@ -11,7 +11,9 @@ all trained alike. AdamW with a per-step cosine schedule and warm-up (timm's com
 augmentation, gradient clipping.
 
 Checkpoints ``last.pth`` every epoch (written to a temp file, then renamed; the epoch before kept as
-``previous.pth``) and resumes from it (:mod:`nasloc.training.checkpoint`).
+``previous.pth``) and resumes from it (:mod:`nasloc.training.checkpoint`). CUDA running out of memory in a step
+ends the training with one line (:class:`nasloc.errors.OutOfMemory`) naming the arch, the batch size and half of
+it; the completed epochs stay, and the rerun resumes from them.
 Under ``torchrun`` every rank samples the same archs (seeded by epoch and step), sees its own shard
 of the data, and gradients are averaged over ranks before the step.
 """
@@ -23,6 +25,7 @@ import logging
 import math
 import random
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -34,10 +37,12 @@ from timm.scheduler import CosineLRScheduler
 from tqdm import tqdm
 
 from ..arch import Arch
-from ..errors import NaslocError, TrainingDiverged
+from ..arch_view import locality
+from ..errors import NaslocError, TrainingDiverged, out_of_memory
 from ..space.band import Band
 from ..space.choosers import FREE
 from ..space.files import SpaceError
+from ..space.flops import count
 from ..space.search_space import SearchSpace
 from ..training.checkpoint import load_checkpoint, resume_checkpoint, save_checkpoint
 from ..training.data import DataSplits
@@ -88,11 +93,15 @@ class SandwichSampler:
     patch-stem twins while short trainings from scratch ranked them first (results/evidence_full/README.md).
     """
 
-    def __init__(self, supernet: Supernet, band: Band, random_subnets: int, sub_bands: int = SupernetConfig.sub_bands):
+    def __init__(self, supernet: Supernet, band: Band, random_subnets: int, sub_bands: int = SupernetConfig.sub_bands,
+                 buckets: Sequence[Band] = ()):
         space = supernet.space
         self.space, self.band, self.random_subnets = space, band, random_subnets
         self.extremes = _extremes_per_stem(space, band)
-        parts = [part for part in band.split(sub_bands) if _reachable(space, part)] if sub_bands > 1 else []
+        # A model family's budgets are buckets of equal share (as AttentiveNAS's FLOPs bins), each split alike.
+        per_bucket = max(1, sub_bands // len(buckets)) if buckets else sub_bands
+        parts = [part for bucket in (buckets or [band]) for part in bucket.split(per_bucket)]
+        parts = [part for part in parts if _reachable(space, part)] if len(parts) > 1 else []
         self.parts = parts or [band]
 
     def step(self, rng: random.Random) -> list[Arch]:
@@ -147,8 +156,10 @@ def train_supernet(
     out_dir: Path,
     device: str = "auto",
     progress: bool = True,
+    buckets: Sequence[Band] = (),
 ) -> SupernetResult:
-    """Train ``supernet`` in place (resuming from ``out_dir/last.pth``); returns where it was saved."""
+    """Train ``supernet`` in place (resuming from ``out_dir/last.pth``); returns where it was saved. ``buckets``: a
+    model family's budget bands inside ``band``, which share its random archs equally."""
     dist_info = setup_distributed()
     dev = resolve_device(device)
     supernet.to(dev)
@@ -165,11 +176,11 @@ def train_supernet(
         optimizer, t_initial=max(steps, 1), lr_min=cfg.min_lr, warmup_t=int(cfg.warmup_epochs * len(loader)),
         warmup_lr_init=cfg.lr * 0.01, t_in_epochs=False,
     )
-    start_epoch = _resume(ckpt_path, supernet, optimizer, band, dev)
+    start_epoch = _resume(ckpt_path, supernet, optimizer, band, dev, cfg.epochs)
     # The schedule is a function of the step: rebuilt from this run's epochs, not the checkpoint's.
     scheduler.step_update(start_epoch * len(loader))
     _broadcast_state(supernet, dist_info.world_size)  # every rank starts from rank 0's weights
-    sampler = SandwichSampler(supernet, band, cfg.random_subnets, cfg.sub_bands)
+    sampler = SandwichSampler(supernet, band, cfg.random_subnets, cfg.sub_bands, buckets)
     precision = _Precision(amp_dtype(cfg.amp, dev), dev)
     started, loss = time.time(), float("nan")
     for epoch in range(start_epoch, cfg.epochs):
@@ -178,7 +189,12 @@ def train_supernet(
         with tqdm(total=len(loader) * cfg.batch_size, desc=f"supernet epoch {epoch + 1}/{cfg.epochs}", unit="img",
                   disable=not (progress and dist_info.is_main), leave=False) as bar:  # closed on an error too
             for step, (x, y) in enumerate(loader):
-                loss = _sandwich_step(supernet, sampler.step(rng), x, y, cfg, precision)
+                archs = sampler.step(rng)
+                try:
+                    loss = _sandwich_step(supernet, archs, x, y, cfg, precision)
+                except _ArchOutOfMemory as e:  # nothing of this epoch is written: last.pth is the epoch before
+                    raise _out_of_memory(e, supernet.at_resolution(archs[e.index]), epoch, step, cfg,
+                                         ckpt_path) from None
                 if not math.isfinite(loss):
                     raise TrainingDiverged(f"supernet loss became {loss} at epoch {epoch + 1}; lower the learning "
                                            "rate (SupernetConfig.lr) or check the data; completed epochs stay in "
@@ -213,23 +229,56 @@ class _Precision:
 
 def _sandwich_step(supernet: Supernet, archs: list[Arch], x: torch.Tensor, y: torch.Tensor, cfg: SupernetConfig,
                    precision: _Precision) -> float:
-    """One optimizer step's gradients: the largest learns the labels, the others its soft predictions."""
+    """One optimizer step's gradients: the largest learns the labels, the others its soft predictions.
+    CUDA out of memory comes out as :class:`_ArchOutOfMemory`, naming the arch whose pass ran out."""
     supernet.train()
     for p in supernet.parameters():
         p.grad = None
-    with precision.autocast():
-        teacher_logits = supernet(x, archs[0]).float()
-    loss = F.cross_entropy(teacher_logits, y, label_smoothing=cfg.label_smoothing)
-    precision.scaler.scale(loss).backward()
-    total = loss.item()
-    soft_targets = teacher_logits.detach().softmax(-1)
-    for arch in archs[1:]:
+    running = 0
+    try:
         with precision.autocast():
-            student = supernet(x, arch).float()
-        distill = torch.sum(-soft_targets * F.log_softmax(student, dim=-1), dim=-1).mean()
-        precision.scaler.scale(distill).backward()
-        total += distill.item()
+            teacher_logits = supernet(x, archs[0]).float()
+        loss = F.cross_entropy(teacher_logits, y, label_smoothing=cfg.label_smoothing)
+        precision.scaler.scale(loss).backward()
+        total = loss.item()
+        soft_targets = teacher_logits.detach().softmax(-1)
+        for running, arch in enumerate(archs[1:], 1):
+            with precision.autocast():
+                student = supernet(x, arch).float()
+            distill = torch.sum(-soft_targets * F.log_softmax(student, dim=-1), dim=-1).mean()
+            precision.scaler.scale(distill).backward()
+            total += distill.item()
+    except torch.cuda.OutOfMemoryError as e:
+        raise _ArchOutOfMemory(running, e) from None
     return total / len(archs)
+
+
+class _ArchOutOfMemory(Exception):
+    """CUDA ran out of memory in the forward or backward pass of the step's arch number ``index``."""
+
+    def __init__(self, index: int, error: torch.cuda.OutOfMemoryError):
+        super().__init__(index, str(error))  # its text only: the error's frames hold the step's tensors
+        self.index, self.message = index, str(error)
+
+
+_ROLES = ("the largest arch of the band", "the smallest arch of the band")
+
+
+def _out_of_memory(error: _ArchOutOfMemory, arch: Arch, epoch: int, step: int, cfg: SupernetConfig,
+                   checkpoint: Path) -> NaslocError:
+    """The one line of CUDA out of memory in a sandwich step on ``arch`` (:func:`nasloc.errors.out_of_memory`)."""
+    role = _ROLES[error.index] if error.index < len(_ROLES) else "a random arch of the band"
+    kept = (f"the completed epochs stay in {checkpoint} and the rerun resumes from them" if checkpoint.exists()
+            else "no epoch was completed yet")
+    return out_of_memory(f"in the supernet training (epoch {epoch + 1} step {step + 1}) on {role} ({described(arch)})",
+                         cfg.batch_size, kept, error.message)
+
+
+def described(arch: Arch) -> str:
+    """An arch in a few words, for messages: its MACs (at its resolution), depth, widths and locality."""
+    macs = count(arch).macs
+    size = f"{macs / 1e9:.3g}G" if macs >= 1e8 else f"{macs / 1e6:.3g}M"
+    return f"{size} MACs, depth {arch.depth}, dim {'/'.join(str(s.dim) for s in arch.stages)}: {locality(arch)}"
 
 
 def _average_gradients(model: torch.nn.Module, world_size: int) -> None:
@@ -271,7 +320,7 @@ def _save(path: Path, supernet: Supernet, optimizer, scheduler, band: Band, epoc
     save_checkpoint(path, state)
 
 
-def _resume(path: Path, supernet: Supernet, optimizer, band: Band, device: torch.device) -> int:
+def _resume(path: Path, supernet: Supernet, optimizer, band: Band, device: torch.device, epochs: int) -> int:
     state = resume_checkpoint(path, device, keys=_RESUMED)
     if state is None:
         return 0
@@ -282,7 +331,7 @@ def _resume(path: Path, supernet: Supernet, optimizer, band: Band, device: torch
     supernet.load_state_dict(state["model"])
     if "optimizer" in state:
         optimizer.load_state_dict(state["optimizer"])
-    else:  # finished and cut down (finish_checkpoint); a rerun with more --supernet-epochs goes on from there
+    elif state["epoch"] + 1 < epochs:  # finished and cut down (finish_checkpoint); more --supernet-epochs go on
         _logger.warning("%s kept no optimizer state (it had finished): its next epochs start a fresh one", path)
     return state["epoch"] + 1
 

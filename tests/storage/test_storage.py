@@ -114,7 +114,8 @@ def test_check_storage_refuses_a_malformed_url(url, message):
     assert "secret" not in str(error.value)
 
 
-def test_check_storage_fails_fast_on_an_unreachable_server():
+def test_check_storage_fails_fast_on_an_unreachable_server(monkeypatch):
+    monkeypatch.setenv(DB_RETRY_ENV, "0")  # not told to wait for it (the wait: test_startup_wait.py)
     started = time.monotonic()
     with pytest.raises(StorageError, match=r"storage postgresql\+psycopg2://nouser:\*\*\*@127.0.0.1:1/x: cannot connect"
                                            r" \(.*Connection refused") as error:

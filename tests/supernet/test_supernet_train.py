@@ -2,6 +2,7 @@
 MACs band, learning, atomic checkpoints, exact resume, refusals, NaN guard and DDP on gloo."""
 from __future__ import annotations
 
+import logging
 import math
 import os
 import random
@@ -20,7 +21,8 @@ from nasloc.space.band import Band
 from nasloc.space.flops import count
 from nasloc.space.search_space import SearchSpace
 from nasloc.supernet.supernet import Supernet
-from nasloc.supernet.train import SandwichSampler, SupernetConfig, load_supernet, train_supernet
+from nasloc.supernet.train import FINISHED, SandwichSampler, SupernetConfig, load_supernet, train_supernet
+from nasloc.training.checkpoint import finish_checkpoint
 from nasloc.training.data import DataSplits, load_dataset
 from nasloc.training.distributed import cleanup_distributed
 
@@ -210,6 +212,18 @@ def test_more_epochs_resume_from_the_saved_epoch_on_the_longer_schedule(straight
     # The cosine schedule of the resumed run spans 3 epochs; the checkpoint's 2-epoch schedule would
     # have trained the whole third epoch at min_lr.
     assert saved["scheduler"]["t_initial"] == 3 * STEPS
+
+
+def test_a_finished_cut_down_checkpoint_warns_only_when_more_epochs_follow(straight, few_digits, tmp_path, caplog):
+    """--keep-checkpoints needed drops the optimizer state of a finished supernet: a rerun of the same run says
+    nothing (nothing is trained), a longer one says its next epochs start a fresh optimizer."""
+    shutil.copy(straight["out"] / "last.pth", tmp_path / "last.pth")
+    finish_checkpoint(tmp_path / "last.pth", keep=FINISHED)
+    with caplog.at_level(logging.WARNING, logger="nasloc.supernet.train"):
+        assert _train(Supernet(SearchSpace.load(SPACE)), few_digits, tmp_path, epochs=2).epochs_run == 0
+        assert not [r for r in caplog.records if "kept no optimizer state" in r.getMessage()]
+        assert _train(Supernet(SearchSpace.load(SPACE)), few_digits, tmp_path, epochs=3).epochs_run == 1
+    assert [r for r in caplog.records if "kept no optimizer state" in r.getMessage()]
 
 
 def test_checkpoint_of_another_band_or_space_is_refused_in_one_line(straight, few_digits, tmp_path):
