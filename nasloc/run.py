@@ -4,12 +4,17 @@
     ├── run.json                  the RunRecord: the resolved options and what the data set decided
     ├── study.db                  the Optuna study (the default storage)
     ├── supernet/last.pth         the trained supernet (untrained.pth with --supernet-epochs 0)
-    ├── selection/trial_<N>/      last.pth: selection trial N's short training (successive halving)
+    ├── selection/trial_<N>/      last.pth: search trial N's short training in the selection (successive halving)
     ├── retrain/trial_<N>/        last.pth (checkpoint), best.safetensors, arch.json (the arch as retrained)
     ├── check-ranking/            nasloc check-ranking's standalone trainings
     ├── export/best/, export/trial-<N>/
     ├── trials.csv, pareto.csv, pareto.html, selection.csv, summary.md
     └── ray/                      Ray Tune's own files
+
+A model family (``--budget 0.3G,0.5G,0.7G``) shares run.json, study.db and the supernet; each budget, as written
+on the command line, has its own folder for what follows the supernet (``<budget>/selection/``,
+``<budget>/retrain/``, ``<budget>/summary.md`` and the report files) and its export in ``export/<budget>/``;
+``family.csv``, ``family.html`` and ``family.png`` compare the members.
 
 Beside each ``last.pth``, ``previous.pth`` keeps the epoch before until the next one is complete, and an
 unreadable ``last.pth`` is moved aside as ``last.pth.unreadable`` (:mod:`nasloc.training.checkpoint`).
@@ -21,7 +26,7 @@ from __future__ import annotations
 
 import json
 import warnings
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,9 +34,10 @@ from .arch import Arch
 from .errors import NaslocError
 from .fileio import write_atomic
 from .space.files import resolve_space_path
-from .units import short_macs
+from .units import parse_budget, short_macs
 
 STUDY_NAME = "nasloc"
+SELECTION_STUDY = "selection"
 # The report's file names (nasloc.report writes them into any folder; in a run folder, into its root).
 TRIALS_CSV, PARETO_CSV, PARETO_HTML = "trials.csv", "pareto.csv", "pareto.html"
 SELECTION_CSV = "selection.csv"
@@ -51,11 +57,11 @@ BACKENDS = ("optuna", "ray")
 DEVICES = ("auto", "cpu", "cuda")
 
 
-_ADDED_OPTIONS = ("latency_budget", "select_score", "keep_checkpoints")  # options newer than some run.json files
+_ADDED_OPTIONS = ("latency_budget", "select_score", "keep_checkpoints", "family")  # options newer than some run.json files
 # Options a rerun must repeat: the supernet, study and selection it resumes were made for them (--batch-size
 # sets the supernet's and the selection's steps). --trials and the retrain options may grow, --supernet-epochs
 # too (the schedule follows it); device, workers and dashboard are the machine's business.
-FIXED_OPTIONS = ("space", "dataset", "seed", "proxy_img_size", "budget", "latency_budget", "objectives",
+FIXED_OPTIONS = ("space", "dataset", "seed", "proxy_img_size", "budget", "family", "latency_budget", "objectives",
                  "batch_size", "select_top_k", "select_epochs", "select_init", "select_score")
 
 
@@ -74,7 +80,7 @@ class RunOptions:
     what was chosen).
     """
 
-    budget: float  # multiply-adds per image at the space's deploy resolution
+    budget: float  # multiply-adds per image at the space's deploy resolution (a family's: its largest budget)
     latency_budget: float | None = None  # ms per batch-1 forward on the search's device, as the latency table predicts
     space: Path | str = "imagenet"
     objectives: tuple[str, ...] = ("top1", "macs")
@@ -104,9 +110,14 @@ class RunOptions:
     dashboard: bool = False
     dashboard_port: int = 8080
     keep_checkpoints: str = "needed"
+    # A model family from one supernet: its budgets as written ("0.3G", "500M"), increasing; () for one budget
+    family: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         self._check_choices()
+        self._set("family", tuple(self.family))
+        if self.family:
+            self._set("budget", max(parse_family(self.family)))
         space = Path(self.space).expanduser()
         self._set("space", space if space.is_absolute() else resolve_space_path(space).resolve())
         self._set("objectives", tuple(self.objectives))
@@ -114,7 +125,8 @@ class RunOptions:
             self._set("data_dir", Path(self.data_dir).expanduser().resolve())
         self._set("results_dir", Path(self.results_dir).expanduser().resolve())
         if self.run_name is None:
-            self._set("run_name", f"{self.space.stem}-{self.dataset}-{short_macs(self.budget)}")
+            budgets = "_".join(map(short_macs, parse_family(self.family))) if self.family else short_macs(self.budget)
+            self._set("run_name", f"{self.space.stem}-{self.dataset}-{budgets}")
         if self.storage is None:
             self._set("storage", RunDir(self.run_dir).default_storage)
         elif "://" not in self.storage:  # a journal or SQLite file
@@ -143,9 +155,35 @@ class RunOptions:
     def run_dir(self) -> Path:
         return self.results_dir / self.run_name
 
+    def members(self) -> list[tuple[str, "RunOptions"]]:
+        """Each budget of the run with the options of its search, selection and retrain: ``[("", self)]`` for one
+        budget; for a family, the budget as written and these options at that budget."""
+        if not self.family:
+            return [("", self)]
+        return [(label, replace(self, budget=macs, family=())) for label, macs in zip(self.family,
+                                                                                      parse_family(self.family))]
+
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON values (paths as strings, tuples as lists)."""
         return {f.name: _plain(getattr(self, f.name)) for f in fields(self)}
+
+
+def parse_family(budgets: tuple[str, ...] | list[str]) -> list[float]:
+    """The multiply-adds of a family's budgets; :class:`RunError` (one line) unless there are at least two, each a
+    budget, in increasing order without repeats."""
+    if len(budgets) < 2:
+        raise RunError(f"a model family needs at least two budgets, got {', '.join(budgets) or 'none'}")
+    try:
+        macs = [parse_budget(text) for text in budgets]
+    except ValueError as err:
+        raise RunError(str(err)) from None
+    for (text, value), (next_text, next_value) in zip(zip(budgets, macs), zip(budgets[1:], macs[1:])):
+        if next_value == value:
+            raise RunError(f"--budget {','.join(budgets)}: {text} and {next_text} are the same budget; give each once")
+        if next_value < value:
+            raise RunError(f"--budget {','.join(budgets)}: {next_text} comes after the larger {text}; list the "
+                           f"budgets in increasing order")
+    return macs
 
 
 def arch_folder(folder: Path, arch: Arch) -> Path:
@@ -171,7 +209,12 @@ def _comparable(value: Any) -> Any:
     return float(f"{value:.9g}") if isinstance(value, float) else value  # a budget read back from JSON
 
 
+_OPTION = {"family": "budget"}  # the command-line option of a RunOptions field, where the names differ
+
+
 def _shown(value: Any) -> str:
+    if value == ():  # a run of one budget, beside a family
+        return "(one budget)"
     if isinstance(value, tuple):
         return ",".join(map(str, value))
     return _comparable(value) if isinstance(value, Path) else f"{value:g}" if isinstance(value, float) else str(value)
@@ -195,7 +238,18 @@ class RunRecord:
     num_classes: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
-    study_name: str = STUDY_NAME
+    study_name: str = STUDY_NAME  # the search's study (a family member's: the run's name with its budget)
+    member: str = ""  # the family budget this record is about ("": the run's one budget); not in run.json
+
+    @property
+    def selection_study(self) -> str:
+        """The name of the selection's study, beside the search's in the run's storage."""
+        return f"{SELECTION_STUDY}-{self.member}" if self.member else SELECTION_STUDY
+
+    def members(self) -> list["RunRecord"]:
+        """The record of each budget of the run (:meth:`RunOptions.members`): itself for one budget."""
+        return [self if not label else replace(self, options=options, study_name=f"{self.study_name}-{label}",
+                                               member=label) for label, options in self.options.members()]
 
     def to_dict(self) -> dict[str, Any]:
         """The flat JSON object of run.json: every option, then the record's own keys."""
@@ -207,7 +261,8 @@ class RunRecord:
         """The record of :meth:`to_dict`; raises KeyError naming the first missing key (options added since the
         record was written take their defaults)."""
         keys = [f.name for f in fields(RunOptions) if f.name not in _ADDED_OPTIONS]
-        missing = [key for key in keys + [f.name for f in fields(cls) if f.name != "options"] if key not in data]
+        own = [f.name for f in fields(cls) if f.name not in ("options", "member")]  # a member's is not stored
+        missing = [key for key in keys + own if key not in data]
         if missing:
             raise KeyError(missing[0])
         options = RunOptions(**{f.name: data[f.name] for f in fields(RunOptions) if f.name in data})
@@ -219,9 +274,19 @@ class RunDir:
     """The paths of one run folder; nothing is created until something is written."""
 
     root: Path
+    member: str = ""  # a family's budget as written: what follows the supernet lives in root/<member>
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "root", Path(self.root))
+
+    @property
+    def home(self) -> Path:
+        """The folder of this budget's search reports, selection, retrain and summary: the run folder itself for
+        one budget, ``<budget>/`` in it for a family's member."""
+        return self.root / self.member if self.member else self.root
+
+    def member_dir(self, member: str) -> "RunDir":
+        return RunDir(self.root, member)
 
     # ----------------------------------------------------------------------------------- the record
     @property
@@ -238,9 +303,11 @@ class RunDir:
             return
         stored = self.read_record().options
         changed = [name for name in FIXED_OPTIONS
-                   if _comparable(getattr(stored, name)) != _comparable(getattr(record.options, name))]
+                   if _comparable(getattr(stored, name)) != _comparable(getattr(record.options, name))
+                   # a smaller batch is the way out of an out-of-memory error (the trainings resume at it)
+                   and not (name == "batch_size" and record.options.batch_size < stored.batch_size)]
         if changed:
-            was = ", ".join(f"--{name.replace('_', '-')} {_shown(getattr(stored, name))} (now "
+            was = ", ".join(f"--{_OPTION.get(name, name).replace('_', '-')} {_shown(getattr(stored, name))} (now "
                             f"{_shown(getattr(record.options, name))})" for name in changed)
             raise RunError(f"{self.root} was started with {was}; rerun it with the same options, or pass another "
                            f"--run-name")
@@ -277,8 +344,9 @@ class RunDir:
         return self.supernet_dir / "untrained.pth"
 
     def selection_dir(self, trial: int) -> Path:
-        """Where :func:`nasloc.training.retrain.retrain` keeps selection trial ``trial``'s short training."""
-        return self.root / "selection" / f"trial_{trial}"
+        """Where :func:`nasloc.training.retrain.retrain` keeps the selection's short training of search trial
+        ``trial`` (named by search trial, as its retrain folder: one arch, one name across phases)."""
+        return self.home / "selection" / f"trial_{trial}"
 
     @property
     def check_ranking_dir(self) -> Path:
@@ -286,7 +354,7 @@ class RunDir:
 
     def retrain_dir(self, trial: int) -> Path:
         """Where :func:`nasloc.training.retrain.retrain` keeps trial ``trial``'s checkpoint."""
-        return self.root / "retrain" / f"trial_{trial}"
+        return self.home / "retrain" / f"trial_{trial}"
 
     def retrain_checkpoint(self, trial: int) -> Path:
         return self.retrain_dir(trial) / "last.pth"  # retrain's name for it
@@ -308,14 +376,19 @@ class RunDir:
     # ----------------------------------------------------------------------------------- outputs
     @property
     def best_export(self) -> Path:
-        return self.root / "export" / "best"
+        """The run's export: ``export/best``, or a family member's ``export/<budget>``."""
+        return self.root / "export" / (self.member or "best")
 
     def trial_export(self, trial: int) -> Path:
         return self.root / "export" / f"trial-{trial}"
 
     @property
     def summary(self) -> Path:
-        return self.root / "summary.md"
+        return self.home / "summary.md"
+
+    @property
+    def family_csv(self) -> Path:
+        return self.root / "family.csv"
 
     @property
     def ray_dir(self) -> Path:

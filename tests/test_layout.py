@@ -13,7 +13,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parent.parent / "nasloc"
 LAYERS = [  # lowest first; a module may import its own layer and the layers below it
     ("nasloc.errors", "nasloc.units", "nasloc.fileio", "nasloc.console"),
-    ("nasloc.arch",),
+    ("nasloc.arch", "nasloc.arch_view"),
     ("nasloc.space",),
     ("nasloc.models",),
     ("nasloc.run",),

@@ -23,7 +23,9 @@ from ..run import (
     SAMPLERS,
     SELECT_INITS,
     SELECT_SCORES,
+    RunError,
     RunOptions,
+    parse_family,
 )
 from ..units import ACCEPTED_FORMS, parse_budget
 
@@ -80,6 +82,19 @@ def _budget(text: str) -> float:
         return parse_budget(text)
     except ValueError as err:
         raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def _budgets(text: str) -> tuple[str, ...]:
+    """One budget, or a model family's comma list of them in increasing order, as written."""
+    budgets = tuple(part.strip() for part in text.split(","))
+    try:
+        if len(budgets) > 1:
+            parse_family(budgets)
+        else:
+            parse_budget(text)
+    except (ValueError, RunError) as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return budgets
 
 
 _LATENCY = re.compile(r"(?P<number>(?:\d+(?:\.\d*)?|\.\d+)(?:e[+-]?\d+)?)\s*(?P<unit>ms|us|µs)", re.IGNORECASE)
@@ -188,8 +203,10 @@ def add_search_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
 
     what = parser.add_argument_group("what to search")
-    what.add_argument("--budget", required=True, type=_budget, metavar="BUDGET",
-                      help=f"FLOPs budget per image (multiply-adds), e.g. {ACCEPTED_FORMS}; required")
+    what.add_argument("--budget", required=True, type=_budgets, metavar="BUDGET[,BUDGET...]",
+                      help=f"FLOPs budget per image (multiply-adds), e.g. {ACCEPTED_FORMS}; required. A comma list "
+                           "in increasing order (0.3G,0.5G,0.7G) makes a model family: one supernet over all the "
+                           "budgets, then a search, selection, retrain and export per budget (export/<budget>/)")
     what.add_argument("--space", metavar="YAML", default=DEFAULTS["space"],
                       help="search space: a YAML file, or the name of a shipped space in search_spaces/ "
                            "(imagenet, cifar, tiny, ...) (default: %(default)s)")
@@ -229,7 +246,7 @@ def add_search_arguments(parser: argparse.ArgumentParser) -> None:
                         help="epochs of the selection's last rung; rungs are 1, 2, 4, ... epochs, and half the "
                              "candidates go on at each; the candidates train on the retrain's recipe and schedule "
                              "(--retrain-epochs) and stop at the rungs (default: a quarter of --retrain-epochs, at "
-                             "least 4)")
+                             "least 4, at most --retrain-epochs)")
     effort.add_argument("--select-score", choices=SELECT_SCORES, default=DEFAULTS["select_score"],
                         help="what ranks the candidates at each rung: val, their top-1 on held-out images; tse, "
                              "the sum of their training losses (training speed); extrapolated, the top-1 a power "

@@ -17,6 +17,7 @@ from typing import Any, Callable, Sequence
 from ..errors import NaslocError
 from ..run import RunError, RunOptions
 from ..space.files import SpaceError, resolve_space_path, shipped_spaces
+from ..units import parse_budget
 from .arguments import DEFAULTS, RECIPE, UsageError, build_parser, build_search_parser, print_error
 
 
@@ -25,7 +26,9 @@ def _search_request(args: argparse.Namespace) -> tuple[RunOptions, str | None]:
     (None: run it; "text" or "json": --dry-run)."""
     if args.json and not args.dry_run:
         raise UsageError("--json shows the plan of a --dry-run; add --dry-run")
-    values = {name: getattr(args, name) for name in DEFAULTS}
+    values = {name: getattr(args, name) for name in DEFAULTS if name not in ("budget", "family")}
+    budgets = args.budget  # one budget, or a family's list
+    values.update(budget=parse_budget(budgets[0]), family=budgets if len(budgets) > 1 else ())
     try:
         options = RunOptions(**{**values, "space": _space(args.space), "data_dir": _find_data(args.dataset, args.data_dir)})
     except RunError as err:  # options that do not go together

@@ -43,6 +43,7 @@ import torch
 from torch import nn
 
 from ..arch import Arch
+from ..arch_view import arch_svg
 from ..errors import NaslocError, StorageError, first_line
 from ..fileio import sync_folder
 from ..models import LocalityViT
@@ -51,6 +52,7 @@ from ..models.locality_vit import pretrained_cfg as _pretrained_cfg
 from ..models.presets import GENERIC
 from ..run import RunDir, RunError
 from ..training.distributed import unwrap
+from .model_card import model_card
 from .onnx import OnnxError, export_checked
 from .trials import trial_model
 
@@ -60,6 +62,8 @@ CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 ONNX_NAME = "model.onnx"
 ARCH_NAME = "arch.yaml"
+PICTURE_NAME = "arch.svg"
+CARD_NAME = "README.md"  # the model card, where the Hugging Face layout keeps it
 INTERPOLATIONS = ("bicubic", "bilinear", "nearest", "lanczos", "box", "hamming")
 MACS_UNIT = "multiply-adds per image at img_size x img_size (one multiply-add = one FLOP, as in fvcore)"
 
@@ -380,6 +384,8 @@ def _write_export(arch: Arch, state: dict[str, torch.Tensor], out_dir: str | os.
             "# nasloc arch of this export (Arch.from_yaml reads it; config.json's model_args is the same)\n"
             + arch.to_yaml()
         )
+        (tmp / PICTURE_NAME).write_text(arch_svg(arch, out_dir.name))
+        (tmp / CARD_NAME).write_text(model_card(config, arch, out_dir.name))
         sync_folder(tmp)
         _move_into_place(tmp, out_dir, overwrite)
         done = True

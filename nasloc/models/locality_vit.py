@@ -379,6 +379,9 @@ def default_out_indices(arch: Arch) -> list[int]:
     return ends
 
 
+EVAL_CROP_PCT = 0.875  # DeiT's eval crop: what nasloc's trainings evaluate with and what exports declare
+
+
 def pretrained_cfg(arch: Arch, **extra: Any) -> dict[str, Any]:
     """timm's pretrained cfg of an arch (input size, normalisation, crop, first conv, classifier)."""
     first_conv = {"patch": "stem.proj", "conv": "stem.conv1", "lightvit": "stem.conv1", "overlap": "stem.convs.0"}[arch.stem]
@@ -387,7 +390,7 @@ def pretrained_cfg(arch: Arch, **extra: Any) -> dict[str, Any]:
         num_classes=arch.num_classes,
         input_size=(arch.in_chans, arch.img_size, arch.img_size),
         pool_size=None,
-        crop_pct=0.9,
+        crop_pct=EVAL_CROP_PCT,
         interpolation="bicubic",
         fixed_input_size=True,
         mean=IMAGENET_DEFAULT_MEAN,

@@ -57,7 +57,7 @@ def load_inputs(options: RunOptions) -> tuple[SearchSpace, DataSplits, RunRecord
     (the classifier head counts too) are checked against it.
     """
     space = SearchSpace.load(options.space)
-    check_budget(space, options.budget)
+    check_budgets(space, options)
     proxy_size = options.proxy_img_size or default_proxy_size(space, options.dataset)
     check_img_size(space, proxy_size, "--proxy-img-size")
     lost = lost_genes(space, proxy_size)
@@ -69,17 +69,24 @@ def load_inputs(options: RunOptions) -> tuple[SearchSpace, DataSplits, RunRecord
     splits = load_dataset(options.dataset, options.data_dir, proxy_size, seed=options.seed)
     check_batch_size(options.batch_size, len(splits.train))  # under torchrun the loader checks each rank's shard
     space = space.for_classes(splits.num_classes)
-    check_budget(space, options.budget)
+    check_budgets(space, options)
     retrain_size = options.retrain_img_size or default_retrain_size(space, options.dataset, proxy_size)
     chosen = replace(options, proxy_img_size=proxy_size, retrain_img_size=retrain_size,
                      select_epochs=options.select_epochs or chosen_select_epochs(options))
     return space, splits, RunRecord(chosen, splits.num_classes, splits.mean, splits.std)
 
 
-def check_budget(space: SearchSpace, budget: float) -> None:
+def check_budgets(space: SearchSpace, options: RunOptions) -> None:
+    """The run's budget, or each budget of its family, within what the space can build."""
+    for label, member in options.members():
+        check_budget(space, member.budget, label)
+
+
+def check_budget(space: SearchSpace, budget: float, label: str = "") -> None:
     lo, hi = space.macs_range()
     if not lo <= budget <= hi:
-        raise BudgetError(f"--budget {format_macs(budget)}: outside the space {space.name}, whose archs span "
+        named = f"{label} ({format_macs(budget)})" if label else format_macs(budget)
+        raise BudgetError(f"--budget {named}: outside the space {space.name}, whose archs span "
                           f"{format_macs(lo)} to {format_macs(hi)} at {space.img_size} px; give a budget in that "
                           "range or another --space")
 
@@ -122,8 +129,9 @@ def chosen_select_epochs(options: RunOptions) -> int:
 
 
 def default_select_epochs(retrain_epochs: int) -> int:
-    """A quarter of the retrain, at least 4 epochs: rungs of 1, 2, 4 halve a dozen candidates to three."""
-    return max(4, retrain_epochs // 4)
+    """A quarter of the retrain, at least 4 epochs (rungs of 1, 2, 4 halve a dozen candidates to three), at most
+    the retrain: the candidates train on its schedule."""
+    return min(retrain_epochs, max(4, retrain_epochs // 4))
 
 
 def default_proxy_size(space: SearchSpace, dataset: str) -> int:

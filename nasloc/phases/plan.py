@@ -17,7 +17,7 @@ import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
@@ -25,7 +25,7 @@ import torch
 from ..models import LocalityViT
 from ..run import RunRecord
 from ..selection.halving import rung_epochs
-from ..space.band import search_band
+from ..space.band import supernet_bands
 from ..space.search_space import SearchSpace
 from ..space.seed_designs import MECHANISMS
 from ..supernet.train import SupernetConfig
@@ -95,7 +95,7 @@ class PhaseTimes:
         try:
             yield
         finally:
-            self.seconds[phase] = time.time() - started
+            self.seconds[phase] = self.seconds.get(phase, 0.0) + time.time() - started  # a family: every budget
 
 
 def make_plan(record: RunRecord, space: SearchSpace, splits: DataSplits) -> Plan:
@@ -104,7 +104,8 @@ def make_plan(record: RunRecord, space: SearchSpace, splits: DataSplits) -> Plan
     device = resolve_device(options.device)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     workers = options.workers
-    band = search_band(space, options.budget)
+    members = len(options.members())  # a family searches, selects and retrains once per budget
+    band, _ = supernet_bands(space, [member.budget for _, member in options.members()])
     largest = space.extreme(largest=True, lo=band.lo, hi=band.hi).replace(img_size=options.proxy_img_size)
     smallest = space.extreme(largest=False, lo=band.lo, hi=band.hi).replace(img_size=options.proxy_img_size)
     retrain = fitted_recipe(options.retrain_epochs)
@@ -138,6 +139,9 @@ def make_plan(record: RunRecord, space: SearchSpace, splits: DataSplits) -> Plan
                          finalists * options.retrain_epochs * retrain_steps * retrain_step * 1.05,
                          f"{finalists} finalists; a tie at the selection's last rung adds more"),
                PhasePlan("export", 0, 0, EXPORT_SECONDS if finalists else 0.0)]
+    if members > 1:
+        phases[1:] = [replace(p, est_seconds=p.est_seconds * members,
+                              note=f"{p.note}{'; ' if p.note else ''}x {members} budgets") for p in phases[1:]]
 
     peak = max(v["memory_gb"] for v in timed.values())
     available = _available_memory_gb(device)
@@ -168,9 +172,8 @@ def _selection(options: Any, train_images: int, held_out: int, step_s: float, fo
 
 def _time(arch: Any, device: torch.device, batch: int, forward_batch: int = 256) -> dict[str, float]:
     """Seconds of a training step at ``batch`` images and of a forward pass per image at ``forward_batch``, and
-    the step's peak memory in GB. A batch of at most :data:`TIMING_BATCH` images is timed as it is; a larger one
-    at half and all of :data:`TIMING_BATCH` images, extrapolated along the line through the two (a step's fixed
-    cost and its cost per image)."""
+    the step's peak memory in GB. A batch of at most :data:`TIMING_BATCH` images is timed as it is, a larger one
+    at :data:`TIMING_BATCH` images and scaled."""
     model = LocalityViT(arch).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     base = _memory_gb(device)
@@ -198,12 +201,11 @@ def _time(arch: Any, device: torch.device, batch: int, forward_batch: int = 256)
 
 
 def _extrapolated(seconds: Any, images: int) -> float:
-    """``seconds(images)``, measured where ``images`` is at most :data:`TIMING_BATCH`, else extrapolated."""
+    """``seconds(images)``, measured where ``images`` is at most :data:`TIMING_BATCH`, else scaled from that many
+    (by then a step's fixed cost is small; a line through two small batches amplified the noise of a busy CPU)."""
     if images <= TIMING_BATCH:
         return seconds(images)
-    half, full = seconds(TIMING_BATCH // 2), seconds(TIMING_BATCH)
-    slope = max(0.0, (full - half) / (TIMING_BATCH - TIMING_BATCH // 2))
-    return full + slope * (images - TIMING_BATCH)
+    return seconds(TIMING_BATCH) * images / TIMING_BATCH
 
 
 def _batch(arch: Any, images: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

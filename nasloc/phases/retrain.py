@@ -12,6 +12,7 @@ from ..console import say
 from ..fileio import atomic_path
 from ..models import LocalityViT
 from ..run import RunDir, RunRecord
+from ..search.study import SEED_DESIGN_ATTR
 from ..space.flops import count
 from ..space.search_space import SearchSpace
 from ..training.checkpoint import finish_checkpoint
@@ -44,7 +45,8 @@ def retrain_phase(chosen: list[FrozenTrial], space: SearchSpace, splits: DataSpl
             say(f"[nasloc]   trial {trial.number}: " + ("already retrained" if result.epochs_run == 0 else f"resumed after epoch {result.start_epoch}"))
         at_deploy = count(arch.replace(img_size=space.img_size))  # as the export and the Pareto table count
         results.append(Retrained(trial.number, model, trial.user_attrs["top1"], result.val_top1,
-                                 macs=at_deploy.macs, params=at_deploy.params))
+                                 macs=at_deploy.macs, params=at_deploy.params,
+                                 design=trial.user_attrs.get(SEED_DESIGN_ATTR, "searched")))
     return results
 
 

@@ -34,14 +34,14 @@ def selection_phase(study: optuna.Study, supernet: Supernet, splits: DataSplits,
     candidates = search_candidates(study, options.budget, options.select_top_k, search_band(space, options.budget).lo)
     storage = open_storage(options.storage, heartbeat_interval=None)  # no Study.optimize to beat for
     config = SelectionConfig(epochs=options.select_epochs, top_k=options.select_top_k, init=options.select_init,
-                             schedule_epochs=stored_schedule(storage) or options.retrain_epochs,
+                             schedule_epochs=stored_schedule(storage, record.selection_study) or options.retrain_epochs,
                              score=options.select_score, batch_size=options.batch_size, seed=options.seed)
     say(f"[nasloc] 4/6 selection: {len(candidates)} candidates ({sum(not c.source.isdigit() for c in candidates)} "
         f"seed designs), rungs up to {config.epochs} epochs of the {config.schedule_epochs}-epoch retrain from "
         f"{config.init}, ranked by {config.score} on {len(splits.val)} held-out images"
         + (f", {options.workers} trainings at a time" if options.workers > 1 else ""))
     device = next(supernet.parameters()).device
-    spec = TrainerSpec(EvaluatorSpec.for_run(record, checkpoint, str(device)), config, str(run.root))
+    spec = TrainerSpec(EvaluatorSpec.for_run(record, checkpoint, str(device)), config, str(run.home))
     # Ties are what the held-out images cannot tell apart: a training-loss score (tse) has none to speak of.
     held_out = 0 if config.score == "tse" else len(splits.val)
     if options.backend == "ray":
@@ -51,9 +51,10 @@ def selection_phase(study: optuna.Study, supernet: Supernet, splits: DataSplits,
                                    reduction_factor=config.reduction_factor, ray_address=options.ray_address,
                                    max_concurrent=options.workers, results_dir=run.ray_dir,
                                    resources_per_trial=trial_resources(device.type), held_out=held_out,
-                                   score=config.score, schedule_epochs=config.schedule_epochs, say=say)
+                                   score=config.score, schedule_epochs=config.schedule_epochs, say=say,
+                                   study_name=record.selection_study)
     else:  # one training at a time, or --workers processes that rebuild the trainer from the spec (threads shared)
-        release = (lambda number: drop_checkpoints(run.selection_dir(number))) \
+        release = (lambda search_trial: drop_checkpoints(run.selection_dir(search_trial))) \
             if options.keep_checkpoints == "needed" else None
         trainer = (RungPool(spec, options.workers, max(1, torch.get_num_threads() // options.workers))
                    if options.workers > 1 else
@@ -62,11 +63,11 @@ def selection_phase(study: optuna.Study, supernet: Supernet, splits: DataSplits,
             result = run_selection(candidates, advance, storage, max_epochs=config.epochs,
                                    reduction_factor=config.reduction_factor, held_out=held_out,
                                    score=config.score, schedule_epochs=config.schedule_epochs, say=say,
-                                   progress=True, release=release)
+                                   progress=True, release=release, study_name=record.selection_study)
     if options.keep_checkpoints == "needed":  # the retrain starts from scratch: no candidate's weights go on
         for trial in result.study.get_trials(deepcopy=False):
-            drop_checkpoints(run.selection_dir(trial.number))
-    write_csv(selection_rows(result.study), run.root / SELECTION_CSV)
+            drop_checkpoints(run.selection_dir(trial.user_attrs["search_trial"]))
+    write_csv(selection_rows(result.study), run.home / SELECTION_CSV)
     note = tied_note(result, options.retrain_top_k)
     if note:
         say(f"[nasloc]   {note}")

@@ -9,7 +9,7 @@ import torch
 from ..console import say
 from ..errors import NaslocError
 from ..run import RunDir, RunOptions
-from ..space.band import search_band
+from ..space.band import supernet_bands
 from ..space.search_space import SearchSpace
 from ..supernet.supernet import Supernet
 from ..supernet.train import FINISHED, SupernetConfig, fingerprint, load_supernet, train_supernet
@@ -24,10 +24,12 @@ class PhaseError(NaslocError):
 
 def train_phase(supernet: Supernet, splits: DataSplits, space: SearchSpace, options: RunOptions, run: RunDir,
                 device: torch.device) -> Path:
-    band = search_band(space, options.budget)
+    band, buckets = supernet_bands(space, [member.budget for _, member in options.members()])
     cfg = SupernetConfig(epochs=options.supernet_epochs, batch_size=options.batch_size, seed=options.seed)
-    say(f"[nasloc] 1/6 supernet: {cfg.epochs} epochs, sandwich rule in the band {format_macs(band.lo)} - {format_macs(band.hi)}")
-    result = train_supernet(supernet, splits, band, cfg, run.supernet_dir, device=str(device))
+    say(f"[nasloc] 1/6 supernet: {cfg.epochs} epochs, sandwich rule in the band {format_macs(band.lo)} - "
+        f"{format_macs(band.hi)}" + (f", its random archs shared by the {len(buckets)} budgets" if options.family else ""))
+    result = train_supernet(supernet, splits, band, cfg, run.supernet_dir, device=str(device),
+                            buckets=buckets if options.family else ())
     if cfg.epochs == 0 and not result.checkpoint.exists():
         return save_untrained(supernet, run)
     if options.keep_checkpoints == "needed" and int(os.environ.get("RANK", "0")) == 0:

@@ -27,8 +27,12 @@ def _axis_scale(budget_macs: float) -> tuple[float, str]:
     return 1.0, "per image"
 
 
+REFERENCE_SYMBOLS = ("diamond", "square", "triangle-up", "triangle-down", "pentagon", "hexagon", "star-diamond")
+
+
 def pareto_figure(study: optuna.Study, budget_macs: float,
-                  references: Mapping[str, tuple[float, float | None]] | None = None) -> Any:
+                  references: Mapping[str, tuple[float, float | None]] | None = None,
+                  selected: Mapping[int, str] | None = None, retrained: Mapping[int, float] | None = None) -> Any:
     """The plotly figure of :func:`write_pareto_html`."""
     import plotly.graph_objects as go
 
@@ -72,16 +76,40 @@ def pareto_figure(study: optuna.Study, budget_macs: float,
     if front:
         fig.add_trace(scatter(front, f"Pareto front ({len(front)})", "#e15759", "circle", mode="lines+markers",
                               size=10, line=dict(color="#e15759", width=2, shape="hv")))
-    for name, (macs, top1) in references.items():
+    for index, (name, (macs, top1)) in enumerate(references.items()):
         if top1 is None or not math.isfinite(top1):
             fig.add_vline(x=macs / scale, line=dict(color="#59a14f", dash="dot"),
                           annotation_text=f"{name} (not evaluated)", annotation_position="bottom right")
             continue
+        # Named in the legend, one symbol each: the seed designs sit at the budget with close scores, and labels
+        # on the plot ran over each other.
         fig.add_trace(go.Scatter(
-            x=[macs / scale], y=[top1], mode="markers+text", name=name, text=[name], textposition="top center",
-            marker=dict(color="#59a14f", symbol="diamond", size=12, line=dict(width=1, color="#333")),
-            hovertemplate=f"{name}<br>top-1 %{{y:.2f}}%<br>{format_macs(macs)}<extra>reference</extra>",
+            x=[macs / scale], y=[top1], mode="markers", name=f"seed design: {name}",
+            marker=dict(color="#59a14f", symbol=REFERENCE_SYMBOLS[index % len(REFERENCE_SYMBOLS)], size=12,
+                        line=dict(width=1, color="#333")),
+            hovertemplate=f"{name}<br>top-1 %{{y:.2f}}%<br>{format_macs(macs)}<extra>seed design</extra>",
         ))
+    by_number = {t.number: t for t in evaluated}
+    marked = [(n, by_number[n]) for n in (selected or {}) if n in by_number]
+    if marked:
+        fig.add_trace(go.Scatter(
+            x=[t.user_attrs["macs"] / scale for _, t in marked], y=[t.user_attrs["top1"] for _, t in marked],
+            mode="markers", name=f"selection candidates ({len(marked)})",
+            # An open symbol is drawn in the marker's colour: a transparent one hid the rings.
+            marker=dict(color="#b07aa1", symbol="circle-open", size=18, line=dict(width=2)),
+            customdata=[[n, selected[n]] for n, _ in marked],
+            hovertemplate="trial %{customdata[0]}<br>selection: %{customdata[1]}<extra>selection</extra>"))
+    finished = [(n, by_number[n]) for n in (retrained or {}) if n in by_number]
+    if finished:
+        best = max(finished, key=lambda item: retrained[item[0]])[0]
+        fig.add_trace(go.Scatter(
+            x=[t.user_attrs["macs"] / scale for _, t in finished], y=[t.user_attrs["top1"] for _, t in finished],
+            mode="markers", name=f"retrained finalists ({len(finished)}; star: the export)",
+            marker=dict(color=["#f1ce63" if n == best else "#ff9da7" for n, _ in finished],
+                        symbol=["star" if n == best else "star-open" for n, _ in finished], size=20,
+                        line=dict(width=1.5, color="#333")),
+            customdata=[[n, retrained[n]] for n, _ in finished],
+            hovertemplate="trial %{customdata[0]}<br>retrained top-1 %{customdata[1]:.2f}%<extra>retrained</extra>"))
     fig.add_vline(x=budget_macs / scale, line=dict(color="#333", dash="dash"),
                   annotation_text=f"budget {format_macs(budget_macs)}", annotation_position="top left")
     n_all = len(study.get_trials(deepcopy=False))
@@ -104,6 +132,9 @@ def write_pareto_html(
     out_dir: str | Path,
     references: Mapping[str, tuple[float, float | None]] | None = None,
     *,
+    selected: Mapping[int, str] | None = None,
+    retrained: Mapping[int, float] | None = None,
+    picture: str | None = None,
     filename: str = PARETO_HTML,
     plotlyjs: str = "directory",
 ) -> Path:
@@ -115,14 +146,22 @@ def write_pareto_html(
     folder, where it is written once (4.8 MB) and shared by every plot there: rewriting the plot during a
     search stays cheap, and it works offline (no CDN). The price: move the folder, not the HTML file alone.
     ``plotlyjs='embed'`` writes one self-contained 4.8 MB file instead (to mail or attach it).
+
+    After the selection and the retrain: ``selected`` (search trial -> its selection scores, as text) rings the
+    candidates, ``retrained`` (search trial -> retrained top-1) stars the finalists (the export filled), and
+    ``picture`` (an SVG document, the export's arch) is shown under the plot.
     """
     if plotlyjs not in ("directory", "embed"):
         raise ValueError("plotlyjs must be 'directory' or 'embed'")
     out_dir = Path(out_dir)
-    fig = pareto_figure(study, budget_macs, references)
+    fig = pareto_figure(study, budget_macs, references, selected, retrained)
     if plotlyjs == "directory":
         _ensure_plotlyjs(out_dir)
     html = fig.to_html(include_plotlyjs="directory" if plotlyjs == "directory" else True, full_html=True)
+    if picture is not None:
+        figure = ('<figure style="margin: 1em 3em"><figcaption style="font-family: sans-serif">The exported '
+                  f'arch</figcaption>{picture}</figure>')
+        html = html.replace("</body>", figure + "</body>", 1)
     path = out_dir / filename
     write_atomic(path, html)
     return path

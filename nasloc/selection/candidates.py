@@ -21,6 +21,11 @@ class Candidate:
     arch: Arch
     trial: int
 
+    @property
+    def name(self) -> str:
+        """How a person reads it: the seed design's name, or ``search trial 12``."""
+        return f"search trial {self.source}" if self.source.isdigit() else self.source
+
 
 def _candidate(trial: FrozenTrial) -> Candidate:
     source = trial.user_attrs.get(SEED_DESIGN_ATTR, str(trial.number))

@@ -28,7 +28,7 @@ from ..search.ray import cached, ray_session
 from .candidates import Candidate
 from .halving import SelectionResult, rung_epochs, selection_result
 from .scores import all_scores, score_of
-from .study import alive_candidates, close_candidate, close_unfinished, open_selection, report
+from .study import STUDY_NAME, alive_candidates, close_candidate, close_unfinished, open_selection, report
 from .trainer import RungTrainer
 
 RANKED = "ranked_score"  # what ASHA compares: the score, or -inf for a diverged (NaN) candidate
@@ -85,7 +85,7 @@ def run_ray_selection(candidates: Sequence[Candidate], trainer_factory: Callable
                       ray_address: str | None = None, max_concurrent: int = 2, results_dir: str | Path,
                       resources_per_trial: dict[str, float] | None = None, held_out: int = 0,
                       score: str = "val", schedule_epochs: int | None = None,
-                      say: Callable[[str], None] = print) -> SelectionResult:
+                      say: Callable[[str], None] = print, study_name: str = STUDY_NAME) -> SelectionResult:
     """Run (or resume) the selection with Ray Tune's ASHA; returns the study and its ranking.
 
     ``trainer_factory()`` (picklable) runs once in each worker and returns the run's :class:`RungTrainer`
@@ -95,7 +95,7 @@ def run_ray_selection(candidates: Sequence[Candidate], trainer_factory: Callable
     from ray.tune.schedulers import ASHAScheduler
 
     rungs = rung_epochs(max_epochs, reduction_factor)
-    study = open_selection(candidates, storage, rungs, reduction_factor, held_out, score, schedule_epochs)
+    study = open_selection(candidates, storage, rungs, reduction_factor, held_out, score, schedule_epochs, study_name)
     alive, failed = alive_candidates(study), {}
     if alive:
         say(f"[nasloc]   {len(alive)} candidates on Ray, up to {max_concurrent} at a time, ASHA over rungs {rungs}")

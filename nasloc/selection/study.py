@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from ..arch import Arch
 from ..errors import NaslocError
+from ..run import SELECTION_STUDY
 from ..search.study import optuna_quiet
 from ..space.flops import count
 from .candidates import Candidate, candidate_of
@@ -34,7 +35,7 @@ from .halving import HELD_OUT_ATTR, SelectionResult, SynchronousHalvingPruner, r
 from .pool import Job, RungPool
 from .scores import SCORES, Curve, all_scores, score_of
 
-STUDY_NAME = "selection"
+STUDY_NAME = SELECTION_STUDY  # a family member's selection adds its budget (RunRecord.selection_study)
 SCHEDULE_ATTR = "schedule_epochs"  # the length of the lr schedule the candidates train on (the retrain's)
 Advance = Callable[[int, Candidate, int], Curve]
 """``advance(trial_number, candidate, epochs) -> curve`` trains the candidate up to ``epochs`` epochs in all
@@ -44,7 +45,8 @@ Advance = Callable[[int, Candidate, int], Curve]
 def run_selection(candidates: Sequence[Candidate], advance: Advance | RungPool, storage: BaseStorage, *,
                   max_epochs: int, reduction_factor: int = 2, held_out: int = 0, score: str = "val",
                   schedule_epochs: int | None = None, say: Callable[[str], None] = print,
-                  progress: bool = False, release: Callable[[int], None] | None = None) -> SelectionResult:
+                  progress: bool = False, release: Callable[[int], None] | None = None,
+                  study_name: str = STUDY_NAME) -> SelectionResult:
     """Run (or resume) successive halving of ``candidates``, one training at a time (``advance``) or several
     (a :class:`RungPool`); returns the study and its ranking. Each candidate's learning curve is scored by
     ``score`` (:func:`nasloc.selection.scores.score_of`), the rung's value; every score of the curve is kept
@@ -52,12 +54,12 @@ def run_selection(candidates: Sequence[Candidate], advance: Advance | RungPool, 
     candidates of a study are fixed when it is created: a rerun resumes them (trials keep their numbers and
     reported rungs) and ignores ``candidates``. ``held_out``: the images each score is measured on (0: unknown,
     then no two scores count as tied). ``schedule_epochs``: kept with the study, for the trainings it resumes.
-    ``progress``: a bar per rung, of its candidates trained. ``release(trial_number)`` is called once a rung has
+    ``progress``: a bar per rung, of its candidates trained. ``release(search_trial)`` is called once a rung has
     let a candidate go (pruned, or complete at the last rung): nothing will train it again.
     """
     train = advance.train if isinstance(advance, RungPool) else partial(_one_at_a_time, advance)
     rungs = rung_epochs(max_epochs, reduction_factor)
-    study = open_selection(candidates, storage, rungs, reduction_factor, held_out, score, schedule_epochs)
+    study = open_selection(candidates, storage, rungs, reduction_factor, held_out, score, schedule_epochs, study_name)
     rank_by = score_of(score)
     for epochs in rungs:
         alive = alive_candidates(study)
@@ -68,16 +70,17 @@ def run_selection(candidates: Sequence[Candidate], advance: Advance | RungPool, 
             + (f" ({scored} already scored)" if scored else ""))
         ids = {t.number: t._trial_id for t in alive}
         pending = [(t.number, candidate_of(t), epochs) for t in alive if epochs not in t.intermediate_values]
+        names = {number: candidate.name for number, candidate, _ in pending}
         with tqdm(total=len(pending), desc=f"selection rung {epochs}", unit="candidate", disable=not progress) as bar:
             for number, curve in train(pending):
                 value = rank_by(curve)
                 report(study, ids[number], value, epochs, all_scores(curve))
-                bar.set_postfix_str(f"trial {number}: {score} {value:.2f}", refresh=False)
+                bar.set_postfix_str(f"{names[number]}: {score} {value:.2f}", refresh=False)
                 bar.update()
         _close_rung(study, epochs, rungs)
         if release is not None:
             for number in ids.keys() - {t.number for t in alive_candidates(study)}:
-                release(number)
+                release(study.trials[number].user_attrs["search_trial"])
     return selection_result(study)
 
 
@@ -88,12 +91,12 @@ def _one_at_a_time(advance: Advance, jobs: Sequence[Job]) -> Iterator[tuple[int,
 
 def open_selection(candidates: Sequence[Candidate], storage: BaseStorage, rungs: list[int],
                    reduction_factor: int = 2, held_out: int = 0, score: str = "val",
-                   schedule_epochs: int | None = None) -> optuna.Study:
+                   schedule_epochs: int | None = None, study_name: str = STUDY_NAME) -> optuna.Study:
     """The selection study, with one trial per candidate (made once; see :func:`run_selection`). ``held_out``
     (the images each score is measured on) is kept as a study attribute, for :func:`ranking`'s ties; the rungs,
     the score and the schedule are fixed when the study is made (a rerun must repeat them)."""
     with optuna_quiet(True):  # the rungs are reported by the caller
-        study = optuna.create_study(storage=storage, study_name=STUDY_NAME, direction="maximize",
+        study = optuna.create_study(storage=storage, study_name=study_name, direction="maximize",
                                     load_if_exists=True, pruner=SynchronousHalvingPruner(rungs, reduction_factor))
     _check_fixed(study, "rungs", rungs, "--select-epochs")
     _check_fixed(study, "score", score, "--select-score")
@@ -115,11 +118,11 @@ def report(study: optuna.Study, trial_id: int, value: float, epochs: int,
     trial.report(value, epochs)
 
 
-def stored_schedule(storage: BaseStorage) -> int | None:
+def stored_schedule(storage: BaseStorage, study_name: str = STUDY_NAME) -> int | None:
     """The schedule length the run's selection study was made with, if there is one (a rerun keeps it, even with
     a longer --retrain-epochs)."""
     try:
-        return optuna.load_study(study_name=STUDY_NAME, storage=storage).user_attrs.get(SCHEDULE_ATTR)
+        return optuna.load_study(study_name=study_name, storage=storage).user_attrs.get(SCHEDULE_ATTR)
     except KeyError:
         return None
 

@@ -19,10 +19,9 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from torch.utils.data import Dataset
 from torchvision import transforms
 
+from ..models.locality_vit import EVAL_CROP_PCT
 from .data import DataSplits, LazyImageDataset
 from .recipe import RetrainConfig
-
-EVAL_CROP_PCT = 0.875  # timm/DeiT eval crop for lazily decoded (large) images
 
 
 def train_dataset(splits: DataSplits, cfg: RetrainConfig, img_size: int) -> tuple[Dataset, str]:

@@ -266,3 +266,4 @@ class Retrained:
     val_top1: float
     macs: int  # at the space's deploy resolution
     params: int  # at the deploy resolution too (absolute position tables grow with it)
+    design: str = "searched"  # the seed design it is, by name, or "searched"

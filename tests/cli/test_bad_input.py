@@ -25,6 +25,10 @@ def _taken_port() -> tuple[socket.socket, int]:
 BAD = [
     ("--budget", ["0.7GB"], "like 0.7GFLOPs"),
     ("--budget", ["99G"], "give a budget in that range"),
+    ("--budget", ["1M,1M"], "are the same budget; give each once"),
+    ("--budget", ["1.2M,1M"], "list the budgets in increasing order"),
+    ("--budget", ["1M,1000k"], "like 0.7GFLOPs"),
+    ("--budget", ["1M,99G"], "--budget 99G (99.00 GFLOPs (multiply-adds)): outside the space"),
     ("--space", ["no-such-space.yaml"], "shipped spaces"),
     ("--objectives", ["top1,flops"], "choose from"),
     ("--latency-budget", ["5parsecs"], "like 5ms"),

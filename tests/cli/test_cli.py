@@ -115,7 +115,18 @@ def test_short_macs_reads_back(macs: float, text: str) -> None:
 
 @pytest.mark.parametrize("text", FORMS)
 def test_every_documented_form_parses(text: str) -> None:
-    assert cli.build_search_parser().parse_args(["--budget", text]).budget == pytest.approx(7e8)
+    (written,) = cli.build_search_parser().parse_args(["--budget", text]).budget  # as written, for the family's names
+    assert written == text and parse_budget(written) == pytest.approx(7e8)
+
+
+def test_a_comma_list_of_budgets_is_a_family(space: Path, tmp_path: Path, handled: list) -> None:
+    assert cli.search_main(["--budget", "0.3G, 0.5G,0.7GFLOPs", "--space", str(space),
+                            "--results-dir", str(tmp_path / "out")]) == 0
+    (options,) = handled
+    assert options.family == ("0.3G", "0.5G", "0.7GFLOPs") and options.budget == pytest.approx(7e8)
+    assert options.run_name == "myspace-digits-0.3G_0.5G_0.7G"
+    assert [(label, member.budget, member.family) for label, member in options.members()] == [
+        ("0.3G", pytest.approx(3e8), ()), ("0.5G", pytest.approx(5e8), ()), ("0.7GFLOPs", pytest.approx(7e8), ())]
 
 
 def _assert_one_budget_line(stderr: str) -> None:
@@ -253,8 +264,11 @@ def test_run_options_made_in_python_refuse_bad_choices_in_one_line(options: dict
 # The plain URL names SQLAlchemy's default PostgreSQL driver (psycopg 3, not installed): nasloc gives it the
 # installed psycopg2, as the explicit second form, which finds no server on port 1.
 @pytest.mark.parametrize("storage", ["postgresql://nouser@127.0.0.1:1/x", "postgresql+psycopg2://nouser@127.0.0.1:1/x"])
-def test_an_unreachable_storage_fails_at_once_and_writes_nothing(storage: str, tmp_path: Path) -> None:
-    """Checked before any training (which takes minutes, on real data hours): nothing is written."""
+def test_an_unreachable_storage_fails_at_once_and_writes_nothing(storage: str, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Checked before any training (which takes minutes, on real data hours): nothing is written. (Not told to
+    wait for the server; the wait is in tests/storage/test_startup_wait.py.)"""
+    monkeypatch.setenv("NASLOC_DB_RETRY_SECONDS", "0")
     results = tmp_path / "results"
     started = time.perf_counter()
     result = _run(str(RUN_SEARCH), "--budget", "0.7GFLOPs", "--storage", storage, "--results-dir", str(results))
@@ -489,6 +503,65 @@ def test_ci_runs_the_readme_test_command() -> None:
     assert f'TEST_COMMAND="{_quick_start()[1]}"' in text
 
 
+def test_readme_opens_with_the_quick_start_and_stays_short() -> None:
+    """The README's first code block is the quick start (after the paragraph and the headline); the rest lives in
+    docs/."""
+    lines = (REPO / "README.md").read_text().splitlines()
+    first_code = [line.strip() for line in lines if line.startswith("    ")][:2]
+    assert first_code == _quick_start()
+    assert len(lines) <= 250, f"README.md has {len(lines)} lines; move detail to docs/"
+
+
+def _search_flags() -> set[str]:
+    """Every --flag of run_search.py, from its parser (not a list kept by hand)."""
+    return {flag for action in cli.build_search_parser()._actions for flag in action.option_strings
+            if flag.startswith("--")} - {"--help"}
+
+
 def test_readme_lists_every_option() -> None:
-    readme = (REPO / "README.md").read_text()
-    assert all(f"`{flag}`" in readme for flag in SEARCH_FLAGS)
+    """Every option of run_search.py is documented in docs/options.md, which the README links."""
+    assert "(docs/options.md)" in (REPO / "README.md").read_text()
+    options = (REPO / "docs" / "options.md").read_text()
+    assert set(SEARCH_FLAGS) <= _search_flags()
+    assert not [flag for flag in sorted(_search_flags()) if f"`{flag}`" not in options]
+
+
+# Markdown that documents the product: every relative link and image must point at a file that exists, and an
+# anchor at a heading of that file (GitHub's slugs).
+DOCUMENTS = ("README.md", "CHANGELOG.md", "docs/*.md", "results/*.md", "results/*/README.md")
+_LINK = re.compile(r"\]\(([^)\s]+)\)")
+
+
+def _slug(heading: str) -> str:
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def _anchors(path: Path) -> set[str]:
+    text = re.sub(r"^```.*?^```", "", path.read_text(), flags=re.MULTILINE | re.DOTALL)
+    return {_slug(line.lstrip("#")) for line in text.splitlines() if re.match(r"#{1,6} ", line)}
+
+
+def test_readme_and_docs_links_resolve() -> None:
+    documents = sorted({path for pattern in DOCUMENTS for path in REPO.glob(pattern)})
+    assert REPO / "docs" / "README.md" in documents
+    broken = []
+    for document in documents:
+        for target in _LINK.findall(document.read_text()):
+            if re.match(r"[a-z]+:", target):  # http:, https:, mailto:
+                continue
+            name, _, anchor = target.partition("#")
+            path = (document.parent / name).resolve() if name else document
+            if not path.exists():
+                broken.append(f"{document.relative_to(REPO)}: {target} (no such file)")
+            elif anchor and path.suffix == ".md" and anchor not in _anchors(path):
+                broken.append(f"{document.relative_to(REPO)}: {target} (no such heading)")
+    assert not broken, "\n".join(broken)
+
+
+def test_readme_map_of_the_docs_names_every_guide() -> None:
+    """docs/README.md (the map) and the README link every guide in docs/."""
+    readme, docs_map = (REPO / "README.md").read_text(), (REPO / "docs" / "README.md").read_text()
+    guides = sorted(p.name for p in (REPO / "docs").glob("*.md") if p.name != "README.md")
+    assert guides
+    assert not [g for g in guides if f"({g})" not in docs_map], "guides missing from docs/README.md"
+    assert not [g for g in guides if f"(docs/{g})" not in readme], "guides missing from the README's documentation map"

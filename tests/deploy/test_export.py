@@ -91,7 +91,8 @@ def exported(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFa
 # ---------------------------------------------------------------------------------------- layout
 def test_folder_layout_and_config(exported) -> None:
     arch, _model, folder = exported
-    assert sorted(p.name for p in folder.iterdir()) == ["arch.yaml", "config.json", "model.safetensors"]
+    assert sorted(p.name for p in folder.iterdir()) == ["README.md", "arch.svg", "arch.yaml", "config.json",
+                                                        "model.safetensors"]
     assert _leftovers(folder.parent) == []
     config = json.loads((folder / "config.json").read_text())
     assert config["architecture"] == "nasloc_vit"
@@ -108,6 +109,8 @@ def test_folder_layout_and_config(exported) -> None:
     assert {k: block[k] for k in ("trial", "proxy_top1", "retrained_top1", "budget")} == dict(
         trial=3, proxy_top1=41.5, retrained_top1=77.25, budget=7e8)
     assert Arch.from_yaml((folder / "arch.yaml").read_text()) == arch
+    assert (folder / "arch.svg").read_text().startswith("<svg ")
+    assert f"# {folder.name}\n" in (folder / "README.md").read_text()  # the model card
     assert set(load_file(str(folder / "model.safetensors"))) == set(LocalityViT(arch).state_dict())
 
 

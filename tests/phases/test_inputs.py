@@ -8,8 +8,8 @@ from nasloc.phases.inputs import chosen_select_epochs, default_select_epochs
 from nasloc.run import RunDir, RunOptions, RunRecord
 
 
-def test_the_last_rung_is_a_quarter_of_the_retrain_and_at_least_four_epochs() -> None:
-    assert [default_select_epochs(r) for r in (1, 5, 16, 30, 300)] == [4, 4, 4, 7, 75]
+def test_the_last_rung_is_a_quarter_of_the_retrain_at_least_four_epochs_and_at_most_the_retrain() -> None:
+    assert [default_select_epochs(r) for r in (1, 3, 5, 16, 30, 300)] == [1, 3, 4, 4, 7, 75]
 
 
 def test_a_rerun_keeps_the_rungs_its_run_started_with(tmp_path: Path) -> None:

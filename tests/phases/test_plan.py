@@ -27,7 +27,7 @@ def test_the_plan_names_every_phase_with_its_epochs_images_and_seconds(inputs) -
     assert [p.name for p in plan.phases] == ["supernet", "search", "selection", "retrain", "export"]
     supernet, search, selection, retrain, _ = plan.phases
     assert (supernet.epochs, supernet.images, search.epochs, search.images) == (2, len(splits.train), 10, len(splits.val) // 2)
-    assert (selection.epochs, retrain.epochs) == (4, 3) and "10 candidates at most, rungs 1,2,4" in selection.note
+    assert (selection.epochs, retrain.epochs) == (3, 3) and "10 candidates at most, rungs 1,2,3" in selection.note
     assert all(p.est_seconds > 0 for p in plan.phases)
     assert plan.est_seconds == pytest.approx(sum(plan.by_phase().values()))
     assert plan.device == "cpu" and plan.proxy_img_size == plan.retrain_img_size == 16 and plan.peak_memory_gb > 0

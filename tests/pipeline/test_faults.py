@@ -8,13 +8,14 @@
 - PostgreSQL restarted while two workers search: they wait for it and go on, no completed trial lost or
   repeated; a worker whose server stays away longer than ``NASLOC_DB_RETRY_SECONDS`` exits with one line.
 
-The runs are those of ``test_robustness.py``: the tiny space on a 200-image ImageFolder of the digits.
+The runs are those of ``test_robustness.py``: the tiny space on a 200-image ImageFolder of the digits, keeping
+every checkpoint (``--keep-checkpoints all``) so that a finished run still has the ``previous.pth`` files a
+fault falls back to.
 """
 from __future__ import annotations
 
 import contextlib
 import os
-import pwd
 import shlex
 import shutil
 import signal
@@ -27,7 +28,8 @@ import psycopg2
 import pytest
 import sqlalchemy
 import torch
-from postgres import _stop, _wait_ready, postgres_server
+from optuna.trial import TrialState
+from postgres import _stop, _wait_ready, postgres_server, run_as
 from test_robustness import RUN_SEARCH, Process, Run, assert_unique_and_complete, load_study, poll, write_digits
 
 pytestmark = pytest.mark.timeout(900)
@@ -35,7 +37,7 @@ pytestmark = pytest.mark.timeout(900)
 RUN = "base"
 OPTIONS = ["--space", "tiny", "--budget", "1M", "--dataset", "imagefolder", "--device", "cpu", "--seed", "0",
            "--trials", "4", "--supernet-epochs", "2", "--select-top-k", "0", "--retrain-top-k", "1",
-           "--retrain-epochs", "2", "--run-name", RUN]
+           "--retrain-epochs", "2", "--run-name", RUN, "--keep-checkpoints", "all"]
 
 
 def run_args(data: Path, results: Path, *extra: object) -> list[str]:
@@ -203,6 +205,42 @@ def test_a_full_disk_while_exporting_keeps_the_earlier_export(finished: Path, da
     assert leftovers(run) == []
 
 
+@pytest.mark.parametrize("storage, room", [("study.db", 150_000), ("journal.log", 60_000)])
+def test_a_full_disk_under_the_study_is_one_line_and_the_rerun_resumes(finished: Path, data: Path, small_disk: Path,
+                                                                       tmp_path: Path, storage: str,
+                                                                       room: int) -> None:
+    """SQLite answers "database or disk is full"; a journal's append is cut short (its torn last line is dropped by
+    the rerun, which says so). Either way: one line, exit 2, and the same command resumes the study once there
+    is room, every trial stored before kept and no number repeated."""
+    run = copy_run(finished, small_disk)
+    path = run / storage
+    url = f"sqlite:///{path}" if storage == "study.db" else str(path)  # a plain path is a journal file
+    command = run_args(data, small_disk, "--trials", 40, "--storage", url)
+    if storage == "journal.log":  # a new study in a journal beside the run's SQLite one: its seeds are queued first
+        assert Process(run_args(data, small_disk, "--phase", "supernet", "--storage", url),
+                       tmp_path / "logs" / "queue").wait().returncode == 0
+    before = [(t.number, t.state, t.values) for t in load_study(url).trials if t.state.is_finished()]
+    fill(small_disk, room=room)
+
+    result = Process(command, tmp_path / "logs" / "full").wait()
+    line = error_line(result)
+    assert f"cannot write the study to {url}: " in line, line
+    assert line.endswith("free some space and rerun the same command, which resumes the run"), line
+    stored = load_study(url).trials
+    assert 0 < len(stored) < 40 and [(t.number, t.state, t.values) for t in stored][: len(before)] == before
+
+    torn = not path.read_bytes().endswith(b"\n") if storage == "journal.log" else False
+    subprocess.run(["mount", "-o", "remount,size=32m", str(small_disk)], check=True)
+    again = Process(command, tmp_path / "logs" / "rerun").wait()
+    assert again.returncode == 0, str(again)
+    assert ("dropped its last line" in again.stdout + again.stderr) == torn, str(again)
+    study = load_study(url)
+    numbers = [t.number for t in study.trials]
+    assert sorted(numbers) == list(range(40)), numbers  # every trial once; one cut short by the disk may be FAIL
+    assert sum(t.state == TrialState.COMPLETE for t in study.trials) >= 39
+    assert [(t.number, t.state, t.values) for t in study.trials][: len(before)] == before
+
+
 # ----------------------------------------------------------------------------------------- PostgreSQL
 WORKER_TRIALS = 30
 
@@ -230,11 +268,7 @@ def stop_server(url: str) -> list[str]:
 
 def start_server(command: list[str], port: int) -> subprocess.Popen:
     """Start a stopped server again with its command line (as the postgres user when root)."""
-    run_as = {}
-    if os.geteuid() == 0:
-        account = pwd.getpwnam("postgres")
-        run_as = dict(user=account.pw_uid, group=account.pw_gid, extra_groups=[])
-    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd="/tmp", **run_as)
+    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd="/tmp", **run_as())
     assert _wait_ready(server, port, 60), "the PostgreSQL server did not start again"
     return server
 

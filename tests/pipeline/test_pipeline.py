@@ -29,6 +29,7 @@ import nasloc
 import nasloc.phases.search
 import nasloc.pipeline
 from nasloc.arch import Arch
+from nasloc.arch_view import locality
 from nasloc.cli.main import search_main
 from nasloc.deploy.macs import fvcore_macs
 from nasloc.run import STUDY_NAME
@@ -82,6 +83,7 @@ def data_dir(tmp_path_factory) -> Path:
 def args(results: Path, data: Path, *extra: str, **options: object) -> list[str]:
     """The test command: tiny space, 1M budget, tiny data; ``options`` override (key_name=value)."""
     values = {"space": "tiny", "budget": "1M", "supernet_epochs": 1, "trials": 6, "retrain_top_k": 1, "retrain_epochs": 1,
+              "select_epochs": 4,
               "dataset": "imagefolder", "data_dir": data, "results_dir": results, **options}
     argv = []
     for key, value in values.items():
@@ -226,16 +228,27 @@ def test_a_run_writes_every_output_consistently(finished):
     planned = json.loads((run_dir / "plan.json").read_text())
     assert set(planned["planned"]) == {"supernet", "search", "selection", "retrain", "export"} <= set(planned["took"])
     assert "## Plan against actual" in summary and "| selection |" in summary.split("## Plan against actual")[1]
-    retrained_table = summary.split("## Retrained from scratch")[1]
+    # the result first: the export, seed design or searched, its top-1 with two standard errors, the next command
+    result = summary.split("## Result")[1].split("\n## ")[0]
+    design = best.user_attrs.get("seed_design")
+    assert f"Exported: search trial {best.number}, " in result
+    assert (f"the {design} seed design" if design else "an arch the search found") in result
+    assert f"retrained top-1 **{val_top1[best.number]:.2f} %**" in result and "two standard errors" in result
+    assert f"nasloc train --model {run_dir / 'export' / 'best'}" in result and (run_dir / "arch.svg").is_file()
+    retrained_table = summary.split("## Retrained from scratch")[1].split("\n## ")[0]
+    rows = [line for line in retrained_table.splitlines() if line.startswith("| ") and line[2:3] in "wt "]
+    assert [float(row.split(" | ")[3]) for row in rows] == sorted((round(v, 2) for v in val_top1.values()),
+                                                                   reverse=True)  # sorted, the winner first
     for n in chosen:  # each finalist, and which seed design it is (or "searched")
-        row = next(line for line in retrained_table.splitlines() if line.startswith(f"| {n} |"))
-        assert row.startswith(f"| {n} | {val_top1[n]:.2f} | {study.trials[n].user_attrs['top1']:.2f} |")
-        assert row.endswith(f"| {study.trials[n].user_attrs.get('seed_design', 'searched')} |")
+        row = next(line for line in rows if line.split(" | ")[1] == str(n))
+        assert row.split(" | ")[2:4] == [study.trials[n].user_attrs.get("seed_design", "searched"),
+                                         f"{val_top1[n]:.2f}"]
+        assert row.startswith("| winner |") == (n == best.number)
     # the selection's first (which the retrain step need not confirm: the best retrained is exported)
     assert "## Selection" in summary and f"| 1 | {ranked[0]['source']} | {ranked[0]['search_trial']} |" in summary
     for t in front:
         assert f"| {t.number} | {t.user_attrs['top1']:.2f} |" in summary
-        assert Arch.from_dict(t.user_attrs["arch"]).describe() in summary  # which locality each Pareto arch uses
+        assert locality(Arch.from_dict(t.user_attrs["arch"])) in summary  # which locality each Pareto arch uses
     assert f'timm.create_model("local-dir:{run_dir / "export" / "best"}", pretrained=True)' in summary
 
 
@@ -301,7 +314,8 @@ def test_rerunning_a_finished_run_adds_nothing_and_trains_nothing(finished, data
     retrained = exported_dir(finished)
     number = int(retrained.name.split("_")[1])
     val_top1 = torch.load(retrained / "last.pth", map_location="cpu", weights_only=True)["history"][-1]["val_top1"]
-    assert f"| {number} | {val_top1:.2f} |" in (finished / "summary.md").read_text()
+    (row,) = [line for line in (finished / "summary.md").read_text().splitlines() if line.startswith("| winner |")]
+    assert row.split(" | ")[1] == str(number) and row.split(" | ")[3] == f"{val_top1:.2f}"
 
 
 def test_keep_checkpoints_all_keeps_every_checkpoint_as_written(tmp_path, data_dir):
@@ -419,7 +433,7 @@ def test_phases_supernet_then_search_then_the_rest(tmp_path, data_dir, capsys):
     ({"seed": 1}, "--seed 0 (now 1)"),
     ({"budget": "2M"}, "--budget 1e+06 (now 2e+06)"),
     ({"objectives": "top1,params"}, "--objectives top1,macs (now top1,params)"),
-    ({"batch_size": 16}, "--batch-size 64 (now 16)"),
+    ({"batch_size": 128}, "--batch-size 64 (now 128)"),  # a smaller one is allowed (out of memory)
 ])
 def test_a_rerun_with_other_fixed_options_is_refused_in_one_line_and_keeps_the_record(changed, message, tmp_path,
                                                                                       data_dir, capsys):

@@ -87,3 +87,15 @@ def test_pareto_html_shows_budget_references_and_units(study, tmp_path):
     assert alone.stat().st_size > 1_000_000 and not (tmp_path / "embed/plotly.min.js").exists()
     with pytest.raises(ValueError):
         write_pareto_html(study, BUDGET, tmp_path, plotlyjs="cdn")
+
+
+def test_pareto_html_marks_the_selection_the_finalists_and_shows_the_exported_arch(study, tmp_path):
+    front = [t.number for t in pareto_trials(study, BUDGET)]
+    selected = {n: f"val {50 + n}" for n in front}
+    retrained = {front[0]: 70.0, front[-1]: 71.5}
+    html = write_pareto_html(study, BUDGET, tmp_path, None, selected=selected, retrained=retrained,
+                             picture='<svg id="the-arch"></svg>').read_text()
+    assert f"selection candidates ({len(front)})" in html
+    assert f"retrained finalists ({len(set(retrained))}; star: the export)" in html
+    assert html.index('<svg id="the-arch"></svg>') < html.index("</body>")
+

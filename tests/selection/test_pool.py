@@ -60,7 +60,8 @@ def test_two_processes_score_the_candidates_as_one_at_a_time(setup, tmp_path):
         together = run_selection(candidates, pool, optuna.storages.InMemoryStorage(), max_epochs=2, say=lambda m: None)
     assert scores(together) == scores(alone)
     assert sorted(len(v) for v in scores(alone).values()) == [1, 1, 2, 2]  # rung 1 for all, rung 2 for the best 2
-    assert all((tmp_path / "two" / "selection" / f"trial_{t.number}").is_dir() for t in together.study.trials)
+    assert all((tmp_path / "two" / "selection" / f"trial_{t.user_attrs['search_trial']}").is_dir()
+               for t in together.study.trials)
 
 
 class DyingSpec:

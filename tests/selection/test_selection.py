@@ -251,8 +251,8 @@ def test_rung_trainer_trains_a_candidate_and_resumes_its_checkpoint(space, tmp_p
     trainer = RungTrainer(supernet, splits, SelectionConfig(epochs=2, init=init, batch_size=64),
                           lambda number: tmp_path / f"trial_{number}", device="cpu")
     candidate = Candidate("c", archs(space, 1)[0].replace(num_classes=splits.num_classes), 0)
-    first = trainer(3, candidate, 1)
-    assert len(first.val_top1) == 1 and 0 <= first.val_top1[0] <= 100 and (tmp_path / "trial_3" / "last.pth").is_file()
+    first = trainer(3, candidate, 1)  # selection trial 3 trains search trial 0, in the folder of search trial 0
+    assert len(first.val_top1) == 1 and 0 <= first.val_top1[0] <= 100 and (tmp_path / "trial_0" / "last.pth").is_file()
     assert trainer(3, candidate, 1) == first  # the rung is read back from the checkpoint, not trained again
     second = trainer(3, candidate, 2)
     assert second.first(1) == first and len(second.train_loss) == 2 and 0 <= second.val_top1[1] <= 100
