@@ -1,13 +1,18 @@
-"""Fault injection: a small search killed with SIGKILL at random moments in every phase, each kill followed by a
-rerun of the same command, until one rerun finishes; compared with one uninterrupted run of that command.
+"""Fault injection: a small search killed with SIGKILL in every phase, each kill followed by a rerun of the same
+command, until one rerun finishes; compared with one uninterrupted run of that command.
 
 The run: the tiny space on the embedded digits, supernet 3 epochs, 12 search trials, selection of 2 search
 candidates plus the seed designs over rungs of 1 and 2 epochs, 1 finalist retrained for 3 epochs, export.
-Kill k of N targets phase ``PHASES[k * 5 // N]`` (so the kills move through the run in order): once the
-attempt prints that phase's line, the kill comes after a delay drawn uniformly within that phase's duration
-in the uninterrupted run. While an attempt runs, every checkpoint (``last.pth``) is watched for writes.
+Kill k of N targets phase ``PHASES[k * 5 // N]``. Its moment is timed from the attempt itself, not from the
+uninterrupted run's phase lengths (a rerun resumes a phase part-way, so those lengths overshoot it): once the
+phase's start line appears ("[nasloc] 2/6 search: ..."), the kill waits for 0 or 1 of the phase's own progress
+marks in this attempt (a supernet, selection or retrain checkpoint written, a search trial completed), then a
+random part of the gap between its marks. So kills land mid-phase, mid-search and mid-selection included;
+each is reported with the phase it landed in. While an attempt runs, every checkpoint (``last.pth``) is
+watched for writes.
 
 Reported (targets: 0 lost, 0 duplicated):
+- kills per phase: targeted, and landed in the target phase;
 - completed work lost: supernet, selection and retrain epochs checkpointed and then trained again; search
   trials COMPLETE at a kill and not COMPLETE in the end; selection rung scores recorded and then lost;
 - duplicated trials: search trials counted beyond ``--trials``, seed designs or selection candidates
@@ -17,7 +22,7 @@ Reported (targets: 0 lost, 0 duplicated):
 - the extra time: all attempts' wall time minus the uninterrupted run's, and of it the attempts' start-up
   (imports and data loading, up to the run's first line).
 
-    .venv/bin/python bench/bench_faults.py --kills 5 --seed 0 --append results/benchmarks.md
+    .venv/bin/python bench/bench_faults.py --kills 10 --seed 0
 """
 from __future__ import annotations
 
@@ -114,8 +119,16 @@ class CheckpointWatch:
 
     def __init__(self, run: Path):
         self.run, self.seen, self.writes = run, {}, {}
+        self.marks: list[tuple[float, str]] = []  # (monotonic time, phase) of each progress mark seen
+        self.completed, self.polled_trials = 0, 0.0
 
     def poll(self) -> None:
+        now = time.monotonic()
+        if now - self.polled_trials > 0.25:  # a search trial completed is the search's progress mark
+            self.polled_trials = now
+            completed = len(completed_trials(self.run))
+            self.marks += [(now, "search")] * max(0, completed - self.completed)
+            self.completed = max(self.completed, completed)
         for path in self.run.glob("**/last.pth"):
             try:
                 stat = path.stat()
@@ -126,8 +139,11 @@ class CheckpointWatch:
             except (OSError, RuntimeError):  # replaced while we looked: the next poll sees the new one
                 continue
             self.seen[path] = key
+            if "optimizer" not in state:  # a finished training's checkpoint cut down (--keep-checkpoints needed)
+                continue
             done = state["epoch"] + 1 if path.parent.name == "supernet" else state["epoch"]
             self.writes.setdefault(path.relative_to(self.run), []).append(done)
+            self.marks.append((now, path.relative_to(self.run).parts[0]))  # supernet, selection or retrain
 
     def redone(self) -> dict[str, int]:
         """Per checkpoint: epochs written again after a later (or the same) epoch had been written."""
@@ -137,24 +153,30 @@ class CheckpointWatch:
         return counts
 
 
-def run_attempt(attempt: Attempt, watch: CheckpointWatch | None, kill_phase: str | None, delays: dict[str, float],
+def run_attempt(attempt: Attempt, watch: CheckpointWatch | None, kill_phase: str | None,
                 rng: random.Random) -> float | None:
-    """Run ``attempt`` to its end, or kill it within ``kill_phase``; returns the delay of the kill, if any."""
+    """Run ``attempt`` to its end, or kill it within ``kill_phase`` (see the module); returns the seconds from the
+    phase's start line to the kill, if any."""
     attempt.start()
-    delay, kill_at = None, None
+    started_at, marks_to_wait, kill_at = None, rng.randint(0, 1), None
     while attempt.alive():
         if watch is not None:
             watch.poll()
-        if kill_phase is not None and kill_at is None and any(p == kill_phase for _, p in attempt.phases):
-            delay = rng.uniform(0, delays[kill_phase])
-            kill_at = time.monotonic() + delay
+        if kill_phase is not None and started_at is None and any(p == kill_phase for _, p in attempt.phases):
+            started_at = time.monotonic()
+        if started_at is not None and kill_at is None:
+            marks = [t for t, p in watch.marks if p == kill_phase and t >= started_at]
+            if len(marks) >= marks_to_wait:
+                times = [started_at, *marks]
+                gaps = [b - a for a, b in zip(times, times[1:])] or [0.5]  # export has no marks: within 0.5 s
+                kill_at = time.monotonic() + rng.uniform(0, sum(gaps) / len(gaps))
         if kill_at is not None and time.monotonic() >= kill_at:
             break
         time.sleep(0.05)
     attempt.end(kill=kill_at is not None)
     if watch is not None:
         watch.poll()
-    return delay
+    return None if kill_at is None else kill_at - started_at
 
 
 # ----------------------------------------------------------------------------------------- run state
@@ -209,7 +231,7 @@ def main() -> None:
     rng = random.Random(args.seed)
 
     baseline = Attempt(work / "results", "uninterrupted")
-    run_attempt(baseline, None, None, {}, rng)
+    run_attempt(baseline, None, None, rng)
     assert baseline.returncode == 0, "the uninterrupted run failed"
     delays = phase_durations(baseline)
     print(f"uninterrupted: {baseline.seconds:.1f} s; phases: "
@@ -222,7 +244,7 @@ def main() -> None:
     for k in range(args.kills):
         target = PHASES[k * len(PHASES) // args.kills]
         attempt = Attempt(work / "results", "faulted")
-        delay = run_attempt(attempt, watch, target, delays, rng)
+        delay = run_attempt(attempt, watch, target, rng)
         attempts.append(attempt)
         killed = attempt.returncode == -signal.SIGKILL
         complete_at_kills.update(completed_trials(run))
@@ -231,7 +253,7 @@ def main() -> None:
         print(f"kill {k + 1}/{args.kills}: target {target}, landed in {kills[-1][1]} after {attempt.seconds:.1f} s",
               flush=True)
     final = Attempt(work / "results", "faulted")
-    run_attempt(final, watch, None, delays, rng)
+    run_attempt(final, watch, None, rng)
     attempts.append(final)
     assert final.returncode == 0, "the last rerun failed"
 
@@ -261,22 +283,26 @@ def main() -> None:
 def markdown(args: argparse.Namespace, r: dict) -> str:
     lost_epochs = sum(r["redone"].values())
     lines = [
-        "## Faults: SIGKILL in every phase, then a rerun (`bench/bench_faults.py`, issue 17)",
+        "## Faults: SIGKILL in every phase, then a rerun (`bench/bench_faults.py`)",
         "",
-        f"Measured {time.strftime('%Y-%m-%d %H:%M')} on the shared 2-core CPU machine under load from other jobs, "
-        f"torch {torch.__version__}, 1 thread. The run: `run_search.py {' '.join(OPTIONS)}`. {args.kills} kills "
-        f"(seed {args.seed}), each followed by a rerun; kill k targets the phases in order, at a moment drawn "
-        "uniformly within that phase's duration in the uninterrupted run.",
+        f"On the shared 2-core CPU machine, torch {torch.__version__}, 1 thread. The run: "
+        f"`run_search.py {' '.join(OPTIONS)}`. {args.kills} kills (seed {args.seed}), each followed by a rerun; kill k "
+        "targets the phases in order, timed from the phase's start line and its own progress marks in that "
+        "attempt (checkpoints written, trials completed).",
         "",
-        f"    cd /work/main && .venv/bin/python bench/bench_faults.py --kills {args.kills} --seed {args.seed}",
+        f"    .venv/bin/python bench/bench_faults.py --kills {args.kills} --seed {args.seed}",
         "",
         f"Uninterrupted: {r['baseline'].seconds:.1f} s (" + ", ".join(f"{p} {r['delays'][p]:.1f} s" for p in PHASES) + ").",
         "",
-        "| kill | target phase | landed in | delay in phase (s) | attempt (s) |",
+        "| kill | target phase | landed in | seconds into the phase | attempt (s) |",
         "|---|---|---|---|---|",
     ]
     for i, (target, landed, delay, seconds) in enumerate(r["kills"], 1):
         lines.append(f"| {i} | {target} | {landed} | {'-' if delay is None else f'{delay:.1f}'} | {seconds:.1f} |")
+    lines += ["", "| phase | kills aimed at it | landed in it |", "|---|---|---|"]
+    for phase in PHASES:
+        aimed = [landed for target, landed, _, _ in r["kills"] if target == phase]
+        lines.append(f"| {phase} | {len(aimed)} | {sum(landed == phase for landed in aimed)} |")
     extra = r["total"] - r["baseline"].seconds
     lines += [
         "",

@@ -27,6 +27,7 @@ import glob
 import importlib.util
 import os
 import pwd
+import shlex
 import shutil
 import signal
 import socket
@@ -181,6 +182,38 @@ def create_database(url: str, name: str) -> str:
     finally:
         connection.close()
     return where.set(database=name).render_as_string(hide_password=False)
+
+
+def server_files(url: str) -> tuple[Path, int]:
+    """The data folder and port of the running server of ``url``."""
+    import psycopg2
+    import sqlalchemy
+
+    where = sqlalchemy.engine.make_url(url)
+    with contextlib.closing(psycopg2.connect(host=where.host, port=where.port, user=where.username,
+                                             dbname=where.database)) as connection, connection.cursor() as cursor:
+        cursor.execute("SHOW data_directory")
+        return Path(cursor.fetchone()[0]), int(where.port)
+
+
+def stop_server(url: str) -> list[str]:
+    """Stop the server of ``url`` (a fast shutdown: clients are cut off), as a restart or an outage would; returns
+    the command line that starts it again (:func:`start_server`)."""
+    folder, _ = server_files(url)
+    command = shlex.split((folder / "postmaster.opts").read_text())
+    os.kill(int((folder / "postmaster.pid").read_text().split()[0]), signal.SIGINT)
+    deadline = time.monotonic() + 60
+    while (folder / "postmaster.pid").exists():  # removed once the server has stopped
+        assert time.monotonic() < deadline, "the PostgreSQL server did not stop"
+        time.sleep(0.05)
+    return command
+
+
+def start_server(command: list[str], port: int) -> subprocess.Popen:
+    """Start a stopped server again with its command line (as :func:`server_account` when root)."""
+    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd="/tmp", **run_as())
+    assert _wait_ready(server, port, 60), "the PostgreSQL server did not start again"
+    return server
 
 
 @pytest.fixture(scope="module")

@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shlex
 import shutil
-import signal
 import subprocess
 import time
 from pathlib import Path
@@ -29,7 +27,7 @@ import pytest
 import sqlalchemy
 import torch
 from optuna.trial import TrialState
-from postgres import _stop, _wait_ready, postgres_server, run_as
+from postgres import _stop, postgres_server, server_files, start_server, stop_server
 from test_robustness import RUN_SEARCH, Process, Run, assert_unique_and_complete, load_study, poll, write_digits
 
 pytestmark = pytest.mark.timeout(900)
@@ -245,34 +243,6 @@ def test_a_full_disk_under_the_study_is_one_line_and_the_rerun_resumes(finished:
 WORKER_TRIALS = 30
 
 
-def _server_files(url: str) -> tuple[Path, int]:
-    """The data folder and port of the PostgreSQL server of ``url``."""
-    where = sqlalchemy.engine.make_url(url)
-    with contextlib.closing(psycopg2.connect(host=where.host, port=where.port, user=where.username,
-                                             dbname=where.database)) as connection, connection.cursor() as cursor:
-        cursor.execute("SHOW data_directory")
-        return Path(cursor.fetchone()[0]), int(where.port)
-
-
-def stop_server(url: str) -> list[str]:
-    """Stop the server of ``url`` (a fast shutdown: clients are cut off); returns its command line."""
-    folder, _ = _server_files(url)
-    command = shlex.split((folder / "postmaster.opts").read_text())
-    os.kill(int((folder / "postmaster.pid").read_text().split()[0]), signal.SIGINT)
-    deadline = time.monotonic() + 60
-    while (folder / "postmaster.pid").exists():  # removed once the server has stopped
-        assert time.monotonic() < deadline, "the PostgreSQL server did not stop"
-        time.sleep(0.05)
-    return command
-
-
-def start_server(command: list[str], port: int) -> subprocess.Popen:
-    """Start a stopped server again with its command line (as the postgres user when root)."""
-    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd="/tmp", **run_as())
-    assert _wait_ready(server, port, 60), "the PostgreSQL server did not start again"
-    return server
-
-
 def trials_in(url: str, state: str) -> int:
     where = sqlalchemy.engine.make_url(url)
     with contextlib.closing(psycopg2.connect(host=where.host, port=where.port, user=where.username,
@@ -291,7 +261,7 @@ def test_workers_ride_out_a_postgresql_restart_and_give_up_in_one_line(finished:
     copy_run(finished, results)  # its supernet is trained
     restarted = None
     with postgres_server() as url:
-        _, port = _server_files(url)
+        _, port = server_files(url)
         try:
             # The supernet phase (already done) creates the study and queues the seed designs, as in the README.
             first = Process(run_args(data, results, "--storage", url, "--phase", "supernet"), logs / "supernet").wait()

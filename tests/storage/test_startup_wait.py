@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-import pwd
 import re
 import shlex
-import signal
 import subprocess
 import sys
 import threading
@@ -26,10 +24,12 @@ import pytest
 import sqlalchemy
 from postgres import (
     _stop,
-    _wait_ready,
     free_port,
     postgres_server,
     postgres_url,  # noqa: F401 (a fixture)
+    server_files,
+    start_server,
+    stop_server,
 )
 
 from nasloc.errors import StorageError
@@ -43,32 +43,13 @@ WAITING = re.compile(r"^\[nasloc\] waiting for the database at 127\.0\.0\.1:(\d+
 
 
 # ------------------------------------------------------------------------------------------- a server stopped, started
-def _data_folder(url: str) -> Path:
-    where = sqlalchemy.engine.make_url(url)
-    with contextlib.closing(psycopg2.connect(host=where.host, port=where.port, user=where.username,
-                                             dbname=where.database)) as connection, connection.cursor() as cursor:
-        cursor.execute("SHOW data_directory")
-        return Path(cursor.fetchone()[0])
-
-
-def _stop_server(folder: Path) -> list[str]:
-    """Stop the server of the data folder ``folder`` (fast shutdown); returns its command line."""
-    command = shlex.split((folder / "postmaster.opts").read_text())
-    os.kill(int((folder / "postmaster.pid").read_text().split()[0]), signal.SIGINT)
-    deadline = time.monotonic() + 60
-    while (folder / "postmaster.pid").exists():  # removed once the server has stopped
-        assert time.monotonic() < deadline, "the PostgreSQL server did not stop"
-        time.sleep(0.05)
-    return command
-
-
 @contextlib.contextmanager
 def _stopped_server() -> Iterator[tuple[str, Path, list]]:
     """A real server with an empty database, stopped: (its URL, its data folder, the servers started again)."""
     restarted: list[subprocess.Popen] = []
     with postgres_server() as url:
-        folder = _data_folder(url)
-        _stop_server(folder)
+        folder, _ = server_files(url)
+        stop_server(url)
         try:
             yield url, folder, restarted
         finally:
@@ -79,16 +60,10 @@ def _stopped_server() -> Iterator[tuple[str, Path, list]]:
 def _start_later(folder: Path, port: int, seconds: float, started: list) -> threading.Thread:
     """Start the stopped server of ``folder`` again after ``seconds``, from another thread."""
     command = shlex.split((folder / "postmaster.opts").read_text())
-    run_as = {}
-    if os.geteuid() == 0:  # PostgreSQL refuses to run as root
-        account = pwd.getpwnam("postgres")
-        run_as = {"user": account.pw_uid, "group": account.pw_gid, "extra_groups": []}
 
     def start() -> None:
         time.sleep(seconds)
-        server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd="/tmp", **run_as)
-        started.append(server)
-        _wait_ready(server, port, 60)
+        started.append(start_server(command, port))
 
     thread = threading.Thread(target=start, daemon=True)
     thread.start()
