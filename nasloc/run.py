@@ -380,7 +380,7 @@ class RunDir:
         return self.root / "export" / (self.member or "best")
 
     def trial_export(self, trial: int) -> Path:
-        return self.root / "export" / f"trial-{trial}"
+        return self.root / "export" / (f"{self.member}-trial-{trial}" if self.member else f"trial-{trial}")
 
     @property
     def summary(self) -> Path:

@@ -323,8 +323,11 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
                         help="run folder, or a run name under ./results")
     parser.add_argument("--trial", metavar="N", required=True, type=_int_in(0),
                         help="Optuna trial number to export")
+    parser.add_argument("--budget", metavar="BUDGET", default="",
+                        help="of a model family's run, the budget whose search holds the trial, as written on its "
+                             "command line (e.g. 0.5G)")
     parser.add_argument("--out", metavar="DIR", type=_user_path,
-                        help="output folder (default: RUN/export/trial-N)")
+                        help="output folder (default: RUN/export/trial-N; a family's: RUN/export/BUDGET-trial-N)")
     parser.add_argument("--onnx", action="store_true",
                         help="also write model.onnx (torch's ONNX exporter), checked against the torch model, with "
                              "its ONNX Runtime latency in config.json (needs pip install 'nasloc[onnx]')")

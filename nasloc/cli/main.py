@@ -65,9 +65,9 @@ def _run_folder(text: str) -> Path:
     return run.resolve()
 
 
-def _export_request(args: argparse.Namespace) -> tuple[Path, int, Path | None, bool]:
-    """The run folder, trial, output folder and whether to add the ONNX file."""
-    return _run_folder(args.run), args.trial, args.out, args.onnx
+def _export_request(args: argparse.Namespace) -> tuple[Path, int, Path | None, bool, str]:
+    """The run folder, trial, output folder, whether to add the ONNX file, and a family's budget."""
+    return _run_folder(args.run), args.trial, args.out, args.onnx, args.budget
 
 
 def _latency_request(args: argparse.Namespace) -> dict[str, Any]:
@@ -106,11 +106,11 @@ def _search(request: tuple[RunOptions, str | None]) -> None:
         print("\n".join(dry_run(options).lines()))
 
 
-def _export(request: tuple[Path, int, Path | None, bool]) -> None:
+def _export(request: tuple[Path, int, Path | None, bool, str]) -> None:
     from ..deploy.export import export_trial
 
-    run, trial, out, onnx = request
-    folder = export_trial(run, trial, out, onnx=onnx)
+    run, trial, out, onnx, budget = request
+    folder = export_trial(run, trial, out, onnx=onnx, budget=budget)
     if onnx:
         from ..deploy.export import CONFIG_NAME
 

@@ -163,23 +163,25 @@ def export_arch(
 
 
 def export_trial(run_dir: str | os.PathLike, trial: int, out_dir: str | os.PathLike | None = None, *,
-                 overwrite: bool = False, onnx: bool = False) -> Path:
+                 overwrite: bool = False, onnx: bool = False, budget: str = "") -> Path:
     """Export trial ``trial`` of the Optuna study of a run folder; returns the folder.
 
     The model and its weights are :func:`nasloc.deploy.trials.trial_model`'s (retrained, else extracted from the
     supernet), exported at the search space's deploy resolution with the run's normalisation; the trial's
     number, values and scalar user attributes go into the ``nasloc`` block. ``out_dir`` defaults to
-    ``run_dir/export/trial-<N>``. ``onnx``: add ``model.onnx`` (see :func:`export_model`).
+    ``run_dir/export/trial-<N>`` (a family's: ``export/<budget>-trial-<N>``). ``onnx``: add ``model.onnx`` (see
+    :func:`export_model`). ``budget``: which search of a model family (its budget as written).
 
     Raises:
         ExportError: no run record or study, no such trial, no arch or no weights for it, or as
             :func:`export_model`.
     """
     try:
-        found = trial_model(run_dir, trial)
+        found = trial_model(run_dir, trial, budget)
     except (RunError, StorageError) as e:  # no run record, storage file, study, trial, arch or weights
         raise ExportError(str(e)) from None
-    out_dir = Path(out_dir) if out_dir is not None else RunDir(Path(run_dir)).trial_export(found.info["trial"])
+    run = RunDir(Path(run_dir), found.record.member)
+    out_dir = Path(out_dir) if out_dir is not None else run.trial_export(found.info["trial"])
     return export_model(found.model, out_dir, img_size=found.deploy_img_size, info=found.info,
                         mean=found.record.mean, std=found.record.std, overwrite=overwrite, onnx=onnx)
 

@@ -38,10 +38,12 @@ class TrialModel:
     deploy_img_size: int
 
 
-def trial_model(run_dir: str | os.PathLike, trial: int) -> TrialModel:
-    """Trial ``trial`` of the run in ``run_dir``, in eval mode, with its best weights (see the module)."""
+def trial_model(run_dir: str | os.PathLike, trial: int, budget: str = "") -> TrialModel:
+    """Trial ``trial`` of the run in ``run_dir``, in eval mode, with its best weights (see the module); of a model
+    family's search at ``budget`` (as written on its command line)."""
     run = RunDir(Path(run_dir))
-    record = run.read_record()
+    record = member_record(run.read_record(), budget)
+    run = run.member_dir(record.member)
     frozen = load_run_trial(run, record, int(trial))
     if "arch" not in frozen.user_attrs:
         raise RunError(f"trial {frozen.number} of study {record.study_name} has no 'arch' user attribute "
@@ -60,6 +62,18 @@ def trial_model(run_dir: str | os.PathLike, trial: int) -> TrialModel:
         raise RunError(f"no weights exist for trial {frozen.number}: neither {weights} nor {checkpoint} "
                        "is there (retrain it, or train the supernet, first)")
     return TrialModel(model.eval(), info, record, space.img_size)
+
+
+def member_record(record: RunRecord, budget: str) -> RunRecord:
+    """The record of the run's search at ``budget``: the run's own for one budget ("")."""
+    budgets = [member.member for member in record.members()]
+    if budget in budgets:
+        return record.members()[budgets.index(budget)]
+    if budgets == [""]:
+        raise RunError(f"--budget {budget}: the run has one budget; leave --budget out")
+    if not budget:
+        raise RunError(f"the run is a model family: name one of its budgets with --budget ({', '.join(budgets)})")
+    raise RunError(f"--budget {budget}: not one of the run's budgets ({', '.join(budgets)}, as on its command line)")
 
 
 def _trial_info(record: RunRecord, trial: Any) -> dict[str, Any]:

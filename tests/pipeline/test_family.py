@@ -4,6 +4,7 @@ real command, on the tiny data of ``test_pipeline.py``."""
 from __future__ import annotations
 
 import csv
+import json
 import random
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import optuna
 import pytest
 from test_pipeline import args, make_digits_folder, one_thread, run
 
+from nasloc.cli.main import main
 from nasloc.run import RunOptions, RunRecord
 from nasloc.space.band import search_band, supernet_bands
 from nasloc.space.search_space import SearchSpace
@@ -56,6 +58,19 @@ def test_family_csv_has_a_row_per_budget_and_the_plots_exist(family_run: Path) -
         assert row["export"] == f"export/{row['budget']}" and row["design"]
     assert (family_run / "family.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "the family (exports)" in (family_run / "family.html").read_text()
+
+
+def test_nasloc_export_takes_a_trial_of_one_budget(family_run: Path, capsys: pytest.CaptureFixture) -> None:
+    storage = open_storage(f"sqlite:///{family_run / 'study.db'}")
+    trial = optuna.load_study(study_name="nasloc-1.2M", storage=storage).best_trials[0]
+    assert main(["export", "--run", str(family_run), "--trial", str(trial.number), "--budget", "1.2M"]) == 0
+    config = json.loads((family_run / "export" / f"1.2M-trial-{trial.number}" / "config.json").read_text())
+    assert config["nasloc"]["study"] == "nasloc-1.2M" and config["nasloc"]["budget"] == 1.2e6
+    capsys.readouterr()
+    for extra, message in (([], "the run is a model family: name one of its budgets with --budget (0.8M, 1.2M)"),
+                           (["--budget", "1M"], "--budget 1M: not one of the run's budgets (0.8M, 1.2M")):
+        assert main(["export", "--run", str(family_run), "--trial", "0", *extra]) == 2
+        assert message in capsys.readouterr().err
 
 
 def test_a_rerun_resumes_every_budget_without_new_work(family_run: Path, tmp_path: Path) -> None:
