@@ -26,7 +26,7 @@ from .phases.selection import selection_phase
 from .phases.supernet import PhaseError, require_trained_supernet, train_phase, trained_checkpoint
 from .report.dashboard import serve_dashboard
 from .report.family import BudgetResult, write_family
-from .report.summary import write_summary
+from .report.summary import write_family_summary, write_summary
 from .run import RunDir, RunOptions, RunRecord
 from .selection.halving import finalists
 from .space.search_space import SearchSpace
@@ -82,6 +82,8 @@ def run_pipeline(options: RunOptions) -> Path:
                 return run.root
             if options.family:
                 write_family(run, members, planned=plan and plan.by_phase(), took=took.seconds)
+                write_family_summary(run, record, members, time.time() - started, len(splits.val),
+                                     plan and plan.by_phase(), took.seconds)
             else:
                 write_summary(run, record, space, members[0], time.time() - started, len(splits.val),
                               plan and plan.by_phase(), took.seconds)
@@ -89,7 +91,7 @@ def run_pipeline(options: RunOptions) -> Path:
         if dashboard is not None:
             dashboard.shutdown()
             dashboard.server_close()
-    say(f"[nasloc] done in {time.time() - started:.0f} s: {run.family_csv if options.family else run.summary}")
+    say(f"[nasloc] done in {time.time() - started:.0f} s: {run.summary}")
     return run.root
 
 

@@ -67,6 +67,33 @@ def write_summary(run: RunDir, record: RunRecord, space: SearchSpace, result: Bu
     return run.summary
 
 
+def write_family_summary(run: RunDir, record: RunRecord, results: Sequence[BudgetResult], seconds: float,
+                         val_images: int, planned: Mapping[str, float] | None = None,
+                         took: Mapping[str, float] | None = None) -> Path:
+    """A model family's ``summary.md`` in the run folder: one row per budget (its export, seed design or searched,
+    retrained top-1 with two standard errors, MACs, params, its own summary), the family plot, the plan."""
+    lines = [f"# nasloc family `{run.root.name}`", "",
+             f"One supernet, then a search, selection and retrain per budget; {len(results)} exports. This run took "
+             f"{seconds:.0f} s; its folder holds {folder_megabytes(run.root):.0f} MB.", "",
+             "| budget | export | design | trial | top-1 (%) | ± 2 SE | GMACs | params (M) | details |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for result in results:
+        best, member = result.exported, run.member_dir(result.label)
+        if best is None:
+            lines.append(f"| {result.label} | - | nothing retrained | | | | | | [summary]({result.label}/summary.md) |")
+            continue
+        lines.append(f"| {result.label} | `{run.relative(member.best_export)}` | {best.design} | {best.trial} | "
+                     f"{best.val_top1:.2f} | {two_standard_errors(best.val_top1, val_images):.2f} | "
+                     f"{best.macs / 1e9:.4f} | {best.params / 1e6:.3f} | [summary]({result.label}/summary.md) |")
+    lines += ["", "![retrained top-1 against MACs: the family and the seed designs retrained beside it](family.png)",
+              "", f"The same as a table: `family.csv`; interactive: `family.html`. Data `{record.options.dataset}`, "
+              f"retrained {record.options.retrain_epochs} epochs, top-1 on {val_images} validation images."]
+    if planned and took:
+        lines += _plan_lines(planned, took)
+    write_atomic(run.summary, "\n".join(lines) + "\n")
+    return run.summary
+
+
 def two_standard_errors(top1: float, images: int) -> float:
     """Two binomial standard errors of a top-1 (%) measured on ``images`` images (0 when unknown)."""
     if not images:

@@ -45,7 +45,7 @@ def test_each_budget_has_its_studies_folder_and_export(family_run: Path) -> None
         assert {p.name for p in (family_run / label).iterdir()} >= {"trials.csv", "pareto.html", "selection.csv",
                                                                     "selection", "retrain"}
         assert (family_run / "export" / label / "config.json").is_file()
-    assert (family_run / "supernet" / "last.pth").is_file() and not (family_run / "summary.md").exists()
+    assert (family_run / "supernet" / "last.pth").is_file()
 
 
 def test_family_csv_has_a_row_per_budget_and_the_plots_exist(family_run: Path) -> None:
@@ -57,6 +57,12 @@ def test_family_csv_has_a_row_per_budget_and_the_plots_exist(family_run: Path) -
         assert 0 < int(row["macs"]) <= int(row["budget_macs"]) and 0 <= float(row["top1"]) <= 100
         assert row["export"] == f"export/{row['budget']}" and row["design"]
     assert (family_run / "family.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    summary = (family_run / "summary.md").read_text()  # the family's page: a row per budget, linking its own
+    for row in rows:
+        line = next(line for line in summary.splitlines() if line.startswith(f"| {row['budget']} |"))
+        assert f"| `{row['export']}` | {row['design']} | {row['trial']} | {float(row['top1']):.2f} |" in line
+        assert f"[summary]({row['budget']}/summary.md)" in line
+    assert "(family.png)" in summary and "## Plan against actual" in summary
     assert "the family (exports)" in (family_run / "family.html").read_text()
 
 
