@@ -15,6 +15,8 @@ from optuna.storages import JournalStorage
 from optuna.storages._heartbeat import BaseHeartbeat
 from optuna.trial import FrozenTrial, TrialState
 
+from .disk_full import disk_full_cause
+
 _logger = logging.getLogger(__name__)
 
 
@@ -61,6 +63,9 @@ class HeartbeatJournalStorage(JournalStorage, BaseHeartbeat):
             self.set_trial_system_attr(trial_id, HEARTBEAT_ATTR, time.time())
         except UpdateFinishedTrialError:
             pass  # another worker already declared this trial stale; the result will be rejected
+        except OSError as e:  # a full disk: the search's next write stops the run in one line (storage.disk_full)
+            if disk_full_cause(e) is None:
+                raise
 
     def _get_stale_trial_ids(self, study_id: int) -> list[int]:
         grace = self.grace_period if self.grace_period is not None else 2 * self.heartbeat_interval

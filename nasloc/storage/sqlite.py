@@ -9,6 +9,8 @@ from typing import Any
 import sqlalchemy
 from optuna.storages import RDBStorage
 
+from .disk_full import disk_full_cause
+
 
 class SQLiteStorage(RDBStorage):
     """An RDBStorage on an SQLite file whose transactions begin with ``BEGIN IMMEDIATE``.
@@ -31,6 +33,15 @@ class SQLiteStorage(RDBStorage):
     def __setstate__(self, state: dict[Any, Any]) -> None:
         super().__setstate__(state)  # a new engine
         _begin_immediate(self.engine)
+
+    def record_heartbeat(self, trial_id: int) -> None:
+        """A heartbeat that a full disk refused is skipped: the search's next write meets the same disk and stops the
+        run in one line (:mod:`nasloc.storage.disk_full`), which a traceback from the heartbeat thread would bury."""
+        try:
+            super().record_heartbeat(trial_id)
+        except Exception as e:  # noqa: BLE001 - re-raised unless a full disk caused it
+            if disk_full_cause(e) is None:
+                raise
 
 
 def _begin_immediate(engine: sqlalchemy.engine.Engine) -> None:

@@ -100,7 +100,7 @@ def test_nasloc_export_onnx_prints_the_difference(tmp_path: Path, monkeypatch: p
                                                   capsys: pytest.CaptureFixture) -> None:
     exported: list = []
 
-    def export_trial(run, trial, out, onnx=False):
+    def export_trial(run, trial, out, onnx=False, budget=""):
         exported.append(onnx)
         return export_model(LocalityViT(MECHANISMS["dw shortcut, patch stem"]), out, onnx=onnx)
 
