@@ -251,6 +251,7 @@ def _epoch_seed(seed: int, rank: int, epoch: int) -> int:
 
 
 def _seed_everything(seed: int) -> None:
+    seed %= 2**32  # NumPy takes 32 bits, torch 64, and an epoch's seed is about 1e10 times --seed
     random.seed(seed)  # timm's RandAugment
     np.random.seed(seed)  # timm's Mixup
     torch.manual_seed(seed)

@@ -76,6 +76,13 @@ def test_retrain_learns_digits(digits, tmp_path):
     assert not list(tmp_path.glob("*.tmp"))  # the atomic write left nothing behind
 
 
+@pytest.mark.parametrize("seed", [1, 2**31])
+def test_any_seed_trains(digits, tmp_path, seed):
+    """Each epoch draws from a seed of its own, about 1e10 times --seed: NumPy (timm's Mixup) takes 32 bits."""
+    result = retrain(_mlp(), digits, RetrainConfig(epochs=1, seed=seed, **PLAIN), tmp_path, progress=False)
+    assert result.epochs_run == 1 and np.isfinite(result.history[0]["train_loss"])
+
+
 def test_full_recipe_checkpoints_and_resumes(few_digits, tmp_path):
     # The default DeiT recipe (mixup, cutmix, RandAugment, smoothing) plus EMA, on a timm ViT.
     cfg = RetrainConfig(epochs=1, batch_size=64, warmup_epochs=1, ema_decay=0.9, num_workers=0)
