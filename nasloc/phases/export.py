@@ -6,6 +6,7 @@ from pathlib import Path
 from ..console import say
 from ..deploy.export import export_model
 from ..deploy.model_card import RECIPE_KEYS
+from ..report.family import exported_finalist
 from ..run import RunDir, RunOptions
 from ..training.data import DataSplits
 from ..training.recipe import fitted_recipe
@@ -16,7 +17,7 @@ def export_phase(retrained: list[Retrained], options: RunOptions, run: RunDir, s
                  deploy_size: int) -> Path | None:
     if not retrained:
         return None
-    best = max(retrained, key=lambda r: r.val_top1)
+    best = exported_finalist(retrained)
     recipe = fitted_recipe(options.retrain_epochs)
     info = dict(trial=best.trial, design=best.design, macs_at_deploy=best.macs, params=best.params,
                 proxy_top1=best.proxy_top1, retrained_top1=best.val_top1, val_images=len(splits.val),

@@ -7,6 +7,7 @@ from optuna.trial import FrozenTrial
 
 from ..arch_view import arch_svg
 from ..console import say
+from ..report.family import exported_finalist
 from ..report.pareto_plot import write_pareto_html
 from ..report.tables import write_tables
 from ..run import PARETO_CSV, PARETO_HTML, TRIALS_CSV, RunDir, RunOptions
@@ -38,7 +39,7 @@ def final_report(study: optuna.Study, options: RunOptions, run: RunDir, referenc
         for t in selection.study.get_trials(deepcopy=False):
             scores = ", ".join(f"{epochs} ep {value:.2f}" for epochs, value in sorted(t.intermediate_values.items()))
             selected[t.user_attrs["search_trial"]] = f"{t.user_attrs['source']}: {scores or 'not trained'}"
-    best = max(retrained, key=lambda r: r.val_top1, default=None)
+    best = exported_finalist(retrained)
     picture = None if best is None else arch_svg(best.model.arch, f"search trial {best.trial} ({best.design})")
     write_pareto_html(study, options.budget, run.home, references, selected=selected,
                       retrained={r.trial: r.val_top1 for r in retrained}, picture=picture)

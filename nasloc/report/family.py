@@ -41,8 +41,13 @@ class BudgetResult:
 
     @property
     def exported(self) -> Retrained | None:
-        """The finalist the export holds: the best retrained (as :func:`nasloc.phases.export.export_phase` picks)."""
-        return max(self.retrained, key=lambda r: r.val_top1, default=None)
+        """The finalist the export holds."""
+        return exported_finalist(self.retrained)
+
+
+def exported_finalist(retrained: Sequence[Retrained]) -> Retrained | None:
+    """The finalist a run exports: the best retrained top-1 (None when nothing was retrained)."""
+    return max(retrained, key=lambda r: r.val_top1, default=None)
 
 
 def family_rows(run: RunDir, results: Sequence[BudgetResult]) -> list[dict[str, Any]]:

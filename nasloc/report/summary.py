@@ -15,7 +15,7 @@ from ..run import RunDir, RunRecord
 from ..search.study import evaluated_feasible_trials
 from ..units import format_macs
 
-from .family import BudgetResult
+from .family import BudgetResult, exported_finalist
 
 if TYPE_CHECKING:
     from ..selection.halving import SelectionResult
@@ -110,7 +110,7 @@ def _result_lines(run: RunDir, record: RunRecord, retrained: Sequence[Retrained]
     if not retrained or export_dir is None:
         return ["## Result", "", "Nothing was retrained (--retrain-top-k 0): no model was exported; "
                 "`nasloc export --run RUN --trial N` exports a trial with its supernet weights.", ""]
-    best = max(retrained, key=lambda r: r.val_top1)
+    best = exported_finalist(retrained)
     what = "an arch the search found" if best.design == "searched" else f"the {best.design} seed design"
     seeds = [r for r in retrained if r.design != "searched" and r is not best]
     if best.design != "searched":
