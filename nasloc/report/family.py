@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..fileio import atomic_path, write_atomic
 from ..run import RunDir
-from .pareto_plot import _ensure_plotlyjs
+from .pareto_plot import ensure_plotlyjs
 from .tables import write_csv
 
 if TYPE_CHECKING:
@@ -70,7 +70,7 @@ def write_family(run: RunDir, results: Sequence[BudgetResult], planned: Mapping[
     per phase against those taken, every budget together); returns the CSV's path."""
     path = write_csv(family_rows(run, results), run.family_csv)
     figure = family_figure(results)
-    _ensure_plotlyjs(run.root)
+    ensure_plotlyjs(run.root)
     write_atomic(run.root / FAMILY_HTML, figure.to_html(include_plotlyjs="directory", full_html=True))
     write_family_png(results, run.root / FAMILY_PNG)
     if planned and took:

@@ -156,7 +156,7 @@ def write_pareto_html(
     out_dir = Path(out_dir)
     fig = pareto_figure(study, budget_macs, references, selected, retrained)
     if plotlyjs == "directory":
-        _ensure_plotlyjs(out_dir)
+        ensure_plotlyjs(out_dir)
     html = fig.to_html(include_plotlyjs="directory" if plotlyjs == "directory" else True, full_html=True)
     if picture is not None:
         figure = ('<figure style="margin: 1em 3em"><figcaption style="font-family: sans-serif">The exported '
@@ -167,7 +167,7 @@ def write_pareto_html(
     return path
 
 
-def _ensure_plotlyjs(out_dir: Path) -> None:
+def ensure_plotlyjs(out_dir: Path) -> None:
     """Write plotly.min.js beside the plots unless the same version is already there."""
     from plotly.offline import get_plotlyjs
 
