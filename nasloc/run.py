@@ -350,7 +350,7 @@ class RunDir:
 
     @property
     def check_ranking_dir(self) -> Path:
-        return self.root / "check-ranking"
+        return self.home / "check-ranking"
 
     def retrain_dir(self, trial: int) -> Path:
         """Where :func:`nasloc.training.retrain.retrain` keeps trial ``trial``'s checkpoint."""

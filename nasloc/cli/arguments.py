@@ -352,10 +352,13 @@ def add_check_ranking_arguments(parser: argparse.ArgumentParser) -> None:
                         help="seed of the sample and of the trainings (default: %(default)s)")
     parser.add_argument("--band", metavar="LO,HI", type=_band,
                         help="MACs band to sample, e.g. 20M,30M (default: 0.75 x the run's budget to its budget)")
+    parser.add_argument("--budget", metavar="BUDGET", default="",
+                        help="of a model family's run, the budget to check, as written on its command line (e.g. "
+                             "0.5G): its band, its supernet proxy, trainings in RUN/BUDGET/check-ranking/")
 
 
 _MODEL_HELP = ("a preset (nasloc presets), an arch file (.yaml/.json), an export folder, or RUN:TRIAL (trial "
-               "TRIAL of a run folder or of a run name under ./results)")
+               "TRIAL of a run folder or of a run name under ./results; RUN:BUDGET:TRIAL of a model family's run)")
 
 
 def _add_data_arguments(parser: argparse.ArgumentParser) -> None:

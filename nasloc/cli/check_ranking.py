@@ -4,6 +4,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+from ..deploy.trials import member_record
 from ..phases.inputs import load_inputs
 from ..phases.supernet import require_trained_supernet
 from ..run import RunDir
@@ -19,17 +20,18 @@ BAND_LOW = 0.75
 
 
 def check_run_ranking(run_dir: Path, *, archs: int, epochs: int, seed: int = 0, band: tuple[float, float] | None = None,
-                      on_arch: Callable[[RankedArch], None] | None = None) -> RankingCheck:
+                      budget: str = "", on_arch: Callable[[RankedArch], None] | None = None) -> RankingCheck:
     """The ranking check of a run: ``archs`` archs of ``band`` (default [0.75 budget, budget]) scored by the
     run's supernet proxy and by ``epochs`` of standalone training at the run's proxy resolution on its data
-    set, in ``<run>/check-ranking/arch_<i>/`` (resumed by a rerun with the same settings).
+    set, in ``<run>/check-ranking/arch_<i>/`` (a family's ``<run>/<budget>/check-ranking/``, ``budget`` as on
+    its command line), resumed by a rerun with the same settings.
 
     Raises :class:`nasloc.errors.NaslocError` (one line) for a folder that is not a run, a run whose
     supernet is not trained, or a band the space cannot reach.
     """
     run = RunDir(Path(run_dir))
-    record = run.read_record()
-    options = record.options
+    record = member_record(run.read_record(), budget)
+    run, options = run.member_dir(record.member), record.options
     if not run.supernet_checkpoint.is_file():
         raise RankingError(f"{run.root} has no trained supernet ({run.relative(run.supernet_checkpoint)} is missing); "
                            "run its search first")

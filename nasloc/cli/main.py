@@ -79,7 +79,8 @@ def _latency_request(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _check_ranking_request(args: argparse.Namespace) -> dict[str, Any]:
-    return dict(run_dir=_run_folder(args.run), archs=args.archs, epochs=args.epochs, seed=args.seed, band=args.band)
+    return dict(run_dir=_run_folder(args.run), archs=args.archs, epochs=args.epochs, seed=args.seed, band=args.band,
+                budget=args.budget)
 
 
 def _train_request(args: argparse.Namespace) -> dict[str, Any]:

@@ -7,7 +7,8 @@ M is, in this order of lookup:
 * an export folder (``config.json`` of ``nasloc_vit``), or the folder of a finished ``nasloc train --out``
   (its ``export/``): its arch, and its weights as trained;
 * ``RUN:TRIAL``, a trial of a run folder (a path, or a run name under ``./results``): its arch, and its
-  weights (retrained, else its subnet of the supernet, see :mod:`nasloc.deploy.trials`);
+  weights (retrained, else its subnet of the supernet, see :mod:`nasloc.deploy.trials`); of a model family's
+  run ``RUN:BUDGET:TRIAL``, the budget as written on its command line (``results/family:0.5G:12``);
 * for ``nasloc evaluate`` only, any other timm model name (``resnet18``, ``deit_tiny_patch16_224``),
   built untrained (``pretrained=False``: nothing is downloaded).
 
@@ -27,7 +28,7 @@ from torch import nn
 
 from ..arch import Arch
 from ..deploy.export import CONFIG_NAME
-from ..deploy.trials import trial_model
+from ..deploy.trials import member_record, trial_model
 from ..errors import NaslocError, StorageError
 from ..models import LocalityViT
 from ..models.locality_vit import checkpoint_filter_fn
@@ -37,8 +38,9 @@ from ..storage.run_study import load_run_trial
 
 ARCH_SUFFIXES = (".yaml", ".yml", ".json")
 DEFAULT_RESULTS = Path("results")  # where a run name of RUN:TRIAL is looked up, as for --run
-_RUN_TRIAL = re.compile(r"(?P<run>.+):(?P<trial>\d+)")
-FORMS = "a preset (nasloc presets), an arch file (.yaml/.json), an export folder or RUN:TRIAL"
+# The shortest run name first, so that a family's budget (a number and a unit, e.g. 0.5G) is split off.
+_RUN_TRIAL = re.compile(r"(?P<run>.+?)(?::(?P<budget>\d[\w.]*))?:(?P<trial>\d+)")
+FORMS = "a preset (nasloc presets), an arch file (.yaml/.json), an export folder or RUN:TRIAL (RUN:BUDGET:TRIAL)"
 
 
 class ModelError(NaslocError):
@@ -85,7 +87,7 @@ def resolve_model(text: str, *, with_weights: bool, allow_timm: bool = False) ->
         return _export(text, path.resolve(), with_weights)
     match = _RUN_TRIAL.fullmatch(text)
     if match:
-        return _trial(text, match["run"], int(match["trial"]), with_weights)
+        return _trial(text, match["run"], match["budget"] or "", int(match["trial"]), with_weights)
     if allow_timm and timm.is_model(text) and text != GENERIC:
         return ModelSpec(text, "timm", text, None)
     timm_too = " or a timm model name" if allow_timm else ""
@@ -141,7 +143,7 @@ def _export(text: str, folder: Path, with_weights: bool) -> ModelSpec:
     return ModelSpec(text, "export", folder.name, arch, trained, facts)
 
 
-def _trial(text: str, run_text: str, number: int, with_weights: bool) -> ModelSpec:
+def _trial(text: str, run_text: str, budget: str, number: int, with_weights: bool) -> ModelSpec:
     run = Path(run_text).expanduser()
     if not run.is_dir():
         run = DEFAULT_RESULTS / run_text
@@ -149,16 +151,17 @@ def _trial(text: str, run_text: str, number: int, with_weights: bool) -> ModelSp
         raise ModelError(f"--model {text!r}: no such run folder {run_text!r} (nor {run})")
     run = run.resolve()
     try:
-        record = RunDir(run).read_record()
-        trial = load_run_trial(RunDir(run), record, number)
+        record = member_record(RunDir(run).read_record(), budget, how="RUN:BUDGET:TRIAL")
+        trial = load_run_trial(RunDir(run, record.member), record, number)
         arch = Arch.from_dict(dict(trial.user_attrs["arch"]))  # as searched: at the space's deploy resolution
-        trained = trial_model(run, number).model if with_weights else None
+        trained = trial_model(run, number, budget).model if with_weights else None
     except KeyError:
         raise ModelError(f"--model {text!r}: trial {number} has no arch (state {trial.state.name})") from None
     except (NaslocError, StorageError) as e:  # no record, study or trial; an invalid arch; no weights
         raise ModelError(f"--model {text!r}: {e}") from None
     facts = {"dataset": record.options.dataset, "seed": record.options.seed}
-    return ModelSpec(text, "trial", f"{run.name}-trial{number}", arch, trained, facts)
+    name = f"{run.name}-{budget}-trial{number}" if budget else f"{run.name}-trial{number}"
+    return ModelSpec(text, "trial", name, arch, trained, facts)
 
 
 def _timm_model(name: str, num_classes: int, img_size: int) -> nn.Module:

@@ -64,16 +64,17 @@ def trial_model(run_dir: str | os.PathLike, trial: int, budget: str = "") -> Tri
     return TrialModel(model.eval(), info, record, space.img_size)
 
 
-def member_record(record: RunRecord, budget: str) -> RunRecord:
-    """The record of the run's search at ``budget``: the run's own for one budget ("")."""
+def member_record(record: RunRecord, budget: str, how: str = "--budget") -> RunRecord:
+    """The record of the run's search at ``budget``: the run's own for one budget (""). ``how`` is the way
+    the user names a budget, for the one-line errors."""
     budgets = [member.member for member in record.members()]
     if budget in budgets:
         return record.members()[budgets.index(budget)]
     if budgets == [""]:
-        raise RunError(f"--budget {budget}: the run has one budget; leave --budget out")
+        raise RunError(f"budget {budget}: the run has one budget; leave {how} out")
     if not budget:
-        raise RunError(f"the run is a model family: name one of its budgets with --budget ({', '.join(budgets)})")
-    raise RunError(f"--budget {budget}: not one of the run's budgets ({', '.join(budgets)}, as on its command line)")
+        raise RunError(f"the run is a model family: name one of its budgets with {how} ({', '.join(budgets)})")
+    raise RunError(f"budget {budget}: not one of the run's budgets ({', '.join(budgets)}, as on its command line)")
 
 
 def _trial_info(record: RunRecord, trial: Any) -> dict[str, Any]:

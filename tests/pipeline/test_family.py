@@ -74,9 +74,33 @@ def test_nasloc_export_takes_a_trial_of_one_budget(family_run: Path, capsys: pyt
     assert config["nasloc"]["study"] == "nasloc-1.2M" and config["nasloc"]["budget"] == 1.2e6
     capsys.readouterr()
     for extra, message in (([], "the run is a model family: name one of its budgets with --budget (0.8M, 1.2M)"),
-                           (["--budget", "1M"], "--budget 1M: not one of the run's budgets (0.8M, 1.2M")):
+                           (["--budget", "1M"], "budget 1M: not one of the run's budgets (0.8M, 1.2M")):
         assert main(["export", "--run", str(family_run), "--trial", "0", *extra]) == 2
         assert message in capsys.readouterr().err
+
+
+def test_evaluate_and_check_ranking_take_one_budget(family_run: Path, capsys: pytest.CaptureFixture) -> None:
+    storage = open_storage(f"sqlite:///{family_run / 'study.db'}")
+    trial = optuna.load_study(study_name="nasloc-0.8M", storage=storage).best_trials[0]
+    data = ["--dataset", "imagefolder", "--data-dir", str(json.loads((family_run / "run.json").read_text())
+                                                            ["data_dir"])]
+    capsys.readouterr()
+    assert main(["evaluate", "--model", f"{family_run}:0.8M:{trial.number}", *data, "--throughput-batch", "2",
+                 "--json"]) == 0
+    measured = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert measured["macs"] == trial.user_attrs["macs"] and 0 <= measured["top1"] <= 100
+    for model, message in ((f"{family_run}:{trial.number}", "name one of its budgets with RUN:BUDGET:TRIAL (0.8M, 1.2M)"),
+                           (f"{family_run}:1M:{trial.number}", "budget 1M: not one of the run's budgets")):
+        assert main(["evaluate", "--model", model, *data]) == 2
+        assert message in capsys.readouterr().err
+
+    with one_thread():
+        assert main(["check-ranking", "--run", str(family_run), "--budget", "0.8M", "--archs", "3", "--epochs", "1"]) == 0
+    rows = capsys.readouterr().out.splitlines()[-6:-2]
+    assert all(0.6 <= float(row.split()[1]) <= 0.8 for row in rows[1:])  # 0.8M's band, in M, not 1.2M's
+    assert len(list((family_run / "0.8M" / "check-ranking").glob("arch_*/last.pth"))) == 3
+    assert main(["check-ranking", "--run", str(family_run), "--archs", "3"]) == 2
+    assert "name one of its budgets with --budget" in capsys.readouterr().err
 
 
 def test_a_rerun_resumes_every_budget_without_new_work(family_run: Path, tmp_path: Path) -> None:
