@@ -26,7 +26,7 @@ def reference_points(study: optuna.Study) -> dict[str, tuple[float, float]]:
 def report_phase(study: optuna.Study, options: RunOptions, run: RunDir, references: dict[str, tuple[float, float]]) -> list[FrozenTrial]:
     say(f"[nasloc] 3/6 report: {TRIALS_CSV}, {PARETO_CSV}, {PARETO_HTML}")
     write_tables(study, options.budget, run.home)
-    write_pareto_html(study, options.budget, run.home, references)
+    write_pareto_html(study, options.budget, run.home, references, bundle_dir=run.root)
     return pareto_trials(study, options.budget)
 
 
@@ -42,4 +42,4 @@ def final_report(study: optuna.Study, options: RunOptions, run: RunDir, referenc
     best = exported_finalist(retrained)
     picture = None if best is None else arch_svg(best.model.arch, f"search trial {best.trial} ({best.design})")
     write_pareto_html(study, options.budget, run.home, references, selected=selected,
-                      retrained={r.trial: r.val_top1 for r in retrained}, picture=picture)
+                      retrained={r.trial: r.val_top1 for r in retrained}, picture=picture, bundle_dir=run.root)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
@@ -12,6 +13,8 @@ from ..fileio import write_atomic
 from ..run import PARETO_HTML
 from ..search.study import pareto_trials
 from ..units import format_macs
+
+PLOTLY_JS = "plotly.min.js"  # the bundle that plots written with plotlyjs='directory' load
 
 if TYPE_CHECKING:
     pass
@@ -137,6 +140,7 @@ def write_pareto_html(
     picture: str | None = None,
     filename: str = PARETO_HTML,
     plotlyjs: str = "directory",
+    bundle_dir: str | Path | None = None,
 ) -> Path:
     """An interactive Pareto plot: every trial (within / over budget), the feasible front as a staircase,
     the budget as a vertical line and labelled reference points ``name -> (macs, top1)`` (e.g. the seed
@@ -155,9 +159,12 @@ def write_pareto_html(
         raise ValueError("plotlyjs must be 'directory' or 'embed'")
     out_dir = Path(out_dir)
     fig = pareto_figure(study, budget_macs, references, selected, retrained)
+    include: str | bool = True
     if plotlyjs == "directory":
-        ensure_plotlyjs(out_dir)
-    html = fig.to_html(include_plotlyjs="directory" if plotlyjs == "directory" else True, full_html=True)
+        bundle_dir = Path(bundle_dir or out_dir)
+        ensure_plotlyjs(bundle_dir)
+        include = Path(os.path.relpath(bundle_dir / PLOTLY_JS, out_dir)).as_posix()  # a .js path: a <script src>
+    html = fig.to_html(include_plotlyjs=include, full_html=True)
     if picture is not None:
         figure = ('<figure style="margin: 1em 3em"><figcaption style="font-family: sans-serif">The exported '
                   f'arch</figcaption>{picture}</figure>')
@@ -172,7 +179,7 @@ def ensure_plotlyjs(out_dir: Path) -> None:
     from plotly.offline import get_plotlyjs
 
     bundle = get_plotlyjs()
-    path = out_dir / "plotly.min.js"
+    path = out_dir / PLOTLY_JS
     try:
         with open(path, encoding="utf-8") as f:
             if f.read(256) == bundle[:256]:  # the header names the plotly.js version

@@ -45,6 +45,8 @@ def test_each_budget_has_its_studies_folder_and_export(family_run: Path) -> None
         assert {p.name for p in (family_run / label).iterdir()} >= {"trials.csv", "pareto.html", "selection.csv",
                                                                     "selection", "retrain"}
         assert (family_run / "export" / label / "config.json").is_file()
+        assert '<script charset="utf-8" src="../plotly.min.js">' in (family_run / label / "pareto.html").read_text()
+        assert not (family_run / label / "plotly.min.js").exists()  # one copy, in the run folder
     assert (family_run / "supernet" / "last.pth").is_file()
 
 
