@@ -24,7 +24,7 @@ import torch
 
 from ..models import LocalityViT
 from ..run import RunRecord
-from ..selection.halving import rung_epochs
+from ..selection.halving import rung_epochs, tie_margin
 from ..space.band import supernet_bands
 from ..space.search_space import SearchSpace
 from ..space.seed_designs import MECHANISMS
@@ -129,15 +129,16 @@ def make_plan(record: RunRecord, space: SearchSpace, splits: DataSplits) -> Plan
     per_trial = forward_image * (search_half + 4 * min(256, train_images))  # + BatchNorm recalibration batches
     phases.append(PhasePlan("search", options.trials, search_half, options.trials * per_trial / workers,
                             "images per trial, and 4 batches to recalibrate BatchNorm"))
-    selection = _selection(options, train_images, search_half, mean_step, forward_image, workers)
+    selection = _selection(options, train_images, val_images, mean_step, forward_image, workers)
     if selection is not None:
         phases.append(selection)
     finalists = options.retrain_top_k
     retrain_step = (train_step["largest at retrain size"] + train_step["smallest at retrain size"]) / 2
     retrain_steps = math.ceil(train_images / retrain.batch_size)
+    tie = _tie_note(options, val_images)
     phases += [PhasePlan("retrain", options.retrain_epochs, train_images,
                          finalists * options.retrain_epochs * retrain_steps * retrain_step * 1.05,
-                         f"{finalists} finalists; a tie at the selection's last rung adds more"),
+                         f"{finalists} finalist{'s' * (finalists != 1)}, {tie}"),
                PhasePlan("export", 0, 0, EXPORT_SECONDS if finalists else 0.0)]
     if members > 1:
         phases[1:] = [replace(p, est_seconds=p.est_seconds * members,
@@ -145,13 +146,48 @@ def make_plan(record: RunRecord, space: SearchSpace, splits: DataSplits) -> Plan
 
     peak = max(v["memory_gb"] for v in timed.values())
     available = _available_memory_gb(device)
-    warnings = []
+    warnings = _wide_tie_warning(options, val_images)
     if available is not None and peak > 0.9 * available:
         fits = max(1, int(options.batch_size * 0.8 * available / peak))
         warnings.append(f"the steps would take about {peak:.1f} GB of the {available:.1f} GB available on "
                         f"{device.type}: use --batch-size {fits} or less")
     return Plan(str(device), max(workers, world), options.proxy_img_size, options.retrain_img_size,
                 (band.lo, band.hi), phases, peak, available, warnings)
+
+
+def _last_rung(options: Any) -> int:
+    """How many selection candidates reach the last rung: the most a tie there can send to the retrain."""
+    alive = options.select_top_k + len(MECHANISMS)  # the seed designs come on top
+    for _ in rung_epochs(options.select_epochs)[1:]:
+        alive = math.ceil(alive / 2)
+    return alive
+
+
+def _selecting_with_ties(options: Any, val_images: int) -> bool:
+    # tse scores the training loss: no held-out set, no ties
+    return bool(options.select_top_k and options.retrain_top_k and val_images) and options.select_score != "tse"
+
+
+def _tie_note(options: Any, val_images: int) -> str:
+    if not _selecting_with_ties(options, val_images):
+        return "no ties (no selection, or --select-score tse)"
+    return (f"up to {max(options.retrain_top_k, _last_rung(options))} if the selection's last rung ties: scores "
+            f"within {tie_margin(val_images):.1f} points on {val_images} held-out images")
+
+
+# Above this margin (points at 50 % top-1; under 90 held-out images) the last rung mostly ties.
+WIDE_TIE_POINTS = 15.0
+
+
+def _wide_tie_warning(options: Any, val_images: int) -> list[str]:
+    """A warning when the held-out set is too small to tell the last rung's candidates apart."""
+    last = _last_rung(options)
+    if not _selecting_with_ties(options, val_images) or tie_margin(val_images) <= WIDE_TIE_POINTS \
+            or last <= options.retrain_top_k:
+        return []
+    return [f"the {val_images} validation images tie selection scores within {tie_margin(val_images):.0f} points: "
+            f"expect most of the last rung's {last} candidates to be retrained, not --retrain-top-k "
+            f"{options.retrain_top_k} (the retrain estimate counts {options.retrain_top_k}); more images narrow the tie"]
 
 
 def _selection(options: Any, train_images: int, held_out: int, step_s: float, forward_image_s: float,

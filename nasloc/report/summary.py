@@ -13,6 +13,7 @@ from ..arch_view import LEGEND, arch_svg, locality, stage_table
 from ..fileio import write_atomic
 from ..run import RunDir, RunRecord
 from ..search.study import evaluated_feasible_trials
+from ..selection.halving import scores_tied
 from ..units import format_macs
 
 from .family import BudgetResult, exported_finalist
@@ -137,7 +138,7 @@ def _result_lines(run: RunDir, record: RunRecord, retrained: Sequence[Retrained]
 
 
 def _retrained_lines(retrained: Sequence[Retrained], val_images: int) -> list[str]:
-    """The retrained finalists, best first: the winner marked, and those within two standard errors of it."""
+    """The retrained finalists, best first: the winner marked, and those tied with it by the selection's rule."""
     if not retrained:
         return []
     ranked = sorted(retrained, key=lambda r: -r.val_top1)
@@ -147,12 +148,13 @@ def _retrained_lines(retrained: Sequence[Retrained], val_images: int) -> list[st
              "|---|---|---|---|---|---|---|---|"]
     for r in ranked:
         error = two_standard_errors(r.val_top1, val_images)
-        tied = r is not best and best.val_top1 - r.val_top1 <= two_standard_errors(best.val_top1, val_images)
+        tied = r is not best and bool(val_images) and scores_tied(best.val_top1, r.val_top1, val_images)
         mark = "winner" if r is best else "tie" if tied else ""
         lines.append(f"| {mark} | {r.trial} | {r.design} | {r.val_top1:.2f} | {error:.2f} | {r.proxy_top1:.2f} | "
                      f"{r.macs / 1e9:.4f} | {r.params / 1e6:.3f} |")
-    if any(best.val_top1 - r.val_top1 <= two_standard_errors(best.val_top1, val_images) for r in ranked[1:]):
-        lines += ["", "tie: within two standard errors of the winner on these validation images; the export is the "
+    if val_images and any(scores_tied(best.val_top1, r.val_top1, val_images) for r in ranked[1:]):
+        lines += ["", "tie: within two standard errors of the difference from the winner on these validation images "
+                  "(the selection's rule); the export is the "
                   "winner, the ties are as good as far as this validation set can tell."]
     return lines
 

@@ -62,20 +62,28 @@ class SelectionResult:
     held_out: int = 0  # images each score was measured on (0: unknown)
 
 
-def leading_ties(scores: Sequence[float], held_out: int, z: float = TIE_Z) -> int:
-    """How many of ``scores`` (top-1 % at one rung, best first) lie within ``z`` standard errors of the first on
-    ``held_out`` images: the lead that the short trainings did not decide (1 without a held-out size).
+def scores_tied(best: float, other: float, held_out: int, z: float = TIE_Z) -> bool:
+    """Whether ``other`` lies within ``z`` standard errors of the difference from ``best`` (top-1 %, each measured
+    on ``held_out`` images). Only the binomial error of the held-out set counts (training noise makes more ties,
+    not fewer). On CIFAR-10's 2,500 selection images at 50 % top-1 the margin is 2.8 points."""
+    p, q = best / 100, other / 100
+    return math.isfinite(q) and p - q <= z * math.sqrt((p * (1 - p) + q * (1 - q)) / held_out)
 
-    Only the binomial error of the held-out set counts (training noise makes more ties, not fewer). On
-    CIFAR-10's 2,500 selection images at 50 % top-1, two standard errors of a difference are 2.8 points.
-    """
+
+def tie_margin(held_out: int, top1: float = 50.0, z: float = TIE_Z) -> float:
+    """The points by which two scores near ``top1`` % on ``held_out`` images must differ not to tie."""
+    p = top1 / 100
+    return 100 * z * math.sqrt(2 * p * (1 - p) / held_out)
+
+
+def leading_ties(scores: Sequence[float], held_out: int, z: float = TIE_Z) -> int:
+    """How many of ``scores`` (top-1 % at one rung, best first) are tied with the first on ``held_out`` images
+    (:func:`scores_tied`): the lead that the short trainings did not decide (1 without a held-out size)."""
     if not scores or not held_out:
         return min(len(scores), 1)
-    p = scores[0] / 100
     lead = 1
     for score in scores[1:]:
-        q = score / 100
-        if not math.isfinite(q) or p - q > z * math.sqrt((p * (1 - p) + q * (1 - q)) / held_out):
+        if not scores_tied(scores[0], score, held_out, z):
             break
         lead += 1
     return lead

@@ -6,6 +6,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from torch.utils.data import Subset
 
 from nasloc.cli.main import search_main
 from nasloc.phases import plan as planning
@@ -70,3 +71,22 @@ def test_a_dry_run_checks_prints_the_plan_as_json_and_writes_nothing(tmp_path: P
     assert list(tmp_path.iterdir()) == []
     assert search_main([*argv, "--dry-run", "--proxy-img-size", "7"]) == 2  # checked as a run checks it
     assert "--proxy-img-size 7" in capsys.readouterr().err
+
+
+def test_the_retrain_names_the_most_a_tie_can_send_and_a_tiny_validation_set_warns(inputs, monkeypatch) -> None:
+    """10 candidates at rungs 1,2,3 leave 3 at the last rung: with --retrain-top-k 1 a tie there retrains up to 3.
+    On 40 held-out images scores 22 points apart tie, which the plan warns about; tse has no held-out ties."""
+    space, splits, record = inputs
+    monkeypatch.setattr(planning, "_time", lambda *a, **k: dict(train_step_s=0.1, forward_image_s=1e-3, memory_gb=1.0))
+    options = replace(record.options, retrain_top_k=1)
+    plan = make_plan(replace(record, options=options), space, splits)
+    retrain = next(p for p in plan.phases if p.name == "retrain")
+    assert "1 finalist, up to 3 if the selection's last rung ties: scores within" in retrain.note
+    assert f"on {len(splits.val)} held-out images" in retrain.note and not plan.warnings
+    tiny = replace(splits, val=Subset(splits.val, range(40)))
+    warned = make_plan(replace(record, options=options), space, tiny)
+    assert warned.warnings == ["the 40 validation images tie selection scores within 22 points: expect most of the "
+                               "last rung's 3 candidates to be retrained, not --retrain-top-k 1 (the retrain estimate "
+                               "counts 1); more images narrow the tie"]
+    tse = make_plan(replace(record, options=replace(options, select_score="tse")), space, tiny)
+    assert not tse.warnings and "no ties" in next(p for p in tse.phases if p.name == "retrain").note

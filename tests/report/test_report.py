@@ -99,3 +99,15 @@ def test_pareto_html_marks_the_selection_the_finalists_and_shows_the_exported_ar
     assert f"retrained finalists ({len(set(retrained))}; star: the export)" in html
     assert html.index('<svg id="the-arch"></svg>') < html.index("</body>")
 
+
+
+def test_the_summary_marks_ties_by_the_selection_rule() -> None:
+    """On 2,500 images: 2 SE of the winner alone (85 %) is 1.4 points, of the difference from 83.5 % 2.0 points; the
+    summary uses the selection's rule (the difference), so 83.5 is a tie and 82.5 is not."""
+    from nasloc.report.summary import _retrained_lines
+    from nasloc.training.retrain import Retrained
+
+    model = None  # not read by the table
+    rows = [Retrained(trial, model, 50.0, top1, 10**6, 10**5) for trial, top1 in ((1, 85.0), (2, 83.5), (3, 82.5))]
+    marks = {line.split("|")[2].strip(): line.split("|")[1].strip() for line in _retrained_lines(rows, 2500)[4:7]}
+    assert marks == {"1": "winner", "2": "tie", "3": ""}
