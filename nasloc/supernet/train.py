@@ -66,7 +66,7 @@ class SupernetConfig:
     label_smoothing: float = 0.1
     grad_clip: float = 5.0
     seed: int = 0
-    num_workers: int = 0
+    num_workers: int | None = None  # None: by the data (training.loader.default_workers)
     amp: bool | None = None  # mixed precision: None = on CUDA only (bf16 where supported, else fp16 + GradScaler)
 
 

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from ..errors import NaslocError
+from .data import LazyImageDataset
 
 
 class BatchSizeError(NaslocError):
@@ -106,10 +107,20 @@ def weak_augment(x: torch.Tensor, hflip: bool, generator: torch.Generator | None
     return padded[batch, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2).contiguous()
 
 
+DECODING_WORKERS = 2  # loader processes for images decoded from their files on every pass (ImageNet folders)
+
+
+def default_workers(dataset: Dataset) -> int:
+    """Loader processes for ``dataset``: :data:`DECODING_WORKERS` for images decoded from files on every pass,
+    none for images held in memory (a worker would only copy them)."""
+    return DECODING_WORKERS if isinstance(dataset, LazyImageDataset) else 0
+
+
 def make_loader(dataset: Dataset, batch_size: int, train: bool, img_size: int, mean: Sequence[float],
-                std: Sequence[float], augment: str = "weak", num_workers: int = 0, seed: int = 0,
+                std: Sequence[float], augment: str = "weak", num_workers: int | None = None, seed: int = 0,
                 distributed: bool = False, device: str | torch.device = "cpu") -> DeviceLoader:
-    """A loader of normalised float batches on `device`.
+    """A loader of normalised float batches on `device`, decoding in ``num_workers`` processes (None:
+    :func:`default_workers`).
 
     train=True: shuffled per epoch (seeded by seed and epoch), incomplete last batch dropped, and with
     augment="weak" a random padded crop plus horizontal flip (no flip for datasets whose `hflip` is
@@ -119,6 +130,7 @@ def make_loader(dataset: Dataset, batch_size: int, train: bool, img_size: int, m
     if augment not in ("weak", "none"):
         raise ValueError(f"augment must be 'weak' or 'none', got {augment!r}")
     device = torch.device(device)
+    num_workers = default_workers(dataset) if num_workers is None else num_workers
     rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if distributed else (0, 1)
     if train:
         # DistributedSampler also serves a single process: one code path for a seeded per-epoch shuffle.

@@ -273,6 +273,19 @@ def test_eval_loader_normalises_in_order():
     assert next(iter(bigger))[0].shape == (8, 3, 12, 12)  # resized on the device, not stored at 12 px
 
 
+def test_files_decoded_on_every_pass_get_loader_workers_and_the_same_batches(tmp_path):
+    """An ImageFolder of large images (decoded on access, ImageNet-style) is decoded in worker processes by default,
+    images held in memory are not; the workers change nothing in the batches."""
+    _image_tree(tmp_path, {"a": 3, "b": 3}, size=80)
+    splits = load_dataset("imagefolder", tmp_path, img_size=16, val_fraction=0.34, split="tail")
+    assert isinstance(splits.train, LazyImageDataset)
+    common = dict(img_size=16, mean=(0, 0, 0), std=(1, 1, 1))
+    default = make_loader(splits.train, 2, train=False, **common)
+    assert default.loader.num_workers == 2 and make_loader(_indexed_dataset(), 2, False, **common).loader.num_workers == 0
+    alone = make_loader(splits.train, 2, train=False, num_workers=0, **common)
+    assert all(torch.equal(x, y) for (x, _), (y, _) in zip(default, alone))
+
+
 def test_train_loader_is_seeded_per_epoch_and_drops_the_last_partial_batch():
     ds = _indexed_dataset(10)
     make = lambda seed: make_loader(ds, 4, train=True, img_size=8, mean=(0, 0, 0), std=(1, 1, 1), seed=seed)
