@@ -9,8 +9,8 @@ from ..deploy.model_card import RECIPE_KEYS
 from ..report.family import exported_finalist
 from ..run import RunDir, RunOptions
 from ..training.data import DataSplits
-from ..training.recipe import fitted_recipe
 from ..training.retrain import Retrained
+from .retrain import run_recipe
 
 
 def export_phase(retrained: list[Retrained], options: RunOptions, run: RunDir, splits: DataSplits,
@@ -18,7 +18,7 @@ def export_phase(retrained: list[Retrained], options: RunOptions, run: RunDir, s
     if not retrained:
         return None
     best = exported_finalist(retrained)
-    recipe = fitted_recipe(options.retrain_epochs)
+    recipe = run_recipe(options, len(splits.train))  # what the finalists were retrained with
     info = dict(trial=best.trial, design=best.design, macs_at_deploy=best.macs, params=best.params,
                 proxy_top1=best.proxy_top1, retrained_top1=best.val_top1, val_images=len(splits.val),
                 budget_macs=options.budget, dataset=options.dataset, space=Path(options.space).stem,

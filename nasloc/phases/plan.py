@@ -29,9 +29,9 @@ from ..space.band import supernet_bands
 from ..space.search_space import SearchSpace
 from ..space.seed_designs import MECHANISMS
 from ..supernet.train import SupernetConfig
+from .retrain import run_recipe
 from ..training.data import DataSplits
 from ..training.distributed import resolve_device
-from ..training.recipe import fitted_recipe
 from ..units import format_macs
 
 TIMING_BATCH = 32  # images of the largest timed step: seconds of timing on a GPU, a minute or two at 224 px on a CPU
@@ -108,7 +108,7 @@ def make_plan(record: RunRecord, space: SearchSpace, splits: DataSplits) -> Plan
     band, _ = supernet_bands(space, [member.budget for _, member in options.members()])
     largest = space.extreme(largest=True, lo=band.lo, hi=band.hi).replace(img_size=options.proxy_img_size)
     smallest = space.extreme(largest=False, lo=band.lo, hi=band.hi).replace(img_size=options.proxy_img_size)
-    retrain = fitted_recipe(options.retrain_epochs)
+    retrain = run_recipe(options, len(splits.train))
     timed = {name: _time(arch, device, options.batch_size) for name, arch in (("largest", largest),
                                                                             ("smallest", smallest))}
     for name, arch in (("largest", largest), ("smallest", smallest)):  # the same archs at the retrain's size

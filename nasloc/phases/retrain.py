@@ -2,6 +2,7 @@
 (:func:`nasloc.training.recipe.fitted_recipe`: DeiT's from 100 epochs on, the short recipe below)."""
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -11,14 +12,22 @@ from ..arch import Arch
 from ..console import say
 from ..fileio import atomic_path
 from ..models import LocalityViT
-from ..run import RunDir, RunRecord
+from ..run import RunDir, RunOptions, RunRecord
 from ..search.study import SEED_DESIGN_ATTR
 from ..space.flops import count
 from ..space.search_space import SearchSpace
 from ..training.checkpoint import finish_checkpoint
 from ..training.data import DataSplits, load_dataset
-from ..training.recipe import fitted_recipe
+from ..training.recipe import RetrainConfig, fitted_recipe
 from ..training.retrain import RESUMED, Retrained, retrain
+
+
+def run_recipe(options: RunOptions, train_images: int, **overrides: object) -> RetrainConfig:
+    """The recipe the run's retrain step trains with (:func:`~nasloc.training.recipe.fitted_recipe`), at the
+    run's --batch-size where the recipe's batch is larger than the training split (a data set of a few dozen
+    images would otherwise give no step at all; the learning rate scales with the batch)."""
+    cfg = fitted_recipe(options.retrain_epochs, seed=options.seed, **overrides)
+    return cfg if cfg.batch_size <= train_images else replace(cfg, batch_size=options.batch_size)
 
 
 def retrain_phase(chosen: list[FrozenTrial], space: SearchSpace, splits: DataSplits, record: RunRecord, run: RunDir) -> list[Retrained]:
@@ -32,7 +41,7 @@ def retrain_phase(chosen: list[FrozenTrial], space: SearchSpace, splits: DataSpl
     results = []
     for trial in chosen:
         arch = Arch.from_dict(trial.user_attrs["arch"]).replace(img_size=size)
-        cfg = fitted_recipe(options.retrain_epochs, img_size=size, seed=options.seed)
+        cfg = run_recipe(options, len(data.train), img_size=size)
         model = LocalityViT(arch, drop_path_rate=cfg.drop_path)
         folder = run.write_retrained_arch(trial.number, arch)
         result = retrain(model, data, cfg, folder, device=options.device)  # resumes; all epochs done: only reads

@@ -90,3 +90,13 @@ def test_the_retrain_names_the_most_a_tie_can_send_and_a_tiny_validation_set_war
                                "counts 1); more images narrow the tie"]
     tse = make_plan(replace(record, options=replace(options, select_score="tse")), space, tiny)
     assert not tse.warnings and "no ties" in next(p for p in tse.phases if p.name == "retrain").note
+
+
+def test_the_retrain_trains_at_the_run_batch_where_the_recipe_batch_exceeds_the_training_images() -> None:
+    """A data set of 100 training images: the recipe's batch of 128 would give no step; --batch-size (checked
+    against the split before anything is written) is taken instead, in the retrain, its plan and the export."""
+    from nasloc.phases.retrain import run_recipe
+
+    options = RunOptions(budget=1.2e6, space="tiny", batch_size=32, retrain_epochs=5)
+    assert run_recipe(options, 1000).batch_size == 128 and run_recipe(options, 100).batch_size == 32
+    assert run_recipe(options, 100, img_size=16).img_size == 16
