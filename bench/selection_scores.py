@@ -12,7 +12,7 @@ retrain's own schedule:
 - ``extrapolated@k``: a power law fitted to the k top-1s, read at epoch 30;
 
 and, trained here, ``complete@k``: the top-1 of a k-epoch training whose schedule ends with it (NAS-Bench-201's
-reduced setting), the same recipe; besides, the supernet ``proxy`` of the search that proposed the arch and its
+reduced setting), the same recipe (``complete@10`` is read from the 10-epoch study's record, ``--complete-from``); besides, the supernet ``proxy`` of the search that proposed the arch and its
 ``macs``. Each score is ranked against the 30-epoch top-1 of the same archs.
 
 Every training is resumable (``nasloc train`` resumes its folder) and its result merged into ``--out`` at once,
@@ -48,6 +48,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--work", default="/tmp/nasloc-evidence30", help="its work folder (checkpoints with histories)")
     p.add_argument("--out", default=str(ROOT / "results/evidence30/scores.json"))
     p.add_argument("--complete", default="2,4", help="k of the complete k-epoch trainings (comma list; '' = none)")
+    p.add_argument("--complete-from", default=str(ROOT / "results/evidence_full/record.json"),
+                   help="a record of complete trainings of the same archs and recipe at fewer epochs (the 10-epoch "
+                        "study's seed 0): each epoch count found there is one more complete@k score")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--jobs", type=int, default=1, help="trainings at a time")
     p.add_argument("--report-only", action="store_true", help="train nothing: the table from what is recorded")
@@ -105,7 +108,21 @@ def train_complete(unit: dict, k: int, work: Path, threads: int, log_dir: Path) 
 
 
 # ------------------------------------------------------------------------------------------- the table
-def score_table(record: dict, out: dict) -> list[dict]:
+def recorded_complete(path: Path, names: list[str]) -> dict[str, dict]:
+    """complete@k from another study's record (k -> name -> top-1 and CPU seconds), where it trained every one of
+    ``names`` for k epochs with seed 0."""
+    if not path.is_file():
+        return {}
+    record = json.loads(path.read_text())
+    found = {}
+    for k in sorted({u.get("epochs") for u in record.values() if isinstance(u, dict) and u.get("epochs")}):
+        runs = ground_truth(record, epochs=k)
+        if all(n in runs for n in names):
+            found[str(k)] = {n: dict(top1=runs[n]["top1"], cpu_s=runs[n]["cpu_s"]) for n in names}
+    return found
+
+
+def score_table(record: dict, out: dict, complete_from: Path | None = None) -> list[dict]:
     """One row per score: Kendall tau and top-3 precision against the 30-epoch top-1, and CPU minutes per arch."""
     truth = ground_truth(record)
     names = [n for n in sorted(truth) if n in out.get("histories", {})]
@@ -123,7 +140,8 @@ def score_table(record: dict, out: dict) -> list[dict]:
         row(f"val@{k}", [val(curves[n].first(k)) for n in names], minutes)
         row(f"tse@{k}", [tse(curves[n].first(k)) for n in names], minutes)
         row(f"extrapolated@{k}", [extrapolated(curves[n].first(k)) for n in names], minutes)
-    for k, runs in sorted(out.get("complete", {}).items(), key=lambda kv: int(kv[0])):
+    complete = {**(recorded_complete(complete_from, names) if complete_from else {}), **out.get("complete", {})}
+    for k, runs in sorted(complete.items(), key=lambda kv: int(kv[0])):
         if all(n in runs for n in names):
             row(f"complete@{k}", [runs[n]["top1"] for n in names], sum(runs[n]["cpu_s"] for n in names) / len(names) / 60)
     proxy = proxies(record)
@@ -184,7 +202,7 @@ def main(argv: list[str] | None = None) -> None:
     if have < 3:
         log(f"{have} ground-truth trainings recorded so far: too few to rank (run again when more have finished)")
         return
-    rows = score_table(record, out.load())
+    rows = score_table(record, out.load(), Path(args.complete_from) if args.complete_from else None)
     out.put("table", rows)
     print(markdown(rows))
 
