@@ -10,8 +10,11 @@ it cost, and whether the shared supernet ranks as well as one trained for a sing
    trainings, beside a supernet of the 0.03G band alone (``bench/proxy_resolution.py``'s 32-px supernet: the
    same data, epochs and proxy size). The selection trains its candidates from scratch (``--select-init
    scratch``, the default), so only the proxy depends on the supernet.
-3. ``table``: the exports against the seed designs trained by ``bench/evidence_full.py --only seed`` at each
-   budget (the same recipe and split; records named by ``--designs-records``).
+3. ``table``: the exports against DilateFormer and DW shortcut trained at each budget with the same recipe and
+   split (records named by ``--designs-records``: the 10-epoch study's at 0.03G, and at 0.06G and 0.12G those of
+   ``bench/evidence_full.py --only seed --designs dilateformer,dw_shortcut --budgets 0.06,0.12 --epochs 10
+   --seeds 1 --out results/evidence_family/designs --work /tmp/nasloc-family-designs --exports
+   /tmp/nasloc-family-designs/exports``; ``--seeds 2`` where a margin is within a point).
 
 The space (``search_spaces/cifar.yaml``) spans 20-310 MMACs at 32 px, so the family doubles from 0.03 GMACs up
 (a 0.015 GMACs member would have no arch).
@@ -49,7 +52,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rank-budget", default="0.03G", help="the member whose proxy is ranked against --truth")
     p.add_argument("--single", default=str(ROOT / "results/proxy_resolution.json"),
                    help="bench/proxy_resolution.py's record: the single-budget supernet's ranking")
-    p.add_argument("--designs-records", default=str(ROOT / "results/evidence_full/record.json"),
+    p.add_argument("--designs-records", default=",".join(str(ROOT / f"results/{name}/record.json")
+                                                         for name in ("evidence_full", "evidence_family/designs")),
                    help="comma list of evidence_full.py records with the seed designs at the budgets")
     p.add_argument("--out", default=str(ROOT / "results/evidence_family/record.json"))
     p.add_argument("--steps", default="run,proxy,table")
@@ -95,8 +99,9 @@ def rank_proxy(args: argparse.Namespace, out: Record) -> None:
 def table(args: argparse.Namespace, out: Record) -> list[str]:
     """Markdown rows: per budget the family's export and the seed designs' mean top-1 over their seeds."""
     designs: dict[str, dict] = {}
-    for path in filter(None, args.designs_records.split(",")):
-        designs.update(json.loads(Path(path).read_text()))
+    for path in map(Path, filter(None, args.designs_records.split(","))):
+        if path.is_file():
+            designs.update(json.loads(path.read_text()))
     lines = ["| budget | model | MMACs | val top-1 (%) | trainings |", "|---|---|---|---|---|"]
     for row in (out.get("run") or {}).get("rows", []):
         budget = row["budget"]
