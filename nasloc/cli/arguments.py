@@ -1,4 +1,5 @@
-"""The command line's arguments: every parser of ``nasloc`` and ``run_search.py``, their types and defaults.
+"""The command line's arguments: every parser of ``nasloc`` and ``run_search.py`` and their defaults (the value
+types that parse and check them: :mod:`nasloc.cli.types`).
 
 Torch-free (only the standard library and nasloc's torch-free modules), so ``--help`` and bad input answer at
 once; :mod:`nasloc.cli.main` validates what argparse can't and dispatches to the handlers.
@@ -7,10 +8,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import re
 import sys
-from pathlib import Path
-from typing import Any, Callable, NoReturn
+from typing import NoReturn
 
 from ..errors import NaslocError
 from ..run import (
@@ -23,11 +22,10 @@ from ..run import (
     SAMPLERS,
     SELECT_INITS,
     SELECT_SCORES,
-    RunError,
     RunOptions,
-    parse_family,
 )
-from ..units import ACCEPTED_FORMS, parse_budget
+from ..units import ACCEPTED_FORMS
+from .types import band, budgets, float_at_least, int_in, latency_budget, objectives, recipe_type, run_name, user_path
 
 LATENCY_BACKENDS = ("torch", "onnxruntime")
 DEFAULTS = {field.name: field.default for field in dataclasses.fields(RunOptions)}
@@ -49,7 +47,6 @@ _RECIPE_OPTIONS = {
 }
 RECIPE = {name: default for name, (default, _, _) in _RECIPE_OPTIONS.items()}
 DROP_PATH = 0.1  # a model argument: stochastic depth rising linearly to this rate in the last block
-_RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 _EPILOG = """\
 FLOPs convention: one multiply-add = one FLOP, as fvcore and the seed papers count, so GFLOPs = GMACs.
 --budget 0.7GFLOPs means 0.7e9 multiply-adds per image at the search space's deploy resolution.
@@ -77,121 +74,6 @@ def print_error(prog: str, message: str) -> None:
     print(f"{prog}: error: {message}", file=sys.stderr)
 
 
-def _budget(text: str) -> float:
-    try:
-        return parse_budget(text)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
-
-
-def _budgets(text: str) -> tuple[str, ...]:
-    """One budget, or a model family's comma list of them in increasing order, as written."""
-    budgets = tuple(part.strip() for part in text.split(","))
-    try:
-        if len(budgets) > 1:
-            parse_family(budgets)
-        else:
-            parse_budget(text)
-    except (ValueError, RunError) as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
-    return budgets
-
-
-_LATENCY = re.compile(r"(?P<number>(?:\d+(?:\.\d*)?|\.\d+)(?:e[+-]?\d+)?)\s*(?P<unit>ms|us|µs)", re.IGNORECASE)
-_LATENCY_UNITS = {"ms": 1.0, "us": 1e-3, "µs": 1e-3}
-
-
-def parse_latency_ms(text: str) -> float:
-    """The milliseconds that ``text`` names: ``"5ms"`` -> 5.0, ``"500us"`` -> 0.5; ValueError (one line) otherwise."""
-    match = _LATENCY.fullmatch(text.strip())
-    if match is not None:
-        ms = float(match["number"]) * _LATENCY_UNITS[match["unit"].lower()]
-        if 0 < ms < float("inf"):
-            return ms
-    raise ValueError(f"invalid latency budget {text!r}: give a positive time with its unit, like 5ms, 0.5ms or 500us")
-
-
-def _latency_budget(text: str) -> float:
-    try:
-        return parse_latency_ms(text)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
-
-
-def _int_in(low: int, high: int | None = None) -> Callable[[str], int]:
-    bounds = f">= {low}" if high is None else f"in {low}..{high}"
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            value = None
-        if value is None or value < low or (high is not None and value > high):
-            raise argparse.ArgumentTypeError(f"expected an integer {bounds}, got {text!r}")
-        return value
-
-    return parse
-
-
-def _objectives(text: str) -> tuple[str, ...]:
-    names = tuple(name.strip() for name in text.split(","))
-    unknown = [name for name in names if name not in OBJECTIVES]
-    if unknown:
-        raise argparse.ArgumentTypeError(f"unknown objective(s) {unknown}; choose from {','.join(OBJECTIVES)}")
-    if len(set(names)) != len(names):
-        raise argparse.ArgumentTypeError(f"objective listed twice in {text!r}")
-    if "top1" not in names:
-        # Without accuracy the search would just return the smallest network.
-        raise argparse.ArgumentTypeError(f"objectives must include top1, got {text!r}")
-    return names
-
-
-def _band(text: str) -> tuple[float, float]:
-    parts = text.split(",")
-    if len(parts) != 2:
-        raise argparse.ArgumentTypeError(f"expected LO,HI (two multiply-add counts), got {text!r}")
-    lo, hi = (_budget(part) for part in parts)
-    if lo >= hi:
-        raise argparse.ArgumentTypeError(f"the band's low end must be below its high end, got {text!r}")
-    return lo, hi
-
-
-def _float_at_least(low: float, below: float | None = None) -> Callable[[str], float]:
-    bounds = f">= {low:g}" if below is None else f">= {low:g} and < {below:g}"
-
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            value = None
-        if value is None or not low <= value < (float("inf") if below is None else below):
-            raise argparse.ArgumentTypeError(f"expected a number {bounds}, got {text!r}")
-        return value
-
-    return parse
-
-
-def _recipe_type(name: str) -> Callable[[str], Any]:
-    if name == "batch_size":
-        return _int_in(1)
-    if name == "randaugment":
-        return str  # checked against timm by the train command (importing timm here would slow --help)
-    if name in ("label_smoothing", "ema_decay"):  # 1 would leave no target / never move the average
-        return _float_at_least(0, below=1)
-    return _float_at_least(0)
-
-
-def _user_path(text: str) -> Path:
-    return Path(text).expanduser()  # the shell leaves "~" alone in --out=~/x
-
-
-def _run_name(text: str) -> str:
-    # The name becomes one folder under --results-dir, so no separators and no leading dot.
-    if not _RUN_NAME.fullmatch(text):
-        raise argparse.ArgumentTypeError(f"expected letters, digits, '.', '_' or '-', got {text!r}")
-    return text
-
-
 def add_search_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the options of the main command (``nasloc search`` / ``run_search.py``) to ``parser``."""
     parser.description = (
@@ -203,18 +85,18 @@ def add_search_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
 
     what = parser.add_argument_group("what to search")
-    what.add_argument("--budget", required=True, type=_budgets, metavar="BUDGET[,BUDGET...]",
+    what.add_argument("--budget", required=True, type=budgets, metavar="BUDGET[,BUDGET...]",
                       help=f"FLOPs budget per image (multiply-adds), e.g. {ACCEPTED_FORMS}; required. A comma list "
                            "in increasing order (0.3G,0.5G,0.7G) makes a model family: one supernet over all the "
                            "budgets, then a search, selection, retrain and export per budget (export/<budget>/)")
     what.add_argument("--space", metavar="YAML", default=DEFAULTS["space"],
                       help="search space: a YAML file, or the name of a shipped space in search_spaces/ "
                            "(imagenet, cifar, tiny, ...) (default: %(default)s)")
-    what.add_argument("--objectives", metavar="LIST", default=DEFAULTS["objectives"], type=_objectives,
+    what.add_argument("--objectives", metavar="LIST", default=DEFAULTS["objectives"], type=objectives,
                       help=f"comma list from {','.join(OBJECTIVES)}; top1 is maximised, the rest minimised; latency "
                            "is predicted by the latency table of this machine (nasloc latency) "
                            f"(default: {','.join(DEFAULTS['objectives'])})")
-    what.add_argument("--latency-budget", metavar="TIME", type=_latency_budget,
+    what.add_argument("--latency-budget", metavar="TIME", type=latency_budget,
                       help="a second budget beside --budget, e.g. 5ms or 500us: the batch-1 latency on --device as "
                            "the latency table predicts it (built on first use, see nasloc latency); archs over it "
                            "are not evaluated")
@@ -224,9 +106,9 @@ def add_search_arguments(parser: argparse.ArgumentParser) -> None:
                       help="digits ships with scikit-learn (no download); cifar10/cifar100 read the official "
                            "python format; imagefolder reads an ImageFolder tree of class folders "
                            "(default: %(default)s)")
-    data.add_argument("--data-dir", metavar="DIR", type=_user_path,
+    data.add_argument("--data-dir", metavar="DIR", type=user_path,
                       help="data set folder; required for every data set but digits")
-    data.add_argument("--proxy-img-size", metavar="PX", type=_int_in(1),
+    data.add_argument("--proxy-img-size", metavar="PX", type=int_in(1),
                       help="image size for supernet training, search and selection (default: on real data the "
                            "smallest size at which every stage's token map is at least as wide as the widest "
                            "locality operation the space allows there (window, dilated neighbourhood, shortcut and "
@@ -234,15 +116,15 @@ def add_search_arguments(parser: argparse.ArgumentParser) -> None:
                            "32); a smaller size is warned about, naming the genes that lose their meaning")
 
     effort = parser.add_argument_group("effort")
-    effort.add_argument("--supernet-epochs", metavar="N", type=_int_in(0), default=DEFAULTS["supernet_epochs"],
+    effort.add_argument("--supernet-epochs", metavar="N", type=int_in(0), default=DEFAULTS["supernet_epochs"],
                         help="supernet training epochs; 0 searches untrained weights (default: %(default)s)")
-    effort.add_argument("--trials", metavar="N", type=_int_in(1), default=DEFAULTS["trials"],
+    effort.add_argument("--trials", metavar="N", type=int_in(1), default=DEFAULTS["trials"],
                         help="search trials, counting those already in a resumed study (default: %(default)s)")
-    effort.add_argument("--select-top-k", metavar="K", type=_int_in(0), default=DEFAULTS["select_top_k"],
+    effort.add_argument("--select-top-k", metavar="K", type=int_in(0), default=DEFAULTS["select_top_k"],
                         help="search candidates (the best of each part of the MACs band) that compete with the "
                              "seed designs in the selection phase, short trainings with successive halving; 0 "
                              "skips selection and retrains the Pareto front by proxy (default: %(default)s)")
-    effort.add_argument("--select-epochs", metavar="N", type=_int_in(1), default=DEFAULTS["select_epochs"],
+    effort.add_argument("--select-epochs", metavar="N", type=int_in(1), default=DEFAULTS["select_epochs"],
                         help="epochs of the selection's last rung; rungs are 1, 2, 4, ... epochs, and half the "
                              "candidates go on at each; the candidates train on the retrain's recipe and schedule "
                              "(--retrain-epochs) and stop at the rungs (default: a quarter of --retrain-epochs, at "
@@ -256,33 +138,33 @@ def add_search_arguments(parser: argparse.ArgumentParser) -> None:
     effort.add_argument("--select-init", choices=SELECT_INITS, default=DEFAULTS["select_init"],
                         help="selection candidates start from scratch (it ranked better: results/benchmarks.md) "
                              "or from their supernet weights (fine-tuning) (default: %(default)s)")
-    effort.add_argument("--batch-size", metavar="N", type=_int_in(1), default=DEFAULTS["batch_size"],
+    effort.add_argument("--batch-size", metavar="N", type=int_in(1), default=DEFAULTS["batch_size"],
                         help="images per step of the supernet training and of the selection's short trainings "
                              "(larger keeps a GPU busy; the selection scales its lr with it, the supernet keeps "
                              "its lr) (default: %(default)s)")
-    effort.add_argument("--retrain-top-k", metavar="K", type=_int_in(0), default=DEFAULTS["retrain_top_k"],
+    effort.add_argument("--retrain-top-k", metavar="K", type=int_in(0), default=DEFAULTS["retrain_top_k"],
                         help="best candidates of the selection (or, without it, Pareto-optimal subnets by "
                              "proxy) to retrain from scratch, and with the selection also every candidate tied with "
                              "the best at its last rung; 0 skips retraining (default: %(default)s)")
-    effort.add_argument("--retrain-epochs", metavar="N", type=_int_in(1), default=DEFAULTS["retrain_epochs"],
+    effort.add_argument("--retrain-epochs", metavar="N", type=int_in(1), default=DEFAULTS["retrain_epochs"],
                         help="epochs per retrained subnet (default: %(default)s)")
-    effort.add_argument("--retrain-img-size", metavar="PX", type=_int_in(1),
+    effort.add_argument("--retrain-img-size", metavar="PX", type=int_in(1),
                         help="image size for retraining (default: the space's deploy resolution; with the "
                              "digits, the proxy's)")
 
     run = parser.add_argument_group("run")
     run.add_argument("--device", choices=DEVICES, default=DEFAULTS["device"],
                      help="auto takes cuda when available (default: %(default)s)")
-    run.add_argument("--seed", metavar="N", type=_int_in(0), default=DEFAULTS["seed"],
+    run.add_argument("--seed", metavar="N", type=int_in(0), default=DEFAULTS["seed"],
                      help="seed for data split, sampler and training (default: %(default)s)")
-    run.add_argument("--run-name", metavar="NAME", type=_run_name,
+    run.add_argument("--run-name", metavar="NAME", type=run_name,
                      help="run folder name; rerunning with the same name resumes the run "
                           "(default: <space>-<dataset>-<budget>, e.g. imagenet-digits-0.7G or tiny-digits-1.5M)")
     run.add_argument("--phase", choices=PHASES, default=DEFAULTS["phase"],
                      help="all: every phase; supernet: only train the supernet; search: only add trials to the "
                           "study with an already trained supernet (for extra workers on other machines sharing "
                           "--storage and the run folder) (default: %(default)s)")
-    run.add_argument("--results-dir", metavar="DIR", type=_user_path, default=DEFAULTS["results_dir"],
+    run.add_argument("--results-dir", metavar="DIR", type=user_path, default=DEFAULTS["results_dir"],
                      help="parent folder of the run folders (default: %(default)s)")
     run.add_argument("--dry-run", action="store_true",
                      help="check every input as a run does, print its plan (device, processes, sizes, MACs band, "
@@ -306,13 +188,13 @@ def add_search_arguments(parser: argparse.ArgumentParser) -> None:
                              "(default: %(default)s)")
     search.add_argument("--ray-address", metavar="ADDRESS",
                         help="address of a running Ray cluster (with --backend ray; default: start a local one)")
-    search.add_argument("--workers", metavar="N", type=_int_in(1), default=DEFAULTS["workers"],
+    search.add_argument("--workers", metavar="N", type=int_in(1), default=DEFAULTS["workers"],
                         help="search trials evaluated and selection candidates trained concurrently: processes "
                              "sharing the CPU threads (or the GPU), Ray trials with --backend ray "
                              "(default: %(default)s)")
     search.add_argument("--dashboard", action="store_true",
                         help="serve optuna-dashboard on localhost while searching")
-    search.add_argument("--dashboard-port", metavar="PORT", type=_int_in(1, 65535), default=DEFAULTS["dashboard_port"],
+    search.add_argument("--dashboard-port", metavar="PORT", type=int_in(1, 65535), default=DEFAULTS["dashboard_port"],
                         help="port for --dashboard (default: %(default)s)")
 
 
@@ -321,12 +203,12 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = "Export one trial of a run as a timm model folder (config.json, model.safetensors)."
     parser.add_argument("--run", metavar="RUN", required=True,
                         help="run folder, or a run name under ./results")
-    parser.add_argument("--trial", metavar="N", required=True, type=_int_in(0),
+    parser.add_argument("--trial", metavar="N", required=True, type=int_in(0),
                         help="Optuna trial number to export")
     parser.add_argument("--budget", metavar="BUDGET", default="",
                         help="of a model family's run, the budget whose search holds the trial, as written on its "
                              "command line (e.g. 0.5G)")
-    parser.add_argument("--out", metavar="DIR", type=_user_path,
+    parser.add_argument("--out", metavar="DIR", type=user_path,
                         help="output folder (default: RUN/export/trial-N; a family's: RUN/export/BUDGET-trial-N)")
     parser.add_argument("--onnx", action="store_true",
                         help="also write model.onnx (torch's ONNX exporter), checked against the torch model, with "
@@ -344,13 +226,13 @@ def add_check_ranking_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument("--run", metavar="RUN", required=True,
                         help="run folder, or a run name under ./results")
-    parser.add_argument("--archs", metavar="N", type=_int_in(3), default=10,
+    parser.add_argument("--archs", metavar="N", type=int_in(3), default=10,
                         help="archs to sample and train, at least 3 (default: %(default)s)")
-    parser.add_argument("--epochs", metavar="N", type=_int_in(1), default=5,
+    parser.add_argument("--epochs", metavar="N", type=int_in(1), default=5,
                         help="standalone training epochs per arch (default: %(default)s)")
-    parser.add_argument("--seed", metavar="N", type=_int_in(0), default=0,
+    parser.add_argument("--seed", metavar="N", type=int_in(0), default=0,
                         help="seed of the sample and of the trainings (default: %(default)s)")
-    parser.add_argument("--band", metavar="LO,HI", type=_band,
+    parser.add_argument("--band", metavar="LO,HI", type=band,
                         help="MACs band to sample, e.g. 20M,30M (default: 0.75 x the run's budget to its budget)")
     parser.add_argument("--budget", metavar="BUDGET", default="",
                         help="of a model family's run, the budget to check, as written on its command line (e.g. "
@@ -365,7 +247,7 @@ def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dataset", default=DEFAULTS["dataset"], choices=DATASETS,
                         help="digits ships with scikit-learn; cifar10/cifar100 read the official python format; "
                              "imagefolder an ImageFolder tree (default: %(default)s)")
-    parser.add_argument("--data-dir", metavar="DIR", type=_user_path,
+    parser.add_argument("--data-dir", metavar="DIR", type=user_path,
                         help="data set folder; required for every data set but digits")
     parser.add_argument("--device", choices=DEVICES, default="auto",
                         help="auto takes cuda when available (default: %(default)s)")
@@ -387,23 +269,23 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument("--model", metavar="M", required=True, help=_MODEL_HELP + "; its arch is trained from scratch")
     _add_data_arguments(parser)
-    parser.add_argument("--epochs", metavar="N", type=_int_in(1), required=True, help="training epochs; required")
-    parser.add_argument("--img-size", metavar="PX", type=_int_in(1),
+    parser.add_argument("--epochs", metavar="N", type=int_in(1), required=True, help="training epochs; required")
+    parser.add_argument("--img-size", metavar="PX", type=int_in(1),
                         help="training resolution (default: the model's own, 224 for the presets and the ImageNet "
                              "space; small images are upsampled on the device)")
-    parser.add_argument("--out", metavar="DIR", type=_user_path,
+    parser.add_argument("--out", metavar="DIR", type=user_path,
                         help="training folder: must not exist, or hold an unfinished training of the same options "
                              "(it resumes) (default: results/train/<model>-<dataset>-<img-size>px)")
-    parser.add_argument("--seed", metavar="N", type=_int_in(0), default=0,
+    parser.add_argument("--seed", metavar="N", type=int_in(0), default=0,
                         help="seed of the train/val split, the initialisation and the augmentation "
                              "(default: %(default)s)")
     recipe = parser.add_argument_group("recipe (DeiT's, as the seed papers train)")
     for name, (default, metavar, text) in _RECIPE_OPTIONS.items():
-        recipe.add_argument(f"--{name.replace('_', '-')}", metavar=metavar, type=_recipe_type(name), default=default,
+        recipe.add_argument(f"--{name.replace('_', '-')}", metavar=metavar, type=recipe_type(name), default=default,
                             help=f"{text} (default: %(default)s)")
-    recipe.add_argument("--drop-path", metavar="RATE", type=_float_at_least(0, below=1), default=DROP_PATH,
+    recipe.add_argument("--drop-path", metavar="RATE", type=float_at_least(0, below=1), default=DROP_PATH,
                         help="stochastic depth, rising linearly to RATE in the last block (default: %(default)s)")
-    recipe.add_argument("--workers", metavar="N", type=_int_in(0), default=2,
+    recipe.add_argument("--workers", metavar="N", type=int_in(0), default=2,
                         help="data loading processes per training process (default: %(default)s)")
 
 
@@ -421,14 +303,14 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--split", choices=("val", "test"), default="val",
                         help="val: the held-out part of the training data (as nasloc train splits it); test: "
                              "CIFAR's test batch or an ImageFolder test/ folder (default: %(default)s)")
-    parser.add_argument("--img-size", metavar="PX", type=_int_in(1),
+    parser.add_argument("--img-size", metavar="PX", type=int_in(1),
                         help="resolution (default: where the model's weights were trained, else its own)")
-    parser.add_argument("--batch-size", metavar="N", type=_int_in(1),
+    parser.add_argument("--batch-size", metavar="N", type=int_in(1),
                         help="evaluation batch (default: the training's, as an export records it, else 128)")
-    parser.add_argument("--seed", metavar="N", type=_int_in(0),
+    parser.add_argument("--seed", metavar="N", type=int_in(0),
                         help="seed of the train/val split (default: the training's, as an export or run records "
                              "it, else 0)")
-    parser.add_argument("--throughput-batch", metavar="N", type=_int_in(1), default=64,
+    parser.add_argument("--throughput-batch", metavar="N", type=int_in(1), default=64,
                         help="batch of the throughput measurement (default: %(default)s)")
     parser.add_argument("--json", action="store_true", dest="as_json",
                         help="print one JSON object (top1, top5, params, macs, latency_ms, ...) instead of a table")
@@ -450,10 +332,10 @@ def add_latency_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backend", choices=LATENCY_BACKENDS, default="torch",
                         help="torch eager (inference mode) or ONNX Runtime on the CPU, which exports every part "
                              "(slow to build; needs pip install 'nasloc[onnx]') (default: %(default)s)")
-    parser.add_argument("--batch-size", metavar="B", type=_int_in(1), default=1, help="(default: %(default)s)")
-    parser.add_argument("--archs", metavar="N", type=_int_in(1), default=20,
+    parser.add_argument("--batch-size", metavar="B", type=int_in(1), default=1, help="(default: %(default)s)")
+    parser.add_argument("--archs", metavar="N", type=int_in(1), default=20,
                         help="random archs to check the prediction on (default: %(default)s)")
-    parser.add_argument("--seed", metavar="N", type=_int_in(0), default=0,
+    parser.add_argument("--seed", metavar="N", type=int_in(0), default=0,
                         help="seed of the archs checked (default: %(default)s)")
     parser.add_argument("--refresh", action="store_true", help="time every part again")
 

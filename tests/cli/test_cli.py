@@ -183,7 +183,7 @@ def _modules_loaded_by(code: str) -> set[str]:
 
 
 # What the command line may load before the input is known good: nothing that imports torch.
-LIGHT_MODULES = {"nasloc.cli", "nasloc.cli.main", "nasloc.cli.arguments", "nasloc.units", "nasloc.run", "nasloc.space",
+LIGHT_MODULES = {"nasloc.cli", "nasloc.cli.main", "nasloc.cli.arguments", "nasloc.cli.types", "nasloc.units", "nasloc.run", "nasloc.space",
                  "nasloc.space.files", "nasloc.errors", "nasloc.arch", "nasloc.fileio"}
 
 
