@@ -35,7 +35,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from evidence_cifar import ROOT, Record, log  # noqa: E402
 from evidence_full import DESIGNS  # noqa: E402
-from proxy_resolution import _search_archs, compare, ground_truth, proxy_scores  # noqa: E402
+from proxy_resolution import compare, ground_truth, proxy_scores, search_archs  # noqa: E402
 
 from nasloc.units import parse_budget  # noqa: E402
 
@@ -87,7 +87,7 @@ def run_family(args: argparse.Namespace, out: Record) -> None:
 
 
 def rank_proxy(args: argparse.Namespace, out: Record) -> None:
-    archs = _search_archs(json.loads(Path(args.truth).read_text()))
+    archs = search_archs(json.loads(Path(args.truth).read_text()))
     truth = ground_truth(Path(args.truth), 10, archs, (0, 1))
     family = compare(proxy_scores(run_dir(args), {name: archs[name] for name in truth}), truth)
     single_record = json.loads(Path(args.single).read_text()) if Path(args.single).is_file() else {}

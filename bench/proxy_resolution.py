@@ -49,7 +49,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 # ------------------------------------------------------------------------------------------- ground truth
-def _search_archs(record: dict) -> dict[str, dict]:
+def search_archs(record: dict) -> dict[str, dict]:
     """Arch file stem of the evidence (``nsga2-trial36``, ``dilateformer``) -> its arch, from the searches' candidates."""
     archs = {}
     for key, unit in record.items():
@@ -96,19 +96,15 @@ def train_supernet(size: int, args: argparse.Namespace) -> Path:
 def proxy_scores(run_dir: Path, archs: dict[str, dict]) -> dict[str, float]:
     """The search's proxy top-1 of each arch on the supernet of ``run_dir``."""
     from nasloc.arch import Arch
+    from nasloc.cli.check_ranking import search_proxy
     from nasloc.phases.inputs import load_inputs
     from nasloc.run import RunDir
-    from nasloc.supernet.proxy import make_evaluator
-    from nasloc.supernet.supernet import Supernet
-    from nasloc.supernet.train import load_supernet
-    from nasloc.training.data import halve_val
     from nasloc.training.distributed import resolve_device
 
     run = RunDir(run_dir)
     options = run.read_record().options
     space, splits, _ = load_inputs(options)
-    supernet = load_supernet(run.supernet_checkpoint, Supernet(space, options.proxy_img_size), resolve_device("cpu"))
-    proxy = make_evaluator(supernet, halve_val(splits, options.seed)[0], seed=options.seed)
+    proxy = search_proxy(run, options, space, splits, resolve_device("cpu"))
     return {name: float(proxy(Arch.from_dict(arch))) for name, arch in archs.items()}
 
 
@@ -124,7 +120,7 @@ def main(argv: list[str] | None = None) -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    archs = _search_archs(json.loads(Path(args.truth_10).read_text()))
+    archs = search_archs(json.loads(Path(args.truth_10).read_text()))
     truths = {"10 epochs": ground_truth(Path(args.truth_10), 10, archs, (0, 1)),
               "30 epochs": ground_truth(Path(args.truth_30), 30, archs, (0,))}
     out = Record(Path(args.out))

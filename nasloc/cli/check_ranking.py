@@ -4,15 +4,18 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+import torch
+
 from ..deploy.trials import member_record
 from ..phases.inputs import load_inputs
 from ..phases.supernet import require_trained_supernet
-from ..run import RunDir
-from ..supernet.proxy import make_evaluator
+from ..run import RunDir, RunOptions
+from ..space.search_space import SearchSpace
+from ..supernet.proxy import ProxyEvaluator, make_evaluator
 from ..supernet.ranking_check import FolderTrainer, RankedArch, RankingCheck, RankingError, check_ranking, sample_band
 from ..supernet.supernet import Supernet
 from ..supernet.train import load_supernet
-from ..training.data import halve_val
+from ..training.data import DataSplits, halve_val
 from ..training.distributed import resolve_device
 
 # The default band of a run's check: the upper quarter of the budget, where the search's picks lie.
@@ -42,9 +45,16 @@ def check_run_ranking(run_dir: Path, *, archs: int, epochs: int, seed: int = 0, 
     if len(sample) < 3:
         raise RankingError(f"the band [{lo:.4g}, {hi:.4g}] MACs holds only {len(sample)} distinct archs; widen it")
     device = resolve_device(options.device)
-    supernet = load_supernet(run.supernet_checkpoint, Supernet(space, options.proxy_img_size), device)
+    proxy = search_proxy(run, options, space, splits, device)
     trainer = FolderTrainer(run.check_ranking_dir, splits, epochs=epochs, img_size=options.proxy_img_size,
                             seed=seed, band=(lo, hi), device=str(device))
     trainer.claim(sample)
-    proxy = make_evaluator(supernet, halve_val(splits, options.seed)[0], seed=options.seed)  # the search's proxy
     return check_ranking(sample, proxy, trainer, on_arch)
+
+
+def search_proxy(run: RunDir, options: RunOptions, space: SearchSpace, splits: DataSplits,
+                 device: torch.device) -> ProxyEvaluator:
+    """The proxy the run's search scored archs by: its trained supernet on the search's half of the validation
+    split (``splits`` and ``space`` as :func:`~nasloc.phases.inputs.load_inputs` gives them for ``options``)."""
+    supernet = load_supernet(run.supernet_checkpoint, Supernet(space, options.proxy_img_size), device)
+    return make_evaluator(supernet, halve_val(splits, options.seed)[0], seed=options.seed)

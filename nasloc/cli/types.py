@@ -57,20 +57,25 @@ def latency_budget(text: str) -> float:
         raise argparse.ArgumentTypeError(str(err)) from None
 
 
-def int_in(low: int, high: int | None = None) -> Callable[[str], int]:
-    """The type of an integer of at least ``low`` (and at most ``high``)."""
-    bounds = f">= {low}" if high is None else f"in {low}..{high}"
+def _number(convert: Callable[[str], Any], what: str, bounds: str, within: Callable[[Any], bool]) -> Callable[[str], Any]:
+    """The type of a number ``convert`` reads and ``within`` accepts; the error names ``what`` and its ``bounds``."""
 
-    def parse(text: str) -> int:
+    def parse(text: str) -> Any:
         try:
-            value = int(text)
+            value = convert(text)
         except ValueError:
             value = None
-        if value is None or value < low or (high is not None and value > high):
-            raise argparse.ArgumentTypeError(f"expected an integer {bounds}, got {text!r}")
+        if value is None or not within(value):
+            raise argparse.ArgumentTypeError(f"expected {what} {bounds}, got {text!r}")
         return value
 
     return parse
+
+
+def int_in(low: int, high: int | None = None) -> Callable[[str], int]:
+    """The type of an integer of at least ``low`` (and at most ``high``)."""
+    bounds = f">= {low}" if high is None else f"in {low}..{high}"
+    return _number(int, "an integer", bounds, lambda value: low <= value and (high is None or value <= high))
 
 
 def objectives(text: str) -> tuple[str, ...]:
@@ -101,17 +106,7 @@ def band(text: str) -> tuple[float, float]:
 def float_at_least(low: float, below: float | None = None) -> Callable[[str], float]:
     """The type of a number of at least ``low`` (and below ``below``)."""
     bounds = f">= {low:g}" if below is None else f">= {low:g} and < {below:g}"
-
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            value = None
-        if value is None or not low <= value < (float("inf") if below is None else below):
-            raise argparse.ArgumentTypeError(f"expected a number {bounds}, got {text!r}")
-        return value
-
-    return parse
+    return _number(float, "a number", bounds, lambda value: low <= value < (float("inf") if below is None else below))
 
 
 def recipe_type(name: str) -> Callable[[str], Any]:

@@ -29,10 +29,10 @@ from ..space.band import supernet_bands
 from ..space.search_space import SearchSpace
 from ..space.seed_designs import MECHANISMS
 from ..supernet.train import SupernetConfig
-from .retrain import run_recipe
 from ..training.data import DataSplits
 from ..training.distributed import resolve_device
 from ..units import format_macs
+from .retrain import run_recipe
 
 TIMING_BATCH = 32  # images of the largest timed step: seconds of timing on a GPU, a minute or two at 224 px on a CPU
 EXPORT_SECONDS = 5.0  # writing the export folder: about constant
@@ -155,12 +155,17 @@ def make_plan(record: RunRecord, space: SearchSpace, splits: DataSplits) -> Plan
                 (band.lo, band.hi), phases, peak, available, warnings)
 
 
+def _cohorts(options: Any) -> list[int]:
+    """The selection candidates trained at each rung: the search's best and the seed designs, halved per rung."""
+    alive = [options.select_top_k + len(MECHANISMS)]
+    for _ in rung_epochs(options.select_epochs)[1:]:
+        alive.append(math.ceil(alive[-1] / 2))
+    return alive
+
+
 def _last_rung(options: Any) -> int:
     """How many selection candidates reach the last rung: the most a tie there can send to the retrain."""
-    alive = options.select_top_k + len(MECHANISMS)  # the seed designs come on top
-    for _ in rung_epochs(options.select_epochs)[1:]:
-        alive = math.ceil(alive / 2)
-    return alive
+    return _cohorts(options)[-1]
 
 
 def _selecting_with_ties(options: Any, val_images: int) -> bool:
@@ -194,16 +199,13 @@ def _selection(options: Any, train_images: int, held_out: int, step_s: float, fo
                workers: int) -> PhasePlan | None:
     if not options.select_top_k:
         return None
-    candidates = options.select_top_k + len(MECHANISMS)  # the seed designs come on top
-    rungs = rung_epochs(options.select_epochs)
+    rungs, cohorts = rung_epochs(options.select_epochs), _cohorts(options)
     epoch_s = math.ceil(train_images / options.batch_size) * step_s + held_out * forward_image_s
-    alive, before, total = candidates, 0, 0.0
-    for epochs in rungs:
-        trained = epochs if options.select_score == "complete" else epochs - before
-        total += alive * trained * epoch_s
-        alive, before = math.ceil(alive / 2), epochs
+    complete = options.select_score == "complete"  # each rung trains afresh; else it resumes the rung before
+    total = sum(alive * (epochs if complete else epochs - before) * epoch_s
+                for alive, epochs, before in zip(cohorts, rungs, [0, *rungs[:-1]]))
     return PhasePlan("selection", rungs[-1], train_images, total / workers,
-                     f"{candidates} candidates at most, rungs {','.join(map(str, rungs))}")
+                     f"{cohorts[0]} candidates at most, rungs {','.join(map(str, rungs))}")
 
 
 def _time(arch: Any, device: torch.device, batch: int, forward_batch: int = 256) -> dict[str, float]:

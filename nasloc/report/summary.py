@@ -148,11 +148,11 @@ def _retrained_lines(retrained: Sequence[Retrained], val_images: int) -> list[st
              "|---|---|---|---|---|---|---|---|"]
     for r in ranked:
         error = two_standard_errors(r.val_top1, val_images)
-        tied = r is not best and bool(val_images) and scores_tied(best.val_top1, r.val_top1, val_images)
+        tied = r is not best and scores_tied(best.val_top1, r.val_top1, val_images)
         mark = "winner" if r is best else "tie" if tied else ""
         lines.append(f"| {mark} | {r.trial} | {r.design} | {r.val_top1:.2f} | {error:.2f} | {r.proxy_top1:.2f} | "
                      f"{r.macs / 1e9:.4f} | {r.params / 1e6:.3f} |")
-    if val_images and any(scores_tied(best.val_top1, r.val_top1, val_images) for r in ranked[1:]):
+    if any(scores_tied(best.val_top1, r.val_top1, val_images) for r in ranked[1:]):
         lines += ["", "tie: within two standard errors of the difference from the winner on these validation images "
                   "(the selection's rule); the export is the "
                   "winner, the ties are as good as far as this validation set can tell."]

@@ -64,8 +64,11 @@ class SelectionResult:
 
 def scores_tied(best: float, other: float, held_out: int, z: float = TIE_Z) -> bool:
     """Whether ``other`` lies within ``z`` standard errors of the difference from ``best`` (top-1 %, each measured
-    on ``held_out`` images). Only the binomial error of the held-out set counts (training noise makes more ties,
-    not fewer). On CIFAR-10's 2,500 selection images at 50 % top-1 the margin is 2.8 points."""
+    on ``held_out`` images; never without a held-out size). Only the binomial error of the held-out set counts
+    (training noise makes more ties, not fewer). On CIFAR-10's 2,500 selection images at 50 % top-1 the margin
+    is 2.8 points."""
+    if not held_out:
+        return False
     p, q = best / 100, other / 100
     return math.isfinite(q) and p - q <= z * math.sqrt((p * (1 - p) + q * (1 - q)) / held_out)
 
@@ -79,8 +82,8 @@ def tie_margin(held_out: int, top1: float = 50.0, z: float = TIE_Z) -> float:
 def leading_ties(scores: Sequence[float], held_out: int, z: float = TIE_Z) -> int:
     """How many of ``scores`` (top-1 % at one rung, best first) are tied with the first on ``held_out`` images
     (:func:`scores_tied`): the lead that the short trainings did not decide (1 without a held-out size)."""
-    if not scores or not held_out:
-        return min(len(scores), 1)
+    if not scores:
+        return 0
     lead = 1
     for score in scores[1:]:
         if not scores_tied(scores[0], score, held_out, z):
